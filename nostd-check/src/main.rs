@@ -11,12 +11,18 @@ use gridsense_protocol::{CounterWindow, DeviceKey, Eui, Uplink, examples, open, 
 pub extern "C" fn gridsense_nostd_check() -> bool {
     let key = DeviceKey::from_bytes([7; 16]);
     let mut window = CounterWindow::new();
-    examples::uplinks().iter().enumerate().all(|(counter, msg)| {
-        let counter = counter as u32;
-        let frame = seal(Eui(1), counter, msg, &key);
-        matches!(open::<Uplink>(&frame, &key), Ok((_, ref back)) if back == msg)
-            && matches!(window.accept(counter), gridsense_protocol::CounterVerdict::New { .. })
-    })
+    examples::uplinks()
+        .iter()
+        .enumerate()
+        .all(|(counter, msg)| {
+            let counter = counter as u32;
+            let frame = seal(Eui(1), counter, msg, &key);
+            matches!(open::<Uplink>(&frame, &key), Ok((_, ref back)) if back == msg)
+                && matches!(
+                    window.accept(counter),
+                    gridsense_protocol::CounterVerdict::New { .. }
+                )
+        })
 }
 
 #[panic_handler]

@@ -25,10 +25,16 @@ pub fn uplinks() -> [Uplink; 11] {
     let cover = CoverSample { tilt_ddeg: 12, switch: SwitchState::Closed, water_mm: None };
     let drain = DrainSample { level_mm: 1830, rate_mm_h: 420 };
     let mut samples = Vec::new();
-    for (i, level) in [1210u16, 1265, 1330, 1420, 1535, 1680].into_iter().enumerate() {
-        let rate_mm_h = if i == 0 { 0 } else { 660 + 120 * i as i32 };
-        let delta_s = if i == 0 { 0 } else { 300 };
-        let sample = Sample::Drain(DrainSample { level_mm: level, rate_mm_h });
+    // A well filling during a storm, one reading every 5 minutes.
+    for (delta_s, level_mm, rate_mm_h) in [
+        (0, 1210u16, 0),
+        (300, 1265, 660),
+        (300, 1330, 780),
+        (300, 1420, 1080),
+        (300, 1535, 1380),
+        (300, 1680, 1740),
+    ] {
+        let sample = Sample::Drain(DrainSample { level_mm, rate_mm_h });
         // Six samples fit: the bound is MAX_BACKLOG_SAMPLES.
         let _ = samples.push(TimedSample { delta_s, sample });
     }
@@ -46,11 +52,7 @@ pub fn uplinks() -> [Uplink; 11] {
             uptime_s: 1_209_600,
             reset_cause: ResetCause::PowerOn,
         }),
-        Uplink::AlarmRaised(AlarmRaised {
-            kind: AlarmKind::CoverTilt,
-            value: 235,
-            since: at(0),
-        }),
+        Uplink::AlarmRaised(AlarmRaised { kind: AlarmKind::CoverTilt, value: 235, since: at(0) }),
         Uplink::AlarmCleared(AlarmCleared {
             kind: AlarmKind::CoverTilt,
             value: 8,

@@ -163,12 +163,17 @@ impl fmt::Display for FrameError {
                 write!(f, "frame of {len} bytes is longer than the maximum {max}")
             }
             FrameError::UnsupportedVersion { version } => {
-                write!(f, "frame format version {version} is not supported (expected {FORMAT_VERSION})")
+                write!(
+                    f,
+                    "frame format version {version} is not supported (expected {FORMAT_VERSION})"
+                )
             }
             FrameError::ReservedDirection { code } => {
                 write!(f, "frame direction code {code} is reserved (0 = up, 1 = down)")
             }
-            FrameError::BadTag => f.write_str("frame tag does not verify (wrong key or altered frame)"),
+            FrameError::BadTag => {
+                f.write_str("frame tag does not verify (wrong key or altered frame)")
+            }
             FrameError::WrongDirection { expected, found } => {
                 write!(f, "expected a {} frame, got a {} frame", expected.as_str(), found.as_str())
             }
@@ -345,10 +350,10 @@ impl<'a> VerifiedFrame<'a> {
 
 /// Decodes one message body, requiring it to use every byte.
 pub fn decode_body<M: Message>(body: &[u8]) -> Result<M, FrameError> {
-    if let Some(index) = leading_varint(body) {
-        if index >= M::KNOWN_VARIANTS {
-            return Err(FrameError::UnknownMessage { index });
-        }
+    if let Some(index) = leading_varint(body)
+        && index >= M::KNOWN_VARIANTS
+    {
+        return Err(FrameError::UnknownMessage { index });
     }
     match postcard::take_from_bytes::<M>(body) {
         Ok((msg, [])) => Ok(msg),

@@ -14,8 +14,8 @@
 #![no_std]
 
 pub mod counter;
-pub mod examples;
 mod eui;
+pub mod examples;
 pub mod frame;
 mod hex;
 mod key;

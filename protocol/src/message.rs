@@ -302,6 +302,10 @@ pub struct DownlinkAck {
 }
 
 /// Everything a device sends. Variants only ever grow at the end.
+///
+/// The `Backlog` variant makes this type as large as the biggest frame body (about 500 bytes);
+/// there is no heap to box it on a device, and a message lives only from building to sealing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
 pub enum Uplink {
     /// 0: a manhole-cover reading.
@@ -369,7 +373,10 @@ impl Uplink {
     pub const fn is_priority(&self) -> bool {
         matches!(
             self,
-            Uplink::AlarmRaised(_) | Uplink::AlarmCleared(_) | Uplink::IncidentReport(_) | Uplink::Sos(_)
+            Uplink::AlarmRaised(_)
+                | Uplink::AlarmCleared(_)
+                | Uplink::IncidentReport(_)
+                | Uplink::Sos(_)
         )
     }
 }

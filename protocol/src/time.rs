@@ -11,7 +11,18 @@ pub const EPOCH_UNIX_S: u64 = 1_735_689_600;
 
 /// Seconds since 2025-01-01T00:00:00Z (UTC), as the device's clock reads them.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize, MaxSize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    MaxSize,
 )]
 #[serde(transparent)]
 pub struct DeviceTime(pub u32);

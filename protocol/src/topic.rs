@@ -89,7 +89,9 @@ mod tests {
         ] {
             assert_eq!(parse_topic(bad), Err(TopicError::NotGridsense), "{bad}");
         }
-        for bad in ["gridsense/0123456789ABCDEF/up", "gridsense/0123/up", "gridsense/0123456789abcdeg/up"] {
+        for bad in
+            ["gridsense/0123456789ABCDEF/up", "gridsense/0123/up", "gridsense/0123456789abcdeg/up"]
+        {
             assert_eq!(parse_topic(bad), Err(TopicError::BadEui), "{bad}");
         }
     }

@@ -1,0 +1,177 @@
+//! The first steps of the gateway's path for one uplink, as pure code: topic → envelope →
+//! device key → tag → body → counter window. No I/O and no clock; the ingest shell (rumqttc)
+//! feeds it and acts on the verdict.
+//!
+//! The counter window is only *checked* here. The caller records the counter with
+//! [`Intake::commit`] once the frame's effects are durable, so a frame that is lost before it
+//! is stored is accepted again when the broker redelivers it.
+
+use std::collections::HashMap;
+
+use gridsense_protocol::{
+    CounterVerdict, CounterWindow, DeviceKey, Direction, Eui, FrameError, Header, RawFrame, Uplink,
+    topic::parse_topic,
+};
+
+/// Why an uplink was rejected. [`Reject::reason`] is the stable code counted in metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// The topic is not `gridsense/{eui}/up`.
+    BadTopic,
+    /// The envelope or body does not decode.
+    Malformed(FrameError),
+    /// The frame's EUI is not the one its topic names.
+    TopicMismatch {
+        /// EUI in the topic.
+        topic: Eui,
+        /// EUI in the frame header.
+        frame: Eui,
+    },
+    /// No key is registered for this EUI.
+    UnknownDevice(Eui),
+    /// The tag does not verify under the device's key.
+    BadTag(Eui),
+    /// Counter seen before (redelivery or resend).
+    Duplicate(Eui, u32),
+    /// Counter older than the window.
+    Replay(Eui, u32),
+    /// Counter far below the window and near zero: the device may have lost its counter.
+    ResetSuspect(Eui, u32),
+}
+
+impl Reject {
+    /// Stable snake_case reason code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::BadTopic => "bad_topic",
+            Reject::Malformed(e) => e.reason(),
+            Reject::TopicMismatch { .. } => "topic_mismatch",
+            Reject::UnknownDevice(_) => "unknown_device",
+            Reject::BadTag(_) => "bad_tag",
+            Reject::Duplicate(..) => "duplicate",
+            Reject::Replay(..) => "replay",
+            Reject::ResetSuspect(..) => "reset_suspect",
+        }
+    }
+}
+
+/// An authentic, new uplink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The authenticated header.
+    pub header: Header,
+    /// The decoded message.
+    pub message: Uplink,
+    /// Counters skipped since the device's previous highest one (frames lost or late).
+    pub skipped: u32,
+}
+
+/// Device keys and counter windows for the uplink check.
+#[derive(Debug, Default)]
+pub struct Intake {
+    keys: HashMap<Eui, DeviceKey>,
+    windows: HashMap<Eui, CounterWindow>,
+}
+
+impl Intake {
+    /// An intake that knows no device yet.
+    pub fn new() -> Self {
+        Intake::default()
+    }
+
+    /// Registers (or re-keys) a device. Its counter window is kept.
+    pub fn register(&mut self, eui: Eui, key: DeviceKey) {
+        self.keys.insert(eui, key);
+    }
+
+    /// Checks one uplink. Changes nothing: call [`Self::commit`] once it is stored.
+    pub fn check(&self, topic: &str, payload: &[u8]) -> Result<Accepted, Reject> {
+        let (topic_eui, Direction::Uplink) = parse_topic(topic).map_err(|_| Reject::BadTopic)?
+        else {
+            return Err(Reject::BadTopic);
+        };
+        let raw = RawFrame::parse(payload).map_err(Reject::Malformed)?;
+        let header = raw.header();
+        if header.eui != topic_eui {
+            return Err(Reject::TopicMismatch { topic: topic_eui, frame: header.eui });
+        }
+        let key = self.keys.get(&header.eui).ok_or(Reject::UnknownDevice(header.eui))?;
+        let verified = raw.verify(key).map_err(|_| Reject::BadTag(header.eui))?;
+        let message = verified.decode::<Uplink>().map_err(Reject::Malformed)?;
+        let window = self.windows.get(&header.eui).copied().unwrap_or_default();
+        match window.check(header.counter) {
+            CounterVerdict::New { skipped } => Ok(Accepted { header, message, skipped }),
+            CounterVerdict::Duplicate => Err(Reject::Duplicate(header.eui, header.counter)),
+            CounterVerdict::Replay => Err(Reject::Replay(header.eui, header.counter)),
+            CounterVerdict::ResetSuspect => Err(Reject::ResetSuspect(header.eui, header.counter)),
+        }
+    }
+
+    /// Records an accepted frame's counter, after its effects are durable.
+    pub fn commit(&mut self, accepted: &Accepted) {
+        self.windows.entry(accepted.header.eui).or_default().accept(accepted.header.counter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gridsense_protocol::{examples, seal, topic::topic};
+
+    use super::*;
+
+    const EUI: Eui = Eui(0x0102_0304_0506_0708);
+
+    fn intake() -> (Intake, DeviceKey) {
+        let key = DeviceKey::from_bytes([5; 16]);
+        let mut intake = Intake::new();
+        intake.register(EUI, key.clone());
+        (intake, key)
+    }
+
+    fn up(eui: Eui) -> String {
+        topic(eui, Direction::Uplink).to_string()
+    }
+
+    #[test]
+    fn accepts_once_and_only_after_commit_rejects_the_duplicate() {
+        let (mut intake, key) = intake();
+        let msg = examples::uplinks()[0].clone();
+        let frame = seal(EUI, 1, &msg, &key);
+        let accepted = intake.check(&up(EUI), &frame).expect("accepted");
+        assert_eq!(accepted.message, msg);
+        // Not committed yet: a redelivery before the store is still new.
+        assert!(intake.check(&up(EUI), &frame).is_ok());
+        intake.commit(&accepted);
+        assert_eq!(intake.check(&up(EUI), &frame), Err(Reject::Duplicate(EUI, 1)));
+    }
+
+    #[test]
+    fn every_reject_is_named() {
+        let (intake, key) = intake();
+        let msg = examples::uplinks()[1].clone();
+        let frame = seal(EUI, 1, &msg, &key);
+        let other = Eui(9);
+        assert_eq!(intake.check("gridsense/x/up", &frame), Err(Reject::BadTopic));
+        assert_eq!(intake.check(&topic(EUI, Direction::Downlink), &frame), Err(Reject::BadTopic));
+        assert_eq!(
+            intake.check(&up(other), &frame),
+            Err(Reject::TopicMismatch { topic: other, frame: EUI })
+        );
+        let stranger = seal(other, 1, &msg, &key);
+        assert_eq!(intake.check(&up(other), &stranger), Err(Reject::UnknownDevice(other)));
+        let mut tampered = frame.clone();
+        if let Some(b) = tampered.get_mut(14) {
+            *b ^= 1;
+        }
+        assert_eq!(intake.check(&up(EUI), &tampered), Err(Reject::BadTag(EUI)));
+        assert_eq!(
+            intake.check(&up(EUI), &frame[..5]),
+            Err(Reject::Malformed(FrameError::Truncated { len: 5 }))
+        );
+        let downlink = seal(EUI, 1, &examples::downlinks()[0], &key);
+        assert_eq!(
+            intake.check(&up(EUI), &downlink).map_err(|r| r.reason()),
+            Err("wrong_direction")
+        );
+    }
+}
