@@ -20,6 +20,8 @@ pub mod frame;
 mod hex;
 mod key;
 pub mod message;
+#[cfg(feature = "proptest")]
+pub mod strategy;
 mod time;
 pub mod topic;
 
