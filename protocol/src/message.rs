@@ -407,6 +407,8 @@ pub enum Setting {
     FixIntervalS(u32),
     /// 10: battery level below which the device warns, in mV.
     LowBatteryMv(u16),
+    /// 11: water under a cover that alarms, in mm.
+    CoverWaterMm(u16),
 }
 
 /// Everything the gateway sends to a device. Variants only ever grow at the end.

@@ -202,6 +202,7 @@ fn setting() -> impl Strategy<Value = Setting> {
         any::<u32>().prop_map(Setting::FastReportIntervalS),
         any::<u32>().prop_map(Setting::FixIntervalS),
         any::<u16>().prop_map(Setting::LowBatteryMv),
+        any::<u16>().prop_map(Setting::CoverWaterMm),
     ]
 }
 

@@ -1,0 +1,308 @@
+//! The device core, sans-IO in the manner of quinn-proto: inputs go in with `now`
+//! (`handle_*`), frames and deadlines come out (`poll_*`). No clock, socket or executor here;
+//! the MQTT session (or the simulator, or a test) drives it.
+//!
+//! Order of use by a driver, at every wake-up:
+//! 1. if [`Device::sample_due`], read the sensors and call [`Device::handle_input`];
+//! 2. call [`Device::handle_timeout`] (heartbeats);
+//! 3. while connected and nothing awaits a PUBACK, publish [`Device::poll_transmit`];
+//!    on PUBACK call [`Device::handle_puback`]; downlink payloads go to
+//!    [`Device::handle_downlink`];
+//! 4. sleep until [`Device::poll_timeout`], a packet, or a user action.
+
+use gridsense_protocol::{
+    AckOutcome, AlarmKind, CounterVerdict, CounterWindow, DeviceKey, Downlink, DownlinkAck, Eui,
+    FirmwareVersion, FrameBuf, FrameError, RawFrame, ResetCause, Status, seal,
+};
+
+use crate::{
+    Config, Instant, WallClock,
+    counter::{CounterError, CounterStore, FrameCounter},
+    outbox::{Outbox, OutboxStats, Sink, Urgent},
+    sensing::{Context, Latch, Sensing, latch_message},
+};
+
+/// How far above the low-battery level (mV) the battery must recover before the alarm clears.
+pub const BATTERY_HYSTERESIS_MV: u16 = 100;
+
+/// Who a device is: identity and firmware facts that go into its status.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The device EUI.
+    pub eui: Eui,
+    /// Its key (never logged: `Debug` redacts it).
+    pub key: DeviceKey,
+    /// Running firmware version.
+    pub firmware: FirmwareVersion,
+    /// Why it last reset.
+    pub reset_cause: ResetCause,
+}
+
+/// Battery, radio and temperature, read by the board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// Battery voltage, mV.
+    pub battery_mv: u16,
+    /// Radio signal strength, dBm.
+    pub rssi_dbm: i16,
+    /// Board temperature, 0.1 °C.
+    pub temperature_dc: i16,
+}
+
+/// Why a downlink was not acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownlinkError {
+    /// The frame is malformed or its tag does not verify.
+    Frame(FrameError),
+    /// The frame is for another device.
+    WrongDevice(Eui),
+    /// The counter was seen before or is too old.
+    Counter(CounterVerdict),
+}
+
+/// Why nothing could be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransmitError<E> {
+    /// The counter reservation could not be persisted, or the counter is exhausted.
+    Counter(CounterError<E>),
+}
+
+/// Running counts, for the status page of a board and the simulator's summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceStats {
+    /// Frames sealed (first sends, not resends).
+    pub frames_sealed: u32,
+    /// Frames the broker acknowledged.
+    pub frames_acked: u32,
+    /// Resends of a frame still awaiting its PUBACK.
+    pub resends: u32,
+    /// Downlinks applied.
+    pub downlinks_applied: u32,
+    /// Downlinks rejected.
+    pub downlinks_rejected: u32,
+}
+
+/// A field device: common core plus one kind's [`Sensing`] policy, an outbox of `U` urgent
+/// messages and `T` telemetry samples, and counter storage `C`.
+#[derive(Debug)]
+pub struct Device<S: Sensing, C: CounterStore, const U: usize, const T: usize> {
+    id: Identity,
+    sensing: S,
+    config: Config,
+    clock: WallClock,
+    outbox: Outbox<U, T>,
+    store: C,
+    counter: FrameCounter,
+    /// The sealed frame awaiting its PUBACK; resent byte-identical until then.
+    in_flight: Option<FrameBuf>,
+    in_flight_sent: bool,
+    downlinks: CounterWindow,
+    health: Option<Health>,
+    low_battery: Latch,
+    next_status: Instant,
+    stats: DeviceStats,
+}
+
+impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U, T> {
+    /// Boots a device at `now` with default settings for its kind. Reads the counter store.
+    pub fn boot(
+        id: Identity,
+        sensing: S,
+        mut store: C,
+        clock: WallClock,
+        now: Instant,
+    ) -> Result<Self, C::Error> {
+        let counter = FrameCounter::boot(&mut store)?;
+        Ok(Device {
+            id,
+            sensing,
+            config: Config::defaults(S::KIND),
+            clock,
+            outbox: Outbox::new(),
+            store,
+            counter,
+            in_flight: None,
+            in_flight_sent: false,
+            downlinks: CounterWindow::new(),
+            health: None,
+            low_battery: Latch::default(),
+            next_status: now,
+            stats: DeviceStats::default(),
+        })
+    }
+
+    /// The device EUI.
+    pub const fn eui(&self) -> Eui {
+        self.id.eui
+    }
+
+    /// Current settings.
+    pub const fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The sensing policy, for inspection.
+    pub const fn sensing(&self) -> &S {
+        &self.sensing
+    }
+
+    /// The counter store, for inspection.
+    pub const fn store(&self) -> &C {
+        &self.store
+    }
+
+    /// Running counts.
+    pub const fn stats(&self) -> DeviceStats {
+        self.stats
+    }
+
+    /// What the outbox had to drop or refuse.
+    pub const fn outbox_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
+    /// Messages waiting (urgent, telemetry samples), not counting the one in flight.
+    pub fn backlog(&self) -> (usize, usize) {
+        (self.outbox.urgent_len(), self.outbox.telemetry_len())
+    }
+
+    /// Whether a frame awaits its PUBACK.
+    pub const fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Wall-clock time at `now`.
+    pub fn time_at(&self, now: Instant) -> gridsense_protocol::DeviceTime {
+        self.clock.at(now)
+    }
+
+    fn context_parts(&mut self, now: Instant) -> (&mut S, Context<'_>) {
+        let time = self.clock.at(now);
+        (&mut self.sensing, Context { config: &self.config, time, sink: &mut self.outbox })
+    }
+
+    /// Whether the policy wants a sensor reading at `now`.
+    pub fn sample_due(&self, now: Instant) -> bool {
+        self.sensing.next_sample_at(&self.config).is_some_and(|at| at <= now)
+    }
+
+    /// A sensor reading or user action at `now`.
+    pub fn handle_input(&mut self, now: Instant, input: S::Input) {
+        let (sensing, mut cx) = self.context_parts(now);
+        sensing.on_input(now, input, &mut cx);
+    }
+
+    /// Battery, signal and temperature at `now`; raises or clears the low-battery alarm.
+    pub fn handle_health(&mut self, now: Instant, health: Health) {
+        self.health = Some(health);
+        let time = self.clock.at(now);
+        let low = self.config.low_battery_mv;
+        let on = health.battery_mv < low;
+        let off = u32::from(health.battery_mv) >= u32::from(low) + u32::from(BATTERY_HYSTERESIS_MV);
+        if let Some(change) = self.low_battery.update(time, on, off) {
+            let msg = latch_message(change, AlarmKind::LowBattery, health.battery_mv.into(), time);
+            self.outbox.urgent(msg);
+        }
+    }
+
+    /// Heartbeats due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_status {
+            self.outbox.status(self.status(now));
+            self.next_status = now.add_secs(self.config.heartbeat_interval_s);
+        }
+    }
+
+    /// The earliest instant the device needs to run again.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.sensing.next_sample_at(&self.config) {
+            Some(at) => at.min(self.next_status),
+            None => self.next_status,
+        }
+    }
+
+    fn status(&self, now: Instant) -> Status {
+        let health =
+            self.health.unwrap_or(Health { battery_mv: 0, rssi_dbm: 0, temperature_dc: 0 });
+        Status {
+            at: self.clock.at(now),
+            battery_mv: health.battery_mv,
+            rssi_dbm: health.rssi_dbm,
+            temperature_dc: health.temperature_dc,
+            firmware: self.id.firmware,
+            uptime_s: u32::try_from(now.as_millis() / 1000).unwrap_or(u32::MAX),
+            reset_cause: self.id.reset_cause,
+        }
+    }
+
+    /// The next frame to publish with QoS1: the frame awaiting its PUBACK (byte-identical), or
+    /// the next waiting message sealed now with the next counter. `None` if nothing waits.
+    pub fn poll_transmit(&mut self) -> Result<Option<&[u8]>, TransmitError<C::Error>> {
+        if self.in_flight.is_none() {
+            if self.outbox.is_empty() {
+                return Ok(None);
+            }
+            let counter = self.counter.next(&mut self.store).map_err(TransmitError::Counter)?;
+            let Some(msg) = self.outbox.take_next() else { return Ok(None) };
+            self.in_flight = Some(seal(self.id.eui, counter, &msg, &self.id.key));
+            self.in_flight_sent = false;
+            self.stats.frames_sealed = self.stats.frames_sealed.saturating_add(1);
+        } else if self.in_flight_sent {
+            self.stats.resends = self.stats.resends.saturating_add(1);
+        }
+        self.in_flight_sent = true;
+        Ok(self.in_flight.as_deref())
+    }
+
+    /// The broker acknowledged the frame in flight: it is delivered and can be forgotten.
+    pub fn handle_puback(&mut self) {
+        if self.in_flight.take().is_some() {
+            self.stats.frames_acked = self.stats.frames_acked.saturating_add(1);
+        }
+    }
+
+    /// A frame arrived on the device's downlink topic at `now`. Authentic, new downlinks are
+    /// applied; configuration and time sync are answered with a [`DownlinkAck`].
+    pub fn handle_downlink(
+        &mut self,
+        now: Instant,
+        bytes: &[u8],
+    ) -> Result<Downlink, DownlinkError> {
+        let result = self.open_downlink(bytes);
+        let Ok((counter, downlink)) = result else {
+            self.stats.downlinks_rejected = self.stats.downlinks_rejected.saturating_add(1);
+            return result.map(|(_, d)| d);
+        };
+        let outcome = match &downlink {
+            Downlink::Config { settings } => Some(self.config.apply(S::KIND, settings)),
+            Downlink::TimeSync { now: gateway } => {
+                self.clock.sync(now, *gateway);
+                Some(AckOutcome::Applied)
+            }
+            Downlink::UplinkAck { .. } => None,
+            Downlink::StatusRequest => {
+                self.outbox.status(self.status(now));
+                None
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.outbox.urgent(Urgent::Ack(DownlinkAck { counter, outcome }));
+        }
+        self.stats.downlinks_applied = self.stats.downlinks_applied.saturating_add(1);
+        Ok(downlink)
+    }
+
+    fn open_downlink(&mut self, bytes: &[u8]) -> Result<(u32, Downlink), DownlinkError> {
+        let raw = RawFrame::parse(bytes).map_err(DownlinkError::Frame)?;
+        let header = raw.header();
+        if header.eui != self.id.eui {
+            return Err(DownlinkError::WrongDevice(header.eui));
+        }
+        let verified = raw.verify(&self.id.key).map_err(DownlinkError::Frame)?;
+        let downlink = verified.decode::<Downlink>().map_err(DownlinkError::Frame)?;
+        match self.downlinks.accept(header.counter) {
+            CounterVerdict::New { .. } => Ok((header.counter, downlink)),
+            other => Err(DownlinkError::Counter(other)),
+        }
+    }
+}
