@@ -166,6 +166,11 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
         (self.outbox.urgent_len(), self.outbox.telemetry_len())
     }
 
+    /// Whether anything waits to be sent or acknowledged.
+    pub fn has_pending(&self) -> bool {
+        self.in_flight.is_some() || !self.outbox.is_empty()
+    }
+
     /// Whether a frame awaits its PUBACK.
     pub const fn has_in_flight(&self) -> bool {
         self.in_flight.is_some()

@@ -11,6 +11,7 @@
 //! - [`outbox`]: store-and-forward queues, sealed only at send time.
 //! - [`counter`]: the frame counter with a persisted reservation.
 //! - [`backoff`]: jittered exponential reconnect backoff.
+//! - [`session`]: the MQTT 5 session (rust-mqtt) over any `embedded_io_async` transport.
 #![no_std]
 
 #[cfg(test)]
@@ -25,6 +26,7 @@ pub mod device;
 pub mod drain;
 pub mod outbox;
 pub mod sensing;
+pub mod session;
 mod time;
 
 pub use config::{Config, DeviceKind, supports};
