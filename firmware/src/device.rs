@@ -141,6 +141,12 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
         &self.config
     }
 
+    /// Applies settings locally (provisioning, or a test bench), all or none, as a `Config`
+    /// downlink would.
+    pub fn configure(&mut self, settings: &[gridsense_protocol::Setting]) -> AckOutcome {
+        self.config.apply(S::KIND, settings)
+    }
+
     /// The sensing policy, for inspection.
     pub const fn sensing(&self) -> &S {
         &self.sensing
@@ -149,6 +155,11 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
     /// The counter store, for inspection.
     pub const fn store(&self) -> &C {
         &self.store
+    }
+
+    /// Takes the counter store back (what survives a power loss).
+    pub fn into_store(self) -> C {
+        self.store
     }
 
     /// Running counts.

@@ -63,6 +63,10 @@ pub trait Board<S: Sensing> {
     /// Waits for an interrupt or a user action. Must be cancel-safe: it is raced against the
     /// network and the timers, and dropped when they win.
     fn wait(&mut self) -> impl Future<Output = Wake<S::Input>>;
+    /// A frame was handed to the broker (for a send LED, or the simulator's counts).
+    fn sent(&mut self, frame: &[u8]) {
+        let _ = frame;
+    }
 }
 
 /// Session settings. Durations are in device-clock milliseconds except `keep_alive_s`, which
@@ -173,7 +177,9 @@ where
                     &mut backoff,
                 )
                 .await;
-                let _ = client.abort().await;
+                // A fresh client per connection: dropping it closes the transport, whatever
+                // state the MQTT exchange was left in (our own reliability is the frame in flight).
+                drop(client);
                 ended
             }
             Err(_) => Ended::Broken,
@@ -321,6 +327,7 @@ where
                     if client.publish(&publication, Bytes::from(frame)).await.is_err() {
                         return Ended::Broken;
                     }
+                    board.sent(frame);
                     stats.publishes = stats.publishes.saturating_add(1);
                     awaiting_since = Some(now);
                     last_tx = now;

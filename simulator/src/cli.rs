@@ -1,0 +1,155 @@
+//! Command line of `gridsim`.
+
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{city, fleet, scenario};
+
+/// gridsim: a simulated district of gridsense devices running the real firmware.
+#[derive(Debug, Parser)]
+#[command(name = "gridsim", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a synthetic district (grids.geojson, devices.json) around Zhongshan, Dalian.
+    City {
+        /// Seed: the same seed gives the same district.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Manhole covers.
+        #[arg(long, default_value_t = 2_000)]
+        covers: usize,
+        /// Drainage sensors.
+        #[arg(long, default_value_t = 300)]
+        drains: usize,
+        /// Patrol beacons (one per grid by default).
+        #[arg(long, default_value_t = city::GRID_COUNT)]
+        beacons: usize,
+    },
+    /// Run the district's devices against a broker.
+    Run(RunArgs),
+    /// Print the memory each pooled simulated device takes.
+    Sizes,
+}
+
+/// How devices connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    /// One MQTT connection per device, through the firmware's own client.
+    PerDevice,
+    /// A few rumqttc connections publishing for many devices (load generation).
+    Pooled,
+}
+
+/// `gridsim run` arguments.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Broker, `mqtt://HOST:PORT`.
+    #[arg(long)]
+    pub broker: String,
+    /// A `gridsim city` output folder.
+    #[arg(long)]
+    pub city: PathBuf,
+    /// A shipped scenario name or a scenario file.
+    #[arg(long, default_value = "showcase")]
+    pub scenario: String,
+    /// Simulated seconds per real second (default: the scenario's).
+    #[arg(long)]
+    pub speed: Option<f64>,
+    /// Wall-clock length, like `30s` or `5m` (default: the scenario's; none: until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// How devices connect.
+    #[arg(long, value_enum, default_value_t = TransportArg::PerDevice)]
+    pub transport: TransportArg,
+    /// Connections for the pooled transport.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Publish with QoS 0 in the pooled transport (default QoS 1).
+    #[arg(long)]
+    pub qos0: bool,
+    /// Simulate only the first N devices.
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `mqtt://HOST:PORT` (or `HOST:PORT`) to a socket address.
+pub fn broker_addr(url: &str) -> Result<SocketAddr> {
+    let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+    if rest.contains('/') || rest.contains('@') {
+        bail!("--broker {url:?}: expected mqtt://HOST:PORT");
+    }
+    rest.to_socket_addrs()
+        .with_context(|| format!("--broker {url:?}: expected mqtt://HOST:PORT"))?
+        .next()
+        .with_context(|| format!("--broker {url:?}: no address"))
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::City { seed, out, covers, drains, beacons } => {
+            let city = city::generate(seed, city::Counts { covers, drains, beacons });
+            city.write(&out)?;
+            println!(
+                "gridsim city: {} grids, {} devices written to {}",
+                city.grids.len(),
+                city.devices.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Sizes => {
+            for (kind, bytes) in crate::pooled::slot_sizes() {
+                println!("{kind} {bytes}");
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            let broker = broker_addr(&args.broker)?;
+            let scenario = scenario::load(&args.scenario)?;
+            let plan = fleet::plan(&args.city, &scenario)?;
+            let options = fleet::RunOptions {
+                broker,
+                speed: args.speed.unwrap_or(scenario.speed),
+                duration: args.duration.or(scenario.duration.map(|s| s.0)),
+                transport: match args.transport {
+                    TransportArg::PerDevice => fleet::Transport::PerDevice,
+                    TransportArg::Pooled => {
+                        fleet::Transport::Pooled { connections: args.connections, qos1: !args.qos0 }
+                    }
+                },
+                limit: args.devices,
+                progress: !args.quiet,
+                scenario,
+            };
+            let (stop_tx, stop) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = stop_tx.send(true);
+                }
+            });
+            let summary = fleet::run(plan, &options, stop).await?;
+            print!("{}", summary.render());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The per-device network path on the host: a TCP connection to the broker on loopback, seen by
+//! the firmware as an `embedded_io_async` stream, and cut during the device's simulated
+//! outages (reads and writes fail, new connections are refused until the outage ends).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use gridsense_firmware::{Instant, session::Platform};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, BufStream},
+    net::TcpStream,
+};
+
+use crate::{clock::SimClock, physics::Window, rng::Rng};
+
+/// Why the link failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The device is in a simulated outage.
+    #[error("simulated outage")]
+    Outage,
+    /// The TCP connection failed or closed.
+    #[error("connection: {0}")]
+    Io(std::io::ErrorKind),
+    /// Connecting took too long.
+    #[error("connect timed out")]
+    Timeout,
+}
+
+impl embedded_io_async::Error for LinkError {
+    fn kind(&self) -> embedded_io_async::ErrorKind {
+        match self {
+            LinkError::Outage => embedded_io_async::ErrorKind::NotConnected,
+            LinkError::Io(_) => embedded_io_async::ErrorKind::ConnectionReset,
+            LinkError::Timeout => embedded_io_async::ErrorKind::TimedOut,
+        }
+    }
+}
+
+/// A device's outage schedule, in simulated seconds.
+#[derive(Debug, Clone, Default)]
+pub struct Outages(pub Arc<[Window]>);
+
+impl Outages {
+    /// Whether the device is cut off at simulated second `t`.
+    pub fn cut_at(&self, t: f64) -> bool {
+        self.0.iter().any(|w| w.contains(t))
+    }
+
+    /// The next outage start after `t`.
+    pub fn next_start_after(&self, t: f64) -> Option<f64> {
+        self.0.iter().map(|w| w.start).filter(|s| *s > t).min_by(f64::total_cmp)
+    }
+}
+
+/// One device's host platform: the simulated clock, a TCP link to the broker, randomness.
+#[derive(Debug)]
+pub struct SimPlatform {
+    counters: Option<Arc<crate::stats::Counters>>,
+    clock: SimClock,
+    broker: SocketAddr,
+    outages: Outages,
+    rng: Rng,
+}
+
+impl SimPlatform {
+    /// A platform for a device with the given outages.
+    pub fn new(clock: SimClock, broker: SocketAddr, outages: Outages, rng: Rng) -> Self {
+        SimPlatform { counters: None, clock, broker, outages, rng }
+    }
+
+    /// Counts connections opened in `counters`.
+    #[must_use]
+    pub fn counting(mut self, counters: Arc<crate::stats::Counters>) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+
+    fn now_s(&self) -> f64 {
+        self.clock.sim_ms() as f64 / 1000.0
+    }
+}
+
+impl Platform for SimPlatform {
+    type Transport = Link;
+    type ConnectError = LinkError;
+
+    fn now(&self) -> Instant {
+        self.clock.device_now()
+    }
+
+    async fn sleep_until(&mut self, at: Instant) {
+        tokio::time::sleep_until(self.clock.real_at(at.as_millis())).await;
+    }
+
+    async fn connect(&mut self) -> Result<Link, LinkError> {
+        if self.outages.cut_at(self.now_s()) {
+            return Err(LinkError::Outage);
+        }
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(self.broker))
+            .await
+            .map_err(|_| LinkError::Timeout)?
+            .map_err(|e| LinkError::Io(e.kind()))?;
+        let _ = stream.set_nodelay(true);
+        if let Some(c) = &self.counters {
+            c.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(Link {
+            stream: BufStream::new(stream),
+            clock: self.clock,
+            outages: self.outages.clone(),
+        })
+    }
+
+    fn random(&mut self) -> u32 {
+        self.rng.next_u32()
+    }
+}
+
+/// A TCP connection that breaks when the device's outage begins.
+#[derive(Debug)]
+pub struct Link {
+    stream: BufStream<TcpStream>,
+    clock: SimClock,
+    outages: Outages,
+}
+
+impl Link {
+    fn now_s(&self) -> f64 {
+        self.clock.sim_ms() as f64 / 1000.0
+    }
+}
+
+impl embedded_io_async::ErrorType for Link {
+    type Error = LinkError;
+}
+
+impl embedded_io_async::Read for Link {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
+        let now = self.now_s();
+        if self.outages.cut_at(now) {
+            return Err(LinkError::Outage);
+        }
+        let cut =
+            self.outages.next_start_after(now).map(|s| self.clock.real_at((s * 1000.0) as u64));
+        let outage = async {
+            match cut {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            read = self.stream.read(buf) => match read {
+                Ok(0) => Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof)),
+                Ok(n) => Ok(n),
+                Err(e) => Err(LinkError::Io(e.kind())),
+            },
+            () = outage => Err(LinkError::Outage),
+        }
+    }
+}
+
+impl embedded_io_async::Write for Link {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, LinkError> {
+        if self.outages.cut_at(self.now_s()) {
+            return Err(LinkError::Outage);
+        }
+        self.stream.write(buf).await.map_err(|e| LinkError::Io(e.kind()))
+    }
+
+    async fn flush(&mut self) -> Result<(), LinkError> {
+        self.stream.flush().await.map_err(|e| LinkError::Io(e.kind()))
+    }
+}
