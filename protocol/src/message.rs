@@ -142,7 +142,9 @@ pub struct Status {
 }
 
 /// The condition an alarm is about. The `value` of an alarm is in this kind's unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, MaxSize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, MaxSize,
+)]
 pub enum AlarmKind {
     /// |Δtilt| above the threshold for the hold time; value in 0.1°.
     CoverTilt,

@@ -25,3 +25,4 @@ pub mod progress;
 pub mod rng;
 pub mod scenario;
 pub mod stats;
+pub mod store;

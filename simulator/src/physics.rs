@@ -417,8 +417,11 @@ impl BeaconWorld {
         self.advance(t);
         let pending = self.pending.iter().map(|(at, _)| *at).fold(f64::INFINITY, f64::min);
         let sos = self.sos.iter().copied().filter(|s| *s > t).fold(f64::INFINITY, f64::min);
-        let leg_end =
-            if self.on_patrol && self.leg.checkpoint.is_some() { self.leg.end } else { f64::INFINITY };
+        let leg_end = if self.on_patrol && self.leg.checkpoint.is_some() {
+            self.leg.end
+        } else {
+            f64::INFINITY
+        };
         let incident = if self.on_patrol { self.next_incident } else { f64::INFINITY };
         pending.min(sos).min(leg_end).min(incident)
     }

@@ -1,0 +1,152 @@
+//! Brokers started per test on free loopback ports.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on 127.0.0.1 (bound and released; the kernel does not hand it out again at
+/// once).
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn wait_until_listening(addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{what} did not start listening on {addr} within 10 s")
+}
+
+/// A Mosquitto broker on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts one with the test configuration: anonymous access, large in-flight and queue
+    /// limits (Mosquitto drops silently past them), no persistence.
+    pub fn start() -> Result<Self> {
+        Self::start_with("")
+    }
+
+    /// Starts one with extra configuration lines.
+    pub fn start_with(extra: &str) -> Result<Self> {
+        let port = free_port()?;
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("mosquitto.conf");
+        // `user root`: started as root it would otherwise drop privileges before opening the
+        // files in this private temp folder (PITFALLS.md).
+        let text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
+             max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+        );
+        fs::write(&config, text)?;
+        let binary = PathBuf::from("/usr/sbin/mosquitto");
+        if !binary.exists() {
+            bail!("/usr/sbin/mosquitto is missing: run scripts/test, which installs it");
+        }
+        let log = fs::File::create(dir.path().join("mosquitto.log"))?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting mosquitto")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let broker = Mosquitto { child, addr, dir };
+        wait_until_listening(addr, "mosquitto")?;
+        Ok(broker)
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// rumqttd in-process: `v5` for devices, `v4` for rumqttc clients (gateway, subscribers).
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    /// MQTT 5 listener.
+    pub v5: SocketAddr,
+    /// MQTT 3.1.1 listener.
+    pub v4: SocketAddr,
+}
+
+impl EmbeddedBroker {
+    /// Starts it on its own thread (rumqttd blocks); it lives until the process exits.
+    pub fn start() -> Result<Self> {
+        let v4 = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let v5 = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let server = |name: &str, listen: SocketAddr| rumqttd::ServerSettings {
+            name: name.into(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 5_000,
+                max_payload_size: 16 * 1024,
+                max_inflight_count: 500,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let config = rumqttd::Config {
+            id: 0,
+            router: rumqttd::RouterConfig {
+                max_connections: 20_000,
+                max_outgoing_packet_count: 500,
+                max_segment_size: 1 << 20,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some(HashMap::from([("v4".to_owned(), server("v4", v4))])),
+            v5: Some(HashMap::from([("v5".to_owned(), server("v5", v5))])),
+            ws: None,
+            cluster: None,
+            console: None,
+            bridge: None,
+            prometheus: None,
+            metrics: None,
+        };
+        std::thread::Builder::new().name("rumqttd".into()).spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            let _ = broker.start();
+        })?;
+        wait_until_listening(v4, "rumqttd v4")?;
+        wait_until_listening(v5, "rumqttd v5")?;
+        Ok(EmbeddedBroker { v5, v4 })
+    }
+}

@@ -1,0 +1,48 @@
+//! Small districts and scenario runs for tests.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::Result;
+use gridsense_protocol::{DeviceKey, Eui};
+use gridsense_simulator::{
+    city::{self, Counts},
+    fleet::{self, RunOptions, Transport},
+    inventory::{self, DeviceRecord},
+    scenario,
+    stats::Summary,
+};
+
+/// Writes a district with the given device counts into `dir`; returns its inventory.
+pub fn city(dir: &Path, seed: u64, counts: Counts) -> Result<Vec<DeviceRecord>> {
+    let city = city::generate(seed, counts);
+    city.write(dir)?;
+    Ok(city.devices)
+}
+
+/// The keys of an inventory, for decoding.
+pub fn keys(dir: &Path) -> Result<HashMap<Eui, DeviceKey>> {
+    Ok(inventory::load(&dir.join("devices.json"))?.into_iter().map(|d| (d.eui, d.key)).collect())
+}
+
+/// Runs scenario text over the city in `dir` against `broker` for `real` wall-clock time.
+pub async fn run(
+    dir: &Path,
+    scenario_text: &str,
+    broker: SocketAddr,
+    speed: f64,
+    real: Duration,
+) -> Result<Summary> {
+    let scenario = scenario::parse("test.toml", scenario_text)?;
+    let plan = fleet::plan(dir, &scenario)?;
+    let options = RunOptions {
+        broker,
+        scenario,
+        speed,
+        duration: Some(real),
+        transport: Transport::PerDevice,
+        limit: None,
+        progress: false,
+    };
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    fleet::run(plan, &options, stop).await
+}
