@@ -121,6 +121,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             for (kind, bytes) in crate::pooled::slot_sizes() {
                 println!("{kind} {bytes}");
             }
+            for (part, bytes) in crate::pooled::component_sizes() {
+                println!("  {part} {bytes}");
+            }
             Ok(())
         }
         Command::Run(args) => {

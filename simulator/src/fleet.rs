@@ -52,7 +52,7 @@ pub const FIRMWARE: FirmwareVersion = FirmwareVersion { major: 1, minor: 0, patc
 /// Urgent-queue and telemetry-queue sizes of a per-device simulated device.
 pub const PER_DEVICE_QUEUES: (usize, usize) = (8, 128);
 /// The same for pooled devices, kept small for memory per device.
-pub const POOLED_QUEUES: (usize, usize) = (4, 24);
+pub const POOLED_QUEUES: (usize, usize) = (4, 16);
 
 /// How devices reach the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,12 +103,12 @@ pub struct Planned {
 /// A device's world, by kind.
 #[derive(Debug)]
 pub enum AnyModel {
-    /// A cover.
-    Cover(CoverModel, [i16; 3]),
-    /// A drain.
+    /// A cover, its installed baseline and boot settings.
+    Cover(CoverModel, [i16; 3], Vec<Setting>),
+    /// A drain and its boot settings (its well's levels among them).
     Drain(DrainModel, Vec<Setting>),
-    /// A beacon.
-    Beacon(BeaconModel),
+    /// A beacon and its boot settings.
+    Beacon(BeaconModel, Vec<Setting>),
 }
 
 /// The district and scenario turned into devices and actors.
@@ -240,10 +240,15 @@ pub fn plan(city_dir: &Path, scenario: &Scenario) -> Result<Plan> {
         }
     }
 
-    let street_code = |r: &Record| -> String {
+    let boot_settings = scenario.device_config.settings();
+    // One shared string per street, not one per device.
+    let streets: HashMap<&str, Arc<str>> =
+        grids.iter().map(|g| (g.street_code.as_str(), Arc::from(g.street_code.as_str()))).collect();
+    let no_street: Arc<str> = Arc::from("");
+    let street_code = |r: &Record| -> Arc<str> {
         street_of(&grids, r.record.lat, r.record.lon)
-            .map(|g| g.street_code.clone())
-            .unwrap_or_default()
+            .and_then(|g| streets.get(g.street_code.as_str()).cloned())
+            .unwrap_or_else(|| no_street.clone())
     };
     let mut devices = Vec::new();
     for (idx, r) in records.iter().enumerate() {
@@ -268,7 +273,7 @@ pub fn plan(city_dir: &Path, scenario: &Scenario) -> Result<Plan> {
                 for t in tampers.remove(&idx).unwrap_or_default() {
                     world.tamper(t);
                 }
-                AnyModel::Cover(CoverModel { world, supply }, baseline)
+                AnyModel::Cover(CoverModel { world, supply }, baseline, boot_settings.clone())
             }
             Kind::Drain => {
                 let world = DrainWorld::new(
@@ -278,7 +283,7 @@ pub fn plan(city_dir: &Path, scenario: &Scenario) -> Result<Plan> {
                     rec.catchment.unwrap_or(1.0),
                     street_code(r),
                 );
-                let mut settings = Vec::new();
+                let mut settings = boot_settings.clone();
                 if let (Some(warn), Some(alarm)) = (rec.warn_mm, rec.alarm_mm) {
                     settings.push(Setting::DrainWarnMm(warn));
                     settings.push(Setting::DrainAlarmMm(alarm));
@@ -295,7 +300,7 @@ pub fn plan(city_dir: &Path, scenario: &Scenario) -> Result<Plan> {
                     .context("the city has no grids")?;
                 let world =
                     BeaconWorld::new(seed, i, grid, scenario, sos.remove(&idx).unwrap_or_default());
-                AnyModel::Beacon(BeaconModel { world, supply })
+                AnyModel::Beacon(BeaconModel { world, supply }, boot_settings.clone())
             }
         };
         let key = if wrong_key.contains(&idx) {
@@ -343,6 +348,16 @@ pub fn session_config(speed: f64) -> SessionConfig {
     }
 }
 
+/// Applies the boot settings the device's kind has.
+pub fn configure<S: Sensing, C: CounterStore, const U: usize, const T: usize>(
+    device: &mut Device<S, C, U, T>,
+    settings: &[Setting],
+) {
+    let supported: Vec<Setting> =
+        settings.iter().copied().filter(|s| gridsense_firmware::supports(S::KIND, s)).collect();
+    device.configure(&supported);
+}
+
 /// Runs one device through the firmware's MQTT session until shutdown.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_device<M, C>(
@@ -373,7 +388,7 @@ where
         clock.device_now(),
     )
     .map_err(|e| anyhow::anyhow!("counter store: {e:?}"))?;
-    device.configure(&settings);
+    configure(&mut device, &settings);
     let mut board = SimBoard::new(model, env, clock, shutdown, counters);
     let mut platform = platform;
     let config = session_config(clock.speed());
@@ -410,62 +425,54 @@ fn spawn_planned(
     .counting(counters.clone());
     let password = planned.record.record.mqtt_password.clone();
     let (shutdown, counters) = (shutdown.clone(), counters.clone());
+    let launch = Launch { id, password, platform, clock, env, shutdown, counters };
     match planned.model {
-        AnyModel::Cover(model, baseline) => {
-            set.spawn_local(async move {
-                let sensing = Cover::new(baseline);
-                let r = run_device(
-                    id,
-                    sensing,
-                    vec![],
-                    RamStore::default(),
-                    model,
-                    password,
-                    platform,
-                    clock,
-                    env,
-                    shutdown,
-                    counters,
-                );
-                r.await.map(|(report, _)| report)
-            });
+        AnyModel::Cover(model, baseline, settings) => {
+            launch.spawn(set, Cover::new(baseline), settings, model)
         }
-        AnyModel::Drain(model, settings) => {
-            set.spawn_local(async move {
-                let r = run_device(
-                    id,
-                    Drain::new(),
-                    settings,
-                    RamStore::default(),
-                    model,
-                    password,
-                    platform,
-                    clock,
-                    env,
-                    shutdown,
-                    counters,
-                );
-                r.await.map(|(report, _)| report)
-            });
-        }
-        AnyModel::Beacon(model) => {
-            set.spawn_local(async move {
-                let r = run_device(
-                    id,
-                    Beacon::new(),
-                    vec![],
-                    RamStore::default(),
-                    model,
-                    password,
-                    platform,
-                    clock,
-                    env,
-                    shutdown,
-                    counters,
-                );
-                r.await.map(|(report, _)| report)
-            });
-        }
+        AnyModel::Drain(model, settings) => launch.spawn(set, Drain::new(), settings, model),
+        AnyModel::Beacon(model, settings) => launch.spawn(set, Beacon::new(), settings, model),
+    }
+}
+
+/// What every device task needs besides its kind.
+struct Launch {
+    id: Identity,
+    password: String,
+    platform: SimPlatform,
+    clock: SimClock,
+    env: Arc<Env>,
+    shutdown: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+}
+
+impl Launch {
+    fn spawn<M: Model>(
+        self,
+        set: &mut JoinSet<Result<DeviceReport>>,
+        sensing: M::Sensing,
+        settings: Vec<Setting>,
+        model: M,
+    ) where
+        <M::Sensing as Sensing>::Input: Send,
+    {
+        let Launch { id, password, platform, clock, env, shutdown, counters } = self;
+        set.spawn_local(async move {
+            let run = run_device(
+                id,
+                sensing,
+                settings,
+                RamStore::default(),
+                model,
+                password,
+                platform,
+                clock,
+                env,
+                shutdown,
+                counters,
+            );
+            run.await.map(|(report, _)| report)
+        });
     }
 }
 
@@ -594,8 +601,10 @@ pub async fn run(
         }
     }
     let sim_seconds = clock.sim_ms() / 1000;
+    let running_rss_kib = crate::stats::rss_kib();
     let _ = shutdown_tx.send(true);
-    let mut summary = Summary { devices: device_count, sim_seconds, ..Summary::default() };
+    let mut summary =
+        Summary { devices: device_count, sim_seconds, running_rss_kib, ..Summary::default() };
     let mut reports = Vec::new();
     while let Some(joined) = set.join_next().await {
         reports.push(joined.context("a device task failed")??);
@@ -625,6 +634,8 @@ pub async fn run(
     summary.alarms_cleared = counters.sent[4].load(Relaxed);
     summary.backlog_samples = counters.backlog_samples.load(Relaxed);
     summary.mischief = counters.mischief.load(Relaxed);
+    summary.peak_rss_kib = crate::stats::peak_rss_kib();
+    summary.broker_acked = counters.broker_acked.load(Relaxed);
     Ok(summary)
 }
 

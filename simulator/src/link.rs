@@ -104,11 +104,9 @@ impl Platform for SimPlatform {
         if let Some(c) = &self.counters {
             c.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(Link {
-            stream: BufStream::new(stream),
-            clock: self.clock,
-            outages: self.outages.clone(),
-        })
+        // Small buffers: MQTT packets here are a few hundred bytes, and there are many devices.
+        let stream = BufStream::with_capacity(1_024, 1_024, stream);
+        Ok(Link { stream, clock: self.clock, outages: self.outages.clone() })
     }
 
     fn random(&mut self) -> u32 {

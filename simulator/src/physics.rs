@@ -3,7 +3,7 @@
 //! function of the seed and the simulated time it is asked about (times only move forward), so
 //! a run does not depend on how often or in which order devices are woken.
 
-use std::f64::consts::PI;
+use std::{f64::consts::PI, sync::Arc};
 
 use gridsense_firmware::{Health, beacon::BeaconInput, cover::CoverInput, drain::DrainInput};
 use gridsense_protocol::{CaseClass, ClassKind, PositionFix, SwitchState};
@@ -64,6 +64,9 @@ pub struct Tamper {
     pub mode: TheftMode,
 }
 
+/// Shortest time between two vehicles over one cover, seconds.
+const MIN_VEHICLE_GAP_S: f64 = 1.0;
+
 /// Vehicles passing over one cover: a Poisson stream of short tilt spikes.
 #[derive(Debug, Clone)]
 struct Vehicles {
@@ -83,7 +86,8 @@ impl Vehicles {
         if traffic.vehicles_per_hour <= 0.0 {
             return (f64::INFINITY, f64::INFINITY, 0.0);
         }
-        let start = after + rng.exp(3_600.0 / traffic.vehicles_per_hour);
+        // Vehicles are at least a second apart: the cover settles between them.
+        let start = after + MIN_VEHICLE_GAP_S + rng.exp(3_600.0 / traffic.vehicles_per_hour);
         let len = rng.range(traffic.spike_s[0], traffic.spike_s[1]);
         let deg = rng.range(traffic.spike_deg[0], traffic.spike_deg[1]);
         (start, start + len, deg)
@@ -113,7 +117,7 @@ pub struct CoverWorld {
     has_switch: bool,
     water_probe: bool,
     noise: Rng,
-    street: String,
+    street: Arc<str>,
 }
 
 impl CoverWorld {
@@ -125,7 +129,7 @@ impl CoverWorld {
         has_switch: bool,
         water_probe: bool,
         traffic: &Traffic,
-        street: String,
+        street: Arc<str>,
     ) -> Self {
         let b = baseline_mg.map(f64::from);
         let norm = (b[0] * b[0] + b[1] * b[1] + b[2] * b[2]).sqrt().max(1.0);
@@ -226,13 +230,13 @@ pub struct DrainWorld {
     drain_k: f64,
     drain_max: f64,
     t: f64,
-    street: String,
+    street: Arc<str>,
     noise: Rng,
 }
 
 impl DrainWorld {
     /// A well `depth_mm` deep with a `catchment` factor, in `street`.
-    pub fn new(seed: u64, index: u64, depth_mm: u16, catchment: f64, street: String) -> Self {
+    pub fn new(seed: u64, index: u64, depth_mm: u16, catchment: f64, street: Arc<str>) -> Self {
         let mut rng = Rng::derive(seed, 20, index);
         let base = rng.range(200.0, 600.0);
         DrainWorld {

@@ -21,7 +21,7 @@ use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
     clock::SimClock,
-    fleet::{AnyModel, DeviceReport, POOLED_QUEUES, Planned, uplink_topic},
+    fleet::{AnyModel, DeviceReport, POOLED_QUEUES, Planned, configure, uplink_topic},
     inventory::Device as Record,
     model::{BeaconModel, CoverModel, DrainModel, Env, Model, secs},
     stats::Counters,
@@ -34,13 +34,12 @@ const T: usize = POOLED_QUEUES.1;
 pub struct Slot<M: Model> {
     device: Device<M::Sensing, RamStore, U, T>,
     model: M,
-    topic: String,
     pending_push: f64,
 }
 
 impl<M: Model> std::fmt::Debug for Slot<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("topic", &self.topic).finish_non_exhaustive()
+        f.debug_struct("Slot").field("eui", &self.device.eui()).finish_non_exhaustive()
     }
 }
 
@@ -95,12 +94,14 @@ impl AnySlot {
         }
     }
 
-    fn topic(&self) -> &str {
-        match self {
-            AnySlot::Cover(s) => &s.topic,
-            AnySlot::Drain(s) => &s.topic,
-            AnySlot::Beacon(s) => &s.topic,
-        }
+    /// The uplink topic, made when publishing (rumqttc wants an owned topic anyway).
+    fn topic(&self) -> String {
+        let eui = match self {
+            AnySlot::Cover(s) => s.device.eui(),
+            AnySlot::Drain(s) => s.device.eui(),
+            AnySlot::Beacon(s) => s.device.eui(),
+        };
+        uplink_topic(eui)
     }
 
     fn report(&self) -> DeviceReport {
@@ -138,31 +139,43 @@ fn slot<M: Model>(
         Ok(d) => d,
         Err(never) => match never {},
     };
-    Slot { device, model, topic: uplink_topic(record.eui), pending_push: f64::NEG_INFINITY }
+    Slot { device, model, pending_push: f64::NEG_INFINITY }
 }
 
 /// Builds a pooled slot from a planned device.
 pub fn make_slot(planned: Planned, clock: &SimClock) -> AnySlot {
     let Planned { record, key, model, .. } = planned;
     match model {
-        AnyModel::Cover(m, baseline) => {
-            AnySlot::Cover(slot(&record, &key, Cover::new(baseline), m, clock))
+        AnyModel::Cover(m, baseline, settings) => {
+            let mut s = slot(&record, &key, Cover::new(baseline), m, clock);
+            configure(&mut s.device, &settings);
+            AnySlot::Cover(s)
         }
         AnyModel::Drain(m, settings) => {
             let mut s = slot(&record, &key, Drain::new(), m, clock);
-            s.device.configure(&settings);
+            configure(&mut s.device, &settings);
             AnySlot::Drain(s)
         }
-        AnyModel::Beacon(m) => AnySlot::Beacon(slot(&record, &key, Beacon::new(), m, clock)),
+        AnyModel::Beacon(m, settings) => {
+            let mut s = slot(&record, &key, Beacon::new(), m, clock);
+            configure(&mut s.device, &settings);
+            AnySlot::Beacon(s)
+        }
     }
 }
 
-/// Size in memory of one pooled device of each kind (device core, world model, topic).
-pub fn slot_sizes() -> [(&'static str, usize); 3] {
+/// What a scheduler entry adds per device: its heap slot (wake time, index).
+type AnySlotTag = (u64, usize);
+
+/// Size in memory of one pooled device of each kind: device core and world model (in an
+/// `AnySlot`, whose size is that of the largest kind) plus its timer-heap entry. (Street codes
+/// are shared, one string per street.)
+pub fn slot_sizes() -> [(&'static str, usize); 4] {
     [
-        ("cover", size_of::<Slot<CoverModel>>() + 26),
-        ("drain", size_of::<Slot<DrainModel>>() + 26),
-        ("beacon", size_of::<Slot<BeaconModel>>() + 26),
+        ("any", size_of::<AnySlot>() + size_of::<AnySlotTag>()),
+        ("cover", size_of::<Slot<CoverModel>>() + size_of::<AnySlotTag>()),
+        ("drain", size_of::<Slot<DrainModel>>() + size_of::<AnySlotTag>()),
+        ("beacon", size_of::<Slot<BeaconModel>>() + size_of::<AnySlotTag>()),
     ]
 }
 
@@ -180,7 +193,9 @@ pub fn spawn(
     qos1: bool,
 ) -> Result<()> {
     let connections = connections.max(1);
-    let mut shards: Vec<Vec<AnySlot>> = (0..connections).map(|_| Vec::new()).collect();
+    let per_shard = devices.len().div_ceil(connections);
+    let mut shards: Vec<Vec<AnySlot>> =
+        (0..connections).map(|_| Vec::with_capacity(per_shard)).collect();
     for (i, planned) in devices.into_iter().enumerate() {
         if let Some(shard) = shards.get_mut(i % connections) {
             shard.push(make_slot(planned, &clock));
@@ -220,12 +235,18 @@ async fn drive(
     loop {
         tokio::select! {
             event = eventloop.poll() => match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    counters.broker_acked.fetch_add(1, Relaxed);
+                }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                     report.session.connects += 1;
                     counters.connected.fetch_add(1, Relaxed);
                 }
                 Ok(_) => {}
-                Err(_) => {
+                Err(e) => {
+                    if report.session.failures == 0 {
+                        tracing::warn!("pooled connection: {e}");
+                    }
                     report.session.failures += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -286,4 +307,19 @@ async fn schedule(
         total.outbox.urgent_refused += r.outbox.urgent_refused;
     }
     Ok(total)
+}
+
+/// Component sizes, for `gridsim sizes`.
+pub fn component_sizes() -> Vec<(&'static str, usize)> {
+    vec![
+        ("device_core_cover", size_of::<Device<Cover, RamStore, U, T>>()),
+        ("device_core_drain", size_of::<Device<Drain, RamStore, U, T>>()),
+        ("device_core_beacon", size_of::<Device<Beacon, RamStore, U, T>>()),
+        ("world_cover", size_of::<CoverModel>()),
+        ("world_drain", size_of::<DrainModel>()),
+        ("world_beacon", size_of::<BeaconModel>()),
+        ("urgent_message", size_of::<gridsense_firmware::outbox::Urgent>()),
+        ("frame_buffer", size_of::<gridsense_protocol::FrameBuf>()),
+        ("outbox", size_of::<gridsense_firmware::outbox::Outbox<U, T>>()),
+    ]
 }

@@ -8,13 +8,14 @@ use std::{path::Path, time::Duration};
 use serde::{Deserialize, Deserializer};
 
 /// The scenarios compiled into the binary, by name.
-pub const SHIPPED: [(&str, &str); 6] = [
+pub const SHIPPED: [(&str, &str); 7] = [
     ("calm", include_str!("../scenarios/calm.toml")),
     ("rainstorm", include_str!("../scenarios/rainstorm.toml")),
     ("theft-spree", include_str!("../scenarios/theft-spree.toml")),
     ("area-outage", include_str!("../scenarios/area-outage.toml")),
     ("bad-actors", include_str!("../scenarios/bad-actors.toml")),
     ("showcase", include_str!("../scenarios/showcase.toml")),
+    ("load", include_str!("../scenarios/load.toml")),
 ];
 
 /// A duration written like `90s`, `5m` or `1h 30m`.
@@ -74,6 +75,37 @@ pub struct Scenario {
     /// Misbehaving senders.
     #[serde(default)]
     pub bad_actor: Vec<BadActor>,
+    /// Settings every device gets at boot (each where its kind has them), as a `Config`
+    /// downlink would set them: for load runs and tests.
+    #[serde(default)]
+    pub device_config: DeviceConfig,
+}
+
+/// Device settings applied at boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Seconds between routine readings (drain samples, cover readings).
+    pub report_interval_s: Option<u32>,
+    /// Longest silence before a status heartbeat.
+    pub heartbeat_interval_s: Option<u32>,
+    /// Smallest drain level change worth a report, mm.
+    pub drain_deadband_mm: Option<u16>,
+    /// Seconds between patrol fixes.
+    pub fix_interval_s: Option<u32>,
+}
+
+impl DeviceConfig {
+    /// The settings, for the firmware.
+    pub fn settings(&self) -> Vec<gridsense_protocol::Setting> {
+        use gridsense_protocol::Setting;
+        let mut out = Vec::new();
+        out.extend(self.report_interval_s.map(Setting::ReportIntervalS));
+        out.extend(self.heartbeat_interval_s.map(Setting::HeartbeatIntervalS));
+        out.extend(self.drain_deadband_mm.map(Setting::DrainDeadbandMm));
+        out.extend(self.fix_interval_s.map(Setting::FixIntervalS));
+        out
+    }
 }
 
 fn default_seed() -> u64 {
@@ -387,6 +419,20 @@ fn validate(s: &Scenario) -> Result<(), (String, String)> {
     }
     if !(s.patrol.incidents_per_hour >= 0.0 && s.patrol.incidents_per_hour <= 60.0) {
         return Err(("patrol.incidents_per_hour".into(), "must be between 0 and 60".into()));
+    }
+    let c = &s.device_config;
+    let settings = c.settings();
+    for kind in [
+        gridsense_firmware::DeviceKind::Cover,
+        gridsense_firmware::DeviceKind::Drain,
+        gridsense_firmware::DeviceKind::Beacon,
+    ] {
+        let mut config = gridsense_firmware::Config::defaults(kind);
+        let supported: Vec<_> =
+            settings.iter().copied().filter(|x| gridsense_firmware::supports(kind, x)).collect();
+        if config.apply(kind, &supported) == gridsense_protocol::AckOutcome::InvalidValue {
+            return Err(("device_config".into(), format!("not valid for a {}", kind.as_str())));
+        }
     }
     if !share(s.battery.low_fraction) {
         return Err(("battery.low_fraction".into(), "must be between 0 and 1".into()));

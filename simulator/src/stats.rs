@@ -35,6 +35,8 @@ pub struct Counters {
     pub mischief: AtomicU64,
     /// Samples sent inside backlog batches.
     pub backlog_samples: AtomicU64,
+    /// PUBACKs the pooled connections received (frames the broker has).
+    pub broker_acked: AtomicU64,
 }
 
 /// Reads a postcard varint (u32) at the start of `bytes`: value and length.
@@ -105,6 +107,32 @@ pub struct Summary {
     pub downlinks: u64,
     /// Messages from misbehaving senders.
     pub mischief: u64,
+    /// Peak resident memory of the simulator process, KiB (Linux; 0 elsewhere).
+    pub peak_rss_kib: u64,
+    /// Frames the broker acknowledged to the pooled transport (QoS 1 only).
+    pub broker_acked: u64,
+    /// Resident memory while the devices ran (just before shutdown), KiB.
+    pub running_rss_kib: u64,
+}
+
+/// The process's peak resident set size in KiB, from `/proc/self/status` (0 if unavailable).
+pub fn peak_rss_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+/// The process's current resident set size in KiB (0 if unavailable).
+pub fn rss_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with(field))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 impl Summary {
@@ -143,6 +171,21 @@ impl Summary {
             out,
             "connections {}, failures {}, resends {}, downlinks {}, misbehaving messages {}",
             self.connects, self.connection_failures, self.resends, self.downlinks, self.mischief
+        );
+        if self.broker_acked > 0 {
+            let _ = writeln!(
+                out,
+                "broker acknowledged {} frames ({:.0}/s)",
+                self.broker_acked,
+                self.broker_acked as f64 / real_s.max(1e-3)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "memory while running {} KiB ({:.0} bytes per device), peak {} KiB",
+            self.running_rss_kib,
+            self.running_rss_kib as f64 * 1024.0 / self.devices.max(1) as f64,
+            self.peak_rss_kib
         );
         out
     }

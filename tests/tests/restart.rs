@@ -45,7 +45,7 @@ async fn power_loss_never_reuses_a_counter() {
             reset_cause: ResetCause::PowerOn,
         };
         let model = DrainModel {
-            world: DrainWorld::new(1, boot, 4_000, 1.0, String::new()),
+            world: DrainWorld::new(1, boot, 4_000, 1.0, "".into()),
             supply: Supply::new(1, 0, 0, &scenario),
         };
         let platform = SimPlatform::new(clock, broker.addr(), Outages::default(), Rng::new(boot));
