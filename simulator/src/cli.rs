@@ -54,6 +54,9 @@ pub enum TransportArg {
     PerDevice,
     /// A few rumqttc connections publishing for many devices (load generation).
     Pooled,
+    /// One connection per device through its own embassy-net TCP/IP stack over a simulated
+    /// radio link (latency, loss, outages), bridged to the broker. For a few dozen devices.
+    Fidelity,
 }
 
 /// `gridsim run` arguments.
@@ -83,6 +86,12 @@ pub struct RunArgs {
     /// Publish with QoS 0 in the pooled transport (default QoS 1).
     #[arg(long)]
     pub qos0: bool,
+    /// Fidelity transport: one-way radio latency, ms.
+    #[arg(long, default_value_t = 60)]
+    pub latency_ms: u64,
+    /// Fidelity transport: share of radio packets lost (0..1).
+    #[arg(long, default_value_t = 0.01)]
+    pub loss: f64,
     /// Simulate only the first N devices.
     #[arg(long)]
     pub devices: Option<usize>,
@@ -138,6 +147,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     TransportArg::PerDevice => fleet::Transport::PerDevice,
                     TransportArg::Pooled => {
                         fleet::Transport::Pooled { connections: args.connections, qos1: !args.qos0 }
+                    }
+                    TransportArg::Fidelity => {
+                        if !(0.0..1.0).contains(&args.loss) {
+                            bail!("--loss {} must be at least 0 and below 1", args.loss);
+                        }
+                        fleet::Transport::Fidelity(crate::fidelity::RadioConfig {
+                            latency_ms: args.latency_ms,
+                            jitter_ms: args.latency_ms / 2,
+                            loss: args.loss,
+                        })
                     }
                 },
                 limit: args.devices,

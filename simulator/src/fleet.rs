@@ -26,7 +26,7 @@ use gridsense_firmware::{
     drain::Drain,
     outbox::OutboxStats,
     sensing::Sensing,
-    session::{self, Credentials, SessionConfig, SessionStats},
+    session::{self, Credentials, Platform, SessionConfig, SessionStats},
 };
 use gridsense_protocol::{
     DeviceKey, Direction, FirmwareVersion, ResetCause, Setting, topic::topic,
@@ -36,6 +36,7 @@ use tokio::{sync::watch, task::JoinSet};
 use crate::{
     city::{self, Grid},
     clock::SimClock,
+    fidelity::{FidelityPlatform, RadioConfig},
     inventory::{self, Device as Record, Kind},
     link::{Outages, SimPlatform},
     mischief,
@@ -55,10 +56,13 @@ pub const PER_DEVICE_QUEUES: (usize, usize) = (8, 128);
 pub const POOLED_QUEUES: (usize, usize) = (4, 16);
 
 /// How devices reach the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transport {
     /// One connection per device through the firmware's own client.
     PerDevice,
+    /// One connection per device through the firmware's own client, over the device's own
+    /// embassy-net TCP/IP stack and a simulated radio link (see [`crate::fidelity`]).
+    Fidelity(RadioConfig),
     /// A few rumqttc connections on behalf of all devices.
     Pooled {
         /// Connections.
@@ -360,14 +364,14 @@ pub fn configure<S: Sensing, C: CounterStore, const U: usize, const T: usize>(
 
 /// Runs one device through the firmware's MQTT session until shutdown.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_device<M, C>(
+pub async fn run_device<M, C, P>(
     planned_identity: Identity,
     sensing: M::Sensing,
     settings: Vec<Setting>,
     store: C,
     model: M,
     password: String,
-    platform: SimPlatform,
+    platform: P,
     clock: SimClock,
     env: Arc<Env>,
     shutdown: watch::Receiver<bool>,
@@ -377,6 +381,7 @@ where
     M: Model,
     <M::Sensing as Sensing>::Input: Send,
     C: CounterStore + Send,
+    P: Platform,
 {
     const U: usize = PER_DEVICE_QUEUES.0;
     const T: usize = PER_DEVICE_QUEUES.1;
@@ -414,8 +419,17 @@ fn spawn_planned(
     shutdown: &watch::Receiver<bool>,
     counters: &Arc<Counters>,
     seed: u64,
+    radio: Option<RadioConfig>,
 ) {
     let id = identity(&planned);
+    let radio = radio.map(|r| {
+        (
+            r,
+            broker,
+            planned.outages.clone(),
+            Rng::derive(seed, 110, planned.record.eui.0).next_u64(),
+        )
+    });
     let platform = SimPlatform::new(
         clock,
         broker,
@@ -425,7 +439,7 @@ fn spawn_planned(
     .counting(counters.clone());
     let password = planned.record.record.mqtt_password.clone();
     let (shutdown, counters) = (shutdown.clone(), counters.clone());
-    let launch = Launch { id, password, platform, clock, env, shutdown, counters };
+    let launch = Launch { id, password, platform, radio, clock, env, shutdown, counters };
     match planned.model {
         AnyModel::Cover(model, baseline, settings) => {
             launch.spawn(set, Cover::new(baseline), settings, model)
@@ -440,6 +454,7 @@ struct Launch {
     id: Identity,
     password: String,
     platform: SimPlatform,
+    radio: Option<(RadioConfig, SocketAddr, Outages, u64)>,
     clock: SimClock,
     env: Arc<Env>,
     shutdown: watch::Receiver<bool>,
@@ -456,22 +471,27 @@ impl Launch {
     ) where
         <M::Sensing as Sensing>::Input: Send,
     {
-        let Launch { id, password, platform, clock, env, shutdown, counters } = self;
+        let Launch { id, password, platform, radio, clock, env, shutdown, counters } = self;
         set.spawn_local(async move {
-            let run = run_device(
-                id,
-                sensing,
-                settings,
-                RamStore::default(),
-                model,
-                password,
-                platform,
-                clock,
-                env,
-                shutdown,
-                counters,
-            );
-            run.await.map(|(report, _)| report)
+            let store = RamStore::default();
+            let report = match radio {
+                None => {
+                    let run = run_device(
+                        id, sensing, settings, store, model, password, platform, clock, env,
+                        shutdown, counters,
+                    );
+                    run.await
+                }
+                Some((config, broker, outages, seed)) => {
+                    let platform = FidelityPlatform::start(clock, broker, outages, config, seed);
+                    let run = run_device(
+                        id, sensing, settings, store, model, password, platform, clock, env,
+                        shutdown, counters,
+                    );
+                    run.await
+                }
+            };
+            report.map(|(report, _)| report)
         });
     }
 }
@@ -486,6 +506,7 @@ fn spawn_threads(
     shutdown: &watch::Receiver<bool>,
     counters: &Arc<Counters>,
     seed: u64,
+    radio: Option<RadioConfig>,
 ) -> Result<Vec<std::thread::JoinHandle<Result<Vec<DeviceReport>>>>> {
     let workers = std::thread::available_parallelism().map_or(2, usize::from).max(1);
     let mut shares: Vec<Vec<Planned>> = (0..workers).map(|_| Vec::new()).collect();
@@ -514,6 +535,7 @@ fn spawn_threads(
                             &shutdown,
                             &counters,
                             seed,
+                            radio,
                         );
                     }
                     let mut reports = Vec::new();
@@ -548,7 +570,11 @@ pub async fn run(
     let mut set = JoinSet::new();
     let mut threads = Vec::new();
     match options.transport {
-        Transport::PerDevice => {
+        Transport::PerDevice | Transport::Fidelity(_) => {
+            let radio = match options.transport {
+                Transport::Fidelity(r) => Some(r),
+                _ => None,
+            };
             threads = spawn_threads(
                 devices,
                 options.broker,
@@ -557,6 +583,7 @@ pub async fn run(
                 &shutdown,
                 &counters,
                 seed,
+                radio,
             )?;
         }
         Transport::Pooled { connections, qos1 } => {

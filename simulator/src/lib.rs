@@ -14,6 +14,7 @@
 pub mod city;
 pub mod cli;
 pub mod clock;
+pub mod fidelity;
 pub mod fleet;
 pub mod inventory;
 pub mod link;

@@ -24,13 +24,26 @@ pub fn keys(dir: &Path) -> Result<HashMap<Eui, DeviceKey>> {
     Ok(inventory::load(&dir.join("devices.json"))?.into_iter().map(|d| (d.eui, d.key)).collect())
 }
 
-/// Runs scenario text over the city in `dir` against `broker` for `real` wall-clock time.
+/// Runs scenario text over the city in `dir` against `broker` for `real` wall-clock time, one
+/// connection per device.
 pub async fn run(
     dir: &Path,
     scenario_text: &str,
     broker: SocketAddr,
     speed: f64,
     real: Duration,
+) -> Result<Summary> {
+    run_with(dir, scenario_text, broker, speed, real, Transport::PerDevice).await
+}
+
+/// As [`run`], with a chosen transport.
+pub async fn run_with(
+    dir: &Path,
+    scenario_text: &str,
+    broker: SocketAddr,
+    speed: f64,
+    real: Duration,
+    transport: Transport,
 ) -> Result<Summary> {
     let scenario = scenario::parse("test.toml", scenario_text)?;
     let plan = fleet::plan(dir, &scenario)?;
@@ -39,7 +52,7 @@ pub async fn run(
         scenario,
         speed,
         duration: Some(real),
-        transport: Transport::PerDevice,
+        transport,
         limit: None,
         progress: false,
     };
