@@ -409,18 +409,21 @@ where
     Ok((report, device.into_store()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spawn_planned(
-    set: &mut JoinSet<Result<DeviceReport>>,
-    planned: Planned,
+/// What every per-device task of a run shares.
+#[derive(Clone)]
+struct Shared {
     broker: SocketAddr,
     clock: SimClock,
     env: Arc<Env>,
-    shutdown: &watch::Receiver<bool>,
-    counters: &Arc<Counters>,
+    shutdown: watch::Receiver<bool>,
+    counters: Arc<Counters>,
     seed: u64,
     radio: Option<RadioConfig>,
-) {
+}
+
+fn spawn_planned(set: &mut JoinSet<Result<DeviceReport>>, planned: Planned, shared: &Shared) {
+    let Shared { broker, clock, ref env, ref shutdown, ref counters, seed, radio } = *shared;
+    let env = env.clone();
     let id = identity(&planned);
     let radio = radio.map(|r| {
         (
@@ -500,13 +503,7 @@ impl Launch {
 /// on one single-threaded runtime per core, each with its share of the devices.
 fn spawn_threads(
     devices: Vec<Planned>,
-    broker: SocketAddr,
-    clock: SimClock,
-    env: &Arc<Env>,
-    shutdown: &watch::Receiver<bool>,
-    counters: &Arc<Counters>,
-    seed: u64,
-    radio: Option<RadioConfig>,
+    shared: &Shared,
 ) -> Result<Vec<std::thread::JoinHandle<Result<Vec<DeviceReport>>>>> {
     let workers = std::thread::available_parallelism().map_or(2, usize::from).max(1);
     let mut shares: Vec<Vec<Planned>> = (0..workers).map(|_| Vec::new()).collect();
@@ -517,7 +514,7 @@ fn spawn_threads(
     }
     let mut handles = Vec::new();
     for (n, share) in shares.into_iter().enumerate() {
-        let (env, shutdown, counters) = (env.clone(), shutdown.clone(), counters.clone());
+        let shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("gridsim-devices-{n}"))
             .spawn(move || -> Result<Vec<DeviceReport>> {
@@ -526,17 +523,7 @@ fn spawn_threads(
                 local.block_on(&runtime, async move {
                     let mut set = JoinSet::new();
                     for planned in share {
-                        spawn_planned(
-                            &mut set,
-                            planned,
-                            broker,
-                            clock,
-                            env.clone(),
-                            &shutdown,
-                            &counters,
-                            seed,
-                            radio,
-                        );
+                        spawn_planned(&mut set, planned, &shared);
                     }
                     let mut reports = Vec::new();
                     while let Some(joined) = set.join_next().await {
@@ -575,16 +562,16 @@ pub async fn run(
                 Transport::Fidelity(r) => Some(r),
                 _ => None,
             };
-            threads = spawn_threads(
-                devices,
-                options.broker,
+            let shared = Shared {
+                broker: options.broker,
                 clock,
-                &plan.env,
-                &shutdown,
-                &counters,
+                env: plan.env.clone(),
+                shutdown: shutdown.clone(),
+                counters: counters.clone(),
                 seed,
                 radio,
-            )?;
+            };
+            threads = spawn_threads(devices, &shared)?;
         }
         Transport::Pooled { connections, qos1 } => {
             crate::pooled::spawn(
