@@ -94,7 +94,7 @@ pub fn radio(
 
 impl RadioEnd {
     fn cut(&self) -> bool {
-        self.outages.cut_at(self.clock.sim_ms() as f64 / 1000.0)
+        self.outages.cut_now(&self.clock)
     }
 }
 
@@ -358,7 +358,7 @@ impl Drop for RadioLink {
 impl RadioLink {
     fn check(&mut self) -> Result<&mut TcpSocket<'static>, RadioError> {
         // The modem tells the MCU when it loses the network; the connection is gone.
-        if self.outages.cut_at(self.clock.sim_ms() as f64 / 1000.0) {
+        if self.outages.cut_now(&self.clock) {
             return Err(RadioError::NoNetwork);
         }
         self.socket.as_mut().ok_or(RadioError::Connect)
@@ -371,16 +371,9 @@ impl embedded_io_async::ErrorType for RadioLink {
 
 impl embedded_io_async::Read for RadioLink {
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize, RadioError> {
-        let now = self.clock.sim_ms() as f64 / 1000.0;
-        let cut =
-            self.outages.next_start_after(now).map(|s| self.clock.real_at((s * 1000.0) as u64));
+        let (clock, outages) = (self.clock, self.outages.clone());
+        let outage = outages.next_cut(&clock);
         let socket = self.check()?;
-        let outage = async {
-            match cut {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             read = socket.read(buf) => match read {
                 Ok(0) => Err(RadioError::Connect),
@@ -417,7 +410,7 @@ impl Platform for FidelityPlatform {
     }
 
     async fn connect(&mut self) -> Result<RadioLink, RadioError> {
-        if self.outages.cut_at(self.clock.sim_ms() as f64 / 1000.0) {
+        if self.outages.cut_now(&self.clock) {
             return Err(RadioError::NoNetwork);
         }
         let mut socket = match self.socket.take() {

@@ -50,6 +50,21 @@ impl Outages {
     pub fn next_start_after(&self, t: f64) -> Option<f64> {
         self.0.iter().map(|w| w.start).filter(|s| *s > t).min_by(f64::total_cmp)
     }
+
+    /// Whether the device is cut off now.
+    pub fn cut_now(&self, clock: &SimClock) -> bool {
+        self.cut_at(clock.sim_ms() as f64 / 1000.0)
+    }
+
+    /// Completes when the next outage begins (never, if none is scheduled): raced against a
+    /// read, it breaks the connection the moment the device loses its network.
+    pub async fn next_cut(&self, clock: &SimClock) {
+        let now = clock.sim_ms() as f64 / 1000.0;
+        match self.next_start_after(now) {
+            Some(s) => tokio::time::sleep_until(clock.real_at((s * 1000.0) as u64)).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// One device's host platform: the simulated clock, a TCP link to the broker, randomness.
@@ -74,10 +89,6 @@ impl SimPlatform {
         self.counters = Some(counters);
         self
     }
-
-    fn now_s(&self) -> f64 {
-        self.clock.sim_ms() as f64 / 1000.0
-    }
 }
 
 impl Platform for SimPlatform {
@@ -93,7 +104,7 @@ impl Platform for SimPlatform {
     }
 
     async fn connect(&mut self) -> Result<Link, LinkError> {
-        if self.outages.cut_at(self.now_s()) {
+        if self.outages.cut_now(&self.clock) {
             return Err(LinkError::Outage);
         }
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(self.broker))
@@ -122,30 +133,16 @@ pub struct Link {
     outages: Outages,
 }
 
-impl Link {
-    fn now_s(&self) -> f64 {
-        self.clock.sim_ms() as f64 / 1000.0
-    }
-}
-
 impl embedded_io_async::ErrorType for Link {
     type Error = LinkError;
 }
 
 impl embedded_io_async::Read for Link {
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize, LinkError> {
-        let now = self.now_s();
-        if self.outages.cut_at(now) {
+        if self.outages.cut_now(&self.clock) {
             return Err(LinkError::Outage);
         }
-        let cut =
-            self.outages.next_start_after(now).map(|s| self.clock.real_at((s * 1000.0) as u64));
-        let outage = async {
-            match cut {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let outage = self.outages.next_cut(&self.clock);
         tokio::select! {
             read = self.stream.read(buf) => match read {
                 Ok(0) => Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof)),
@@ -159,7 +156,7 @@ impl embedded_io_async::Read for Link {
 
 impl embedded_io_async::Write for Link {
     async fn write(&mut self, buf: &[u8]) -> Result<usize, LinkError> {
-        if self.outages.cut_at(self.now_s()) {
+        if self.outages.cut_now(&self.clock) {
             return Err(LinkError::Outage);
         }
         self.stream.write(buf).await.map_err(|e| LinkError::Io(e.kind()))

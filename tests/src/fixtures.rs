@@ -59,3 +59,17 @@ pub async fn run_with(
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     fleet::run(plan, &options, stop).await
 }
+
+/// The device time at which the run started: the earliest status (every device sends one at
+/// boot), so tests can speak of "20 s into the run".
+pub fn run_start(
+    frames: &[(gridsense_protocol::Header, gridsense_protocol::Uplink)],
+) -> Option<u32> {
+    frames
+        .iter()
+        .filter_map(|(_, m)| match m {
+            gridsense_protocol::Uplink::Status(s) => Some(s.at.0),
+            _ => None,
+        })
+        .min()
+}

@@ -60,14 +60,7 @@ euis = [{}]
 
     let keys = fixtures::keys(dir.path()).unwrap();
     let frames = subscriber.decoded(&keys);
-    let start = frames
-        .iter()
-        .filter_map(|(_, m)| match m {
-            Uplink::Status(s) => Some(s.at.0),
-            _ => None,
-        })
-        .min()
-        .unwrap();
+    let start = fixtures::run_start(&frames).unwrap();
     let mut series = Series::new();
     let mut alarms: BTreeMap<String, Vec<(AlarmKind, u32)>> = BTreeMap::new();
     for (header, msg) in &frames {

@@ -79,14 +79,7 @@ euis = ["{}"]
     assert_eq!(alarms, expected);
 
     // Onsets are the simulated moments the covers moved (20 s and 40 s into the run).
-    let start = frames
-        .iter()
-        .filter_map(|(_, m)| match m {
-            Uplink::Status(s) => Some(s.at.0),
-            _ => None,
-        })
-        .min()
-        .unwrap();
+    let start = fixtures::run_start(&frames).unwrap();
     for (header, msg) in &frames {
         if let Uplink::AlarmRaised(a) = msg {
             let expected_at = if header.eui.to_string() == displaced.eui { 40 } else { 20 };
