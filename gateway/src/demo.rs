@@ -10,7 +10,7 @@ use gridsense_protocol::{
     DeviceKey, Direction, Eui, FrameBuf, Message, Uplink, examples, seal, topic::topic,
 };
 
-use crate::intake::Intake;
+use crate::{intake::Intake, registry::Kind};
 
 /// One frame offered to the intake, and what became of it.
 #[derive(Debug, Clone)]
@@ -31,8 +31,10 @@ pub fn run() -> Vec<DemoRow> {
     let drain = (Eui(0x2102_0200_0000_0031), DeviceKey::from_bytes([0x22; 16]));
     let beacon = (Eui(0x2102_0200_b000_0007), DeviceKey::from_bytes([0x33; 16]));
     let mut intake = Intake::new();
-    for (eui, key) in [&cover, &drain, &beacon] {
-        intake.register(*eui, key.clone());
+    for ((eui, key), kind) in
+        [(&cover, Kind::Cover), (&drain, Kind::Drain), (&beacon, Kind::Beacon)]
+    {
+        intake.register(*eui, kind, key.clone());
     }
 
     let [
@@ -67,7 +69,7 @@ pub fn run() -> Vec<DemoRow> {
         let topic = topic(eui, Direction::Uplink).to_string();
         let outcome = match intake.check(&topic, &frame) {
             Ok(accepted) => {
-                intake.commit(&accepted);
+                let _ = intake.commit(&accepted);
                 Ok(accepted.message.kind_name())
             }
             Err(reject) => Err(reject.reason()),

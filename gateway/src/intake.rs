@@ -2,12 +2,15 @@
 //! device key → tag → body → counter window. No I/O and no clock; the ingest shell (rumqttc)
 //! feeds it and acts on the verdict.
 //!
-//! The counter window is only *checked* here. The caller records the counter with
-//! [`Intake::commit`] once the frame's effects are durable, so a frame that is lost before it
-//! is stored is accepted again when the broker redelivers it.
+//! [`Intake::check`] changes nothing; [`Intake::commit`] records the counter in memory and
+//! returns the window, which the pipeline persists in the same transaction as the frame's
+//! effects. The MQTT message is acknowledged only after that commit, so a frame lost before it
+//! was stored is redelivered; if a commit fails the gateway stops acknowledging and the state
+//! in memory is rebuilt from the store.
 
 use std::collections::HashMap;
 
+use crate::registry::Kind;
 use gridsense_protocol::{
     CounterVerdict, CounterWindow, DeviceKey, Direction, Eui, FrameError, Header, RawFrame, Uplink,
     topic::parse_topic,
@@ -69,7 +72,7 @@ pub struct Accepted {
 /// Device keys and counter windows for the uplink check.
 #[derive(Debug, Default)]
 pub struct Intake {
-    keys: HashMap<Eui, DeviceKey>,
+    keys: HashMap<Eui, (Kind, DeviceKey)>,
     windows: HashMap<Eui, CounterWindow>,
 }
 
@@ -80,8 +83,28 @@ impl Intake {
     }
 
     /// Registers (or re-keys) a device. Its counter window is kept.
-    pub fn register(&mut self, eui: Eui, key: DeviceKey) {
-        self.keys.insert(eui, key);
+    pub fn register(&mut self, eui: Eui, kind: Kind, key: DeviceKey) {
+        self.keys.insert(eui, (kind, key));
+    }
+
+    /// Restores a device's persisted counter window.
+    pub fn restore_window(&mut self, eui: Eui, window: CounterWindow) {
+        self.windows.insert(eui, window);
+    }
+
+    /// A registered device's kind.
+    pub fn kind_of(&self, eui: Eui) -> Option<Kind> {
+        self.keys.get(&eui).map(|(kind, _)| *kind)
+    }
+
+    /// Registered devices.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no device is registered.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// Checks one uplink. Changes nothing: call [`Self::commit`] once it is stored.
@@ -95,7 +118,7 @@ impl Intake {
         if header.eui != topic_eui {
             return Err(Reject::TopicMismatch { topic: topic_eui, frame: header.eui });
         }
-        let key = self.keys.get(&header.eui).ok_or(Reject::UnknownDevice(header.eui))?;
+        let (_, key) = self.keys.get(&header.eui).ok_or(Reject::UnknownDevice(header.eui))?;
         let verified = raw.verify(key).map_err(|_| Reject::BadTag(header.eui))?;
         let message = verified.decode::<Uplink>().map_err(Reject::Malformed)?;
         let window = self.windows.get(&header.eui).copied().unwrap_or_default();
@@ -107,14 +130,18 @@ impl Intake {
         }
     }
 
-    /// Records an accepted frame's counter, after its effects are durable.
-    pub fn commit(&mut self, accepted: &Accepted) {
-        self.windows.entry(accepted.header.eui).or_default().accept(accepted.header.counter);
+    /// Records an accepted frame's counter (before the next frame is checked, so a copy in
+    /// the same batch is a duplicate); returns the device's window to persist with the batch.
+    pub fn commit(&mut self, accepted: &Accepted) -> CounterWindow {
+        let window = self.windows.entry(accepted.header.eui).or_default();
+        window.accept(accepted.header.counter);
+        *window
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::registry::Kind;
     use gridsense_protocol::{examples, seal, topic::topic};
 
     use super::*;
@@ -124,7 +151,7 @@ mod tests {
     fn intake() -> (Intake, DeviceKey) {
         let key = DeviceKey::from_bytes([5; 16]);
         let mut intake = Intake::new();
-        intake.register(EUI, key.clone());
+        intake.register(EUI, Kind::Cover, key.clone());
         (intake, key)
     }
 

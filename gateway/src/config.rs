@@ -1,0 +1,329 @@
+//! Gateway configuration: TOML with a default for every setting, overridable from the
+//! environment as `GRIDSENSE_<SECTION>_<KEY>` (e.g. `GRIDSENSE_MQTT_URL`). Unknown keys, unknown
+//! `GRIDSENSE_…` variables and bad values are rejected at start-up with the key named.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The broker connection.
+    pub mqtt: Mqtt,
+    /// The embedded broker, used when `mqtt.url` is empty.
+    pub broker: EmbeddedBroker,
+    /// Local storage.
+    pub store: Store,
+    /// Device health.
+    pub health: Health,
+}
+
+/// Broker connection (rumqttc, MQTT 3.1.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    /// `mqtt://HOST:PORT`; empty starts the embedded broker.
+    pub url: String,
+    /// Client id; the session is persistent under it.
+    pub client_id: String,
+    /// User name (empty: none).
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// Keep-alive, seconds.
+    pub keep_alive_s: u64,
+    /// Most un-acked QoS 1 messages held at once (in-flight credits).
+    pub inflight: u16,
+    /// First reconnect delay, ms; doubles to `reconnect_max_ms`.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, ms.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            url: String::new(),
+            client_id: "gridsense-gateway".into(),
+            username: String::new(),
+            password: String::new(),
+            keep_alive_s: 30,
+            inflight: 1_000,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+/// The embedded broker (rumqttd): loopback only. Ports 0 pick free ones.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedBroker {
+    /// Port for devices (MQTT 5); 0 picks a free one.
+    pub device_port: u16,
+    /// Port for MQTT 3.1.1 clients (the gateway itself); 0 picks a free one.
+    pub client_port: u16,
+}
+
+/// How hard SQLite works to keep a commit across a power cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Survives a crash or `kill -9` of the gateway (WAL + synchronous=NORMAL).
+    Normal,
+    /// Also survives a power cut (synchronous=FULL), at some throughput cost.
+    Full,
+}
+
+/// Local storage (SQLite).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Store {
+    /// Database file.
+    pub path: PathBuf,
+    /// Durability of a commit.
+    pub synchronous: Synchronous,
+    /// Most frames committed in one transaction.
+    pub batch_max: usize,
+    /// Longest a frame waits for its batch to fill, ms.
+    pub batch_max_ms: u64,
+    /// Rejected frames kept in the audit log (oldest go first).
+    pub audit_max: u64,
+    /// Telemetry kept in the embedded store, days.
+    pub telemetry_retention_days: u32,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            path: PathBuf::from("gridsense-data/gridsense.db"),
+            synchronous: Synchronous::Normal,
+            batch_max: 1_000,
+            batch_max_ms: 20,
+            audit_max: 10_000,
+            telemetry_retention_days: 30,
+        }
+    }
+}
+
+/// Device health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// A device is offline after this many expected intervals without a verified frame.
+    pub offline_factor: f64,
+    /// Expected longest silence of a cover, s (its routine reading interval).
+    pub cover_interval_s: u64,
+    /// Expected longest silence of a drain, s (its heartbeat).
+    pub drain_interval_s: u64,
+    /// Expected longest silence of a beacon, s (its heartbeat).
+    pub beacon_interval_s: u64,
+    /// Battery below this is low, mV.
+    pub low_battery_mv: u16,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            offline_factor: 2.5,
+            cover_interval_s: 3_600,
+            drain_interval_s: 3_600,
+            beacon_interval_s: 3_600,
+            low_battery_mv: 3_300,
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML or a value in it is wrong.
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        /// The file, or `environment`.
+        file: String,
+        /// The offending key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+const ENV_PREFIX: &str = "GRIDSENSE_";
+
+/// Loads `file` (or only defaults when `None`), applies the environment, validates.
+pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let name = file.map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { file: name.clone(), source })?,
+        None => String::new(),
+    };
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        file: name.clone(),
+        key: "(document)".into(),
+        message: e.message().to_owned(),
+    })?;
+    apply_env(&mut table, env)?;
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Invalid {
+                file: name.clone(),
+                key: e.path().to_string(),
+                message: e.inner().message().to_owned(),
+            }
+        })?;
+    config.validate().map_err(|(key, message)| ConfigError::Invalid {
+        file: name,
+        key: key.into(),
+        message,
+    })?;
+    Ok(config)
+}
+
+/// Merges `GRIDSENSE_<SECTION>_<KEY>` variables into the table. Values parse as TOML when they
+/// can (numbers, booleans) and as strings otherwise.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
+        file: "environment".into(),
+        key: "(defaults)".into(),
+        message: e.to_string(),
+    })?;
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let found = defaults.iter().find_map(|(section, keys)| {
+            let keys = keys.as_table()?;
+            let key_part = rest.strip_prefix(&section.to_ascii_uppercase())?.strip_prefix('_')?;
+            keys.keys()
+                .find(|k| k.to_ascii_uppercase() == key_part)
+                .map(|k| (section.clone(), k.clone()))
+        });
+        let Some((section, key)) = found else {
+            return Err(ConfigError::Invalid {
+                file: "environment".into(),
+                key: var.clone(),
+                message: "no such setting".into(),
+            });
+        };
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        // A string setting keeps the text even if it looks like a number.
+        let parsed = match defaults.get(&section).and_then(|s| s.get(&key)) {
+            Some(toml::Value::String(_)) => toml::Value::String(value.clone()),
+            _ => parsed,
+        };
+        let entry = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(section_table) = entry.as_table_mut() {
+            section_table.insert(key, parsed);
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !self.mqtt.url.is_empty() {
+            crate::broker::parse_url(&self.mqtt.url).map_err(|e| ("mqtt.url", e.to_string()))?;
+        }
+        if self.mqtt.client_id.is_empty() {
+            return Err(("mqtt.client_id", "must not be empty".into()));
+        }
+        if self.mqtt.inflight == 0 {
+            return Err(("mqtt.inflight", "must be at least 1".into()));
+        }
+        if self.mqtt.reconnect_min_ms == 0
+            || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
+        {
+            return Err(("mqtt.reconnect_min_ms", "must be > 0 and ≤ reconnect_max_ms".into()));
+        }
+        if self.store.batch_max == 0 || self.store.batch_max > 100_000 {
+            return Err(("store.batch_max", "must be between 1 and 100000".into()));
+        }
+        if self.store.audit_max == 0 {
+            return Err(("store.audit_max", "must be at least 1".into()));
+        }
+        if !(self.health.offline_factor >= 1.0 && self.health.offline_factor <= 100.0) {
+            return Err(("health.offline_factor", "must be between 1 and 100".into()));
+        }
+        for (key, v) in [
+            ("health.cover_interval_s", self.health.cover_interval_s),
+            ("health.drain_interval_s", self.health.drain_interval_s),
+            ("health.beacon_interval_s", self.health.beacon_interval_s),
+        ] {
+            if v == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gridsense.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_a_file_overrides_them() {
+        assert_eq!(load(None, &[]).unwrap(), Config::default());
+        let (_d, path) = write("[store]\nbatch_max = 50\nsynchronous = \"full\"\n");
+        let config = load(Some(&path), &[]).unwrap();
+        assert_eq!(config.store.batch_max, 50);
+        assert_eq!(config.store.synchronous, Synchronous::Full);
+        assert_eq!(config.mqtt, Mqtt::default());
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let (_d, path) = write("[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n");
+        let env = vec![
+            ("GRIDSENSE_MQTT_URL".to_owned(), "mqtt://127.0.0.1:2".to_owned()),
+            ("GRIDSENSE_HEALTH_OFFLINE_FACTOR".to_owned(), "3.5".to_owned()),
+            ("GRIDSENSE_MQTT_PASSWORD".to_owned(), "12345".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ];
+        let config = load(Some(&path), &env).unwrap();
+        assert_eq!(config.mqtt.url, "mqtt://127.0.0.1:2");
+        assert_eq!(config.mqtt.password, "12345");
+        assert!((config.health.offline_factor - 3.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let (_d, path) = write("[store]\nbatch_maximum = 5\n");
+        let err = load(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("batch_maximum"), "{err}");
+        let (_d, path) = write("[store]\nbatch_max = \"many\"\n");
+        let err = load(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("store.batch_max"), "{err}");
+        let (_d, path) = write("[health]\noffline_factor = 0.5\n");
+        let err = load(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("health.offline_factor"), "{err}");
+        let err = load(None, &[("GRIDSENSE_MQTT_URI".into(), "x".into())]).unwrap_err().to_string();
+        assert!(err.contains("GRIDSENSE_MQTT_URI") && err.contains("no such setting"), "{err}");
+        let err = load(None, &[("GRIDSENSE_MQTT_URL".into(), "http://x".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mqtt.url"), "{err}");
+        let (_d, path) = write("[store\n");
+        assert!(load(Some(&path), &[]).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! The gateway's path for one uplink, as a flat list of steps on pure state (no I/O, `now`
+//! passed in). Its effects go into a [`Batch`] that the shell commits in one transaction before
+//! acknowledging the MQTT messages:
+//!
+//! 1. decode, look up the device, verify the tag, check the counter window ([`Intake::check`]);
+//!    rejects are counted by reason, audited with the raw bytes, logged at a limited rate;
+//! 2. record the counter (so a copy later in the same batch is a duplicate);
+//! 3. update device health (online, battery, …) and collect its events;
+//! 4. turn readings into telemetry points at their sample times;
+//! 5. keep alarms, reports, SOS, check-ins, acks and status as messages for the trace;
+//! 6. hook for rules (the next issue).
+
+use std::collections::HashMap;
+
+use gridsense_protocol::{Eui, Message, topic::parse_topic};
+
+use crate::{
+    health::{DeviceHealth, HealthConfig, HealthTracker},
+    intake::{Intake, Reject},
+    registry::Registered,
+    store::{AuditRecord, Batch, MessageRecord},
+    telemetry,
+};
+
+/// What became of one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted: the message kind.
+    Accepted(&'static str),
+    /// Rejected: the reason code.
+    Rejected(&'static str),
+}
+
+/// Logs at most this many rejects per reason per second; the rest are only counted.
+const REJECT_LOGS_PER_SECOND: u32 = 5;
+
+/// The pipeline's state: registry keys and counter windows, and health.
+#[derive(Debug)]
+pub struct Pipeline {
+    intake: Intake,
+    health: HealthTracker,
+    log_budget: HashMap<&'static str, (i64, u32)>,
+}
+
+impl Pipeline {
+    /// Builds the state from what the store holds.
+    pub fn new(
+        registry: Vec<Registered>,
+        counters: Vec<(Eui, gridsense_protocol::CounterWindow)>,
+        health: Vec<(Eui, DeviceHealth)>,
+        config: HealthConfig,
+    ) -> Self {
+        let mut intake = Intake::new();
+        for r in registry {
+            intake.register(r.eui, r.kind, r.key);
+        }
+        for (eui, window) in counters {
+            intake.restore_window(eui, window);
+        }
+        let mut tracker = HealthTracker::new(config);
+        for (eui, h) in health {
+            tracker.restore(eui, h);
+        }
+        Pipeline { intake, health: tracker, log_budget: HashMap::new() }
+    }
+
+    /// Device health, for status pages.
+    pub fn health(&self) -> &HealthTracker {
+        &self.health
+    }
+
+    /// Registered devices.
+    pub fn registered(&self) -> usize {
+        self.intake.len()
+    }
+
+    /// Processes one uplink received at `now_ms` on `topic`.
+    pub fn handle(
+        &mut self,
+        now_ms: i64,
+        topic: &str,
+        payload: &[u8],
+        batch: &mut Batch,
+    ) -> Outcome {
+        // 1. Decode, look up, verify, counter window.
+        let accepted = match self.intake.check(topic, payload) {
+            Ok(accepted) => accepted,
+            Err(reject) => return self.reject(now_ms, topic, payload, &reject, batch),
+        };
+        let header = accepted.header;
+        let eui = header.eui;
+        let Some(kind) = self.intake.kind_of(eui) else {
+            return self.reject(now_ms, topic, payload, &Reject::UnknownDevice(eui), batch);
+        };
+        // 2. Counter, persisted with this batch.
+        let window = self.intake.commit(&accepted);
+        batch.counters.insert(eui, window);
+        // 3. Health.
+        self.health.on_frame(
+            now_ms,
+            kind,
+            &header,
+            &accepted.message,
+            accepted.skipped,
+            &mut batch.events,
+        );
+        if let Some(h) = self.health.get(eui) {
+            batch.health.insert(eui, h.clone());
+        }
+        // 4. Telemetry at the device's sample times.
+        let telemetry_only = telemetry::points(eui, &accepted.message, &mut batch.telemetry);
+        // 5. Everything else is kept for the trace (and the rules of the next issue).
+        let name = accepted.message.kind_name();
+        if !telemetry_only {
+            batch.messages.push(MessageRecord {
+                eui,
+                counter: header.counter,
+                received_ms: now_ms,
+                kind: name,
+                body: format!("{:?}", accepted.message),
+            });
+        }
+        // 6. Rules: hook for the next issue.
+        batch.accepted += 1;
+        Outcome::Accepted(name)
+    }
+
+    fn reject(
+        &mut self,
+        now_ms: i64,
+        topic: &str,
+        payload: &[u8],
+        reject: &Reject,
+        batch: &mut Batch,
+    ) -> Outcome {
+        let reason = reject.reason();
+        *batch.rejects.entry(reason).or_default() += 1;
+        let claimed = parse_topic(topic).ok().map(|(eui, _)| eui);
+        if let Some(eui) = claimed
+            && self.intake.kind_of(eui).is_some()
+        {
+            self.health.on_reject(eui);
+            if let Some(h) = self.health.get(eui) {
+                batch.health.insert(eui, h.clone());
+            }
+        }
+        batch.audit.push(AuditRecord {
+            received_ms: now_ms,
+            topic: topic.to_owned(),
+            reason,
+            eui: claimed,
+            raw: payload.to_vec(),
+        });
+        let second = now_ms.div_euclid(1000);
+        let budget = self.log_budget.entry(reason).or_insert((second, 0));
+        if budget.0 != second {
+            *budget = (second, 0);
+        }
+        budget.1 += 1;
+        if budget.1 <= REJECT_LOGS_PER_SECOND {
+            tracing::warn!(reason, topic, len = payload.len(), "frame rejected");
+        }
+        Outcome::Rejected(reason)
+    }
+
+    /// Offline deadlines that passed by `now_ms`.
+    pub fn tick(&mut self, now_ms: i64, batch: &mut Batch) {
+        for eui in self.health.poll_deadlines(now_ms, &mut batch.events) {
+            if let Some(h) = self.health.get(eui) {
+                batch.health.insert(eui, h.clone());
+            }
+        }
+    }
+
+    /// When [`Pipeline::tick`] next has something to do.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.health.next_deadline()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gridsense_protocol::{DeviceKey, Direction, examples, seal, topic::topic};
+
+    use super::*;
+    use crate::{health::EventKind, registry::Kind};
+
+    fn pipeline() -> (Pipeline, DeviceKey) {
+        let key = DeviceKey::from_bytes([3; 16]);
+        let registry = vec![Registered { eui: Eui(1), kind: Kind::Drain, key: key.clone() }];
+        let config = HealthConfig {
+            offline_factor: 2.0,
+            interval_ms: [1, 60_000, 1],
+            low_battery_mv: 3_300,
+        };
+        (Pipeline::new(registry, vec![], vec![], config), key)
+    }
+
+    #[test]
+    fn an_accepted_frame_fills_every_part_of_the_batch() {
+        let (mut p, key) = pipeline();
+        let up = topic(Eui(1), Direction::Uplink);
+        let mut batch = Batch::default();
+        let uplinks = examples::uplinks();
+        let drain = &uplinks[1];
+        let status = &uplinks[2];
+        assert_eq!(
+            p.handle(1_000, &up, &seal(Eui(1), 1, drain, &key), &mut batch),
+            Outcome::Accepted("drain_reading")
+        );
+        assert_eq!(
+            p.handle(1_001, &up, &seal(Eui(1), 2, status, &key), &mut batch),
+            Outcome::Accepted("status")
+        );
+        // The same frame again within the batch is a duplicate, stored nowhere.
+        assert_eq!(
+            p.handle(1_002, &up, &seal(Eui(1), 2, status, &key), &mut batch),
+            Outcome::Rejected("duplicate")
+        );
+        assert_eq!(batch.accepted, 2);
+        assert_eq!(batch.telemetry.len(), 2 + 4);
+        assert_eq!(batch.messages.len(), 1);
+        assert_eq!(batch.counters[&Eui(1)].highest(), Some(2));
+        assert_eq!(batch.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventKind::Online]);
+        assert_eq!(batch.rejects["duplicate"], 1);
+        assert_eq!(batch.audit.len(), 1);
+        assert_eq!(batch.health[&Eui(1)].rejects, 1);
+    }
+
+    #[test]
+    fn rejects_are_counted_and_audited_by_reason() {
+        let (mut p, key) = pipeline();
+        let mut batch = Batch::default();
+        let msg = &examples::uplinks()[0];
+        let stranger = seal(Eui(2), 1, msg, &key);
+        p.handle(0, &topic(Eui(2), Direction::Uplink), &stranger, &mut batch);
+        let forged = seal(Eui(1), 1, msg, &DeviceKey::from_bytes([4; 16]));
+        p.handle(0, &topic(Eui(1), Direction::Uplink), &forged, &mut batch);
+        p.handle(0, "junk", b"xx", &mut batch);
+        for _ in 0..100 {
+            p.handle(0, &topic(Eui(1), Direction::Uplink), b"garbage", &mut batch);
+        }
+        assert_eq!(batch.rejects["unknown_device"], 1);
+        assert_eq!(batch.rejects["bad_tag"], 1);
+        assert_eq!(batch.rejects["bad_topic"], 1);
+        assert_eq!(batch.rejects["truncated"], 100);
+        assert_eq!(batch.accepted, 0);
+        assert!(batch.telemetry.is_empty());
+    }
+
+    #[test]
+    fn deadlines_tick_into_offline_events() {
+        let (mut p, key) = pipeline();
+        let mut batch = Batch::default();
+        p.handle(
+            0,
+            &topic(Eui(1), Direction::Uplink),
+            &seal(Eui(1), 1, &examples::uplinks()[1], &key),
+            &mut batch,
+        );
+        assert_eq!(p.next_deadline(), Some(120_000));
+        let mut later = Batch::default();
+        p.tick(120_000, &mut later);
+        assert_eq!(later.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventKind::Offline]);
+        assert!(!later.health[&Eui(1)].online);
+    }
+}

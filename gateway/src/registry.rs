@@ -1,0 +1,76 @@
+//! The device registry: who may send, with which key, where they are and what they watch.
+//! Stored in SQLite ([`crate::store`]); imported from a `gridsim city` folder (or a city's own
+//! inventory in the same format).
+
+use gridsense_protocol::{DeviceKey, Eui};
+
+/// Device kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Manhole cover.
+    Cover,
+    /// Drainage sensor.
+    Drain,
+    /// Patrol beacon.
+    Beacon,
+}
+
+impl Kind {
+    /// Stable lowercase name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Cover => "cover",
+            Kind::Drain => "drain",
+            Kind::Beacon => "beacon",
+        }
+    }
+
+    /// From the stable name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cover" => Some(Kind::Cover),
+            "drain" => Some(Kind::Drain),
+            "beacon" => Some(Kind::Beacon),
+            _ => None,
+        }
+    }
+}
+
+impl From<gridsense_simulator::inventory::Kind> for Kind {
+    fn from(k: gridsense_simulator::inventory::Kind) -> Self {
+        use gridsense_simulator::inventory::Kind as K;
+        match k {
+            K::Cover => Kind::Cover,
+            K::Drain => Kind::Drain,
+            K::Beacon => Kind::Beacon,
+        }
+    }
+}
+
+/// A registered device as the intake needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// EUI.
+    pub eui: Eui,
+    /// Kind.
+    pub kind: Kind,
+    /// Frame key.
+    pub key: DeviceKey,
+}
+
+/// What an import changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImportReport {
+    /// Devices new to the registry.
+    pub added: usize,
+    /// Devices whose record changed.
+    pub updated: usize,
+    /// Devices already registered exactly so.
+    pub unchanged: usize,
+}
+
+impl std::fmt::Display for ImportReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} added, {} updated, {} unchanged", self.added, self.updated, self.unchanged)
+    }
+}

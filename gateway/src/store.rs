@@ -1,0 +1,688 @@
+//! SQLite storage, the embedded default: registry, counter windows, health and its events,
+//! accepted messages, telemetry, and the bounded audit log of rejected frames. WAL journal;
+//! `synchronous=NORMAL` survives a crash or `kill -9` of the gateway, `FULL` a power cut.
+//!
+//! Writes come in batches ([`Batch`]), one transaction each (group commit): the ingest shell
+//! acknowledges a batch's MQTT messages only after [`Store::commit`] returns. Schema changes are
+//! numbered migrations run at open (`PRAGMA user_version`). The interface is narrow so that a
+//! PostgreSQL backend can implement the same for multi-instance deployments.
+
+use std::{collections::BTreeMap, path::Path};
+
+use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
+use gridsense_simulator::inventory::Device as InventoryDevice;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    config::Synchronous,
+    health::{DeviceHealth, HealthEvent},
+    registry::{ImportReport, Kind, Registered},
+};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The folder for the database could not be made.
+    #[error("store: {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The database is newer than this gateway.
+    #[error("store: schema version {found} is newer than this gateway's {supported}")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest this code knows.
+        supported: i64,
+    },
+    /// A row does not decode.
+    #[error("store: bad row in {table}: {what}")]
+    BadRow {
+        /// The table.
+        table: &'static str,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Schema migrations, in order; index + 1 is the version they bring the file to.
+const MIGRATIONS: &[&str] = &[
+    // 1: registry, counters, health, events, messages, telemetry, audit, reject counts.
+    "CREATE TABLE devices (
+        eui INTEGER PRIMARY KEY,
+        eui_hex TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        key BLOB NOT NULL,
+        mqtt_password TEXT NOT NULL,
+        lat REAL NOT NULL,
+        lon REAL NOT NULL,
+        component_code TEXT,
+        minor_class TEXT,
+        grid_code TEXT,
+        well_depth_mm INTEGER,
+        warn_mm INTEGER,
+        alarm_mm INTEGER,
+        status TEXT NOT NULL DEFAULT 'active',
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE counters (eui INTEGER PRIMARY KEY, highest INTEGER, seen INTEGER NOT NULL);
+    CREATE TABLE health (
+        eui INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        last_seen_ms INTEGER,
+        last_counter INTEGER,
+        battery_mv INTEGER,
+        rssi_dbm INTEGER,
+        temperature_dc INTEGER,
+        firmware TEXT,
+        uptime_s INTEGER,
+        frames INTEGER NOT NULL,
+        rejects INTEGER NOT NULL,
+        skipped INTEGER NOT NULL,
+        online INTEGER NOT NULL,
+        low_battery INTEGER NOT NULL,
+        deadline_ms INTEGER
+    );
+    CREATE TABLE health_events (id INTEGER PRIMARY KEY, eui INTEGER NOT NULL, at_ms INTEGER NOT NULL, event TEXT NOT NULL);
+    CREATE INDEX health_events_eui ON health_events (eui, at_ms);
+    CREATE TABLE messages (
+        eui INTEGER NOT NULL,
+        counter INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (eui, counter)
+    ) WITHOUT ROWID;
+    CREATE TABLE telemetry (
+        eui INTEGER NOT NULL,
+        measurement TEXT NOT NULL,
+        field TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (eui, measurement, field, at_ms)
+    ) WITHOUT ROWID;
+    CREATE INDEX telemetry_time ON telemetry (at_ms);
+    CREATE TABLE audit (id INTEGER PRIMARY KEY, received_ms INTEGER NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, eui INTEGER, raw BLOB NOT NULL);
+    CREATE TABLE reject_counts (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+    CREATE TABLE stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+];
+
+/// One telemetry value with its explicit time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    /// Device.
+    pub eui: Eui,
+    /// Measurement (`cover`, `drain`, `position`, `status`).
+    pub measurement: &'static str,
+    /// Field.
+    pub field: &'static str,
+    /// Sample time, Unix ms.
+    pub at_ms: i64,
+    /// Value.
+    pub value: f64,
+}
+
+/// A rejected frame for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// When it arrived, Unix ms.
+    pub received_ms: i64,
+    /// Its topic.
+    pub topic: String,
+    /// Reject reason code.
+    pub reason: &'static str,
+    /// The EUI it claimed, if readable.
+    pub eui: Option<Eui>,
+    /// The raw payload (bounded by the broker's packet limit).
+    pub raw: Vec<u8>,
+}
+
+/// An accepted message other than plain telemetry (alarms, reports, SOS, check-ins, acks,
+/// status), kept for rules, cases and the trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// Device.
+    pub eui: Eui,
+    /// Frame counter.
+    pub counter: u32,
+    /// When it arrived, Unix ms.
+    pub received_ms: i64,
+    /// Message kind name.
+    pub kind: &'static str,
+    /// The message, readable (`Debug` form).
+    pub body: String,
+}
+
+/// Everything one group commit writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Final counter windows of the devices touched.
+    pub counters: BTreeMap<Eui, CounterWindow>,
+    /// Final health rows of the devices touched.
+    pub health: BTreeMap<Eui, DeviceHealth>,
+    /// Health transitions.
+    pub events: Vec<HealthEvent>,
+    /// Accepted non-telemetry messages.
+    pub messages: Vec<MessageRecord>,
+    /// Telemetry.
+    pub telemetry: Vec<Point>,
+    /// Rejected frames.
+    pub audit: Vec<AuditRecord>,
+    /// Rejects by reason.
+    pub rejects: BTreeMap<&'static str, u64>,
+    /// Frames accepted.
+    pub accepted: u64,
+}
+
+impl Batch {
+    /// Whether nothing is to be written.
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+            && self.health.is_empty()
+            && self.events.is_empty()
+            && self.messages.is_empty()
+            && self.telemetry.is_empty()
+            && self.audit.is_empty()
+            && self.rejects.is_empty()
+            && self.accepted == 0
+    }
+}
+
+/// Totals kept in the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Frames accepted since the store was made.
+    pub accepted: u64,
+    /// Rejects by reason.
+    pub rejects: BTreeMap<String, u64>,
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    audit_max: u64,
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Opens (creating) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path, synchronous: Synchronous, audit_max: u64) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match synchronous {
+                Synchronous::Normal => "NORMAL",
+                Synchronous::Full => "FULL",
+            },
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn, audit_max };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The schema version of the file.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let current = self.schema_version()?;
+        let supported = MIGRATIONS.len() as i64;
+        if current > supported {
+            return Err(StoreError::TooNew { found: current, supported });
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", n as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Adds or updates devices from an inventory; idempotent. Retired devices stay retired.
+    pub fn import(
+        &mut self,
+        devices: &[InventoryDevice],
+        now_ms: i64,
+    ) -> Result<ImportReport, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut report = ImportReport::default();
+        {
+            let mut find = tx.prepare(
+                "SELECT kind, key, mqtt_password, lat, lon, component_code, minor_class, grid_code,
+                        well_depth_mm, warn_mm, alarm_mm FROM devices WHERE eui = ?1",
+            )?;
+            let mut upsert = tx.prepare(
+                "INSERT INTO devices (eui, eui_hex, kind, key, mqtt_password, lat, lon, component_code,
+                    minor_class, grid_code, well_depth_mm, warn_mm, alarm_mm, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (eui) DO UPDATE SET kind = ?3, key = ?4, mqtt_password = ?5, lat = ?6,
+                    lon = ?7, component_code = ?8, minor_class = ?9, grid_code = ?10,
+                    well_depth_mm = ?11, warn_mm = ?12, alarm_mm = ?13, updated_ms = ?14",
+            )?;
+            type Row = (
+                String,
+                Vec<u8>,
+                String,
+                f64,
+                f64,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<u16>,
+                Option<u16>,
+                Option<u16>,
+            );
+            for d in devices {
+                let r = &d.record;
+                let kind = Kind::from(r.kind).as_str().to_owned();
+                let key = d.key.expose_bytes().to_vec();
+                let wanted: Row = (
+                    kind.clone(),
+                    key.clone(),
+                    r.mqtt_password.clone(),
+                    r.lat,
+                    r.lon,
+                    r.component_code.clone(),
+                    r.minor_class.clone(),
+                    r.grid_code.clone(),
+                    r.well_depth_mm,
+                    r.warn_mm,
+                    r.alarm_mm,
+                );
+                let existing: Option<Row> = find
+                    .query_row(params![d.eui.0 as i64], |row| {
+                        Ok((
+                            row.get(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                            row.get(4)?,
+                            row.get(5)?,
+                            row.get(6)?,
+                            row.get(7)?,
+                            row.get(8)?,
+                            row.get(9)?,
+                            row.get(10)?,
+                        ))
+                    })
+                    .optional()?;
+                match existing {
+                    Some(row) if row == wanted => {
+                        report.unchanged += 1;
+                        continue;
+                    }
+                    Some(_) => report.updated += 1,
+                    None => report.added += 1,
+                }
+                upsert.execute(params![
+                    d.eui.0 as i64,
+                    r.eui,
+                    kind,
+                    key,
+                    r.mqtt_password,
+                    r.lat,
+                    r.lon,
+                    r.component_code,
+                    r.minor_class,
+                    r.grid_code,
+                    r.well_depth_mm,
+                    r.warn_mm,
+                    r.alarm_mm,
+                    now_ms
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// Active devices with their keys.
+    pub fn registry(&self) -> Result<Vec<Registered>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT eui, kind, key FROM devices WHERE status = 'active'")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, Vec<u8>>(2)?))
+        })?;
+        rows.map(|row| {
+            let (eui, kind, key) = row?;
+            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
+                table: "devices",
+                what: format!("kind {kind:?}"),
+            })?;
+            let key: [u8; 16] = key
+                .try_into()
+                .map_err(|_| StoreError::BadRow { table: "devices", what: "key length".into() })?;
+            Ok(Registered { eui: Eui(eui as u64), kind, key: DeviceKey::from_bytes(key) })
+        })
+        .collect()
+    }
+
+    /// Persisted counter windows.
+    pub fn counters(&self) -> Result<Vec<(Eui, CounterWindow)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT eui, highest, seen FROM counters")?;
+        let rows = stmt.query_map([], |row| {
+            let highest: Option<i64> = row.get(1)?;
+            Ok((
+                Eui(row.get::<_, i64>(0)? as u64),
+                CounterWindow::from_parts(
+                    highest.and_then(|h| u32::try_from(h).ok()),
+                    row.get::<_, i64>(2)? as u64,
+                ),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Persisted health rows.
+    pub fn health(&self) -> Result<Vec<(Eui, DeviceHealth)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm, temperature_dc, firmware,
+                    uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms FROM health",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            let kind: String = row.get(1)?;
+            Ok((
+                Eui(row.get::<_, i64>(0)? as u64),
+                kind,
+                DeviceHealth {
+                    kind: Kind::Cover,
+                    last_seen_ms: row.get(2)?,
+                    last_counter: row.get(3)?,
+                    battery_mv: row.get(4)?,
+                    rssi_dbm: row.get(5)?,
+                    temperature_dc: row.get(6)?,
+                    firmware: row.get(7)?,
+                    uptime_s: row.get(8)?,
+                    frames: row.get::<_, i64>(9)? as u64,
+                    rejects: row.get::<_, i64>(10)? as u64,
+                    skipped: row.get::<_, i64>(11)? as u64,
+                    online: row.get(12)?,
+                    low_battery: row.get(13)?,
+                    deadline_ms: row.get(14)?,
+                },
+            ))
+        })?;
+        rows.map(|row| {
+            let (eui, kind, mut h) = row?;
+            h.kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
+                table: "health",
+                what: format!("kind {kind:?}"),
+            })?;
+            Ok((eui, h))
+        })
+        .collect()
+    }
+
+    /// Writes a batch in one transaction.
+    pub fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut counters = tx.prepare_cached(
+                "INSERT INTO counters (eui, highest, seen) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (eui) DO UPDATE SET highest = ?2, seen = ?3",
+            )?;
+            for (eui, w) in &batch.counters {
+                counters.execute(params![eui.0 as i64, w.highest(), w.seen_bits() as i64])?;
+            }
+            let mut health = tx.prepare_cached(
+                "INSERT OR REPLACE INTO health (eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm,
+                    temperature_dc, firmware, uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            for (eui, h) in &batch.health {
+                health.execute(params![
+                    eui.0 as i64,
+                    h.kind.as_str(),
+                    h.last_seen_ms,
+                    h.last_counter,
+                    h.battery_mv,
+                    h.rssi_dbm,
+                    h.temperature_dc,
+                    h.firmware,
+                    h.uptime_s,
+                    i(h.frames),
+                    i(h.rejects),
+                    i(h.skipped),
+                    h.online,
+                    h.low_battery,
+                    h.deadline_ms
+                ])?;
+            }
+            let mut events = tx.prepare_cached(
+                "INSERT INTO health_events (eui, at_ms, event) VALUES (?1, ?2, ?3)",
+            )?;
+            for e in &batch.events {
+                events.execute(params![e.eui.0 as i64, e.at_ms, e.kind.as_str()])?;
+            }
+            let mut messages = tx.prepare_cached(
+                "INSERT OR IGNORE INTO messages (eui, counter, received_ms, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for m in &batch.messages {
+                messages.execute(params![
+                    m.eui.0 as i64,
+                    m.counter,
+                    m.received_ms,
+                    m.kind,
+                    m.body
+                ])?;
+            }
+            // Explicit sample times: a replayed point overwrites itself.
+            let mut telemetry = tx.prepare_cached(
+                "INSERT OR REPLACE INTO telemetry (eui, measurement, field, at_ms, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for p in &batch.telemetry {
+                telemetry.execute(params![
+                    p.eui.0 as i64,
+                    p.measurement,
+                    p.field,
+                    p.at_ms,
+                    p.value
+                ])?;
+            }
+            let mut audit = tx.prepare_cached(
+                "INSERT INTO audit (received_ms, topic, reason, eui, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for a in &batch.audit {
+                audit.execute(params![
+                    a.received_ms,
+                    a.topic,
+                    a.reason,
+                    a.eui.map(|e| e.0 as i64),
+                    a.raw
+                ])?;
+            }
+            if !batch.audit.is_empty() {
+                tx.execute(
+                    "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?1",
+                    params![i(self.audit_max)],
+                )?;
+            }
+            let mut rejects = tx.prepare_cached(
+                "INSERT INTO reject_counts (reason, count) VALUES (?1, ?2)
+                 ON CONFLICT (reason) DO UPDATE SET count = count + ?2",
+            )?;
+            for (reason, n) in &batch.rejects {
+                rejects.execute(params![reason, i(*n)])?;
+            }
+            if batch.accepted > 0 {
+                tx.execute(
+                    "INSERT INTO stats (name, value) VALUES ('accepted', ?1)
+                     ON CONFLICT (name) DO UPDATE SET value = value + ?1",
+                    params![i(batch.accepted)],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Totals since the store was made.
+    pub fn totals(&self) -> Result<Totals, StoreError> {
+        let accepted: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM stats WHERE name = 'accepted'", [], |r| r.get(0))
+            .optional()?;
+        let mut stmt = self.conn.prepare("SELECT reason, count FROM reject_counts")?;
+        let rejects = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<_, _>>()?;
+        Ok(Totals { accepted: accepted.unwrap_or(0) as u64, rejects })
+    }
+
+    /// Telemetry rows, all or of one measurement and field.
+    pub fn telemetry_count(
+        &self,
+        measurement_field: Option<(&str, &str)>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = match measurement_field {
+            None => self.conn.query_row("SELECT COUNT(*) FROM telemetry", [], |r| r.get(0))?,
+            Some((m, f)) => self.conn.query_row(
+                "SELECT COUNT(*) FROM telemetry WHERE measurement = ?1 AND field = ?2",
+                params![m, f],
+                |r| r.get(0),
+            )?,
+        };
+        Ok(n as u64)
+    }
+
+    /// Rows in the audit log.
+    pub fn audit_len(&self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Deletes embedded-store telemetry older than `before_ms`; returns how many rows went.
+    pub fn prune_telemetry(&mut self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(self.conn.execute("DELETE FROM telemetry WHERE at_ms < ?1", params![before_ms])? as u64)
+    }
+
+    /// Health events of one device, oldest first: (at_ms, event).
+    pub fn events_of(&self, eui: Eui) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT at_ms, event FROM health_events WHERE eui = ?1 ORDER BY id")?;
+        Ok(stmt
+            .query_map(params![eui.0 as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inventory() -> Vec<InventoryDevice> {
+        let city = gridsense_simulator::city::generate(
+            1,
+            gridsense_simulator::city::Counts { covers: 3, drains: 2, beacons: 1 },
+        );
+        let text = serde_json::to_string(&city.devices).unwrap();
+        gridsense_simulator::inventory::parse("devices.json", &text).unwrap()
+    }
+
+    #[test]
+    fn import_is_idempotent_and_reports_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 10).unwrap();
+        let mut devices = inventory();
+        assert_eq!(
+            store.import(&devices, 1).unwrap(),
+            ImportReport { added: 6, updated: 0, unchanged: 0 }
+        );
+        assert_eq!(
+            store.import(&devices, 2).unwrap(),
+            ImportReport { added: 0, updated: 0, unchanged: 6 }
+        );
+        devices[0].record.lat += 0.001;
+        assert_eq!(
+            store.import(&devices, 3).unwrap(),
+            ImportReport { added: 0, updated: 1, unchanged: 5 }
+        );
+        let registry = store.registry().unwrap();
+        assert_eq!(registry.len(), 6);
+        assert!(registry.iter().any(|r| r.eui == devices[0].eui && r.key == devices[0].key));
+    }
+
+    #[test]
+    fn a_batch_survives_reopening_and_replayed_points_overwrite_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let mut batch = Batch::default();
+        let mut w = CounterWindow::new();
+        w.accept(41);
+        batch.counters.insert(Eui(9), w);
+        let point = Point {
+            eui: Eui(9),
+            measurement: "drain",
+            field: "level_mm",
+            at_ms: 1_000,
+            value: 5.0,
+        };
+        batch.telemetry.push(point);
+        batch.telemetry.push(Point { value: 6.0, ..point });
+        batch.accepted = 1;
+        *batch.rejects.entry("bad_tag").or_default() += 2;
+        {
+            let mut store = Store::open(&path, Synchronous::Full, 10).unwrap();
+            store.commit(&batch).unwrap();
+            store.commit(&batch).unwrap();
+        }
+        let store = Store::open(&path, Synchronous::Normal, 10).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(store.counters().unwrap(), vec![(Eui(9), w)]);
+        assert_eq!(store.telemetry_count(None).unwrap(), 1);
+        let totals = store.totals().unwrap();
+        assert_eq!((totals.accepted, totals.rejects["bad_tag"]), (2, 4));
+    }
+
+    #[test]
+    fn the_audit_log_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 5).unwrap();
+        for n in 0..4 {
+            let mut batch = Batch::default();
+            for k in 0..3 {
+                batch.audit.push(AuditRecord {
+                    received_ms: n * 10 + k,
+                    topic: "gridsense/x/up".into(),
+                    reason: "bad_topic",
+                    eui: None,
+                    raw: vec![1, 2, 3],
+                });
+            }
+            store.commit(&batch).unwrap();
+        }
+        assert_eq!(store.audit_len().unwrap(), 5);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&path, Synchronous::Normal, 5),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}
