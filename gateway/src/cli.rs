@@ -1,8 +1,13 @@
 //! Command-line interface of the `gridsense` binary.
 
+use std::{path::PathBuf, time::Duration};
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use gridsense_protocol::{DeviceKey, Direction, Downlink, RawFrame, Uplink};
+use tokio::sync::watch;
+
+use crate::{app, config, demo};
 
 /// gridsense: the sensor side of a city's grid-governance platform.
 #[derive(Debug, Parser)]
@@ -16,16 +21,58 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Walk through the wire protocol: genuine and hostile frames and the gateway's verdicts.
-    Demo,
+    /// Everything with nothing installed: embedded broker, gateway with SQLite, and a simulated
+    /// district running a scenario.
+    Demo {
+        /// Devices in the simulated district.
+        #[arg(long, default_value_t = 500)]
+        devices: usize,
+        /// Scenario: a shipped name or a file.
+        #[arg(long, default_value = "showcase")]
+        scenario: String,
+        /// Simulated seconds per real second (default: the scenario's).
+        #[arg(long)]
+        speed: Option<f64>,
+        /// How long, like `30s` or `5m` (default: until Ctrl-C).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Data folder (SQLite store, generated district).
+        #[arg(long, default_value = "gridsense-data")]
+        data: PathBuf,
+    },
+    /// Run the gateway.
+    Run {
+        /// Configuration file (TOML); every setting has a default and a GRIDSENSE_… variable.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage the device registry.
+    #[command(subcommand)]
+    Provision(ProvisionCommand),
     /// Inspect frames.
     #[command(subcommand)]
     Frame(FrameCommand),
 }
 
+/// `gridsense provision …`
+#[derive(Debug, Subcommand)]
+pub enum ProvisionCommand {
+    /// Import (or re-import) a `gridsim city` folder's devices.json; reports what changed.
+    Import {
+        /// The folder.
+        #[arg(long)]
+        city: PathBuf,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
 /// `gridsense frame …`
 #[derive(Debug, Subcommand)]
 pub enum FrameCommand {
+    /// Walk through the wire protocol: genuine and hostile frames and the gateway's verdicts.
+    Walkthrough,
     /// Decode a frame given in hex; with --key, verify its tag and decode its body.
     Decode {
         /// The frame as hex digits (spaces allowed).
@@ -36,11 +83,62 @@ pub enum FrameCommand {
     },
 }
 
+fn load_config(path: Option<&std::path::Path>) -> Result<config::Config> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    Ok(config::load(path, &env)?)
+}
+
+/// A channel that turns true on Ctrl-C.
+fn ctrl_c() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = tx.send(true);
+        }
+    });
+    rx
+}
+
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo => {
-            print!("{}", crate::demo::render(&crate::demo::run()));
+        Command::Demo { devices, scenario, speed, duration, data } => {
+            let options = demo::DemoOptions { devices, scenario, speed, duration, data };
+            let report = demo::run(options, ctrl_c()).await?;
+            print!("{}", report.render());
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = load_config(config.as_deref())?;
+            let gateway = app::start(&config, app::wall_clock(), ctrl_c())?;
+            if let Some(devices) = gateway.device_listener {
+                eprintln!(
+                    "gridsense: embedded broker: devices on {devices}, gateway on {}",
+                    gateway.broker
+                );
+            }
+            eprintln!(
+                "gridsense: ingesting from {} into {}",
+                gateway.broker,
+                config.store.path.display()
+            );
+            gateway.task.await??;
+            Ok(())
+        }
+        Command::Provision(ProvisionCommand::Import { city, config }) => {
+            let config = load_config(config.as_deref())?;
+            let devices = gridsense_simulator::inventory::load(&city.join("devices.json"))?;
+            let mut store = app::open_store(&config)?;
+            let report = store.import(&devices, app::wall_clock()())?;
+            println!(
+                "gridsense provision import: {report} ({} in {})",
+                devices.len(),
+                config.store.path.display()
+            );
+            Ok(())
+        }
+        Command::Frame(FrameCommand::Walkthrough) => {
+            print!("{}", crate::walkthrough::render(&crate::walkthrough::run()));
             Ok(())
         }
         Command::Frame(FrameCommand::Decode { frame, key }) => {

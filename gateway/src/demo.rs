@@ -1,135 +1,172 @@
-//! `gridsense demo`: a walk-through of the wire protocol as the gateway sees it. Three devices
-//! (a manhole cover, a drainage sensor, a patrol beacon) seal one frame of every message kind;
-//! a misbehaving sender adds a redelivery, a replay, a tampered frame, a frame for an unknown
-//! device and a frame on the wrong topic. Every frame goes through [`Intake`] and its verdict
-//! is printed. Later issues grow this into the full zero-install pipeline.
+//! `gridsense demo`: the whole job with nothing installed. It starts the embedded broker, the
+//! gateway with SQLite in a data folder, and an in-process simulated district running a
+//! scenario (every device the real firmware, each with its own MQTT connection); prints live
+//! progress and a summary at the end. The gateway shares the simulator's clock, so device
+//! times, health deadlines and telemetry times agree. Loopback only, no credentials.
 
-use std::{collections::BTreeMap, fmt::Write as _};
-
-use gridsense_protocol::{
-    DeviceKey, Direction, Eui, FrameBuf, Message, Uplink, examples, seal, topic::topic,
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
 };
 
-use crate::{intake::Intake, registry::Kind};
+use anyhow::{Context, Result};
+use gridsense_simulator::{
+    city::{self, Counts},
+    clock::SimClock,
+    fleet::{self, RunOptions, Transport},
+    inventory, scenario,
+    stats::Summary,
+};
+use tokio::sync::watch;
 
-/// One frame offered to the intake, and what became of it.
+use crate::{app, config::Config, ingest::Status, store::Totals};
+
+/// `gridsense demo` options.
 #[derive(Debug, Clone)]
-pub struct DemoRow {
-    /// Topic it arrived on.
-    pub topic: String,
-    /// The frame bytes.
-    pub frame: FrameBuf,
-    /// What the sender meant it to be.
-    pub label: &'static str,
-    /// The intake's verdict: the message kind, or the reject reason.
-    pub outcome: Result<&'static str, &'static str>,
+pub struct DemoOptions {
+    /// Devices in the simulated district (covers, drains and beacons in the city's proportions).
+    pub devices: usize,
+    /// Scenario name or path.
+    pub scenario: String,
+    /// Simulated seconds per real second (default: the scenario's).
+    pub speed: Option<f64>,
+    /// How long to run (default: until Ctrl-C).
+    pub duration: Option<Duration>,
+    /// Data folder.
+    pub data: PathBuf,
 }
 
-/// Runs the walk-through and returns every frame with its verdict.
-pub fn run() -> Vec<DemoRow> {
-    let cover = (Eui(0x3205_0801_0100_0001), DeviceKey::from_bytes([0x11; 16]));
-    let drain = (Eui(0x2102_0200_0000_0031), DeviceKey::from_bytes([0x22; 16]));
-    let beacon = (Eui(0x2102_0200_b000_0007), DeviceKey::from_bytes([0x33; 16]));
-    let mut intake = Intake::new();
-    for ((eui, key), kind) in
-        [(&cover, Kind::Cover), (&drain, Kind::Drain), (&beacon, Kind::Beacon)]
+/// Device counts for `n` devices in the default district's proportions (2000:300:239).
+pub fn counts_for(n: usize) -> Counts {
+    let beacons = (n * 239).div_ceil(2_539).max(1).min(n);
+    let drains = (n * 300 / 2_539).min(n - beacons);
+    Counts { covers: n - beacons - drains, drains, beacons }
+}
+
+/// What the demo did.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// The simulator's summary.
+    pub simulator: Summary,
+    /// The gateway's store totals.
+    pub gateway: Totals,
+    /// Devices online at the end.
+    pub devices_online: u64,
+    /// Telemetry rows stored.
+    pub telemetry_rows: u64,
+}
+
+impl DemoReport {
+    /// The summary printed at the end.
+    pub fn render(&self) -> String {
+        let rejects: Vec<String> =
+            self.gateway.rejects.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        format!(
+            "{}gateway: {} frames accepted, rejected: {}; {} devices online; {} telemetry rows stored\n",
+            self.simulator.render(),
+            self.gateway.accepted,
+            if rejects.is_empty() { "none".to_owned() } else { rejects.join(", ") },
+            self.devices_online,
+            self.telemetry_rows,
+        )
+    }
+}
+
+fn progress_line(status: &Status, sim: &SimClock, last: &mut (u64, std::time::Instant)) -> String {
+    let accepted = status.frames_accepted.load(Relaxed);
+    let elapsed = last.1.elapsed().as_secs_f64().max(1e-3);
+    let rate = (accepted - last.0) as f64 / elapsed;
+    *last = (accepted, std::time::Instant::now());
+    format!(
+        "sim +{:>6}s | {:>8} frames accepted ({:>6.0}/s) | {:>5} devices online | {} rejected",
+        sim.sim_ms() / 1000,
+        accepted,
+        rate,
+        status.devices_online.load(Relaxed),
+        status.frames_rejected.load(Relaxed),
+    )
+}
+
+/// Runs the demo until its duration passes or `stop` turns true.
+pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Result<DemoReport> {
+    let scenario = scenario::load(&options.scenario)?;
+    let city_dir = options.data.join("city");
+    if !city_dir.join("devices.json").exists() {
+        city::generate(1, counts_for(options.devices.max(1))).write(&city_dir)?;
+    }
+    let mut config = Config::default();
+    config.store.path = options.data.join("gridsense.db");
     {
-        intake.register(*eui, kind, key.clone());
+        let mut store = app::open_store(&config)?;
+        let devices = inventory::load(&city_dir.join("devices.json"))?;
+        let report = store.import(&devices, app::wall_clock()())?;
+        eprintln!("gridsense demo: registry {report}; data in {}", options.data.display());
+    }
+    let speed = options.speed.unwrap_or(scenario.speed);
+    let horizon = options.duration.unwrap_or(Duration::from_secs(3_600));
+    let sim = SimClock::start(speed, horizon);
+    let clock: crate::ingest::Clock =
+        Arc::new(move || i64::try_from(sim.unix_ms(sim.sim_ms())).unwrap_or(i64::MAX));
+    let (gateway_stop_tx, gateway_stop) = watch::channel(false);
+    let gateway = app::start(&config, clock, gateway_stop)?;
+    let devices_addr = gateway.device_listener.context("the demo runs the embedded broker")?;
+    eprintln!(
+        "gridsense demo: embedded broker on {devices_addr} (devices, MQTT 5) and {} (gateway); scenario {} at speed {speed}",
+        gateway.broker, options.scenario
+    );
+    // Wait until the gateway is subscribed before devices start sending.
+    let ready_by = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !gateway.status.connected.load(Relaxed) && tokio::time::Instant::now() < ready_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let [
-        cover_reading,
-        drain_reading,
-        status,
-        alarm,
-        cleared,
-        backlog,
-        fix,
-        checkin,
-        report,
-        sos,
-        ack,
-    ] = examples::uplinks();
-    let reading = cover_reading.clone();
-    let plan: Vec<(&(Eui, DeviceKey), u32, Uplink)> = vec![
-        (&cover, 1, cover_reading),
-        (&cover, 2, alarm.clone()),
-        (&cover, 3, cleared),
-        (&cover, 4, status),
-        (&drain, 101, drain_reading),
-        (&drain, 102, backlog),
-        (&drain, 103, ack),
-        (&beacon, 7, fix),
-        (&beacon, 8, checkin),
-        (&beacon, 10, report),
-        (&beacon, 9, sos),
-    ];
-    let mut rows = Vec::new();
-    let mut offer = |intake: &mut Intake, eui: Eui, frame: FrameBuf, label: &'static str| {
-        let topic = topic(eui, Direction::Uplink).to_string();
-        let outcome = match intake.check(&topic, &frame) {
-            Ok(accepted) => {
-                let _ = intake.commit(&accepted);
-                Ok(accepted.message.kind_name())
-            }
-            Err(reject) => Err(reject.reason()),
-        };
-        rows.push(DemoRow { topic, frame, label, outcome });
+    let plan = fleet::plan(&city_dir, &scenario)?;
+    let run_options = RunOptions {
+        broker: devices_addr,
+        scenario,
+        speed,
+        duration: options.duration,
+        transport: Transport::PerDevice,
+        limit: None,
+        progress: false,
+        clock: Some(sim),
     };
-    for ((eui, key), counter, msg) in &plan {
-        offer(&mut intake, *eui, seal(*eui, *counter, msg, key), msg.kind_name());
-    }
-
-    // The misbehaving sender.
-    let (eui, key) = &cover;
-    let first = seal(*eui, 1, &reading, key);
-    offer(&mut intake, *eui, first.clone(), "redelivered frame");
-    let mut tampered = seal(*eui, 5, &alarm, key);
-    if let Some(byte) = tampered.get_mut(14) {
-        *byte ^= 0x01;
-    }
-    offer(&mut intake, *eui, tampered, "tampered frame");
-    let stranger = Eui(0xdead_beef_0000_0001);
-    offer(&mut intake, stranger, seal(stranger, 1, &reading, key), "unknown device");
-    offer(&mut intake, drain.0, seal(*eui, 6, &reading, key), "wrong topic");
-    let mut garbage = FrameBuf::new();
-    let _ = garbage.extend_from_slice(b"\x10 not a frame at all");
-    offer(&mut intake, *eui, garbage, "garbage");
-    for c in 1200..1270 {
-        offer(&mut intake, *eui, seal(*eui, c, &reading, key), "burst");
-    }
-    offer(&mut intake, *eui, seal(*eui, 1100, &reading, key), "replayed old frame");
-    offer(&mut intake, *eui, seal(*eui, 0, &reading, key), "counter reset");
-    rows
-}
-
-/// The walk-through as a table with totals.
-pub fn render(rows: &[DemoRow]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "gridsense demo: wire protocol v1 as the gateway sees it");
-    let _ = writeln!(out, "{:<32} {:>5} {:<20} verdict", "topic", "bytes", "sent as");
-    let mut totals: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut burst = 0;
-    for row in rows {
-        let verdict = match row.outcome {
-            Ok(kind) => format!("accepted {kind}"),
-            Err(reason) => format!("rejected: {reason}"),
-        };
-        *totals.entry(row.outcome.map_or_else(|r| r, |_| "accepted")).or_default() += 1;
-        if row.label == "burst" {
-            burst += 1;
-            continue;
+    let (sim_stop_tx, sim_stop) = watch::channel(false);
+    let simulator = tokio::spawn(async move { fleet::run(plan, &run_options, sim_stop).await });
+    let status = gateway.status.clone();
+    let mut last = (0, std::time::Instant::now());
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => eprintln!("{}", progress_line(&status, &sim, &mut last)),
+            _ = stop.changed() => { let _ = sim_stop_tx.send(true); }
         }
-        let _ =
-            writeln!(out, "{:<32} {:>5} {:<20} {}", row.topic, row.frame.len(), row.label, verdict);
+        if simulator.is_finished() {
+            break;
+        }
     }
-    let _ = writeln!(out, "(+{burst} burst frames accepted, not listed)");
-    let summary: Vec<String> = totals.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    let _ = writeln!(out, "{} frames: {}", rows.len(), summary.join(", "));
-    if let Some(row) = rows.first() {
-        let _ = writeln!(out, "first frame: {}", hex::encode(&row.frame));
+    let summary = simulator.await.context("the simulator task")??;
+    // Let the last frames through, then stop the gateway: it commits and acks what it holds.
+    let settle_by = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut previous = u64::MAX;
+    while tokio::time::Instant::now() < settle_by {
+        let now = status.frames_accepted.load(Relaxed) + status.frames_rejected.load(Relaxed);
+        if now == previous && status.unacked.load(Relaxed) == 0 {
+            break;
+        }
+        previous = now;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    out
+    let _ = gateway_stop_tx.send(true);
+    gateway.task.await.context("the gateway task")??;
+    let store = app::open_store(&config)?;
+    Ok(DemoReport {
+        simulator: summary,
+        gateway: store.totals()?,
+        devices_online: status.devices_online.load(Relaxed),
+        telemetry_rows: store.telemetry_count(None)?,
+    })
 }
 
 #[cfg(test)]
@@ -137,22 +174,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn demo_accepts_every_genuine_frame_and_names_every_attack() {
-        let rows = run();
-        let verdict = |label: &str| {
-            rows.iter().find(|r| r.label == label).map(|r| r.outcome).expect("row present")
-        };
-        assert!(rows.iter().take(11).all(|r| r.outcome.is_ok()));
-        assert_eq!(verdict("redelivered frame"), Err("duplicate"));
-        assert_eq!(verdict("tampered frame"), Err("bad_tag"));
-        assert_eq!(verdict("unknown device"), Err("unknown_device"));
-        assert_eq!(verdict("wrong topic"), Err("topic_mismatch"));
-        assert_eq!(verdict("garbage"), Err("truncated"));
-        assert_eq!(verdict("replayed old frame"), Err("replay"));
-        assert_eq!(verdict("counter reset"), Err("reset_suspect"));
-        let text = render(&rows);
-        assert!(text.contains("rejected: bad_tag"));
-        // The SOS arrives after the report though its counter is lower: late but in the window.
-        assert!(text.contains("accepted sos"));
+    fn counts_keep_the_district_proportions() {
+        let c = counts_for(2_539);
+        assert_eq!((c.covers, c.drains, c.beacons), (2_000, 300, 239));
+        let c = counts_for(100);
+        assert_eq!(c.covers + c.drains + c.beacons, 100);
+        assert!(c.drains > 0 && c.beacons > 0);
+        let c = counts_for(1);
+        assert_eq!(c.covers + c.drains + c.beacons, 1);
     }
 }

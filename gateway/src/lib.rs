@@ -1,16 +1,22 @@
 //! The gridsense gateway: ingests device frames from MQTT, authenticates and de-duplicates
 //! them, and turns what they report into device health, telemetry and cases.
 //!
-//! So far it holds the pure uplink check ([`intake`]) and the protocol walk-through that
-//! `gridsense demo` runs ([`demo`]); the ingest shell, storage and cases grow around them.
+//! - [`pipeline`] (pure, `now` passed in): intake check → counter → health → telemetry →
+//!   messages; [`health`] with durable offline deadlines; [`telemetry`] points.
+//! - [`ingest`]: the rumqttc shell, group commit into [`store`] (SQLite), acks after commit.
+//! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
+//! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
+pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod ingest;
 pub mod intake;
 pub mod pipeline;
 pub mod registry;
 pub mod store;
 pub mod telemetry;
+pub mod walkthrough;

@@ -161,6 +161,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 },
                 limit: args.devices,
                 progress: !args.quiet,
+                clock: None,
                 scenario,
             };
             let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -89,6 +89,9 @@ pub struct RunOptions {
     pub limit: Option<usize>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// The run's clock, when the caller shares it (the gateway in `gridsense demo`); `None`
+    /// starts one from `speed` and `duration`.
+    pub clock: Option<SimClock>,
 }
 
 /// One device, ready to run.
@@ -545,7 +548,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<Summary> {
     let horizon = options.duration.unwrap_or(Duration::from_secs(3_600));
-    let clock = SimClock::start(options.speed, horizon);
+    let clock = options.clock.unwrap_or_else(|| SimClock::start(options.speed, horizon));
     let counters = Arc::new(Counters::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
     let seed = options.scenario.seed;

@@ -1,7 +1,6 @@
 //! Brokers started per test on free loopback ports.
 
 use std::{
-    collections::HashMap,
     fs,
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
@@ -90,63 +89,5 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// rumqttd in-process: `v5` for devices, `v4` for rumqttc clients (gateway, subscribers).
-#[derive(Debug)]
-pub struct EmbeddedBroker {
-    /// MQTT 5 listener.
-    pub v5: SocketAddr,
-    /// MQTT 3.1.1 listener.
-    pub v4: SocketAddr,
-}
-
-impl EmbeddedBroker {
-    /// Starts it on its own thread (rumqttd blocks); it lives until the process exits.
-    pub fn start() -> Result<Self> {
-        let v4 = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let v5 = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let server = |name: &str, listen: SocketAddr| rumqttd::ServerSettings {
-            name: name.into(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections: rumqttd::ConnectionSettings {
-                connection_timeout_ms: 5_000,
-                max_payload_size: 16 * 1024,
-                max_inflight_count: 500,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        };
-        let config = rumqttd::Config {
-            id: 0,
-            router: rumqttd::RouterConfig {
-                max_connections: 20_000,
-                max_outgoing_packet_count: 500,
-                max_segment_size: 1 << 20,
-                max_segment_count: 10,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-            v4: Some(HashMap::from([("v4".to_owned(), server("v4", v4))])),
-            v5: Some(HashMap::from([("v5".to_owned(), server("v5", v5))])),
-            ws: None,
-            cluster: None,
-            console: None,
-            bridge: None,
-            prometheus: None,
-            metrics: None,
-        };
-        std::thread::Builder::new().name("rumqttd".into()).spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            let _ = broker.start();
-        })?;
-        wait_until_listening(v4, "rumqttd v4")?;
-        wait_until_listening(v5, "rumqttd v5")?;
-        Ok(EmbeddedBroker { v5, v4 })
     }
 }

@@ -55,6 +55,7 @@ pub async fn run_with(
         transport,
         limit: None,
         progress: false,
+        clock: None,
     };
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     fleet::run(plan, &options, stop).await

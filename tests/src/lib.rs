@@ -4,13 +4,12 @@
 //!
 //! - [`Mosquitto`]: Debian's `/usr/sbin/mosquitto` with a config written per test
 //!   (`scripts/test` installs the package).
-//! - [`EmbeddedBroker`]: rumqttd in-process, the gateway's zero-install default: an MQTT 5
-//!   listener for devices (the firmware's client speaks MQTT 5) and a 3.1.1 listener for rumqttc.
+//! - The embedded broker (rumqttd) is the gateway's own: `gridsense_gateway::broker`.
 //! - [`Subscriber`]: records every uplink frame.
 
 pub mod broker;
 pub mod fixtures;
 pub mod subscriber;
 
-pub use broker::{EmbeddedBroker, Mosquitto, free_port};
+pub use broker::{Mosquitto, free_port};
 pub use subscriber::{Received, Subscriber};

@@ -7,11 +7,12 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use gridsense_gateway::broker::start_embedded;
 use gridsense_protocol::{
     AckOutcome, Direction, Downlink, DownlinkAck, Setting, Uplink, seal, topic::topic,
 };
 use gridsense_simulator::city::Counts;
-use gridsense_tests::{EmbeddedBroker, Mosquitto, Subscriber, fixtures};
+use gridsense_tests::{Mosquitto, Subscriber, fixtures};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 async fn exercise(devices_addr: SocketAddr, clients_addr: SocketAddr) {
@@ -66,6 +67,6 @@ async fn with_mosquitto() {
 
 #[tokio::test]
 async fn with_the_embedded_broker() {
-    let broker = EmbeddedBroker::start().unwrap();
-    exercise(broker.v5, broker.v4).await;
+    let broker = start_embedded(0, 0).unwrap();
+    exercise(broker.devices, broker.clients).await;
 }

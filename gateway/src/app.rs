@@ -1,0 +1,67 @@
+//! Starting the gateway from a configuration: store, registry, broker (configured or
+//! embedded), and the ingest tasks. Shared by `gridsense run` and `gridsense demo`.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    broker,
+    config::Config,
+    health::HealthConfig,
+    ingest::{self, Clock, IngestError, Status},
+    pipeline::Pipeline,
+    store::Store,
+};
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Live counters.
+    pub status: Arc<Status>,
+    /// Where the gateway's own MQTT client connects.
+    pub broker: SocketAddr,
+    /// The embedded broker's device listener, when the embedded broker runs.
+    pub device_listener: Option<SocketAddr>,
+    /// The ingest task.
+    pub task: JoinHandle<Result<(), IngestError>>,
+}
+
+/// The wall clock in Unix ms.
+pub fn wall_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
+/// Opens the store the configuration names.
+pub fn open_store(config: &Config) -> Result<Store> {
+    Store::open(&config.store.path, config.store.synchronous, config.store.audit_max)
+        .with_context(|| format!("opening {}", config.store.path.display()))
+}
+
+/// Starts the gateway: the broker (embedded when `mqtt.url` is empty), then ingest.
+pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> Result<Gateway> {
+    let store = open_store(config)?;
+    let registry = store.registry()?;
+    let counters = store.counters()?;
+    let health = store.health()?;
+    let pipeline =
+        Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health));
+    let (broker, device_listener) = if config.mqtt.url.is_empty() {
+        let embedded =
+            broker::start_embedded(config.broker.device_port, config.broker.client_port)?;
+        (embedded.clients, Some(embedded.devices))
+    } else {
+        (broker::parse_url(&config.mqtt.url)?, None)
+    };
+    let status = Arc::new(Status::default());
+    let task = tokio::spawn({
+        let (config, status) = (config.clone(), status.clone());
+        async move { ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await }
+    });
+    Ok(Gateway { status, broker, device_listener, task })
+}

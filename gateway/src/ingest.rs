@@ -1,0 +1,267 @@
+//! The ingest shell: rumqttc in, SQLite out, acknowledgements only after the commit.
+//!
+//! Two tasks and one bounded channel:
+//! - the **session task** drives `EventLoop::poll`: persistent session (clean session off),
+//!   manual acks, subscribe and check the SUBACK on every CONNACK, reconnect with exponential
+//!   backoff. It never awaits the client (that can deadlock with a full request queue); it
+//!   forwards each PUBLISH into a channel bounded by the in-flight credits, so a slow store
+//!   holds back the broker instead of growing a queue.
+//! - the **pipeline task** collects up to `batch_max` messages or `batch_max_ms`, runs each
+//!   through [`Pipeline::handle`], commits the batch in one transaction, then acknowledges the
+//!   messages in arrival order. Offline deadlines are ticked on the same task, so health events
+//!   are committed the same way. If a commit fails nothing is acknowledged and the task stops
+//!   with the error: the broker redelivers to the restarted gateway, and every step downstream
+//!   is idempotent.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use gridsense_protocol::topic::UPLINK_FILTER;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    config::Config,
+    pipeline::{Outcome, Pipeline},
+    store::{Batch, Store, StoreError},
+};
+
+/// The current time in Unix ms (the wall clock, or the demo's simulated clock).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// Live counters, read by the status endpoint and the demo's progress line.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Frames accepted since start.
+    pub frames_accepted: AtomicU64,
+    /// Frames rejected since start.
+    pub frames_rejected: AtomicU64,
+    /// Devices online after the last commit.
+    pub devices_online: AtomicU64,
+    /// Devices registered.
+    pub devices_registered: AtomicU64,
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Broker connected and subscription granted.
+    pub connected: AtomicBool,
+    /// Broker connections made.
+    pub connects: AtomicU64,
+    /// Messages received but not yet acknowledged.
+    pub unacked: AtomicU64,
+}
+
+/// Why ingest stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The store failed: nothing of the failed batch was acknowledged.
+    #[error("ingest stopped, nothing more acknowledged: {0}")]
+    Store(#[from] StoreError),
+    /// A task panicked or was cancelled.
+    #[error("ingest task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn mqtt_options(config: &Config, broker: SocketAddr) -> MqttOptions {
+    let m = &config.mqtt;
+    let mut options = MqttOptions::new(m.client_id.clone(), broker.ip().to_string(), broker.port());
+    options.set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)));
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
+    options.set_inflight(m.inflight);
+    options.set_max_packet_size(64 * 1024, 64 * 1024);
+    if !m.username.is_empty() {
+        options.set_credentials(m.username.clone(), m.password.clone());
+    }
+    options
+}
+
+/// Runs ingest until `shutdown` turns true (then commits and acknowledges what it holds and
+/// disconnects) or the store fails.
+pub async fn run(
+    config: &Config,
+    broker: SocketAddr,
+    store: Store,
+    pipeline: Pipeline,
+    clock: Clock,
+    status: Arc<Status>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let credits = usize::from(config.mqtt.inflight);
+    let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
+    let (tx, rx) = mpsc::channel::<Publish>(credits);
+    status.devices_registered.store(pipeline.registered() as u64, Relaxed);
+    let session = tokio::spawn(session(
+        eventloop,
+        client.clone(),
+        tx,
+        status.clone(),
+        (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
+        shutdown.clone(),
+    ));
+    let batching = Batching {
+        max: config.store.batch_max,
+        max_wait: Duration::from_millis(config.store.batch_max_ms),
+    };
+    let result = pipeline_task(
+        rx,
+        client.clone(),
+        store,
+        pipeline,
+        clock,
+        status.clone(),
+        batching,
+        shutdown,
+    )
+    .await;
+    // Queue the DISCONNECT behind the acks already requested; the session task sends both.
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    status.connected.store(false, Relaxed);
+    result
+}
+
+async fn session(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    tx: mpsc::Sender<Publish>,
+    status: Arc<Status>,
+    (min_ms, max_ms): (u64, u64),
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut delay = min_ms;
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            _ = shutdown.changed(), if !*shutdown.borrow() => continue,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = min_ms;
+                status.connects.fetch_add(1, Relaxed);
+                // Subscribe on every CONNACK; never await the client on this task.
+                if let Err(e) = client.try_subscribe(UPLINK_FILTER, QoS::AtLeastOnce) {
+                    tracing::error!("subscribe request not queued: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted =
+                    ack.return_codes.iter().all(|c| !matches!(c, SubscribeReasonCode::Failure));
+                status.connected.store(granted, Relaxed);
+                if !granted {
+                    tracing::error!("broker refused the subscription to {UPLINK_FILTER}");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                status.unacked.fetch_add(1, Relaxed);
+                // Bounded by the in-flight credits: a slow store holds back the broker.
+                if tx.send(publish).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                status.connected.store(false, Relaxed);
+                if *shutdown.borrow() {
+                    return;
+                }
+                tracing::warn!("broker connection: {e}; retrying in {delay} ms");
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                delay = (delay * 2).min(max_ms);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    max: usize,
+    max_wait: Duration,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pipeline_task(
+    mut rx: mpsc::Receiver<Publish>,
+    client: AsyncClient,
+    store: Store,
+    mut pipeline: Pipeline,
+    clock: Clock,
+    status: Arc<Status>,
+    batching: Batching,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let mut store = Some(store);
+    let mut pending: Vec<Publish> = Vec::with_capacity(batching.max);
+    loop {
+        // Wait for the first message, the next offline deadline, or shutdown.
+        let deadline_in = pipeline
+            .next_deadline()
+            .map(|d| Duration::from_millis(u64::try_from(d.saturating_sub(clock())).unwrap_or(0)));
+        let first = tokio::select! {
+            msg = rx.recv() => msg,
+            () = sleep_or_never(deadline_in) => None,
+            _ = shutdown.changed() => None,
+        };
+        let stopping = *shutdown.borrow();
+        if let Some(msg) = first {
+            pending.push(msg);
+            let until = tokio::time::Instant::now() + batching.max_wait;
+            while pending.len() < batching.max {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(msg)) => pending.push(msg),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        let now = clock();
+        let mut batch = Batch::default();
+        pipeline.tick(now, &mut batch);
+        let mut rejected = 0;
+        for msg in &pending {
+            if let Outcome::Rejected(_) = pipeline.handle(now, &msg.topic, &msg.payload, &mut batch)
+            {
+                rejected += 1;
+            }
+        }
+        if !batch.is_empty() {
+            let Some(mut s) = store.take() else { break };
+            let (s, committed) = tokio::task::spawn_blocking(move || {
+                let r = s.commit(&batch);
+                (s, r.map(|()| batch.accepted))
+            })
+            .await?;
+            store = Some(s);
+            let accepted = committed?;
+            status.frames_accepted.fetch_add(accepted, Relaxed);
+            status.frames_rejected.fetch_add(rejected, Relaxed);
+            status.batches.fetch_add(1, Relaxed);
+            status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
+        }
+        // Durable: now acknowledge, in arrival order.
+        for msg in pending.drain(..) {
+            status.unacked.fetch_sub(1, Relaxed);
+            if client.ack(&msg).await.is_err() {
+                tracing::warn!("ack not queued (client closed)");
+            }
+        }
+        if stopping {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
