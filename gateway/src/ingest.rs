@@ -1,19 +1,26 @@
 //! The ingest shell: rumqttc in, SQLite out, acknowledgements only after the commit.
 //!
-//! Two tasks and one bounded channel:
-//! - the **session task** drives `EventLoop::poll`: persistent session (clean session off),
-//!   manual acks, subscribe and check the SUBACK on every CONNACK, reconnect with exponential
-//!   backoff. It never awaits the client (that can deadlock with a full request queue); it
-//!   forwards each PUBLISH into a channel bounded by the in-flight credits, so a slow store
-//!   holds back the broker instead of growing a queue.
+//! Two tasks:
+//! - the **session task** owns the rumqttc client and drives `EventLoop::poll`: persistent
+//!   session (clean session off), manual acks, subscribe and check the SUBACK on every CONNACK,
+//!   reconnect with exponential backoff. It forwards each PUBLISH into a channel bounded by the
+//!   in-flight credits (while that channel is full it stops reading from the broker: a slow
+//!   store holds back the broker instead of growing a queue), and it sends the acks the
+//!   pipeline hands back, in order. It never awaits the client, so the client's bounded request
+//!   queue cannot deadlock with the event loop (PITFALLS.md).
 //! - the **pipeline task** collects up to `batch_max` messages or `batch_max_ms`, runs each
-//!   through [`Pipeline::handle`], commits the batch in one transaction, then acknowledges the
-//!   messages in arrival order. Offline deadlines are ticked on the same task, so health events
-//!   are committed the same way. If a commit fails nothing is acknowledged and the task stops
-//!   with the error: the broker redelivers to the restarted gateway, and every step downstream
-//!   is idempotent.
+//!   through [`Pipeline::handle`], commits the batch in one transaction, then hands the
+//!   messages back for acknowledgement in arrival order. Offline deadlines are ticked on the
+//!   same task, so health events are committed the same way. If a commit fails nothing is
+//!   acknowledged and the task stops with the error: the broker redelivers to the restarted
+//!   gateway, and every step downstream is idempotent.
+//!
+//! The ack channel back to the session is unbounded in type but not in fact: it never holds
+//! more than the messages received and not yet acknowledged, which the broker's in-flight
+//! window bounds.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::{
         Arc,
@@ -97,11 +104,13 @@ pub async fn run(
     let credits = usize::from(config.mqtt.inflight);
     let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
     let session = tokio::spawn(session(
         eventloop,
-        client.clone(),
+        client,
         tx,
+        ack_rx,
         status.clone(),
         (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
         shutdown.clone(),
@@ -110,20 +119,10 @@ pub async fn run(
         max: config.store.batch_max,
         max_wait: Duration::from_millis(config.store.batch_max_ms),
     };
-    let result = pipeline_task(
-        rx,
-        client.clone(),
-        store,
-        pipeline,
-        clock,
-        status.clone(),
-        batching,
-        shutdown,
-    )
-    .await;
-    // Queue the DISCONNECT behind the acks already requested; the session task sends both.
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    let result =
+        pipeline_task(rx, ack_tx, store, pipeline, clock, status.clone(), batching, shutdown).await;
+    // The ack channel is closed now: the session sends the last acks, then DISCONNECT.
+    let _ = tokio::time::timeout(Duration::from_secs(5), session).await;
     status.connected.store(false, Relaxed);
     result
 }
@@ -132,51 +131,74 @@ async fn session(
     mut eventloop: EventLoop,
     client: AsyncClient,
     tx: mpsc::Sender<Publish>,
+    mut ack_rx: mpsc::UnboundedReceiver<Publish>,
     status: Arc<Status>,
     (min_ms, max_ms): (u64, u64),
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let mut delay = min_ms;
+    // A message received while the pipeline's channel was full.
+    let mut held: Option<Publish> = None;
+    // Acks the client's request queue had no room for yet.
+    let mut acks: VecDeque<Publish> = VecDeque::new();
+    let mut acks_closed = false;
+    let mut disconnecting = false;
     loop {
-        let event = tokio::select! {
-            event = eventloop.poll() => event,
-            _ = shutdown.changed(), if !*shutdown.borrow() => continue,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = min_ms;
-                status.connects.fetch_add(1, Relaxed);
-                // Subscribe on every CONNACK; never await the client on this task.
-                if let Err(e) = client.try_subscribe(UPLINK_FILTER, QoS::AtLeastOnce) {
-                    tracing::error!("subscribe request not queued: {e}");
-                }
+        while let Some(publish) = acks.front() {
+            if client.try_ack(publish).is_err() {
+                break;
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted =
-                    ack.return_codes.iter().all(|c| !matches!(c, SubscribeReasonCode::Failure));
-                status.connected.store(granted, Relaxed);
-                if !granted {
-                    tracing::error!("broker refused the subscription to {UPLINK_FILTER}");
+            acks.pop_front();
+        }
+        if acks_closed && acks.is_empty() && !disconnecting {
+            disconnecting = true;
+            let _ = client.try_disconnect();
+        }
+        tokio::select! {
+            permit = tx.reserve(), if held.is_some() => match (permit, held.take()) {
+                (Ok(permit), Some(publish)) => permit.send(publish),
+                _ => return,
+            },
+            ack = ack_rx.recv(), if !acks_closed => match ack {
+                Some(publish) => acks.push_back(publish),
+                None => acks_closed = true,
+            },
+            event = eventloop.poll(), if held.is_none() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    delay = min_ms;
+                    status.connects.fetch_add(1, Relaxed);
+                    // Subscribe on every CONNACK.
+                    if let Err(e) = client.try_subscribe(UPLINK_FILTER, QoS::AtLeastOnce) {
+                        tracing::error!("subscribe request not queued: {e}");
+                    }
                 }
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                status.unacked.fetch_add(1, Relaxed);
-                // Bounded by the in-flight credits: a slow store holds back the broker.
-                if tx.send(publish).await.is_err() {
-                    return;
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let granted = ack.return_codes.iter().all(|c| !matches!(c, SubscribeReasonCode::Failure));
+                    status.connected.store(granted, Relaxed);
+                    if !granted {
+                        tracing::error!("broker refused the subscription to {UPLINK_FILTER}");
+                    }
                 }
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                status.connected.store(false, Relaxed);
-                if *shutdown.borrow() {
-                    return;
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    status.unacked.fetch_add(1, Relaxed);
+                    match tx.try_send(publish) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(publish)) => held = Some(publish),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
                 }
-                tracing::warn!("broker connection: {e}; retrying in {delay} ms");
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                delay = (delay * 2).min(max_ms);
-            }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    status.connected.store(false, Relaxed);
+                    if *shutdown.borrow() || disconnecting {
+                        return;
+                    }
+                    tracing::warn!("broker connection: {e}; retrying in {delay} ms");
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    delay = (delay * 2).min(max_ms);
+                }
+            },
         }
     }
 }
@@ -190,7 +212,7 @@ struct Batching {
 #[allow(clippy::too_many_arguments)]
 async fn pipeline_task(
     mut rx: mpsc::Receiver<Publish>,
-    client: AsyncClient,
+    acks: mpsc::UnboundedSender<Publish>,
     store: Store,
     mut pipeline: Pipeline,
     clock: Clock,
@@ -248,8 +270,8 @@ async fn pipeline_task(
         // Durable: now acknowledge, in arrival order.
         for msg in pending.drain(..) {
             status.unacked.fetch_sub(1, Relaxed);
-            if client.ack(&msg).await.is_err() {
-                tracing::warn!("ack not queued (client closed)");
+            if acks.send(msg).is_err() {
+                tracing::warn!("ack not sent: the session has ended");
             }
         }
         if stopping {
