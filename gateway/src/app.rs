@@ -8,10 +8,11 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     broker,
-    config::Config,
+    config::{Config, Sink},
     health::HealthConfig,
     ingest::{self, Clock, IngestError, Status},
     pipeline::Pipeline,
+    sink::{self, SinkError, SinkStatus},
     store::Store,
 };
 
@@ -26,7 +27,12 @@ pub struct Gateway {
     pub device_listener: Option<SocketAddr>,
     /// The ingest task.
     pub task: JoinHandle<Result<(), IngestError>>,
+    /// The external telemetry sink, when one is configured.
+    pub sink: Option<RunningSink>,
 }
+
+/// The external telemetry sink's counters and task.
+pub type RunningSink = (Arc<SinkStatus>, JoinHandle<Result<(), SinkError>>);
 
 /// The wall clock in Unix ms.
 pub fn wall_clock() -> Clock {
@@ -45,7 +51,20 @@ pub fn open_store(config: &Config) -> Result<Store> {
 
 /// Starts the gateway: the broker (embedded when `mqtt.url` is empty), then ingest.
 pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> Result<Gateway> {
-    let store = open_store(config)?;
+    let mut store = open_store(config)?;
+    let sink = if config.telemetry.sink == Sink::Influxdb {
+        store.buffer_telemetry(config.telemetry.buffer_max_points);
+        let status = Arc::new(SinkStatus::default());
+        let task = tokio::spawn(sink::run(
+            config.telemetry.clone(),
+            open_store(config)?,
+            status.clone(),
+            shutdown.clone(),
+        ));
+        Some((status, task))
+    } else {
+        None
+    };
     let registry = store.registry()?;
     let counters = store.counters()?;
     let health = store.health()?;
@@ -63,5 +82,5 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let (config, status) = (config.clone(), status.clone());
         async move { ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await }
     });
-    Ok(Gateway { status, broker, device_listener, task })
+    Ok(Gateway { status, broker, device_listener, task, sink })
 }

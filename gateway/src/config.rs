@@ -18,6 +18,65 @@ pub struct Config {
     pub store: Store,
     /// Device health.
     pub health: Health,
+    /// Where telemetry goes.
+    pub telemetry: Telemetry,
+}
+
+/// Telemetry sink: SQLite (the embedded default) or the InfluxDB 2 write API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sink {
+    /// Telemetry in the SQLite store, kept `store.telemetry_retention_days`.
+    Sqlite,
+    /// Telemetry to InfluxDB 2 (or anything serving `/api/v2/write`), through an on-disk buffer.
+    Influxdb,
+}
+
+/// Telemetry settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// The sink.
+    pub sink: Sink,
+    /// InfluxDB base URL, `http://HOST:PORT`.
+    pub url: String,
+    /// Organisation.
+    pub org: String,
+    /// Bucket.
+    pub bucket: String,
+    /// API token (empty: none).
+    pub token: String,
+    /// Most points per write request.
+    pub batch_max: usize,
+    /// How often an idle sink looks for new points, ms.
+    pub flush_ms: u64,
+    /// Request timeout, ms.
+    pub timeout_ms: u64,
+    /// First retry delay after a 429, 5xx or connection error, ms; doubles to `retry_max_ms`.
+    pub retry_min_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_max_ms: u64,
+    /// Most points the on-disk buffer holds while the server is down; beyond it the oldest
+    /// points are dropped and counted.
+    pub buffer_max_points: u64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            sink: Sink::Sqlite,
+            url: "http://127.0.0.1:8086".into(),
+            org: "gridsense".into(),
+            bucket: "gridsense".into(),
+            token: String::new(),
+            batch_max: 5_000,
+            flush_ms: 100,
+            timeout_ms: 10_000,
+            retry_min_ms: 200,
+            retry_max_ms: 30_000,
+            buffer_max_points: 10_000_000,
+        }
+    }
 }
 
 /// Broker connection (rumqttc, MQTT 3.1.1).
@@ -254,6 +313,26 @@ impl Config {
         if self.store.audit_max == 0 {
             return Err(("store.audit_max", "must be at least 1".into()));
         }
+        let t = &self.telemetry;
+        if t.sink == Sink::Influxdb {
+            let url = reqwest::Url::parse(&t.url)
+                .map_err(|e| ("telemetry.url", format!("{:?}: {e}", t.url)))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(("telemetry.url", format!("{:?} is not http(s)://HOST:PORT", t.url)));
+            }
+            if t.bucket.is_empty() {
+                return Err(("telemetry.bucket", "must not be empty".into()));
+            }
+        }
+        if t.batch_max == 0 || t.timeout_ms == 0 || t.buffer_max_points == 0 {
+            return Err((
+                "telemetry.batch_max",
+                "batch_max, timeout_ms and buffer_max_points must be > 0".into(),
+            ));
+        }
+        if t.retry_min_ms == 0 || t.retry_min_ms > t.retry_max_ms {
+            return Err(("telemetry.retry_min_ms", "must be > 0 and ≤ retry_max_ms".into()));
+        }
         if !(self.health.offline_factor >= 1.0 && self.health.offline_factor <= 100.0) {
             return Err(("health.offline_factor", "must be between 1 and 100".into()));
         }
@@ -323,6 +402,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mqtt.url"), "{err}");
+        let env = [
+            ("GRIDSENSE_TELEMETRY_SINK".to_owned(), "influxdb".to_owned()),
+            ("GRIDSENSE_TELEMETRY_URL".to_owned(), "localhost".to_owned()),
+        ];
+        let err = load(None, &env).unwrap_err().to_string();
+        assert!(err.contains("telemetry.url"), "{err}");
         let (_d, path) = write("[store\n");
         assert!(load(Some(&path), &[]).is_err());
     }

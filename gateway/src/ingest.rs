@@ -115,9 +115,12 @@ pub async fn run(
         (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
         shutdown.clone(),
     ));
+    let retention_ms = (config.telemetry.sink == crate::config::Sink::Sqlite)
+        .then(|| i64::from(config.store.telemetry_retention_days) * 86_400_000);
     let batching = Batching {
         max: config.store.batch_max,
         max_wait: Duration::from_millis(config.store.batch_max_ms),
+        retention_ms,
     };
     let result =
         pipeline_task(rx, ack_tx, store, pipeline, clock, status.clone(), batching, shutdown).await;
@@ -207,7 +210,12 @@ async fn session(
 struct Batching {
     max: usize,
     max_wait: Duration,
+    /// Embedded telemetry older than this is pruned (hourly), ms; `None` with an external sink.
+    retention_ms: Option<i64>,
 }
+
+/// How often embedded telemetry is pruned.
+const PRUNE_EVERY_MS: i64 = 3_600_000;
 
 #[allow(clippy::too_many_arguments)]
 async fn pipeline_task(
@@ -222,6 +230,7 @@ async fn pipeline_task(
 ) -> Result<(), IngestError> {
     let mut store = Some(store);
     let mut pending: Vec<Publish> = Vec::with_capacity(batching.max);
+    let mut last_prune = i64::MIN;
     loop {
         // Wait for the first message, the next offline deadline, or shutdown.
         let deadline_in = pipeline
@@ -266,6 +275,23 @@ async fn pipeline_task(
             status.frames_rejected.fetch_add(rejected, Relaxed);
             status.batches.fetch_add(1, Relaxed);
             status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
+        }
+        if let Some(retention) = batching.retention_ms
+            && now.saturating_sub(last_prune) >= PRUNE_EVERY_MS
+            && let Some(mut s) = store.take()
+        {
+            last_prune = now;
+            let (s, pruned) = tokio::task::spawn_blocking(move || {
+                let r = s.prune_telemetry(now.saturating_sub(retention));
+                (s, r)
+            })
+            .await?;
+            store = Some(s);
+            if let Ok(n) = pruned.inspect_err(|e| tracing::warn!("pruning telemetry: {e}"))
+                && n > 0
+            {
+                tracing::info!(rows = n, "pruned telemetry past its retention");
+            }
         }
         // Durable: now acknowledge, in arrival order.
         for msg in pending.drain(..) {

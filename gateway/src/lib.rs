@@ -3,7 +3,8 @@
 //!
 //! - [`pipeline`] (pure, `now` passed in): intake check → counter → health → telemetry →
 //!   messages; [`health`] with durable offline deadlines; [`telemetry`] points.
-//! - [`ingest`]: the rumqttc shell, group commit into [`store`] (SQLite), acks after commit.
+//! - [`ingest`]: the rumqttc shell, group commit into [`store`] (SQLite), acks after commit;
+//!   [`sink`]: the InfluxDB 2 writer draining the store's on-disk telemetry buffer.
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
@@ -17,6 +18,7 @@ pub mod ingest;
 pub mod intake;
 pub mod pipeline;
 pub mod registry;
+pub mod sink;
 pub mod store;
 pub mod telemetry;
 pub mod walkthrough;

@@ -108,7 +108,7 @@ impl Pipeline {
             batch.health.insert(eui, h.clone());
         }
         // 4. Telemetry at the device's sample times.
-        let telemetry_only = telemetry::points(eui, &accepted.message, &mut batch.telemetry);
+        let telemetry_only = telemetry::points(eui, kind, &accepted.message, &mut batch.telemetry);
         // 5. Everything else is kept for the trace (and the rules of the next issue).
         let name = accepted.message.kind_name();
         if !telemetry_only {

@@ -111,13 +111,44 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE audit (id INTEGER PRIMARY KEY, received_ms INTEGER NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, eui INTEGER, raw BLOB NOT NULL);
     CREATE TABLE reject_counts (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
     CREATE TABLE stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    // 2: the on-disk buffer in front of an external telemetry sink.
+    "CREATE TABLE telemetry_buffer (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        eui INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        measurement TEXT NOT NULL,
+        field TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        value REAL NOT NULL
+    );",
 ];
+
+/// A telemetry point waiting in the buffer for the external sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferedPoint {
+    /// Buffer position.
+    pub id: i64,
+    /// Device.
+    pub eui: Eui,
+    /// Kind name.
+    pub kind: String,
+    /// Measurement.
+    pub measurement: String,
+    /// Field.
+    pub field: String,
+    /// Sample time, Unix ms.
+    pub at_ms: i64,
+    /// Value.
+    pub value: f64,
+}
 
 /// One telemetry value with its explicit time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Point {
     /// Device.
     pub eui: Eui,
+    /// Its kind (a tag in the time-series store).
+    pub kind: Kind,
     /// Measurement (`cover`, `drain`, `position`, `status`).
     pub measurement: &'static str,
     /// Field.
@@ -208,6 +239,8 @@ pub struct Totals {
 pub struct Store {
     conn: Connection,
     audit_max: u64,
+    /// `Some(bound)`: telemetry goes to the buffer for an external sink, at most `bound` points.
+    buffer_max: Option<u64>,
 }
 
 fn i(v: u64) -> i64 {
@@ -232,9 +265,15 @@ impl Store {
             },
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Store { conn, audit_max };
+        let mut store = Store { conn, audit_max, buffer_max: None };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Sends telemetry to the buffer of an external sink (holding at most `max_points`)
+    /// instead of the embedded telemetry table.
+    pub fn buffer_telemetry(&mut self, max_points: u64) {
+        self.buffer_max = Some(max_points);
     }
 
     /// The schema version of the file.
@@ -485,18 +524,52 @@ impl Store {
                     m.body
                 ])?;
             }
-            // Explicit sample times: a replayed point overwrites itself.
-            let mut telemetry = tx.prepare_cached(
-                "INSERT OR REPLACE INTO telemetry (eui, measurement, field, at_ms, value) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for p in &batch.telemetry {
-                telemetry.execute(params![
-                    p.eui.0 as i64,
-                    p.measurement,
-                    p.field,
-                    p.at_ms,
-                    p.value
-                ])?;
+            if let Some(max) = self.buffer_max {
+                let mut buffer = tx.prepare_cached(
+                    "INSERT INTO telemetry_buffer (eui, kind, measurement, field, at_ms, value)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for p in &batch.telemetry {
+                    let kind = p.kind.as_str();
+                    buffer.execute(params![
+                        p.eui.0 as i64,
+                        kind,
+                        p.measurement,
+                        p.field,
+                        p.at_ms,
+                        p.value
+                    ])?;
+                }
+                if !batch.telemetry.is_empty() {
+                    // Full: the oldest points go, counted. Rows leave only from the head, so
+                    // the id range is the count.
+                    let dropped = tx.execute(
+                        "DELETE FROM telemetry_buffer WHERE id <= (SELECT MAX(id) FROM telemetry_buffer) - ?1",
+                        params![i(max)],
+                    )?;
+                    if dropped > 0 {
+                        tx.execute(
+                            "INSERT INTO stats (name, value) VALUES ('telemetry_dropped', ?1)
+                             ON CONFLICT (name) DO UPDATE SET value = value + ?1",
+                            params![dropped as i64],
+                        )?;
+                    }
+                }
+            } else {
+                // Explicit sample times: a replayed point overwrites itself.
+                let mut telemetry = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO telemetry (eui, measurement, field, at_ms, value)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for p in &batch.telemetry {
+                    telemetry.execute(params![
+                        p.eui.0 as i64,
+                        p.measurement,
+                        p.field,
+                        p.at_ms,
+                        p.value
+                    ])?;
+                }
             }
             let mut audit = tx.prepare_cached(
                 "INSERT INTO audit (received_ms, topic, reason, eui, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -562,6 +635,48 @@ impl Store {
             )?,
         };
         Ok(n as u64)
+    }
+
+    /// The oldest `limit` buffered points.
+    pub fn buffer_read(&self, limit: usize) -> Result<Vec<BufferedPoint>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, eui, kind, measurement, field, at_ms, value FROM telemetry_buffer ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![i(limit as u64)], |r| {
+            Ok(BufferedPoint {
+                id: r.get(0)?,
+                eui: Eui(r.get::<_, i64>(1)? as u64),
+                kind: r.get(2)?,
+                measurement: r.get(3)?,
+                field: r.get(4)?,
+                at_ms: r.get(5)?,
+                value: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes buffered points up to and including `id` (delivered, or undeliverable).
+    pub fn buffer_delete_through(&mut self, id: i64) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM telemetry_buffer WHERE id <= ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Points waiting in the buffer.
+    pub fn buffer_len(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM telemetry_buffer", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// A counter from the stats table (`accepted`, `telemetry_dropped`, …).
+    pub fn stat(&self, name: &str) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM stats WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()?;
+        Ok(v.unwrap_or(0) as u64)
     }
 
     /// Rows in the audit log.
@@ -630,6 +745,7 @@ mod tests {
         w.accept(41);
         batch.counters.insert(Eui(9), w);
         let point = Point {
+            kind: Kind::Drain,
             eui: Eui(9),
             measurement: "drain",
             field: "level_mm",
@@ -684,5 +800,38 @@ mod tests {
             Store::open(&path, Synchronous::Normal, 5),
             Err(StoreError::TooNew { found: 99, .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_keeps_the_newest_points_and_counts_what_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 10).unwrap();
+        store.buffer_telemetry(5);
+        for n in 0..4 {
+            let mut batch = Batch::default();
+            for k in 0..3 {
+                batch.telemetry.push(Point {
+                    eui: Eui(1),
+                    kind: Kind::Drain,
+                    measurement: "drain",
+                    field: "level_mm",
+                    at_ms: n * 10 + k,
+                    value: 1.0,
+                });
+            }
+            store.commit(&batch).unwrap();
+        }
+        assert_eq!(store.buffer_len().unwrap(), 5);
+        assert_eq!(store.stat("telemetry_dropped").unwrap(), 7);
+        let oldest = store.buffer_read(2).unwrap();
+        assert_eq!(oldest.iter().map(|p| p.at_ms).collect::<Vec<_>>(), [21, 22]);
+        store.buffer_delete_through(oldest[1].id).unwrap();
+        assert_eq!(store.buffer_len().unwrap(), 3);
+        assert_eq!(store.telemetry_count(None).unwrap(), 0);
     }
 }

@@ -5,15 +5,15 @@ use gridsense_protocol::{
     CoverSample, DeviceTime, DrainSample, Eui, PositionFix, Sample, SwitchState, Uplink,
 };
 
-use crate::store::Point;
+use crate::{registry::Kind, store::Point};
 
 fn ms(at: DeviceTime) -> i64 {
     i64::try_from(at.unix_secs().saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
-fn cover(eui: Eui, at: DeviceTime, s: &CoverSample, out: &mut Vec<Point>) {
+fn cover(eui: Eui, kind: Kind, at: DeviceTime, s: &CoverSample, out: &mut Vec<Point>) {
     let at_ms = ms(at);
-    let p = |field, value| Point { eui, measurement: "cover", field, at_ms, value };
+    let p = |field, value| Point { eui, kind, measurement: "cover", field, at_ms, value };
     out.push(p("tilt_ddeg", f64::from(s.tilt_ddeg)));
     match s.switch {
         SwitchState::Absent => {}
@@ -25,27 +25,16 @@ fn cover(eui: Eui, at: DeviceTime, s: &CoverSample, out: &mut Vec<Point>) {
     }
 }
 
-fn drain(eui: Eui, at: DeviceTime, s: &DrainSample, out: &mut Vec<Point>) {
+fn drain(eui: Eui, kind: Kind, at: DeviceTime, s: &DrainSample, out: &mut Vec<Point>) {
     let at_ms = ms(at);
-    out.push(Point {
-        eui,
-        measurement: "drain",
-        field: "level_mm",
-        at_ms,
-        value: f64::from(s.level_mm),
-    });
-    out.push(Point {
-        eui,
-        measurement: "drain",
-        field: "rate_mm_h",
-        at_ms,
-        value: f64::from(s.rate_mm_h),
-    });
+    let p = |field, value| Point { eui, kind, measurement: "drain", field, at_ms, value };
+    out.push(p("level_mm", f64::from(s.level_mm)));
+    out.push(p("rate_mm_h", f64::from(s.rate_mm_h)));
 }
 
-fn position(eui: Eui, at: DeviceTime, f: &PositionFix, out: &mut Vec<Point>) {
+fn position(eui: Eui, kind: Kind, at: DeviceTime, f: &PositionFix, out: &mut Vec<Point>) {
     let at_ms = ms(at);
-    let p = |field, value| Point { eui, measurement: "position", field, at_ms, value };
+    let p = |field, value| Point { eui, kind, measurement: "position", field, at_ms, value };
     out.push(p("lat", f64::from(f.lat_udeg) / 1e6));
     out.push(p("lon", f64::from(f.lon_udeg) / 1e6));
     out.push(p("accuracy_m", f64::from(f.accuracy_m)));
@@ -53,23 +42,23 @@ fn position(eui: Eui, at: DeviceTime, f: &PositionFix, out: &mut Vec<Point>) {
 
 /// Appends the telemetry a message carries; returns whether the message was telemetry only
 /// (readings, fixes, backlog) rather than something the trace keeps as a message.
-pub fn points(eui: Eui, message: &Uplink, out: &mut Vec<Point>) -> bool {
+pub fn points(eui: Eui, kind: Kind, message: &Uplink, out: &mut Vec<Point>) -> bool {
     match message {
-        Uplink::CoverReading { at, sample } => cover(eui, *at, sample, out),
-        Uplink::DrainReading { at, sample } => drain(eui, *at, sample, out),
-        Uplink::PatrolFix { at, fix } => position(eui, *at, fix, out),
+        Uplink::CoverReading { at, sample } => cover(eui, kind, *at, sample, out),
+        Uplink::DrainReading { at, sample } => drain(eui, kind, *at, sample, out),
+        Uplink::PatrolFix { at, fix } => position(eui, kind, *at, fix, out),
         Uplink::Backlog(b) => {
             for (at, sample) in b.timed() {
                 match sample {
-                    Sample::Cover(s) => cover(eui, at, &s, out),
-                    Sample::Drain(s) => drain(eui, at, &s, out),
-                    Sample::Fix(f) => position(eui, at, &f, out),
+                    Sample::Cover(s) => cover(eui, kind, at, &s, out),
+                    Sample::Drain(s) => drain(eui, kind, at, &s, out),
+                    Sample::Fix(f) => position(eui, kind, at, &f, out),
                 }
             }
         }
         Uplink::Status(s) => {
             let at_ms = ms(s.at);
-            let p = |field, value| Point { eui, measurement: "status", field, at_ms, value };
+            let p = |field, value| Point { eui, kind, measurement: "status", field, at_ms, value };
             out.push(p("battery_mv", f64::from(s.battery_mv)));
             out.push(p("rssi_dbm", f64::from(s.rssi_dbm)));
             out.push(p("temperature_c", f64::from(s.temperature_dc) / 10.0));
@@ -91,12 +80,12 @@ mod tests {
     fn every_sample_becomes_points_at_its_own_time() {
         let mut out = Vec::new();
         let [cover, drain, status, _, _, backlog, fix, ..] = examples::uplinks();
-        assert!(points(Eui(1), &cover, &mut out));
-        assert!(points(Eui(1), &drain, &mut out));
-        assert!(!points(Eui(1), &status, &mut out));
-        assert!(points(Eui(1), &fix, &mut out));
+        assert!(points(Eui(1), Kind::Drain, &cover, &mut out));
+        assert!(points(Eui(1), Kind::Drain, &drain, &mut out));
+        assert!(!points(Eui(1), Kind::Drain, &status, &mut out));
+        assert!(points(Eui(1), Kind::Drain, &fix, &mut out));
         let before = out.len();
-        assert!(points(Eui(1), &backlog, &mut out));
+        assert!(points(Eui(1), Kind::Drain, &backlog, &mut out));
         // Six drain samples, two fields each, five minutes apart.
         let batch: Vec<_> =
             out[before..].iter().filter(|p| p.field == "level_mm").map(|p| p.at_ms).collect();

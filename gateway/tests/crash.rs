@@ -99,7 +99,7 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     for (header, msg) in subscriber.decoded(&keys) {
         if distinct.insert((header.eui, header.counter)) {
             let mut out = Vec::new();
-            telemetry::points(header.eui, &msg, &mut out);
+            telemetry::points(header.eui, gridsense_gateway::registry::Kind::Cover, &msg, &mut out);
             points.extend(out.into_iter().map(|p| (p.eui, p.measurement, p.field, p.at_ms)));
         }
     }

@@ -5,11 +5,14 @@
 //! - [`Mosquitto`]: Debian's `/usr/sbin/mosquitto` with a config written per test
 //!   (`scripts/test` installs the package).
 //! - The embedded broker (rumqttd) is the gateway's own: `gridsense_gateway::broker`.
+//! - [`VictoriaMetrics`]: Debian's `victoria-metrics`, the InfluxDB 2 write API in tests.
 //! - [`Subscriber`]: records every uplink frame.
 
 pub mod broker;
 pub mod fixtures;
 pub mod subscriber;
+pub mod victoria;
 
 pub use broker::{Mosquitto, free_port};
 pub use subscriber::{Received, Subscriber};
+pub use victoria::VictoriaMetrics;

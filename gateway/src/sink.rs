@@ -1,0 +1,163 @@
+//! The external telemetry sink: drains the store's on-disk buffer to the InfluxDB 2 write API
+//! (`POST /api/v2/write`, via the `influxdb2` crate) in batches, with explicit millisecond
+//! timestamps (the device's sample times, so a replayed point overwrites itself) and the
+//! device EUI and kind as tags. Points leave the buffer only after the server accepted them.
+//! 429, 5xx and connection errors are retried with exponential backoff while the buffer keeps
+//! filling (bounded by `telemetry.buffer_max_points`, oldest dropped and counted); any other
+//! 4xx means the batch can never be written: it is dropped and counted, not retried forever.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use futures::stream;
+use influxdb2::{
+    Client, ClientBuilder, RequestError, api::write::TimestampPrecision, models::DataPoint,
+};
+use tokio::sync::watch;
+
+use crate::{
+    config::Telemetry,
+    store::{BufferedPoint, Store, StoreError},
+};
+
+/// Live sink counters.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    /// Points the server accepted.
+    pub written: AtomicU64,
+    /// Points dropped because the server refused them for good (4xx other than 429).
+    pub rejected: AtomicU64,
+    /// Failed write attempts (retried).
+    pub failures: AtomicU64,
+    /// Points waiting in the buffer at the last look.
+    pub buffered: AtomicU64,
+    /// Duration of the last successful write, µs.
+    pub last_write_us: AtomicU64,
+}
+
+/// Why the sink could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The HTTP client could not be built.
+    #[error("telemetry sink: {0}")]
+    Client(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A blocking task failed.
+    #[error("telemetry sink task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Whether a failed write is worth retrying.
+fn retryable(error: &RequestError) -> bool {
+    match error {
+        RequestError::Http { status, .. } => status.as_u16() == 429 || status.is_server_error(),
+        _ => true,
+    }
+}
+
+fn data_points(points: &[BufferedPoint]) -> Vec<DataPoint> {
+    points
+        .iter()
+        .filter_map(|p| {
+            DataPoint::builder(p.measurement.as_str())
+                .tag("eui", p.eui.to_string())
+                .tag("kind", p.kind.as_str())
+                .field(p.field.as_str(), p.value)
+                .timestamp(p.at_ms)
+                .build()
+                .ok()
+        })
+        .collect()
+}
+
+/// The InfluxDB client for the settings (the URL was validated with the configuration).
+pub fn client(config: &Telemetry) -> Result<Client, SinkError> {
+    let http = reqwest::Client::builder().timeout(Duration::from_millis(config.timeout_ms));
+    ClientBuilder::with_builder(http, config.url.clone(), config.org.clone(), config.token.clone())
+        .build()
+        .map_err(|e| SinkError::Client(e.to_string()))
+}
+
+/// Drains the buffer until `shutdown` turns true.
+pub async fn run(
+    config: Telemetry,
+    mut store: Store,
+    status: Arc<SinkStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SinkError> {
+    let client = client(&config)?;
+    let mut delay = config.retry_min_ms;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let limit = config.batch_max;
+        let (s, read) = tokio::task::spawn_blocking(move || {
+            let r = store.buffer_read(limit).and_then(|p| Ok((p, store.buffer_len()?)));
+            (store, r)
+        })
+        .await?;
+        store = s;
+        let (points, waiting) = read?;
+        status.buffered.store(waiting, Relaxed);
+        let Some(last) = points.last().map(|p| p.id) else {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(config.flush_ms)) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let result = client
+            .write_with_precision(
+                &config.bucket,
+                stream::iter(data_points(&points)),
+                TimestampPrecision::Milliseconds,
+            )
+            .await;
+        let delivered = match result {
+            Ok(()) => {
+                status.written.fetch_add(points.len() as u64, Relaxed);
+                status.last_write_us.store(
+                    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    Relaxed,
+                );
+                delay = config.retry_min_ms;
+                true
+            }
+            Err(e) if retryable(&e) => {
+                status.failures.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    "telemetry write failed ({e}); {waiting} points buffered; retrying in {delay} ms"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                delay = (delay * 2).min(config.retry_max_ms);
+                false
+            }
+            Err(e) => {
+                status.rejected.fetch_add(points.len() as u64, Relaxed);
+                tracing::error!("telemetry server refused {} points for good: {e}", points.len());
+                true
+            }
+        };
+        if delivered {
+            let (s, deleted) = tokio::task::spawn_blocking(move || {
+                let r = store.buffer_delete_through(last);
+                (store, r)
+            })
+            .await?;
+            store = s;
+            deleted?;
+        }
+    }
+}

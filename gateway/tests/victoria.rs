@@ -1,0 +1,121 @@
+//! Telemetry through the InfluxDB 2 write API into a real VictoriaMetrics (no de-duplication,
+//! so a duplicate would show): every accepted sample arrives once, at its device sample time,
+//! tagged with EUI and kind; VictoriaMetrics is stopped for a while under load and restarted,
+//! and nothing is lost: the gateway's on-disk buffer holds the points and drains when it returns.
+
+// Test code: a panic is how a failure is reported.
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::atomic::Ordering::Relaxed,
+    time::Duration,
+};
+
+use gridsense_gateway::{
+    app,
+    config::{Config, Sink},
+    registry::Kind,
+    telemetry,
+};
+use gridsense_simulator::{city::Counts, inventory};
+use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
+
+#[tokio::test]
+async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
+    let broker = Mosquitto::start().unwrap();
+    let mut vm = VictoriaMetrics::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 81, Counts { covers: 20, drains: 20, beacons: 5 }).unwrap();
+    let mut config = Config::default();
+    config.mqtt.url = format!("mqtt://{}", broker.addr());
+    config.store.path = dir.path().join("gridsense.db");
+    config.telemetry.sink = Sink::Influxdb;
+    config.telemetry.url = vm.url();
+    config.telemetry.batch_max = 500;
+    config.telemetry.retry_max_ms = 500;
+    let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
+    app::open_store(&config).unwrap().import(&devices, 0).unwrap();
+    let kinds: std::collections::HashMap<_, _> =
+        devices.iter().map(|d| (d.eui, Kind::from(d.record.kind))).collect();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let gateway = app::start(&config, app::wall_clock(), stop).unwrap();
+    while !gateway.status.connected.load(Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let subscriber = Subscriber::start(broker.addr()).await.unwrap();
+    let scenario = "description = \"t\"\nseed = 4\n[device_config]\nreport_interval_s = 10\ndrain_deadband_mm = 0\nfix_interval_s = 10\n[patrol]\non_patrol = 1.0\n";
+    let sim_dir = dir.path().to_owned();
+    let addr = broker.addr();
+    let sim = tokio::spawn(async move {
+        fixtures::run(&sim_dir, scenario, addr, 20.0, Duration::from_secs(10)).await
+    });
+    // An outage of the telemetry server in the middle of the run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    vm.stop().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (sink_status, _) = gateway.sink.as_ref().unwrap();
+    let buffered_during_outage = sink_status.buffered.load(Relaxed);
+    vm.restart().unwrap();
+    sim.await.unwrap().unwrap();
+    subscriber.settle(Duration::from_millis(500), Duration::from_secs(5)).await;
+
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let mut distinct = HashSet::new();
+    let mut expected = BTreeSet::new();
+    for (header, msg) in subscriber.decoded(&keys) {
+        if distinct.insert((header.eui, header.counter)) {
+            let mut out = Vec::new();
+            telemetry::points(header.eui, kinds[&header.eui], &msg, &mut out);
+            for p in out {
+                let labels = (
+                    format!("{}_{}", p.measurement, p.field),
+                    p.eui.to_string(),
+                    p.kind.as_str().to_owned(),
+                );
+                expected.insert((labels, p.at_ms));
+            }
+        }
+    }
+    // Wait for the gateway to take everything and the sink to drain its buffer.
+    for _ in 0..150 {
+        let done = app::open_store(&config).unwrap().totals().unwrap().accepted
+            >= distinct.len() as u64
+            && sink_status.buffered.load(Relaxed) == 0
+            && sink_status.written.load(Relaxed) >= expected.len() as u64;
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let series = vm.export("(cover|drain|position|status)_.*").await.unwrap();
+    let mut stored = BTreeSet::new();
+    let mut raw = 0;
+    for (labels, samples) in &series {
+        raw += samples.len();
+        for (t, _) in samples {
+            stored.insert((
+                (labels["__name__"].clone(), labels["eui"].clone(), labels["kind"].clone()),
+                *t,
+            ));
+        }
+    }
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    assert!(sink_status.failures.load(Relaxed) > 0, "the outage was not noticed");
+    assert!(buffered_during_outage > 0, "nothing was buffered during the outage");
+    assert_eq!(
+        stored.len(),
+        expected.len(),
+        "missing: {:?}",
+        expected.difference(&stored).take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(stored, expected);
+    assert_eq!(raw, expected.len(), "duplicate samples stored");
+    println!(
+        "victoria: {} samples stored once each; {} points buffered during the outage; {} failed writes retried",
+        raw,
+        buffered_during_outage,
+        sink_status.failures.load(Relaxed)
+    );
+}
