@@ -29,6 +29,8 @@ pub struct Gateway {
     pub task: JoinHandle<Result<(), IngestError>>,
     /// The external telemetry sink, when one is configured.
     pub sink: Option<RunningSink>,
+    /// Where the HTTP API listens, when it does.
+    pub http: Option<SocketAddr>,
 }
 
 /// The external telemetry sink's counters and task.
@@ -78,9 +80,40 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         (broker::parse_url(&config.mqtt.url)?, None)
     };
     let status = Arc::new(Status::default());
+    let http = if config.http.listen.is_empty() {
+        None
+    } else {
+        let listener = std::net::TcpListener::bind(&config.http.listen)
+            .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+        Some(serve_http(
+            listener,
+            &status,
+            sink.as_ref().map(|(s, _)| s.clone()),
+            shutdown.clone(),
+        )?)
+    };
     let task = tokio::spawn({
         let (config, status) = (config.clone(), status.clone());
         async move { ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await }
     });
-    Ok(Gateway { status, broker, device_listener, task, sink })
+    Ok(Gateway { status, broker, device_listener, task, sink, http })
+}
+
+/// Serves the HTTP API on an already bound listener until shutdown; returns its address.
+pub fn serve_http(
+    listener: std::net::TcpListener,
+    status: &Arc<Status>,
+    sink: Option<Arc<SinkStatus>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<SocketAddr> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let router = crate::http::router(status.clone(), sink);
+    tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listener, router, shutdown).await {
+            tracing::error!("http server stopped: {e}");
+        }
+    });
+    Ok(addr)
 }

@@ -39,6 +39,9 @@ pub enum Command {
         /// Data folder (SQLite store, generated district).
         #[arg(long, default_value = "gridsense-data")]
         data: PathBuf,
+        /// Where to serve the status API and page (loopback).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
     },
     /// Run the gateway.
     Run {
@@ -102,8 +105,8 @@ fn ctrl_c() -> watch::Receiver<bool> {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { devices, scenario, speed, duration, data } => {
-            let options = demo::DemoOptions { devices, scenario, speed, duration, data };
+        Command::Demo { devices, scenario, speed, duration, data, http } => {
+            let options = demo::DemoOptions { devices, scenario, speed, duration, data, http };
             let report = demo::run(options, ctrl_c()).await?;
             print!("{}", report.render());
             Ok(())

@@ -20,6 +20,16 @@ pub struct Config {
     pub health: Health,
     /// Where telemetry goes.
     pub telemetry: Telemetry,
+    /// The HTTP API.
+    pub http: Http,
+}
+
+/// The HTTP API (`/api/v1/status`, `/healthz`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// `HOST:PORT` to listen on, e.g. `127.0.0.1:8080`; empty: no HTTP server.
+    pub listen: String,
 }
 
 /// Telemetry sink: SQLite (the embedded default) or the InfluxDB 2 write API.
@@ -312,6 +322,13 @@ impl Config {
         }
         if self.store.audit_max == 0 {
             return Err(("store.audit_max", "must be at least 1".into()));
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err((
+                "http.listen",
+                format!("{:?} is not HOST:PORT (an IP address and a port)", self.http.listen),
+            ));
         }
         let t = &self.telemetry;
         if t.sink == Sink::Influxdb {

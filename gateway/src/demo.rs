@@ -35,6 +35,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Data folder.
     pub data: PathBuf,
+    /// Where to serve `/api/v1/status` and the status page (loopback; a free port if taken).
+    pub http: String,
 }
 
 /// Device counts for `n` devices in the default district's proportions (2000:300:239).
@@ -97,6 +99,18 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     }
     let mut config = Config::default();
     config.store.path = options.data.join("gridsense.db");
+    // The demo stays on loopback: a taken port falls back to a free one.
+    let http_addr: std::net::SocketAddr =
+        options.http.parse().context("--http: expected IP:PORT")?;
+    if !http_addr.ip().is_loopback() {
+        anyhow::bail!("--http {http_addr}: the demo serves on loopback only");
+    }
+    config.http.listen = match std::net::TcpListener::bind(http_addr) {
+        Ok(probe) => probe.local_addr()?.to_string(),
+        Err(_) => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], crate::broker::free_port()?)).to_string()
+        }
+    };
     {
         let mut store = app::open_store(&config)?;
         let devices = inventory::load(&city_dir.join("devices.json"))?;
@@ -115,6 +129,9 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
         "gridsense demo: embedded broker on {devices_addr} (devices, MQTT 5) and {} (gateway); scenario {} at speed {speed}",
         gateway.broker, options.scenario
     );
+    if let Some(http) = gateway.http {
+        eprintln!("gridsense demo: status page http://{http}/ and http://{http}/api/v1/status");
+    }
     // Wait until the gateway is subscribed before devices start sending.
     let ready_by = tokio::time::Instant::now() + Duration::from_secs(10);
     while !gateway.status.connected.load(Relaxed) && tokio::time::Instant::now() < ready_by {

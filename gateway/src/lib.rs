@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod http;
 pub mod ingest;
 pub mod intake;
 pub mod pipeline;

@@ -1,0 +1,56 @@
+//! Hot state per registered device: the pipeline's registry keys, counter windows and health
+//! (with its offline timer), for N devices that have each sent one frame. Prints bytes per
+//! device from the process's resident memory before and after.
+//!
+//! `cargo run --release -p gridsense-gateway --example memory -- [N]` (default 1,000,000)
+
+use gridsense_gateway::{
+    health::HealthConfig,
+    pipeline::Pipeline,
+    registry::{Kind, Registered},
+    store::Batch,
+};
+use gridsense_protocol::{DeviceKey, Direction, Eui, examples, seal, topic::topic};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let key = DeviceKey::from_bytes([7; 16]);
+    let registry: Vec<Registered> = (0..n)
+        .map(|i| Registered {
+            eui: Eui(0x2102_0202_0000_0000 + i),
+            kind: Kind::Drain,
+            key: key.clone(),
+        })
+        .collect();
+    let config =
+        HealthConfig { offline_factor: 2.5, interval_ms: [3_600_000; 3], low_battery_mv: 3_300 };
+    let before = rss_kib();
+    let mut pipeline = Pipeline::new(registry, Vec::new(), Vec::new(), config);
+    let status = &examples::uplinks()[2];
+    let mut batch = Batch::default();
+    for i in 0..n {
+        let eui = Eui(0x2102_0202_0000_0000 + i);
+        let frame = seal(eui, 1, status, &key);
+        pipeline.handle(0, &topic(eui, Direction::Uplink), &frame, &mut batch);
+        if i % 10_000 == 0 {
+            batch = Batch::default();
+        }
+    }
+    drop(batch);
+    let after = rss_kib();
+    println!(
+        "{n} devices: resident memory +{} KiB after registering and one status each = {:.0} bytes per device",
+        after - before,
+        (after - before) as f64 * 1024.0 / n as f64
+    );
+    println!("online: {}", pipeline.health().online_count());
+}

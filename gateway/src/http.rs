@@ -1,0 +1,144 @@
+//! The gateway's HTTP surface so far: `GET /api/v1/status` (JSON counters), `GET /healthz`, and
+//! a minimal live page at `/` (no external assets; the dashboard issue replaces it).
+
+use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+use axum::{Json, Router, extract::State, response::Html, routing::get};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{ingest::Status, sink::SinkStatus};
+
+#[derive(Clone)]
+struct AppState {
+    status: Arc<Status>,
+    sink: Option<Arc<SinkStatus>>,
+}
+
+/// The JSON of `GET /api/v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusBody {
+    /// Frames accepted since start.
+    pub frames_accepted: u64,
+    /// Frames rejected since start.
+    pub frames_rejected: u64,
+    /// Devices online.
+    pub devices_online: u64,
+    /// Devices registered.
+    pub devices_registered: u64,
+    /// Broker connected and subscribed.
+    pub broker_connected: bool,
+    /// Messages received, not yet acknowledged.
+    pub unacked: u64,
+    /// Group commits.
+    pub batches: u64,
+    /// External telemetry sink, if any.
+    pub telemetry: Option<TelemetryBody>,
+}
+
+/// Telemetry sink part of the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TelemetryBody {
+    /// Points written.
+    pub written: u64,
+    /// Points waiting in the on-disk buffer.
+    pub buffered: u64,
+    /// Failed writes (retried).
+    pub failures: u64,
+}
+
+fn body(state: &AppState) -> StatusBody {
+    let s = &state.status;
+    StatusBody {
+        frames_accepted: s.frames_accepted.load(Relaxed),
+        frames_rejected: s.frames_rejected.load(Relaxed),
+        devices_online: s.devices_online.load(Relaxed),
+        devices_registered: s.devices_registered.load(Relaxed),
+        broker_connected: s.connected.load(Relaxed),
+        unacked: s.unacked.load(Relaxed),
+        batches: s.batches.load(Relaxed),
+        telemetry: state.sink.as_ref().map(|t| TelemetryBody {
+            written: t.written.load(Relaxed),
+            buffered: t.buffered.load(Relaxed),
+            failures: t.failures.load(Relaxed),
+        }),
+    }
+}
+
+async fn get_status(State(state): State<AppState>) -> Json<StatusBody> {
+    Json(body(&state))
+}
+
+const PAGE: &str = r#"<!doctype html>
+<html lang="zh-CN"><head><meta charset="utf-8"><title>gridsense 网格感知</title>
+<style>body{font:18px system-ui,sans-serif;margin:2em;background:#10151c;color:#e8eef5}
+h1{font-size:1.4em}dl{display:grid;grid-template-columns:max-content auto;gap:.4em 1.5em}
+dt{color:#8aa0b8}dd{margin:0;font-variant-numeric:tabular-nums;font-size:1.3em}</style></head>
+<body><h1>gridsense 网格感知 · 网关状态 gateway status</h1><dl id="s"></dl>
+<script>
+const labels={frames_accepted:"已接收帧 frames accepted",frames_rejected:"已拒绝帧 frames rejected",
+devices_online:"在线设备 devices online",devices_registered:"登记设备 devices registered",
+broker_connected:"消息代理 broker connected",unacked:"待确认 unacked",batches:"批次 batches"};
+async function tick(){try{const s=await (await fetch('/api/v1/status')).json();
+document.getElementById('s').innerHTML=Object.entries(labels).map(([k,l])=>`<dt>${l}</dt><dd>${s[k]}</dd>`).join('');}catch(e){}}
+tick();setInterval(tick,1000);
+</script></body></html>"#;
+
+/// The router.
+pub fn router(status: Arc<Status>, sink: Option<Arc<SinkStatus>>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/status", get(get_status))
+        .with_state(AppState { status, sink })
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn status_is_served_as_json_on_loopback() {
+        let status = Arc::new(Status::default());
+        status.frames_accepted.store(42, Relaxed);
+        status.devices_online.store(7, Relaxed);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, router(status, None), stop));
+        let body: serde_json::Value = reqwest::get(format!("http://{addr}/api/v1/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["frames_accepted"], 42);
+        assert_eq!(body["devices_online"], 7);
+        assert_eq!(body["frames_rejected"], 0);
+        let page = reqwest::get(format!("http://{addr}/")).await.unwrap().text().await.unwrap();
+        assert!(
+            page.contains("/api/v1/status")
+                && !page.contains("http://")
+                && !page.contains("https://")
+        );
+        stop_tx.send(true).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
