@@ -69,6 +69,18 @@ pub enum ProvisionCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write a Mosquitto password file and ACL file for the registry (and a gateway account).
+    Broker {
+        /// Output folder (passwd, acl, gateway.credentials).
+        #[arg(long)]
+        out: PathBuf,
+        /// The gateway's MQTT user name.
+        #[arg(long, default_value = "gridsense-gateway")]
+        gateway_user: String,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// `gridsense frame …`
@@ -137,6 +149,19 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "gridsense provision import: {report} ({} in {})",
                 devices.len(),
                 config.store.path.display()
+            );
+            Ok(())
+        }
+        Command::Provision(ProvisionCommand::Broker { out, gateway_user, config }) => {
+            let config = load_config(config.as_deref())?;
+            let store = app::open_store(&config)?;
+            let files =
+                crate::provision::write_broker_files(&out, &gateway_user, &store.credentials()?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "gridsense provision broker: {} device accounts and `{gateway_user}` written to {}/passwd and {0}/acl                  (gateway password in {0}/gateway.credentials). In mosquitto.conf: password_file, acl_file,                  allow_anonymous false; reload with: kill -HUP $(pidof mosquitto)",
+                files.devices,
+                out.display()
             );
             Ok(())
         }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod ingest;
 pub mod intake;
 pub mod pipeline;
+pub mod provision;
 pub mod registry;
 pub mod sink;
 pub mod store;

@@ -415,6 +415,14 @@ impl Store {
         .collect()
     }
 
+    /// MQTT user names (EUIs) and passwords of active devices, for the broker's files.
+    pub fn credentials(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT eui_hex, mqtt_password FROM devices WHERE status = 'active' ORDER BY eui",
+        )?;
+        Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?)
+    }
+
     /// Persisted counter windows.
     pub fn counters(&self) -> Result<Vec<(Eui, CounterWindow)>, StoreError> {
         let mut stmt = self.conn.prepare("SELECT eui, highest, seen FROM counters")?;

@@ -43,17 +43,33 @@ impl Mosquitto {
         Self::start_with("")
     }
 
-    /// Starts one with extra configuration lines.
+    /// Starts one that admits only the accounts of a password file, restricted by an ACL file.
+    pub fn start_secured(
+        password_file: &std::path::Path,
+        acl_file: &std::path::Path,
+    ) -> Result<Self> {
+        Self::start_config(&format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            password_file.display(),
+            acl_file.display()
+        ))
+    }
+
+    /// Starts one with extra configuration lines (anonymous access allowed).
     pub fn start_with(extra: &str) -> Result<Self> {
+        Self::start_config(&format!("allow_anonymous true\n{extra}"))
+    }
+
+    fn start_config(access: &str) -> Result<Self> {
         let port = free_port()?;
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("mosquitto.conf");
         // `user root`: started as root it would otherwise drop privileges before opening the
         // files in this private temp folder (PITFALLS.md).
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n\
+            "listener {port} 127.0.0.1\nuser root\npersistence false\n\
              max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+             log_dest stderr\nlog_type error\nlog_type warning\n{access}\n"
         );
         fs::write(&config, text)?;
         let binary = PathBuf::from("/usr/sbin/mosquitto");
