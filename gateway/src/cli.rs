@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use gridsense_protocol::{DeviceKey, Direction, Downlink, RawFrame, Uplink};
+use gridsense_protocol::{DeviceKey, Direction, Downlink, Eui, RawFrame, Uplink};
 use tokio::sync::watch;
 
 use crate::{app, config, demo};
@@ -65,6 +65,45 @@ pub enum ProvisionCommand {
         /// The folder.
         #[arg(long)]
         city: PathBuf,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Retire a device: its frames are no longer accepted.
+    Retire {
+        /// The device EUI.
+        eui: String,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Record that a device moved.
+    Move {
+        /// The device EUI.
+        eui: String,
+        /// New WGS84 latitude.
+        #[arg(long)]
+        lat: f64,
+        /// New WGS84 longitude.
+        #[arg(long)]
+        lon: f64,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Replace a device by a new one on the same object (same location, codes and levels).
+    Replace {
+        /// The EUI of the device taken out.
+        eui: String,
+        /// The new device's EUI.
+        #[arg(long)]
+        with: String,
+        /// The new device's key, 32 hex digits (or set GRIDSENSE_NEW_KEY).
+        #[arg(long, env = "GRIDSENSE_NEW_KEY", hide_env_values = true)]
+        key: String,
+        /// The new device's MQTT password.
+        #[arg(long, env = "GRIDSENSE_NEW_PASSWORD", hide_env_values = true)]
+        password: String,
         /// Configuration file naming the store.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -149,6 +188,46 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "gridsense provision import: {report} ({} in {})",
                 devices.len(),
                 config.store.path.display()
+            );
+            Ok(())
+        }
+        Command::Provision(ProvisionCommand::Retire { eui, config }) => {
+            let eui: Eui = eui.parse().context("EUI")?;
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if !store.retire(eui, app::wall_clock()())? {
+                bail!("{eui} is not an active device");
+            }
+            println!("gridsense provision retire: {eui} retired (restart the gateway to apply)");
+            Ok(())
+        }
+        Command::Provision(ProvisionCommand::Move { eui, lat, lon, config }) => {
+            let eui: Eui = eui.parse().context("EUI")?;
+            if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+                bail!("--lat {lat} --lon {lon} is not a WGS84 position");
+            }
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if !store.relocate(eui, lat, lon, app::wall_clock()())? {
+                bail!("{eui} is not registered");
+            }
+            println!("gridsense provision move: {eui} now at {lat}, {lon}");
+            Ok(())
+        }
+        Command::Provision(ProvisionCommand::Replace { eui, with, key, password, config }) => {
+            let old: Eui = eui.parse().context("EUI")?;
+            let new: Eui = with.parse().context("--with")?;
+            let key = DeviceKey::from_hex(&key).context("--key")?;
+            if password.len() < 8 {
+                bail!("--password must be at least 8 characters");
+            }
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if store.device_status(new)?.is_some() {
+                bail!("{new} is already registered");
+            }
+            if !store.replace(old, new, &key, &password, app::wall_clock()())? {
+                bail!("{old} is not an active device");
+            }
+            println!(
+                "gridsense provision replace: {new} replaces {old} on the same object                  (rerun `provision broker` and reload Mosquitto; restart the gateway)"
             );
             Ok(())
         }

@@ -121,6 +121,8 @@ const MIGRATIONS: &[&str] = &[
         at_ms INTEGER NOT NULL,
         value REAL NOT NULL
     );",
+    // 3: device lifecycle: which device replaced a retired one.
+    "ALTER TABLE devices ADD COLUMN replaced_by INTEGER;",
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -413,6 +415,77 @@ impl Store {
             Ok(Registered { eui: Eui(eui as u64), kind, key: DeviceKey::from_bytes(key) })
         })
         .collect()
+    }
+
+    /// Retires an active device: it is no longer accepted. Returns whether it was active.
+    pub fn retire(&mut self, eui: Eui, now_ms: i64) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE devices SET status = 'retired', updated_ms = ?2 WHERE eui = ?1 AND status = 'active'",
+            params![eui.0 as i64, now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Moves a device to a new location. Returns whether it exists.
+    pub fn relocate(
+        &mut self,
+        eui: Eui,
+        lat: f64,
+        lon: f64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE devices SET lat = ?2, lon = ?3, updated_ms = ?4 WHERE eui = ?1",
+            params![eui.0 as i64, lat, lon, now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Replaces an active device by a new one on the same object (same location, component
+    /// code, class, grid and levels), with its own EUI, key and password; the old one is
+    /// retired and points to the new. Returns whether the old device was active.
+    pub fn replace(
+        &mut self,
+        old: Eui,
+        new: Eui,
+        key: &DeviceKey,
+        mqtt_password: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let copied = tx.execute(
+            "INSERT INTO devices (eui, eui_hex, kind, key, mqtt_password, lat, lon, component_code,
+                minor_class, grid_code, well_depth_mm, warn_mm, alarm_mm, status, updated_ms)
+             SELECT ?2, ?3, kind, ?4, ?5, lat, lon, component_code, minor_class, grid_code,
+                well_depth_mm, warn_mm, alarm_mm, 'active', ?6
+             FROM devices WHERE eui = ?1 AND status = 'active'",
+            params![
+                old.0 as i64,
+                new.0 as i64,
+                new.to_string(),
+                key.expose_bytes().to_vec(),
+                mqtt_password,
+                now_ms
+            ],
+        )?;
+        if copied == 1 {
+            tx.execute(
+                "UPDATE devices SET status = 'replaced', replaced_by = ?2, updated_ms = ?3 WHERE eui = ?1",
+                params![old.0 as i64, new.0 as i64, now_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(copied == 1)
+    }
+
+    /// A device's lifecycle status (`active`, `retired`, `replaced`), if registered.
+    pub fn device_status(&self, eui: Eui) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT status FROM devices WHERE eui = ?1", params![eui.0 as i64], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// MQTT user names (EUIs) and passwords of active devices, for the broker's files.
@@ -841,5 +914,55 @@ mod buffer_tests {
         store.buffer_delete_through(oldest[1].id).unwrap();
         assert_eq!(store.buffer_len().unwrap(), 3);
         assert_eq!(store.telemetry_count(None).unwrap(), 0);
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+
+    #[test]
+    fn retire_move_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 10).unwrap();
+        let city = gridsense_simulator::city::generate(
+            2,
+            gridsense_simulator::city::Counts { covers: 2, drains: 0, beacons: 0 },
+        );
+        let devices = gridsense_simulator::inventory::parse(
+            "d.json",
+            &serde_json::to_string(&city.devices).unwrap(),
+        )
+        .unwrap();
+        store.import(&devices, 0).unwrap();
+        let (a, b) = (devices[0].eui, devices[1].eui);
+        assert!(store.relocate(a, 38.9, 121.6, 1).unwrap());
+        assert!(!store.relocate(Eui(1), 0.0, 0.0, 1).unwrap());
+        let new = Eui(0x2102_0201_ffff_0001);
+        let key = DeviceKey::from_bytes([9; 16]);
+        assert!(store.replace(a, new, &key, "new-password-1", 2).unwrap());
+        assert!(
+            !store.replace(a, Eui(5), &key, "x", 3).unwrap(),
+            "a replaced device cannot be replaced again"
+        );
+        assert!(store.retire(b, 4).unwrap());
+        assert!(!store.retire(b, 5).unwrap());
+        let active: Vec<Eui> = store.registry().unwrap().into_iter().map(|r| r.eui).collect();
+        assert_eq!(active, vec![new]);
+        assert_eq!(store.device_status(a).unwrap().as_deref(), Some("replaced"));
+        assert_eq!(store.device_status(b).unwrap().as_deref(), Some("retired"));
+        // The replacement watches the same object.
+        let code: Option<String> = store
+            .conn
+            .query_row(
+                "SELECT component_code FROM devices WHERE eui = ?1",
+                params![new.0 as i64],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(code, devices[0].record.component_code);
+        // Re-importing the city does not bring retired devices back.
+        store.import(&devices, 6).unwrap();
+        assert_eq!(store.registry().unwrap().len(), 1);
     }
 }
