@@ -52,9 +52,36 @@ pub enum Command {
     /// Manage the device registry.
     #[command(subcommand)]
     Provision(ProvisionCommand),
+    /// Send devices configuration or status requests (the running gateway delivers them).
+    #[command(subcommand)]
+    Devices(DevicesCommand),
     /// Inspect frames.
     #[command(subcommand)]
     Frame(FrameCommand),
+}
+
+/// `gridsense devices …`
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Change a device's settings: sent at its next frame, retried until acknowledged.
+    Configure {
+        /// The device EUI.
+        eui: String,
+        /// A setting, `name=value` (e.g. `report_interval_s=120`); repeat for several.
+        #[arg(long = "set", required = true)]
+        settings: Vec<String>,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Ask a device for a status now (sent at its next frame).
+    StatusRequest {
+        /// The device EUI.
+        eui: String,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// `gridsense provision …`
@@ -242,6 +269,44 @@ pub async fn run(cli: Cli) -> Result<()> {
                 files.devices,
                 out.display()
             );
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::Configure { eui, settings, config }) => {
+            let eui: Eui = eui.parse().context("EUI")?;
+            let settings = settings
+                .iter()
+                .map(|s| crate::downlink::parse_setting(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("--set {e}"))?;
+            if settings.len() > gridsense_protocol::MAX_SETTINGS {
+                bail!("at most {} settings in one request", gridsense_protocol::MAX_SETTINGS);
+            }
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if store.device_status(eui)?.as_deref() != Some("active") {
+                bail!("{eui} is not an active device");
+            }
+            let id = store.add_request(
+                eui,
+                &crate::downlink::Request::Configure(settings),
+                app::wall_clock()(),
+            )?;
+            println!(
+                "gridsense devices configure: request {id} queued for {eui}; sent at its next frame"
+            );
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::StatusRequest { eui, config }) => {
+            let eui: Eui = eui.parse().context("EUI")?;
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if store.device_status(eui)?.as_deref() != Some("active") {
+                bail!("{eui} is not an active device");
+            }
+            let id = store.add_request(
+                eui,
+                &crate::downlink::Request::StatusRequest,
+                app::wall_clock()(),
+            )?;
+            println!("gridsense devices status-request: request {id} queued for {eui}");
             Ok(())
         }
         Command::Frame(FrameCommand::Walkthrough) => {

@@ -22,6 +22,50 @@ pub struct Config {
     pub telemetry: Telemetry,
     /// The HTTP API.
     pub http: Http,
+    /// Downlinks to devices.
+    pub downlink: DownlinkSettings,
+}
+
+/// Downlink policy (time sync, configuration, status requests).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownlinkSettings {
+    /// Clock error that triggers a time sync, s.
+    pub time_drift_s: u64,
+    /// Fewest seconds between two time syncs of one device.
+    pub sync_every_s: u64,
+    /// Re-send an unacknowledged configuration after this long, s.
+    pub ack_timeout_s: u64,
+    /// Give up on a configuration after this many sends.
+    pub max_attempts: u32,
+    /// How often the gateway looks for new operator requests in the store, ms.
+    pub poll_ms: u64,
+}
+
+impl Default for DownlinkSettings {
+    fn default() -> Self {
+        DownlinkSettings {
+            time_drift_s: 30,
+            sync_every_s: 3_600,
+            ack_timeout_s: 600,
+            max_attempts: 5,
+            poll_ms: 1_000,
+        }
+    }
+}
+
+impl DownlinkSettings {
+    /// The pure core's policy.
+    pub fn policy(&self) -> crate::downlink::DownlinkConfig {
+        let ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        crate::downlink::DownlinkConfig {
+            time_drift_ms: ms(self.time_drift_s),
+            sync_every_ms: ms(self.sync_every_s),
+            ack_timeout_ms: ms(self.ack_timeout_s),
+            max_attempts: self.max_attempts,
+            ..crate::downlink::DownlinkConfig::default()
+        }
+    }
 }
 
 /// The HTTP API (`/api/v1/status`, `/healthz`).
@@ -322,6 +366,9 @@ impl Config {
         }
         if self.store.audit_max == 0 {
             return Err(("store.audit_max", "must be at least 1".into()));
+        }
+        if self.downlink.max_attempts == 0 || self.downlink.poll_ms == 0 {
+            return Err(("downlink.max_attempts", "max_attempts and poll_ms must be > 0".into()));
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
         {

@@ -105,12 +105,13 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
+    let (down_tx, down_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
+    let channels = SessionChannels { publishes: tx, acks: ack_rx, downlinks: down_rx };
     let session = tokio::spawn(session(
         eventloop,
         client,
-        tx,
-        ack_rx,
+        channels,
         status.clone(),
         (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
         shutdown.clone(),
@@ -121,24 +122,44 @@ pub async fn run(
         max: config.store.batch_max,
         max_wait: Duration::from_millis(config.store.batch_max_ms),
         retention_ms,
+        poll_ms: config.downlink.poll_ms,
     };
-    let result =
-        pipeline_task(rx, ack_tx, store, pipeline, clock, status.clone(), batching, shutdown).await;
+    let result = pipeline_task(
+        rx,
+        (ack_tx, down_tx),
+        store,
+        pipeline,
+        clock,
+        status.clone(),
+        batching,
+        shutdown,
+    )
+    .await;
     // The ack channel is closed now: the session sends the last acks, then DISCONNECT.
     let _ = tokio::time::timeout(Duration::from_secs(5), session).await;
     status.connected.store(false, Relaxed);
     result
 }
 
+/// The session task's channels to and from the pipeline task.
+struct SessionChannels {
+    /// Received messages, bounded by the in-flight credits.
+    publishes: mpsc::Sender<Publish>,
+    /// Messages whose effects are durable, to acknowledge in order.
+    acks: mpsc::UnboundedReceiver<Publish>,
+    /// Sealed downlinks (topic, frame) whose counters are durable.
+    downlinks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
 async fn session(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    tx: mpsc::Sender<Publish>,
-    mut ack_rx: mpsc::UnboundedReceiver<Publish>,
+    channels: SessionChannels,
     status: Arc<Status>,
     (min_ms, max_ms): (u64, u64),
     shutdown: watch::Receiver<bool>,
 ) {
+    let SessionChannels { publishes: tx, acks: mut ack_rx, downlinks: mut down_rx } = channels;
     let mut delay = min_ms;
     // A message received while the pipeline's channel was full.
     let mut held: Option<Publish> = None;
@@ -146,12 +167,23 @@ async fn session(
     let mut acks: VecDeque<Publish> = VecDeque::new();
     let mut acks_closed = false;
     let mut disconnecting = false;
+    // Downlinks the client's request queue had no room for yet.
+    let mut downlinks: VecDeque<(String, Vec<u8>)> = VecDeque::new();
     loop {
         while let Some(publish) = acks.front() {
             if client.try_ack(publish).is_err() {
                 break;
             }
             acks.pop_front();
+        }
+        while let Some((topic, frame)) = downlinks.pop_front() {
+            if let Err(e) =
+                client.try_publish(topic.as_str(), QoS::AtLeastOnce, false, frame.clone())
+            {
+                tracing::debug!("downlink waits for room: {e}");
+                downlinks.push_front((topic, frame));
+                break;
+            }
         }
         if acks_closed && acks.is_empty() && !disconnecting {
             disconnecting = true;
@@ -166,6 +198,7 @@ async fn session(
                 Some(publish) => acks.push_back(publish),
                 None => acks_closed = true,
             },
+            Some(downlink) = down_rx.recv() => downlinks.push_back(downlink),
             event = eventloop.poll(), if held.is_none() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     delay = min_ms;
@@ -212,6 +245,8 @@ struct Batching {
     max_wait: Duration,
     /// Embedded telemetry older than this is pruned (hourly), ms; `None` with an external sink.
     retention_ms: Option<i64>,
+    /// How often to look for operators' requests in the store, ms.
+    poll_ms: u64,
 }
 
 /// How often embedded telemetry is pruned.
@@ -220,7 +255,7 @@ const PRUNE_EVERY_MS: i64 = 3_600_000;
 #[allow(clippy::too_many_arguments)]
 async fn pipeline_task(
     mut rx: mpsc::Receiver<Publish>,
-    acks: mpsc::UnboundedSender<Publish>,
+    (acks, downlinks): (mpsc::UnboundedSender<Publish>, mpsc::UnboundedSender<(String, Vec<u8>)>),
     store: Store,
     mut pipeline: Pipeline,
     clock: Clock,
@@ -231,11 +266,33 @@ async fn pipeline_task(
     let mut store = Some(store);
     let mut pending: Vec<Publish> = Vec::with_capacity(batching.max);
     let mut last_prune = i64::MIN;
+    let mut last_request = 0;
+    let mut next_poll = tokio::time::Instant::now();
     loop {
-        // Wait for the first message, the next offline deadline, or shutdown.
+        // Operators' new requests (`gridsense devices configure`) from the store.
+        if tokio::time::Instant::now() >= next_poll
+            && let Some(s) = store.take()
+        {
+            next_poll = tokio::time::Instant::now() + Duration::from_millis(batching.poll_ms);
+            let after = last_request;
+            let (s, found) = tokio::task::spawn_blocking(move || {
+                let r = s.open_requests(after);
+                (s, r)
+            })
+            .await?;
+            store = Some(s);
+            for (eui, pending) in found? {
+                last_request = last_request.max(pending.id);
+                pipeline.request(eui, pending);
+            }
+        }
+        // Wait for the first message, the next offline deadline, the next poll, or shutdown.
+        let poll_in = next_poll.saturating_duration_since(tokio::time::Instant::now());
         let deadline_in = pipeline
             .next_deadline()
-            .map(|d| Duration::from_millis(u64::try_from(d.saturating_sub(clock())).unwrap_or(0)));
+            .map(|d| Duration::from_millis(u64::try_from(d.saturating_sub(clock())).unwrap_or(0)))
+            .map_or(poll_in, |d| d.min(poll_in));
+        let deadline_in = Some(deadline_in);
         let first = tokio::select! {
             msg = rx.recv() => msg,
             () = sleep_or_never(deadline_in) => None,
@@ -262,7 +319,8 @@ async fn pipeline_task(
                 rejected += 1;
             }
         }
-        if !batch.is_empty() {
+        let sealed = std::mem::take(&mut batch.downlinks);
+        if !batch.is_empty() || !sealed.is_empty() {
             let Some(mut s) = store.take() else { break };
             let (s, committed) = tokio::task::spawn_blocking(move || {
                 let r = s.commit(&batch);
@@ -275,6 +333,10 @@ async fn pipeline_task(
             status.frames_rejected.fetch_add(rejected, Relaxed);
             status.batches.fetch_add(1, Relaxed);
             status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
+            // Committed with their counters: now they may go out.
+            for downlink in sealed {
+                let _ = downlinks.send(downlink);
+            }
         }
         if let Some(retention) = batching.retention_ms
             && now.saturating_sub(last_prune) >= PRUNE_EVERY_MS

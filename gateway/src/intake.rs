@@ -92,6 +92,11 @@ impl Intake {
         self.windows.insert(eui, window);
     }
 
+    /// A registered device's key.
+    pub fn key_of(&self, eui: Eui) -> Option<&DeviceKey> {
+        self.keys.get(&eui).map(|(_, key)| key)
+    }
+
     /// A registered device's kind.
     pub fn kind_of(&self, eui: Eui) -> Option<Kind> {
         self.keys.get(&eui).map(|(kind, _)| *kind)

@@ -13,6 +13,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod downlink;
 pub mod health;
 pub mod http;
 pub mod ingest;

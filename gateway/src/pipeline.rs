@@ -8,13 +8,16 @@
 //! 3. update device health (online, battery, …) and collect its events;
 //! 4. turn readings into telemetry points at their sample times;
 //! 5. keep alarms, reports, SOS, check-ins, acks and status as messages for the trace;
-//! 6. hook for rules (the next issue).
+//! 6. downlinks the frame makes due (time sync, a waiting configuration or status request),
+//!    sealed here and published by the shell after the commit;
+//! 7. hook for rules (the next issue).
 
 use std::collections::HashMap;
 
-use gridsense_protocol::{Eui, Message, topic::parse_topic};
+use gridsense_protocol::{Direction, Eui, Message, seal, topic::parse_topic};
 
 use crate::{
+    downlink::{DownlinkConfig, Downlinks, Outgoing, Pending},
     health::{DeviceHealth, HealthConfig, HealthTracker},
     intake::{Intake, Reject},
     registry::Registered,
@@ -39,6 +42,7 @@ const REJECT_LOGS_PER_SECOND: u32 = 5;
 pub struct Pipeline {
     intake: Intake,
     health: HealthTracker,
+    downlinks: Downlinks,
     log_budget: HashMap<&'static str, (i64, u32)>,
 }
 
@@ -61,7 +65,49 @@ impl Pipeline {
         for (eui, h) in health {
             tracker.restore(eui, h);
         }
-        Pipeline { intake, health: tracker, log_budget: HashMap::new() }
+        Pipeline {
+            intake,
+            health: tracker,
+            downlinks: Downlinks::new(DownlinkConfig::default()),
+            log_budget: HashMap::new(),
+        }
+    }
+
+    /// Sets the downlink policy and restores persisted downlink counters and open requests.
+    #[must_use]
+    pub fn with_downlinks(
+        mut self,
+        config: DownlinkConfig,
+        counters: Vec<(Eui, u32)>,
+        requests: Vec<(Eui, Pending)>,
+    ) -> Self {
+        self.downlinks = Downlinks::new(config);
+        for (eui, next) in counters {
+            self.downlinks.restore_counter(eui, next);
+        }
+        for (eui, pending) in requests {
+            self.request(eui, pending);
+        }
+        self
+    }
+
+    /// Queues an operator's request for a registered device (others are ignored).
+    pub fn request(&mut self, eui: Eui, pending: Pending) {
+        if self.intake.kind_of(eui).is_some() {
+            self.downlinks.request(eui, pending);
+        }
+    }
+
+    fn seal_downlinks(&mut self, outgoing: Vec<Outgoing>, batch: &mut Batch) {
+        for o in outgoing {
+            if let Some(key) = self.intake.key_of(o.eui) {
+                let frame = seal(o.eui, o.counter, &o.message, key);
+                let topic =
+                    gridsense_protocol::topic::topic(o.eui, Direction::Downlink).to_string();
+                batch.downlinks.push((topic, frame.to_vec()));
+                batch.downlink_counters.insert(o.eui, self.downlinks.next_counter(o.eui));
+            }
+        }
     }
 
     /// Device health, for status pages.
@@ -120,7 +166,17 @@ impl Pipeline {
                 body: format!("{:?}", accepted.message),
             });
         }
-        // 6. Rules: hook for the next issue.
+        // 6. Downlinks this frame makes due.
+        let mut outgoing = Vec::new();
+        self.downlinks.on_frame(
+            now_ms,
+            eui,
+            &accepted.message,
+            &mut outgoing,
+            &mut batch.request_updates,
+        );
+        self.seal_downlinks(outgoing, batch);
+        // 7. Rules: hook for the next issue.
         batch.accepted += 1;
         Outcome::Accepted(name)
     }
@@ -163,8 +219,9 @@ impl Pipeline {
         Outcome::Rejected(reason)
     }
 
-    /// Offline deadlines that passed by `now_ms`.
+    /// Offline deadlines that passed by `now_ms`, and requests given up.
     pub fn tick(&mut self, now_ms: i64, batch: &mut Batch) {
+        self.downlinks.tick(now_ms, &mut batch.request_updates);
         for eui in self.health.poll_deadlines(now_ms, &mut batch.events) {
             if let Some(h) = self.health.get(eui) {
                 batch.health.insert(eui, h.clone());

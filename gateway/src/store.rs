@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
     config::Synchronous,
+    downlink::{Pending, Request, RequestUpdate},
     health::{DeviceHealth, HealthEvent},
     registry::{ImportReport, Kind, Registered},
 };
@@ -123,6 +124,20 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 3: device lifecycle: which device replaced a retired one.
     "ALTER TABLE devices ADD COLUMN replaced_by INTEGER;",
+    // 4: downlinks: counters per device, operators' requests and their fate.
+    "CREATE TABLE downlink_counters (eui INTEGER PRIMARY KEY, next INTEGER NOT NULL);
+    CREATE TABLE requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        eui INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        requested_ms INTEGER NOT NULL,
+        counter INTEGER,
+        sent_ms INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        done_ms INTEGER,
+        outcome TEXT
+    );",
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -211,6 +226,12 @@ pub struct Batch {
     pub rejects: BTreeMap<&'static str, u64>,
     /// Frames accepted.
     pub accepted: u64,
+    /// Next downlink counter of the devices a downlink went to.
+    pub downlink_counters: BTreeMap<Eui, u32>,
+    /// Sealed downlinks to publish after the commit: topic and frame.
+    pub downlinks: Vec<(String, Vec<u8>)>,
+    /// Changes to operators' requests.
+    pub request_updates: Vec<RequestUpdate>,
 }
 
 impl Batch {
@@ -224,6 +245,9 @@ impl Batch {
             && self.audit.is_empty()
             && self.rejects.is_empty()
             && self.accepted == 0
+            && self.downlink_counters.is_empty()
+            && self.downlinks.is_empty()
+            && self.request_updates.is_empty()
     }
 }
 
@@ -415,6 +439,93 @@ impl Store {
             Ok(Registered { eui: Eui(eui as u64), kind, key: DeviceKey::from_bytes(key) })
         })
         .collect()
+    }
+
+    /// Records an operator's request for a device; the running gateway picks it up.
+    pub fn add_request(
+        &mut self,
+        eui: Eui,
+        request: &Request,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let (kind, settings) = match request {
+            Request::Configure(settings) => {
+                ("configure", serde_json::to_string(settings).unwrap_or_default())
+            }
+            Request::StatusRequest => ("status_request", "[]".to_owned()),
+        };
+        self.conn.execute(
+            "INSERT INTO requests (eui, kind, settings, requested_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![eui.0 as i64, kind, settings, now_ms],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Requests not finished, with ids above `after`, oldest first.
+    pub fn open_requests(&self, after: i64) -> Result<Vec<(Eui, Pending)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, eui, kind, settings, counter, sent_ms, attempts FROM requests
+             WHERE done_ms IS NULL AND id > ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![after], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<u32>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+                r.get::<_, u32>(6)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, eui, kind, settings, counter, sent_ms, attempts) = row?;
+            let request = match kind.as_str() {
+                "configure" => {
+                    Request::Configure(serde_json::from_str(&settings).map_err(|e| {
+                        StoreError::BadRow { table: "requests", what: e.to_string() }
+                    })?)
+                }
+                "status_request" => Request::StatusRequest,
+                other => {
+                    return Err(StoreError::BadRow {
+                        table: "requests",
+                        what: format!("kind {other:?}"),
+                    });
+                }
+            };
+            Ok((Eui(eui as u64), Pending { id, request, counter, sent_ms, attempts }))
+        })
+        .collect()
+    }
+
+    /// A request's outcome once finished (`applied`, `unsupported`, `invalid_value`, `sent`,
+    /// `no_answer`), or `None` while open.
+    pub fn request_outcome(&self, id: i64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT outcome FROM requests WHERE id = ?1", params![id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?
+            .flatten())
+    }
+
+    /// Persisted next downlink counters.
+    pub fn downlink_counters(&self) -> Result<Vec<(Eui, u32)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT eui, next FROM downlink_counters")?;
+        Ok(stmt
+            .query_map([], |r| Ok((Eui(r.get::<_, i64>(0)? as u64), r.get(1)?)))?
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Messages of one kind stored for a device (or all devices).
+    pub fn message_count(&self, kind: &str) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM messages WHERE kind = ?1",
+            params![kind],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// Retires an active device: it is no longer accepted. Returns whether it was active.
@@ -676,6 +787,25 @@ impl Store {
             )?;
             for (reason, n) in &batch.rejects {
                 rejects.execute(params![reason, i(*n)])?;
+            }
+            let mut counters = tx.prepare_cached(
+                "INSERT INTO downlink_counters (eui, next) VALUES (?1, ?2)
+                 ON CONFLICT (eui) DO UPDATE SET next = MAX(next, ?2)",
+            )?;
+            for (eui, next) in &batch.downlink_counters {
+                counters.execute(params![eui.0 as i64, next])?;
+            }
+            for update in &batch.request_updates {
+                match update {
+                    RequestUpdate::Sent { id, counter, at_ms, attempts } => tx.execute(
+                        "UPDATE requests SET counter = ?2, sent_ms = ?3, attempts = ?4 WHERE id = ?1",
+                        params![id, counter, at_ms, attempts],
+                    )?,
+                    RequestUpdate::Done { id, at_ms, outcome } => tx.execute(
+                        "UPDATE requests SET done_ms = ?2, outcome = ?3 WHERE id = ?1",
+                        params![id, at_ms, outcome],
+                    )?,
+                };
             }
             if batch.accepted > 0 {
                 tx.execute(

@@ -1,0 +1,440 @@
+//! Downlinks, as pure state: when to send a device its time, its configuration or a status
+//! request, with acknowledgement tracking and retries. The pipeline calls it with every
+//! accepted frame (a device that just spoke is awake and listening) and on ticks; it returns
+//! downlinks to seal and publish, and request updates to persist.
+//!
+//! - **Time sync** when a device (re)boots (a status with a small uptime) or its clock is off by
+//!   more than `time_drift_ms` (judged on status messages, whose time is when they were taken),
+//!   at most once per `sync_every_ms`.
+//! - **Configuration** requested by an operator (`gridsense devices configure`) is sent at the
+//!   device's next frame, then re-sent every `ack_timeout_ms` until the device's `DownlinkAck`
+//!   for that counter arrives, at most `max_attempts` times.
+//! - **Status requests** are sent once at the next frame (the answer is the status itself).
+//!
+//! Downlink counters per device only grow and are persisted with the batch before anything is
+//! published, so a counter is never reused under a key, even across a crash.
+
+use std::collections::HashMap;
+
+use gridsense_protocol::{AckOutcome, DeviceTime, Downlink, Eui, Setting, Uplink};
+
+/// Downlink policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownlinkConfig {
+    /// Clock error that triggers a time sync, ms.
+    pub time_drift_ms: i64,
+    /// Fewest ms between two time syncs of one device.
+    pub sync_every_ms: i64,
+    /// A status with less uptime than this means the device just booted, s.
+    pub boot_uptime_s: u32,
+    /// Re-send an unacknowledged configuration after this long, ms.
+    pub ack_timeout_ms: i64,
+    /// Give up on a configuration after this many sends.
+    pub max_attempts: u32,
+}
+
+impl Default for DownlinkConfig {
+    fn default() -> Self {
+        DownlinkConfig {
+            time_drift_ms: 30_000,
+            sync_every_ms: 3_600_000,
+            boot_uptime_s: 600,
+            ack_timeout_ms: 600_000,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// An operator's request waiting for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// New settings.
+    Configure(Vec<Setting>),
+    /// Ask for a status now.
+    StatusRequest,
+}
+
+/// A request's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Its id in the store.
+    pub id: i64,
+    /// What.
+    pub request: Request,
+    /// The downlink counter of the last send.
+    pub counter: Option<u32>,
+    /// When it was last sent, Unix ms.
+    pub sent_ms: Option<i64>,
+    /// Sends so far.
+    pub attempts: u32,
+}
+
+/// A downlink to seal and publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The device.
+    pub eui: Eui,
+    /// Its downlink counter.
+    pub counter: u32,
+    /// The message.
+    pub message: Downlink,
+}
+
+/// A change to persist for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestUpdate {
+    /// Sent (again) with this counter.
+    Sent {
+        /// Request id.
+        id: i64,
+        /// Counter.
+        counter: u32,
+        /// When.
+        at_ms: i64,
+        /// Sends so far.
+        attempts: u32,
+    },
+    /// Finished: acknowledged with an outcome, or given up.
+    Done {
+        /// Request id.
+        id: i64,
+        /// When.
+        at_ms: i64,
+        /// `applied`, `unsupported`, `invalid_value`, `sent` (status requests) or `no_answer`.
+        outcome: &'static str,
+    },
+}
+
+/// Downlink state of every device.
+#[derive(Debug, Clone, Default)]
+pub struct Downlinks {
+    config: DownlinkConfig,
+    next_counter: HashMap<Eui, u32>,
+    last_sync: HashMap<Eui, i64>,
+    pending: HashMap<Eui, Pending>,
+}
+
+/// The outcome's stable name.
+pub const fn outcome_name(o: AckOutcome) -> &'static str {
+    match o {
+        AckOutcome::Applied => "applied",
+        AckOutcome::Unsupported => "unsupported",
+        AckOutcome::InvalidValue => "invalid_value",
+    }
+}
+
+impl Downlinks {
+    /// Empty state.
+    pub fn new(config: DownlinkConfig) -> Self {
+        Downlinks { config, ..Downlinks::default() }
+    }
+
+    /// Restores a device's next downlink counter.
+    pub fn restore_counter(&mut self, eui: Eui, next: u32) {
+        self.next_counter.insert(eui, next);
+    }
+
+    /// Queues a request (one at a time per device; a newer one replaces an unsent older one).
+    pub fn request(&mut self, eui: Eui, pending: Pending) {
+        self.pending.insert(eui, pending);
+    }
+
+    /// Requests waiting.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn next(&mut self, eui: Eui) -> u32 {
+        let c = self.next_counter.entry(eui).or_insert(0);
+        let value = *c;
+        *c = c.saturating_add(1);
+        value
+    }
+
+    /// The counter the device's next downlink will use (to persist).
+    pub fn next_counter(&self, eui: Eui) -> u32 {
+        self.next_counter.get(&eui).copied().unwrap_or(0)
+    }
+
+    fn send_pending(
+        &mut self,
+        now_ms: i64,
+        eui: Eui,
+        out: &mut Vec<Outgoing>,
+        updates: &mut Vec<RequestUpdate>,
+    ) {
+        let Some(p) = self.pending.get(&eui).cloned() else { return };
+        let due = p.sent_ms.is_none_or(|t| now_ms - t >= self.config.ack_timeout_ms);
+        if !due {
+            return;
+        }
+        if p.attempts >= self.config.max_attempts {
+            self.pending.remove(&eui);
+            updates.push(RequestUpdate::Done { id: p.id, at_ms: now_ms, outcome: "no_answer" });
+            return;
+        }
+        let counter = self.next(eui);
+        let message = match &p.request {
+            Request::Configure(settings) => {
+                let mut list = heapless::Vec::new();
+                for s in settings {
+                    // Requests are checked against MAX_SETTINGS when they are made.
+                    let _ = list.push(*s);
+                }
+                Downlink::Config { settings: list }
+            }
+            Request::StatusRequest => Downlink::StatusRequest,
+        };
+        out.push(Outgoing { eui, counter, message });
+        let attempts = p.attempts + 1;
+        updates.push(RequestUpdate::Sent { id: p.id, counter, at_ms: now_ms, attempts });
+        if p.request == Request::StatusRequest {
+            // Nothing to acknowledge: the status itself is the answer.
+            self.pending.remove(&eui);
+            updates.push(RequestUpdate::Done { id: p.id, at_ms: now_ms, outcome: "sent" });
+        } else if let Some(entry) = self.pending.get_mut(&eui) {
+            entry.counter = Some(counter);
+            entry.sent_ms = Some(now_ms);
+            entry.attempts = attempts;
+        }
+    }
+
+    /// An accepted frame from `eui` at `now_ms`.
+    pub fn on_frame(
+        &mut self,
+        now_ms: i64,
+        eui: Eui,
+        message: &Uplink,
+        out: &mut Vec<Outgoing>,
+        updates: &mut Vec<RequestUpdate>,
+    ) {
+        match message {
+            Uplink::Status(s) => {
+                let device_ms =
+                    i64::try_from(s.at.unix_secs()).unwrap_or(i64::MAX).saturating_mul(1000);
+                let drifted = (device_ms - now_ms).abs() > self.config.time_drift_ms;
+                let booted = s.uptime_s < self.config.boot_uptime_s;
+                let recently = self
+                    .last_sync
+                    .get(&eui)
+                    .is_some_and(|t| now_ms - t < self.config.sync_every_ms);
+                if (drifted || booted) && !recently {
+                    let secs = u64::try_from(now_ms.max(0) / 1000).unwrap_or(0);
+                    if let Some(now) = DeviceTime::from_unix_secs(secs) {
+                        let counter = self.next(eui);
+                        out.push(Outgoing { eui, counter, message: Downlink::TimeSync { now } });
+                        self.last_sync.insert(eui, now_ms);
+                    }
+                }
+            }
+            Uplink::DownlinkAck(ack) => {
+                if let Some(p) = self.pending.get(&eui)
+                    && p.counter == Some(ack.counter)
+                {
+                    updates.push(RequestUpdate::Done {
+                        id: p.id,
+                        at_ms: now_ms,
+                        outcome: outcome_name(ack.outcome),
+                    });
+                    self.pending.remove(&eui);
+                }
+            }
+            _ => {}
+        }
+        // The device just spoke: it is awake, a good moment for what waits.
+        self.send_pending(now_ms, eui, out, updates);
+    }
+
+    /// Gives up on configurations whose last send timed out `max_attempts` times.
+    pub fn tick(&mut self, now_ms: i64, updates: &mut Vec<RequestUpdate>) {
+        let timeout = self.config.ack_timeout_ms;
+        let max = self.config.max_attempts;
+        let expired: Vec<Eui> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.attempts >= max && p.sent_ms.is_some_and(|t| now_ms - t >= timeout))
+            .map(|(e, _)| *e)
+            .collect();
+        for eui in expired {
+            if let Some(p) = self.pending.remove(&eui) {
+                updates.push(RequestUpdate::Done { id: p.id, at_ms: now_ms, outcome: "no_answer" });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gridsense_protocol::{DownlinkAck, FirmwareVersion, ResetCause, Status};
+
+    use super::*;
+
+    const MIN: i64 = 60_000;
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn status(at_ms: i64, uptime_s: u32) -> Uplink {
+        Uplink::Status(Status {
+            at: DeviceTime::from_unix_secs(u64::try_from(at_ms / 1000).unwrap()).unwrap(),
+            battery_mv: 3_600,
+            rssi_dbm: -80,
+            temperature_dc: 100,
+            firmware: FirmwareVersion { major: 1, minor: 0, patch: 0 },
+            uptime_s,
+            reset_cause: ResetCause::PowerOn,
+        })
+    }
+
+    fn config() -> DownlinkConfig {
+        DownlinkConfig { ack_timeout_ms: 10 * MIN, max_attempts: 3, ..DownlinkConfig::default() }
+    }
+
+    #[test]
+    fn boot_and_drift_get_a_time_sync_at_most_hourly() {
+        let mut d = Downlinks::new(config());
+        let (mut out, mut up) = (Vec::new(), Vec::new());
+        d.on_frame(NOW, Eui(1), &status(NOW, 5), &mut out, &mut up);
+        assert!(matches!(
+            out[..],
+            [Outgoing { counter: 0, message: Downlink::TimeSync { .. }, .. }]
+        ));
+        out.clear();
+        // Booted again ten minutes later: not yet (hourly at most).
+        d.on_frame(NOW + 10 * MIN, Eui(1), &status(NOW + 10 * MIN, 5), &mut out, &mut up);
+        assert!(out.is_empty());
+        // An hour later its clock is 2 minutes fast: synced, counter 1.
+        d.on_frame(NOW + 70 * MIN, Eui(1), &status(NOW + 72 * MIN, 50_000), &mut out, &mut up);
+        assert!(matches!(out[..], [Outgoing { counter: 1, .. }]));
+        out.clear();
+        // A device whose clock is right and that did not boot gets nothing.
+        d.on_frame(NOW, Eui(2), &status(NOW + 1_000, 50_000), &mut out, &mut up);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_configuration_is_sent_at_the_next_frame_retried_and_closed_by_its_ack() {
+        let mut d = Downlinks::new(config());
+        d.restore_counter(Eui(3), 40);
+        let settings = vec![Setting::ReportIntervalS(60)];
+        d.request(
+            Eui(3),
+            Pending {
+                id: 7,
+                request: Request::Configure(settings.clone()),
+                counter: None,
+                sent_ms: None,
+                attempts: 0,
+            },
+        );
+        let (mut out, mut up) = (Vec::new(), Vec::new());
+        let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
+        d.on_frame(NOW, Eui(3), &reading, &mut out, &mut up);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].counter, 40);
+        assert_eq!(up, [RequestUpdate::Sent { id: 7, counter: 40, at_ms: NOW, attempts: 1 }]);
+        out.clear();
+        up.clear();
+        // No ack; the next frame within the timeout sends nothing, after it a retry.
+        d.on_frame(NOW + MIN, Eui(3), &reading, &mut out, &mut up);
+        assert!(out.is_empty());
+        d.on_frame(NOW + 11 * MIN, Eui(3), &reading, &mut out, &mut up);
+        assert_eq!(
+            up,
+            [RequestUpdate::Sent { id: 7, counter: 41, at_ms: NOW + 11 * MIN, attempts: 2 }]
+        );
+        up.clear();
+        // An ack for the old counter does not count; for the new one it closes the request.
+        let ack =
+            |counter| Uplink::DownlinkAck(DownlinkAck { counter, outcome: AckOutcome::Applied });
+        d.on_frame(NOW + 12 * MIN, Eui(3), &ack(40), &mut out, &mut up);
+        assert!(up.is_empty());
+        d.on_frame(NOW + 12 * MIN, Eui(3), &ack(41), &mut out, &mut up);
+        assert_eq!(up, [RequestUpdate::Done { id: 7, at_ms: NOW + 12 * MIN, outcome: "applied" }]);
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.next_counter(Eui(3)), 42);
+    }
+
+    #[test]
+    fn an_unanswered_configuration_is_given_up_after_max_attempts() {
+        let mut d = Downlinks::new(config());
+        d.request(
+            Eui(4),
+            Pending {
+                id: 1,
+                request: Request::Configure(vec![]),
+                counter: None,
+                sent_ms: None,
+                attempts: 0,
+            },
+        );
+        let (mut out, mut up) = (Vec::new(), Vec::new());
+        let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
+        for i in 0..3 {
+            d.on_frame(NOW + i * 11 * MIN, Eui(4), &reading, &mut out, &mut up);
+        }
+        assert_eq!(out.len(), 3);
+        d.tick(NOW + 40 * MIN, &mut up);
+        assert_eq!(
+            up.last(),
+            Some(&RequestUpdate::Done { id: 1, at_ms: NOW + 40 * MIN, outcome: "no_answer" })
+        );
+    }
+
+    #[test]
+    fn a_status_request_goes_once() {
+        let mut d = Downlinks::new(config());
+        d.request(
+            Eui(5),
+            Pending {
+                id: 2,
+                request: Request::StatusRequest,
+                counter: None,
+                sent_ms: None,
+                attempts: 0,
+            },
+        );
+        let (mut out, mut up) = (Vec::new(), Vec::new());
+        let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
+        d.on_frame(NOW, Eui(5), &reading, &mut out, &mut up);
+        d.on_frame(NOW + 20 * MIN, Eui(5), &reading, &mut out, &mut up);
+        assert_eq!(out.iter().filter(|o| o.message == Downlink::StatusRequest).count(), 1);
+        assert!(up.contains(&RequestUpdate::Done { id: 2, at_ms: NOW, outcome: "sent" }));
+    }
+}
+
+/// Parses `name=value` into a setting; the names are the `Config` fields of the firmware.
+pub fn parse_setting(text: &str) -> Result<Setting, String> {
+    let (name, value) =
+        text.split_once('=').ok_or_else(|| format!("{text:?}: expected name=value"))?;
+    let bad = |e: std::num::ParseIntError| format!("{name}: {value:?} is not a valid number ({e})");
+    let u32v = || value.trim().parse::<u32>().map_err(bad);
+    let u16v = || value.trim().parse::<u16>().map_err(bad);
+    Ok(match name.trim() {
+        "report_interval_s" => Setting::ReportIntervalS(u32v()?),
+        "heartbeat_interval_s" => Setting::HeartbeatIntervalS(u32v()?),
+        "tilt_threshold_ddeg" => Setting::TiltThresholdDdeg(u16v()?),
+        "tilt_hold_ms" => Setting::TiltHoldMs(u32v()?),
+        "drain_warn_mm" => Setting::DrainWarnMm(u16v()?),
+        "drain_alarm_mm" => Setting::DrainAlarmMm(u16v()?),
+        "drain_hysteresis_mm" => Setting::DrainHysteresisMm(u16v()?),
+        "drain_deadband_mm" => Setting::DrainDeadbandMm(u16v()?),
+        "fast_report_interval_s" => Setting::FastReportIntervalS(u32v()?),
+        "fix_interval_s" => Setting::FixIntervalS(u32v()?),
+        "low_battery_mv" => Setting::LowBatteryMv(u16v()?),
+        "cover_water_mm" => Setting::CoverWaterMm(u16v()?),
+        other => return Err(format!("no setting named {other:?}")),
+    })
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_by_name_and_errors_say_which() {
+        assert_eq!(parse_setting("report_interval_s=60"), Ok(Setting::ReportIntervalS(60)));
+        assert_eq!(parse_setting("drain_warn_mm = 2500"), Ok(Setting::DrainWarnMm(2_500)));
+        assert!(parse_setting("drain_warn_mm=70000").unwrap_err().contains("drain_warn_mm"));
+        assert!(parse_setting("speed=3").unwrap_err().contains("no setting"));
+        assert!(parse_setting("report_interval_s").unwrap_err().contains("name=value"));
+    }
+}

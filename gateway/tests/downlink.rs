@@ -1,0 +1,64 @@
+//! Downlinks end to end: devices that boot get a time sync and acknowledge it; a configuration
+//! requested through the store while the gateway runs reaches the device at its next frame and
+//! its acknowledgement closes the request as applied; a status request brings a status.
+
+// Test code: a panic is how a failure is reported.
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
+
+use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+
+use gridsense_gateway::{
+    app,
+    config::Config,
+    downlink::{Request, parse_setting},
+};
+use gridsense_simulator::{city::Counts, inventory};
+use gridsense_tests::{Mosquitto, fixtures};
+
+#[tokio::test]
+async fn time_sync_configuration_and_status_requests_reach_devices() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 101, Counts { covers: 0, drains: 6, beacons: 0 }).unwrap();
+    let mut config = Config::default();
+    config.mqtt.url = format!("mqtt://{}", broker.addr());
+    config.store.path = dir.path().join("gridsense.db");
+    config.downlink.poll_ms = 200;
+    let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
+    app::open_store(&config).unwrap().import(&devices, 0).unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let gateway = app::start(&config, app::wall_clock(), stop).unwrap();
+    while !gateway.status.connected.load(Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let scenario = "description = \"t\"\nseed = 5\n[device_config]\nreport_interval_s = 20\ndrain_deadband_mm = 0\n";
+    let sim_dir = dir.path().to_owned();
+    let addr = broker.addr();
+    let sim = tokio::spawn(async move {
+        fixtures::run(&sim_dir, scenario, addr, 10.0, Duration::from_secs(10)).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (configure, status_request) = {
+        let mut store = app::open_store(&config).unwrap();
+        let settings = vec![
+            parse_setting("report_interval_s=120").unwrap(),
+            parse_setting("drain_warn_mm=1000").unwrap(),
+        ];
+        let a = store.add_request(devices[0].eui, &Request::Configure(settings), 0).unwrap();
+        let b = store.add_request(devices[1].eui, &Request::StatusRequest, 0).unwrap();
+        (a, b)
+    };
+    let summary = sim.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+
+    let store = app::open_store(&config).unwrap();
+    assert_eq!(store.request_outcome(configure).unwrap().as_deref(), Some("applied"));
+    assert_eq!(store.request_outcome(status_request).unwrap().as_deref(), Some("sent"));
+    // Every device booted, got a time sync and acknowledged it; one also acknowledged its config.
+    assert!(summary.downlinks >= 6 + 2, "{summary:?}");
+    assert!(store.message_count("downlink_ack").unwrap() >= 6 + 1);
+    let counters = store.downlink_counters().unwrap();
+    assert_eq!(counters.len(), 6, "{counters:?}");
+}
