@@ -12,7 +12,7 @@ use gridsense_gateway::{
     config::Config,
     downlink::{Request, parse_setting},
 };
-use gridsense_simulator::{city::Counts, inventory};
+use gridsense_simulator::{city::Counts, fleet::Transport, inventory};
 use gridsense_tests::{Mosquitto, fixtures};
 
 #[tokio::test]
@@ -27,7 +27,9 @@ async fn time_sync_configuration_and_status_requests_reach_devices() {
     let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
     app::open_store(&config).unwrap().import(&devices, 0).unwrap();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let gateway = app::start(&config, app::wall_clock(), stop).unwrap();
+    // The gateway shares the simulator's clock, as in `gridsense demo`.
+    let clock = gridsense_simulator::clock::SimClock::start(10.0, Duration::from_secs(10));
+    let gateway = app::start(&config, app::shared_clock(clock), stop).unwrap();
     while !gateway.status.connected.load(Relaxed) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -35,7 +37,15 @@ async fn time_sync_configuration_and_status_requests_reach_devices() {
     let sim_dir = dir.path().to_owned();
     let addr = broker.addr();
     let sim = tokio::spawn(async move {
-        fixtures::run(&sim_dir, scenario, addr, 10.0, Duration::from_secs(10)).await
+        fixtures::run_clocked(
+            &sim_dir,
+            scenario,
+            addr,
+            clock,
+            Duration::from_secs(10),
+            Transport::PerDevice,
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (configure, status_request) = {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use gridsense_gateway::{app, config::Config, telemetry};
-use gridsense_simulator::{city::Counts, inventory};
+use gridsense_simulator::{city::Counts, fleet::Transport, inventory};
 use gridsense_tests::{Mosquitto, Subscriber, fixtures};
 
 #[tokio::test]
@@ -31,7 +31,9 @@ async fn authentic_frames_are_stored_once_and_bad_ones_only_counted() {
         assert_eq!(report.added, 90);
     }
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let gateway = app::start(&config, app::wall_clock(), stop).unwrap();
+    // The gateway shares the simulator's clock, as in `gridsense demo`.
+    let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
+    let gateway = app::start(&config, app::shared_clock(clock), stop).unwrap();
     while !gateway.status.connected.load(Relaxed) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -55,9 +57,16 @@ mode = "garbage"
 devices = 1
 rate_per_s = 1
 "#;
-    let summary = fixtures::run(dir.path(), scenario, broker.addr(), 20.0, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let summary = fixtures::run_clocked(
+        dir.path(),
+        scenario,
+        broker.addr(),
+        clock,
+        Duration::from_secs(10),
+        Transport::PerDevice,
+    )
+    .await
+    .unwrap();
     subscriber.settle(Duration::from_millis(500), Duration::from_secs(5)).await;
     // Let the gateway drain, then stop it (it commits and acknowledges what it holds).
     let mut last = 0;

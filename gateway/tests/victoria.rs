@@ -18,7 +18,7 @@ use gridsense_gateway::{
     registry::Kind,
     telemetry,
 };
-use gridsense_simulator::{city::Counts, inventory};
+use gridsense_simulator::{city::Counts, fleet::Transport, inventory};
 use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
 
 #[tokio::test]
@@ -39,7 +39,9 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     let kinds: std::collections::HashMap<_, _> =
         devices.iter().map(|d| (d.eui, Kind::from(d.record.kind))).collect();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let gateway = app::start(&config, app::wall_clock(), stop).unwrap();
+    // The gateway shares the simulator's clock, as in `gridsense demo`.
+    let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
+    let gateway = app::start(&config, app::shared_clock(clock), stop).unwrap();
     while !gateway.status.connected.load(Relaxed) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -48,13 +50,21 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     let sim_dir = dir.path().to_owned();
     let addr = broker.addr();
     let sim = tokio::spawn(async move {
-        fixtures::run(&sim_dir, scenario, addr, 20.0, Duration::from_secs(10)).await
+        fixtures::run_clocked(
+            &sim_dir,
+            scenario,
+            addr,
+            clock,
+            Duration::from_secs(10),
+            Transport::PerDevice,
+        )
+        .await
     });
     // An outage of the telemetry server in the middle of the run.
     tokio::time::sleep(Duration::from_secs(3)).await;
     vm.stop().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (sink_status, _) = gateway.sink.as_ref().unwrap();
+    let (sink_status, sink_task) = gateway.sink.as_ref().unwrap();
     let buffered_during_outage = sink_status.buffered.load(Relaxed);
     vm.restart().unwrap();
     sim.await.unwrap().unwrap();
@@ -88,6 +98,7 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(!sink_task.is_finished(), "the telemetry sink stopped");
     let series = vm.export("(cover|drain|position|status)_.*").await.unwrap();
     let mut stored = BTreeSet::new();
     let mut raw = 0;

@@ -6,6 +6,7 @@ use anyhow::Result;
 use gridsense_protocol::{DeviceKey, Eui};
 use gridsense_simulator::{
     city::{self, Counts},
+    clock::SimClock,
     fleet::{self, RunOptions, Transport},
     inventory::{self, DeviceRecord},
     scenario,
@@ -45,6 +46,20 @@ pub async fn run_with(
     real: Duration,
     transport: Transport,
 ) -> Result<Summary> {
+    run_clocked(dir, scenario_text, broker, SimClock::start(speed, real), real, transport).await
+}
+
+/// As [`run`], on a clock the caller shares (with a gateway under test, so its time syncs and
+/// deadlines agree with the simulated devices).
+pub async fn run_clocked(
+    dir: &Path,
+    scenario_text: &str,
+    broker: SocketAddr,
+    clock: SimClock,
+    real: Duration,
+    transport: Transport,
+) -> Result<Summary> {
+    let speed = clock.speed();
     let scenario = scenario::parse("test.toml", scenario_text)?;
     let plan = fleet::plan(dir, &scenario)?;
     let options = RunOptions {
@@ -55,7 +70,7 @@ pub async fn run_with(
         transport,
         limit: None,
         progress: false,
-        clock: None,
+        clock: Some(clock),
     };
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     fleet::run(plan, &options, stop).await

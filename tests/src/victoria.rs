@@ -82,7 +82,12 @@ impl VictoriaMetrics {
             .error_for_status()?;
         let text = http
             .get(format!("{}/api/v1/export", self.url()))
-            .query(&[("match[]", format!("{{__name__=~\"{name_regex}\"}}"))])
+            // Every time, including a little future: export defaults to ending now.
+            .query(&[
+                ("match[]", format!("{{__name__=~\"{name_regex}\"}}")),
+                ("start", "0".to_owned()),
+                ("end", (now_s() + 3 * 86_400).to_string()),
+            ])
             .send()
             .await?
             .error_for_status()?
@@ -115,6 +120,10 @@ impl VictoriaMetrics {
             })
             .collect()
     }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Drop for VictoriaMetrics {
