@@ -42,6 +42,7 @@ fn main() {
         let frame = seal(eui, 1, status, &key);
         pipeline.handle(0, &topic(eui, Direction::Uplink), &frame, &mut batch);
         if i % 10_000 == 0 {
+            pipeline.finish(&mut batch);
             batch = Batch::default();
         }
     }

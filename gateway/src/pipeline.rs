@@ -12,7 +12,7 @@
 //!    sealed here and published by the shell after the commit;
 //! 7. hook for rules (the next issue).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use gridsense_protocol::{Direction, Eui, Message, seal, topic::parse_topic};
 
@@ -44,6 +44,8 @@ pub struct Pipeline {
     health: HealthTracker,
     downlinks: Downlinks,
     log_budget: HashMap<&'static str, (i64, u32)>,
+    /// Devices whose health changed since the last [`Pipeline::finish`].
+    dirty: HashSet<Eui>,
 }
 
 impl Pipeline {
@@ -70,6 +72,7 @@ impl Pipeline {
             health: tracker,
             downlinks: Downlinks::new(DownlinkConfig::default()),
             log_budget: HashMap::new(),
+            dirty: HashSet::new(),
         }
     }
 
@@ -196,9 +199,7 @@ impl Pipeline {
             && self.intake.kind_of(eui).is_some()
         {
             self.health.on_reject(eui);
-            if let Some(h) = self.health.get(eui) {
-                batch.health.insert(eui, h.clone());
-            }
+            self.dirty.insert(eui);
         }
         batch.audit.push(AuditRecord {
             received_ms: now_ms,
@@ -222,7 +223,14 @@ impl Pipeline {
     /// Offline deadlines that passed by `now_ms`, and requests given up.
     pub fn tick(&mut self, now_ms: i64, batch: &mut Batch) {
         self.downlinks.tick(now_ms, &mut batch.request_updates);
-        for eui in self.health.poll_deadlines(now_ms, &mut batch.events) {
+        let offline = self.health.poll_deadlines(now_ms, &mut batch.events);
+        self.dirty.extend(offline);
+    }
+
+    /// Puts the health rows changed since the last call into the batch (once per device per
+    /// batch, however many frames it sent). Call before committing.
+    pub fn finish(&mut self, batch: &mut Batch) {
+        for eui in self.dirty.drain() {
             if let Some(h) = self.health.get(eui) {
                 batch.health.insert(eui, h.clone());
             }
@@ -274,6 +282,7 @@ mod tests {
             p.handle(1_002, &up, &seal(Eui(1), 2, status, &key), &mut batch),
             Outcome::Rejected("duplicate")
         );
+        p.finish(&mut batch);
         assert_eq!(batch.accepted, 2);
         assert_eq!(batch.telemetry.len(), 2 + 4);
         assert_eq!(batch.messages.len(), 1);
@@ -318,6 +327,7 @@ mod tests {
         assert_eq!(p.next_deadline(), Some(120_000));
         let mut later = Batch::default();
         p.tick(120_000, &mut later);
+        p.finish(&mut later);
         assert_eq!(later.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventKind::Offline]);
         assert!(!later.health[&Eui(1)].online);
     }
