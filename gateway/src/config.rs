@@ -435,6 +435,12 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gridsense.example.toml");
+        assert_eq!(load(Some(&path), &[]).unwrap(), Config::default());
+    }
+
+    #[test]
     fn the_environment_overrides_the_file() {
         let (_d, path) = write("[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n");
         let env = vec![
