@@ -5,6 +5,11 @@
 //! 429, 5xx and connection errors are retried with exponential backoff while the buffer keeps
 //! filling (bounded by `telemetry.buffer_max_points`, oldest dropped and counted); any other
 //! 4xx means the batch can never be written: it is dropped and counted, not retried forever.
+//!
+//! Delivery is at least once: if the gateway dies between the server's 204 and the buffer
+//! delete, the batch is written again after the restart. InfluxDB overwrites a point with the
+//! same series and timestamp, so this is harmless there; a VictoriaMetrics used as the sink
+//! should run with `-dedup.minScrapeInterval=1ms` for the same effect.
 
 use std::{
     sync::{

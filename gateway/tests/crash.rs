@@ -1,7 +1,8 @@
 //! Crash safety: `kill -9` the real `gridsense` process three times in the middle of a stream
 //! and restart it. Afterwards every authentic frame is accepted exactly once: no telemetry
 //! sample lost, none processed twice (a frame acknowledged by nobody is redelivered; one whose
-//! ack was lost is a counted duplicate).
+//! ack was lost is a counted duplicate). Counted twice over: in the SQLite store, and as raw
+//! samples in VictoriaMetrics without de-duplication, fed through the gateway's InfluxDB 2 sink.
 
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
@@ -15,7 +16,7 @@ use std::{
 
 use gridsense_gateway::{app, config, telemetry};
 use gridsense_simulator::city::Counts;
-use gridsense_tests::{Mosquitto, Subscriber, fixtures};
+use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 fn gateway(config: &Path) -> Child {
@@ -30,6 +31,7 @@ fn gateway(config: &Path) -> Child {
 #[tokio::test]
 async fn kill_9_loses_nothing_and_duplicates_nothing() {
     let broker = Mosquitto::start().unwrap();
+    let vm = VictoriaMetrics::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     fixtures::city(dir.path(), 71, Counts { covers: 20, drains: 20, beacons: 0 }).unwrap();
     let config_path = dir.path().join("gridsense.toml");
@@ -37,9 +39,11 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     std::fs::write(
         &config_path,
         format!(
-            "[mqtt]\nurl = \"mqtt://{}\"\n[store]\npath = \"{}\"\nbatch_max = 50\n",
+            "[mqtt]\nurl = \"mqtt://{}\"\n[store]\npath = \"{}\"\nbatch_max = 50\n\
+             [telemetry]\nsink = \"influxdb\"\nurl = \"{}\"\nbatch_max = 200\n",
             broker.addr(),
-            db.display()
+            db.display(),
+            vm.url()
         ),
     )
     .unwrap();
@@ -112,6 +116,12 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    for _ in 0..100 {
+        if app::open_store(&config).and_then(|s| Ok(s.buffer_len()?)).unwrap_or(1) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     child.wait().unwrap();
     let store = app::open_store(&config).unwrap();
@@ -124,9 +134,13 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
         totals.rejects
     );
     assert_eq!(accepted, totals.accepted);
-    assert_eq!(store.telemetry_count(None).unwrap(), points.len() as u64);
+    // The buffer drained into VictoriaMetrics: every point once, as raw samples.
+    assert_eq!(store.buffer_len().unwrap(), 0);
+    let series = vm.export("(cover|drain|position|status)_.*").await.unwrap();
+    let raw: usize = series.iter().map(|(_, samples)| samples.len()).sum();
+    assert_eq!(raw, points.len(), "raw samples in VictoriaMetrics vs distinct points");
     println!(
-        "chaos: kill9 sent={} stored={} lost=0 duplicated=0 (duplicates dropped as such: {})",
+        "chaos: kill9 sent={} stored={} lost=0 duplicated=0 (samples in VictoriaMetrics {raw}; duplicate frames dropped as such: {})",
         distinct.len(),
         totals.accepted,
         totals.rejects.get("duplicate").copied().unwrap_or(0)
