@@ -5,6 +5,7 @@
 //!   messages; [`health`] with durable offline deadlines; [`telemetry`] points.
 //! - [`ingest`]: the rumqttc shell, group commit into [`store`] (SQLite), acks after commit;
 //!   [`sink`]: the InfluxDB 2 writer draining the store's on-disk telemetry buffer.
+//! - [`geo`]: the grid layer (GeoJSON, R-tree, point-in-polygon, nearest within a tolerance).
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod downlink;
+pub mod geo;
 pub mod health;
 pub mod http;
 pub mod ingest;
