@@ -7,14 +7,15 @@
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
 
+mod common;
+
 use std::{
-    collections::{BTreeSet, HashSet},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use gridsense_gateway::{app, config, telemetry};
+use gridsense_gateway::{app, config};
 use gridsense_simulator::city::Counts;
 use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -97,16 +98,7 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     subscriber.settle(Duration::from_millis(500), Duration::from_secs(5)).await;
 
     // Expected: every authentic (device, counter) once, and its telemetry points.
-    let keys = fixtures::keys(dir.path()).unwrap();
-    let mut distinct = HashSet::new();
-    let mut points = BTreeSet::new();
-    for (header, msg) in subscriber.decoded(&keys) {
-        if distinct.insert((header.eui, header.counter)) {
-            let mut out = Vec::new();
-            telemetry::points(header.eui, gridsense_gateway::registry::Kind::Cover, &msg, &mut out);
-            points.extend(out.into_iter().map(|p| (p.eui, p.measurement, p.field, p.at_ms)));
-        }
-    }
+    let common::Expected { frames: distinct, points } = common::expected(&subscriber, dir.path());
     // Wait for the restarted gateway to catch up, then stop it gracefully.
     let mut accepted = 0;
     for _ in 0..100 {

@@ -5,7 +5,9 @@
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
 
-use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+mod common;
+
+use std::time::Duration;
 
 use gridsense_gateway::{
     app,
@@ -24,15 +26,11 @@ async fn time_sync_configuration_and_status_requests_reach_devices() {
     config.mqtt.url = format!("mqtt://{}", broker.addr());
     config.store.path = dir.path().join("gridsense.db");
     config.downlink.poll_ms = 200;
+    common::import(&config, dir.path());
     let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
-    app::open_store(&config).unwrap().import(&devices, 0).unwrap();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     // The gateway shares the simulator's clock, as in `gridsense demo`.
     let clock = gridsense_simulator::clock::SimClock::start(10.0, Duration::from_secs(10));
-    let gateway = app::start(&config, app::shared_clock(clock), stop).unwrap();
-    while !gateway.status.connected.load(Relaxed) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
     let scenario = "description = \"t\"\nseed = 5\n[device_config]\nreport_interval_s = 20\ndrain_deadband_mm = 0\n";
     let sim_dir = dir.path().to_owned();
     let addr = broker.addr();

@@ -5,14 +5,12 @@
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
 
-use std::{
-    collections::{BTreeSet, HashSet},
-    sync::atomic::Ordering::Relaxed,
-    time::Duration,
-};
+mod common;
 
-use gridsense_gateway::{app, config::Config, telemetry};
-use gridsense_simulator::{city::Counts, fleet::Transport, inventory};
+use std::{collections::HashSet, sync::atomic::Ordering::Relaxed, time::Duration};
+
+use gridsense_gateway::{app, config::Config};
+use gridsense_simulator::{city::Counts, fleet::Transport};
 use gridsense_tests::{Mosquitto, Subscriber, fixtures};
 
 #[tokio::test]
@@ -24,19 +22,10 @@ async fn authentic_frames_are_stored_once_and_bad_ones_only_counted() {
     config.mqtt.url = format!("mqtt://{}", broker.addr());
     config.store.path = dir.path().join("gridsense.db");
     config.store.batch_max = 64;
-    {
-        let mut store = app::open_store(&config).unwrap();
-        let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
-        let report = store.import(&devices, 0).unwrap();
-        assert_eq!(report.added, 90);
-    }
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    assert_eq!(common::import(&config, dir.path()).added, 90);
     // The gateway shares the simulator's clock, as in `gridsense demo`.
     let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
-    let gateway = app::start(&config, app::shared_clock(clock), stop).unwrap();
-    while !gateway.status.connected.load(Relaxed) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
     let subscriber = Subscriber::start(broker.addr()).await.unwrap();
 
     let scenario = r#"
@@ -84,16 +73,7 @@ rate_per_s = 1
 
     // What an independent observer says should have been accepted: each authentic
     // (device, counter) once.
-    let keys = fixtures::keys(dir.path()).unwrap();
-    let mut distinct = HashSet::new();
-    let mut points = BTreeSet::new();
-    for (header, msg) in subscriber.decoded(&keys) {
-        if distinct.insert((header.eui, header.counter)) {
-            let mut out = Vec::new();
-            telemetry::points(header.eui, gridsense_gateway::registry::Kind::Cover, &msg, &mut out);
-            points.extend(out.into_iter().map(|p| (p.eui, p.measurement, p.field, p.at_ms)));
-        }
-    }
+    let common::Expected { frames: distinct, points } = common::expected(&subscriber, dir.path());
     let store = app::open_store(&config).unwrap();
     let totals = store.totals().unwrap();
     assert!(summary.mischief > 10, "{summary:?}");

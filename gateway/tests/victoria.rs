@@ -6,19 +6,15 @@
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
 
-use std::{
-    collections::{BTreeSet, HashSet},
-    sync::atomic::Ordering::Relaxed,
-    time::Duration,
-};
+mod common;
+
+use std::{collections::BTreeSet, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use gridsense_gateway::{
     app,
     config::{Config, Sink},
-    registry::Kind,
-    telemetry,
 };
-use gridsense_simulator::{city::Counts, fleet::Transport, inventory};
+use gridsense_simulator::{city::Counts, fleet::Transport};
 use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
 
 #[tokio::test]
@@ -34,17 +30,10 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     config.telemetry.url = vm.url();
     config.telemetry.batch_max = 500;
     config.telemetry.retry_max_ms = 500;
-    let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
-    app::open_store(&config).unwrap().import(&devices, 0).unwrap();
-    let kinds: std::collections::HashMap<_, _> =
-        devices.iter().map(|d| (d.eui, Kind::from(d.record.kind))).collect();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    common::import(&config, dir.path());
     // The gateway shares the simulator's clock, as in `gridsense demo`.
     let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
-    let gateway = app::start(&config, app::shared_clock(clock), stop).unwrap();
-    while !gateway.status.connected.load(Relaxed) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
     let subscriber = Subscriber::start(broker.addr()).await.unwrap();
     let scenario = "description = \"t\"\nseed = 4\n[device_config]\nreport_interval_s = 10\ndrain_deadband_mm = 0\nfix_interval_s = 10\n[patrol]\non_patrol = 1.0\n";
     let sim_dir = dir.path().to_owned();
@@ -70,23 +59,8 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     sim.await.unwrap().unwrap();
     subscriber.settle(Duration::from_millis(500), Duration::from_secs(5)).await;
 
-    let keys = fixtures::keys(dir.path()).unwrap();
-    let mut distinct = HashSet::new();
-    let mut expected = BTreeSet::new();
-    for (header, msg) in subscriber.decoded(&keys) {
-        if distinct.insert((header.eui, header.counter)) {
-            let mut out = Vec::new();
-            telemetry::points(header.eui, kinds[&header.eui], &msg, &mut out);
-            for p in out {
-                let labels = (
-                    format!("{}_{}", p.measurement, p.field),
-                    p.eui.to_string(),
-                    p.kind.as_str().to_owned(),
-                );
-                expected.insert((labels, p.at_ms));
-            }
-        }
-    }
+    let common::Expected { frames: distinct, points: expected } =
+        common::expected(&subscriber, dir.path());
     // Wait for the gateway to take everything and the sink to drain its buffer.
     for _ in 0..150 {
         let done = app::open_store(&config).unwrap().totals().unwrap().accepted

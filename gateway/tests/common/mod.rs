@@ -1,0 +1,72 @@
+//! What the gateway's end-to-end tests share: starting a gateway against a broker and knowing
+//! what it should have stored, from an independent subscriber's view of the traffic.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    path::Path,
+    sync::atomic::Ordering::Relaxed,
+    time::Duration,
+};
+
+use gridsense_gateway::{
+    app::{self, Gateway},
+    config::Config,
+    ingest::Clock,
+    registry::{ImportReport, Kind},
+    telemetry,
+};
+use gridsense_protocol::Eui;
+use gridsense_simulator::inventory;
+use gridsense_tests::{Subscriber, fixtures};
+use tokio::sync::watch;
+
+/// Imports the city in `dir` into the store `config` names.
+pub fn import(config: &Config, dir: &Path) -> ImportReport {
+    let devices = inventory::load(&dir.join("devices.json")).unwrap();
+    app::open_store(config).unwrap().import(&devices, 0).unwrap()
+}
+
+/// Starts a gateway and waits until it is subscribed; the sender stops it.
+pub async fn start(config: &Config, clock: Clock) -> (Gateway, watch::Sender<bool>) {
+    let (stop_tx, stop) = watch::channel(false);
+    let gateway = app::start(config, clock, stop).unwrap();
+    while !gateway.status.connected.load(Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (gateway, stop_tx)
+}
+
+/// What should have been stored.
+#[derive(Debug, Default)]
+pub struct Expected {
+    /// Every authentic (device, counter), once.
+    pub frames: HashSet<(Eui, u32)>,
+    /// Their telemetry: (series name `measurement_field`, EUI, kind, time ms), once each.
+    pub points: BTreeSet<((String, String, String), i64)>,
+}
+
+/// Decodes what the subscriber saw with the inventory's keys.
+pub fn expected(subscriber: &Subscriber, dir: &Path) -> Expected {
+    let devices = inventory::load(&dir.join("devices.json")).unwrap();
+    let kinds: HashMap<Eui, Kind> =
+        devices.iter().map(|d| (d.eui, Kind::from(d.record.kind))).collect();
+    let keys = fixtures::keys(dir).unwrap();
+    let mut out = Expected::default();
+    for (header, msg) in subscriber.decoded(&keys) {
+        if out.frames.insert((header.eui, header.counter)) {
+            let mut points = Vec::new();
+            telemetry::points(header.eui, kinds[&header.eui], &msg, &mut points);
+            for p in points {
+                let series = (
+                    format!("{}_{}", p.measurement, p.field),
+                    p.eui.to_string(),
+                    p.kind.as_str().to_owned(),
+                );
+                out.points.insert((series, p.at_ms));
+            }
+        }
+    }
+    out
+}
