@@ -76,8 +76,22 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     let registry = store.registry()?;
     let counters = store.counters()?;
     let health = store.health()?;
-    let pipeline =
-        Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health));
+    let mut pipeline =
+        Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health))
+            .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new());
+    if !config.geo.grids.is_empty() {
+        let codes =
+            crate::geo::CodeLengths { grid: config.geo.grid_code_digits, ..Default::default() };
+        let path = std::path::Path::new(&config.geo.grids);
+        let layer = crate::geo::GridLayer::load(path, codes, config.geo.tolerance_m)
+            .context("geo.grids")?;
+        let grids = layer.cells().len();
+        let unassigned = pipeline.with_grids(Arc::new(layer), &store.locations()?);
+        if unassigned > 0 {
+            tracing::warn!(unassigned, "devices outside every grid (beyond geo.tolerance_m)");
+        }
+        tracing::info!(grids, "grid layer loaded");
+    }
     let (broker, device_listener) = if config.mqtt.url.is_empty() {
         let embedded =
             broker::start_embedded(config.broker.device_port, config.broker.client_port)?;

@@ -24,6 +24,26 @@ pub struct Config {
     pub http: Http,
     /// Downlinks to devices.
     pub downlink: DownlinkSettings,
+    /// The grid layer.
+    pub geo: Geo,
+}
+
+/// The grid layer (responsibility grids as GeoJSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Geo {
+    /// GeoJSON of the responsibility grids (`gridsim city` writes `grids.geojson`); empty: none.
+    pub grids: String,
+    /// A point outside every grid goes to the nearest within this many metres, else none.
+    pub tolerance_m: f64,
+    /// Digits of a grid code (15, or 14 in some cities).
+    pub grid_code_digits: usize,
+}
+
+impl Default for Geo {
+    fn default() -> Self {
+        Geo { grids: String::new(), tolerance_m: 50.0, grid_code_digits: 15 }
+    }
 }
 
 /// Downlink policy (time sync, configuration, status requests).
@@ -366,6 +386,12 @@ impl Config {
         }
         if self.store.audit_max == 0 {
             return Err(("store.audit_max", "must be at least 1".into()));
+        }
+        if !(self.geo.tolerance_m >= 0.0 && self.geo.tolerance_m <= 10_000.0) {
+            return Err(("geo.tolerance_m", "must be between 0 and 10000".into()));
+        }
+        if !(12..=20).contains(&self.geo.grid_code_digits) {
+            return Err(("geo.grid_code_digits", "must be between 12 and 20".into()));
         }
         if self.downlink.max_attempts == 0 || self.downlink.poll_ms == 0 {
             return Err(("downlink.max_attempts", "max_attempts and poll_ms must be > 0".into()));

@@ -99,6 +99,7 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     }
     let mut config = Config::default();
     config.store.path = options.data.join("gridsense.db");
+    config.geo.grids = city_dir.join("grids.geojson").display().to_string();
     // The demo stays on loopback: a taken port falls back to a free one.
     let http_addr: std::net::SocketAddr =
         options.http.parse().context("--http: expected IP:PORT")?;

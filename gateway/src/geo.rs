@@ -5,7 +5,7 @@
 //! unassigned — never silently dropped. Invalid geometry or codes are errors at load that name
 //! the feature and the property.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use geo::{Contains, Coord, Distance, Euclidean, LineString, MultiPolygon, Point, Polygon};
 use rstar::{AABB, RTree, primitives::GeomWithData, primitives::Rectangle};
@@ -17,13 +17,13 @@ const M_PER_DEG: f64 = 111_320.0;
 #[derive(Debug, Clone, PartialEq)]
 pub struct GridCell {
     /// Grid code (15 digits by default: district 6 + street 3 + community 3 + sequence 3).
-    pub grid_code: String,
+    pub grid_code: Arc<str>,
     /// Grid name.
     pub grid_name: String,
     /// Community code (12 digits).
     pub community_code: String,
     /// Street code (9 digits).
-    pub street_code: String,
+    pub street_code: Arc<str>,
     /// District code (6 digits).
     pub district_code: String,
     /// Its area (WGS84 lon/lat).
@@ -259,10 +259,10 @@ impl GridLayer {
                 .ok_or_else(|| bad("geometry", "missing".into()))
                 .and_then(|g| geometry(g).map_err(|m| bad("geometry", m)))?;
             cells.push(GridCell {
-                grid_code,
+                grid_code: grid_code.into(),
                 grid_name,
                 community_code,
-                street_code,
+                street_code: street_code.into(),
                 district_code,
                 shape,
             });
@@ -343,7 +343,7 @@ mod tests {
             let Placement::Inside(cell) = layer.locate(d.lat, d.lon) else {
                 panic!("{} outside", d.eui)
             };
-            assert_eq!(cell.grid_code, expected.grid_code);
+            assert_eq!(*cell.grid_code, *expected.grid_code);
             assert_eq!(&cell.grid_code[..12], cell.community_code);
             assert_eq!(cell.district_code, "210202");
         }

@@ -12,12 +12,16 @@
 //!    sealed here and published by the shell after the commit;
 //! 7. hook for rules (the next issue).
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use gridsense_protocol::{Direction, Eui, Message, seal, topic::parse_topic};
 
 use crate::{
     downlink::{DownlinkConfig, Downlinks, Outgoing, Pending},
+    geo::GridLayer,
     health::{DeviceHealth, HealthConfig, HealthTracker},
     intake::{Intake, Reject},
     registry::Registered,
@@ -46,6 +50,15 @@ pub struct Pipeline {
     log_budget: HashMap<&'static str, (i64, u32)>,
     /// Devices whose health changed since the last [`Pipeline::finish`].
     dirty: HashSet<Eui>,
+    /// The grid layer and each device's place in it.
+    grids: Option<Grids>,
+}
+
+/// The grid layer and where each registered device stands.
+#[derive(Debug)]
+struct Grids {
+    layer: Arc<GridLayer>,
+    placed: HashMap<Eui, usize>,
 }
 
 impl Pipeline {
@@ -73,6 +86,55 @@ impl Pipeline {
             downlinks: Downlinks::new(DownlinkConfig::default()),
             log_budget: HashMap::new(),
             dirty: HashSet::new(),
+            grids: None,
+        }
+    }
+
+    /// Places every device in the grid layer (by its registered position); telemetry is then
+    /// tagged with grid and street, patrol fixes by where each fix was taken. Returns how many
+    /// devices fell outside every grid (beyond the tolerance).
+    pub fn with_grids(&mut self, layer: Arc<GridLayer>, locations: &[(Eui, f64, f64)]) -> usize {
+        let mut placed = HashMap::with_capacity(locations.len());
+        let mut unassigned = 0;
+        for (eui, lat, lon) in locations {
+            match layer.locate(*lat, *lon).grid() {
+                Some(cell) => {
+                    if let Some(i) = layer.cells().iter().position(|c| std::ptr::eq(c, cell)) {
+                        placed.insert(*eui, i);
+                    }
+                }
+                None => unassigned += 1,
+            }
+        }
+        self.grids = Some(Grids { layer, placed });
+        unassigned
+    }
+
+    /// Tags points from `start` on with their grid: the device's, or for positions the fix's.
+    fn tag_grids(&self, eui: Eui, batch: &mut Batch, start: usize) {
+        let Some(grids) = &self.grids else { return };
+        let home = grids.placed.get(&eui).and_then(|i| grids.layer.cells().get(*i));
+        let points = batch.telemetry.get_mut(start..).unwrap_or_default();
+        // Positions: locate each fix (lat and lon points share their time).
+        let mut fixes: HashMap<i64, (f64, f64)> = HashMap::new();
+        for p in points.iter().filter(|p| p.measurement == "position") {
+            let entry = fixes.entry(p.at_ms).or_insert((f64::NAN, f64::NAN));
+            match p.field {
+                "lat" => entry.0 = p.value,
+                "lon" => entry.1 = p.value,
+                _ => {}
+            }
+        }
+        for p in points.iter_mut() {
+            let cell = if p.measurement == "position" {
+                fixes.get(&p.at_ms).and_then(|(lat, lon)| grids.layer.locate(*lat, *lon).grid())
+            } else {
+                home
+            };
+            if let Some(cell) = cell {
+                p.grid = Some(cell.grid_code.clone());
+                p.street = Some(cell.street_code.clone());
+            }
         }
     }
 
@@ -157,7 +219,9 @@ impl Pipeline {
             batch.health.insert(eui, h.clone());
         }
         // 4. Telemetry at the device's sample times.
+        let first_point = batch.telemetry.len();
         let telemetry_only = telemetry::points(eui, kind, &accepted.message, &mut batch.telemetry);
+        self.tag_grids(eui, batch, first_point);
         // 5. Everything else is kept for the trace (and the rules of the next issue).
         let name = accepted.message.kind_name();
         if !telemetry_only {

@@ -71,13 +71,16 @@ fn data_points(points: &[BufferedPoint]) -> Vec<DataPoint> {
     points
         .iter()
         .filter_map(|p| {
-            DataPoint::builder(p.measurement.as_str())
+            let mut point = DataPoint::builder(p.measurement.as_str())
                 .tag("eui", p.eui.to_string())
-                .tag("kind", p.kind.as_str())
-                .field(p.field.as_str(), p.value)
-                .timestamp(p.at_ms)
-                .build()
-                .ok()
+                .tag("kind", p.kind.as_str());
+            if let Some(grid) = &p.grid {
+                point = point.tag("grid", grid.as_str());
+            }
+            if let Some(street) = &p.street {
+                point = point.tag("street", street.as_str());
+            }
+            point.field(p.field.as_str(), p.value).timestamp(p.at_ms).build().ok()
         })
         .collect()
 }

@@ -7,7 +7,7 @@
 //! numbered migrations run at open (`PRAGMA user_version`). The interface is narrow so that a
 //! PostgreSQL backend can implement the same for multi-instance deployments.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
 use gridsense_simulator::inventory::Device as InventoryDevice;
@@ -138,6 +138,10 @@ const MIGRATIONS: &[&str] = &[
         done_ms INTEGER,
         outcome TEXT
     );",
+    // 5: grid tags on telemetry.
+    "ALTER TABLE telemetry ADD COLUMN grid_code TEXT;
+    ALTER TABLE telemetry_buffer ADD COLUMN grid_code TEXT;
+    ALTER TABLE telemetry_buffer ADD COLUMN street_code TEXT;",
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -157,10 +161,14 @@ pub struct BufferedPoint {
     pub at_ms: i64,
     /// Value.
     pub value: f64,
+    /// Grid code tag.
+    pub grid: Option<String>,
+    /// Street code tag.
+    pub street: Option<String>,
 }
 
 /// One telemetry value with its explicit time.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     /// Device.
     pub eui: Eui,
@@ -174,6 +182,10 @@ pub struct Point {
     pub at_ms: i64,
     /// Value.
     pub value: f64,
+    /// The responsibility grid it was measured in, when the grid layer is loaded.
+    pub grid: Option<Arc<str>>,
+    /// That grid's street.
+    pub street: Option<Arc<str>>,
 }
 
 /// A rejected frame for the audit log.
@@ -607,6 +619,15 @@ impl Store {
         Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?)
     }
 
+    /// Positions of active devices, for placing them in grids.
+    pub fn locations(&self) -> Result<Vec<(Eui, f64, f64)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT eui, lat, lon FROM devices WHERE status = 'active'")?;
+        Ok(stmt
+            .query_map([], |r| Ok((Eui(r.get::<_, i64>(0)? as u64), r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?)
+    }
+
     /// Persisted counter windows.
     pub fn counters(&self) -> Result<Vec<(Eui, CounterWindow)>, StoreError> {
         let mut stmt = self.conn.prepare("SELECT eui, highest, seen FROM counters")?;
@@ -718,8 +739,8 @@ impl Store {
             }
             if let Some(max) = self.buffer_max {
                 let mut buffer = tx.prepare_cached(
-                    "INSERT INTO telemetry_buffer (eui, kind, measurement, field, at_ms, value)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO telemetry_buffer (eui, kind, measurement, field, at_ms, value, grid_code, street_code)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 for p in &batch.telemetry {
                     let kind = p.kind.as_str();
@@ -729,7 +750,9 @@ impl Store {
                         p.measurement,
                         p.field,
                         p.at_ms,
-                        p.value
+                        p.value,
+                        p.grid.as_deref(),
+                        p.street.as_deref()
                     ])?;
                 }
                 if !batch.telemetry.is_empty() {
@@ -750,8 +773,8 @@ impl Store {
             } else {
                 // Explicit sample times: a replayed point overwrites itself.
                 let mut telemetry = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO telemetry (eui, measurement, field, at_ms, value)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR REPLACE INTO telemetry (eui, measurement, field, at_ms, value, grid_code)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
                 for p in &batch.telemetry {
                     telemetry.execute(params![
@@ -759,7 +782,8 @@ impl Store {
                         p.measurement,
                         p.field,
                         p.at_ms,
-                        p.value
+                        p.value,
+                        p.grid.as_deref()
                     ])?;
                 }
             }
@@ -851,7 +875,8 @@ impl Store {
     /// The oldest `limit` buffered points.
     pub fn buffer_read(&self, limit: usize) -> Result<Vec<BufferedPoint>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, eui, kind, measurement, field, at_ms, value FROM telemetry_buffer ORDER BY id LIMIT ?1",
+            "SELECT id, eui, kind, measurement, field, at_ms, value, grid_code, street_code
+             FROM telemetry_buffer ORDER BY id LIMIT ?1",
         )?;
         let rows = stmt.query_map(params![i(limit as u64)], |r| {
             Ok(BufferedPoint {
@@ -862,6 +887,8 @@ impl Store {
                 field: r.get(4)?,
                 at_ms: r.get(5)?,
                 value: r.get(6)?,
+                grid: r.get(7)?,
+                street: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -962,8 +989,10 @@ mod tests {
             field: "level_mm",
             at_ms: 1_000,
             value: 5.0,
+            grid: None,
+            street: None,
         };
-        batch.telemetry.push(point);
+        batch.telemetry.push(point.clone());
         batch.telemetry.push(Point { value: 6.0, ..point });
         batch.accepted = 1;
         *batch.rejects.entry("bad_tag").or_default() += 2;
@@ -1033,6 +1062,8 @@ mod buffer_tests {
                     field: "level_mm",
                     at_ms: n * 10 + k,
                     value: 1.0,
+                    grid: Some("210202001001001".into()),
+                    street: Some("210202001".into()),
                 });
             }
             store.commit(&batch).unwrap();
@@ -1041,6 +1072,7 @@ mod buffer_tests {
         assert_eq!(store.stat("telemetry_dropped").unwrap(), 7);
         let oldest = store.buffer_read(2).unwrap();
         assert_eq!(oldest.iter().map(|p| p.at_ms).collect::<Vec<_>>(), [21, 22]);
+        assert_eq!(oldest[0].grid.as_deref(), Some("210202001001001"));
         store.buffer_delete_through(oldest[1].id).unwrap();
         assert_eq!(store.buffer_len().unwrap(), 3);
         assert_eq!(store.telemetry_count(None).unwrap(), 0);

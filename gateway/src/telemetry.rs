@@ -13,7 +13,16 @@ fn ms(at: DeviceTime) -> i64 {
 
 fn cover(eui: Eui, kind: Kind, at: DeviceTime, s: &CoverSample, out: &mut Vec<Point>) {
     let at_ms = ms(at);
-    let p = |field, value| Point { eui, kind, measurement: "cover", field, at_ms, value };
+    let p = |field, value| Point {
+        eui,
+        kind,
+        measurement: "cover",
+        field,
+        at_ms,
+        value,
+        grid: None,
+        street: None,
+    };
     out.push(p("tilt_ddeg", f64::from(s.tilt_ddeg)));
     match s.switch {
         SwitchState::Absent => {}
@@ -27,14 +36,32 @@ fn cover(eui: Eui, kind: Kind, at: DeviceTime, s: &CoverSample, out: &mut Vec<Po
 
 fn drain(eui: Eui, kind: Kind, at: DeviceTime, s: &DrainSample, out: &mut Vec<Point>) {
     let at_ms = ms(at);
-    let p = |field, value| Point { eui, kind, measurement: "drain", field, at_ms, value };
+    let p = |field, value| Point {
+        eui,
+        kind,
+        measurement: "drain",
+        field,
+        at_ms,
+        value,
+        grid: None,
+        street: None,
+    };
     out.push(p("level_mm", f64::from(s.level_mm)));
     out.push(p("rate_mm_h", f64::from(s.rate_mm_h)));
 }
 
 fn position(eui: Eui, kind: Kind, at: DeviceTime, f: &PositionFix, out: &mut Vec<Point>) {
     let at_ms = ms(at);
-    let p = |field, value| Point { eui, kind, measurement: "position", field, at_ms, value };
+    let p = |field, value| Point {
+        eui,
+        kind,
+        measurement: "position",
+        field,
+        at_ms,
+        value,
+        grid: None,
+        street: None,
+    };
     out.push(p("lat", f64::from(f.lat_udeg) / 1e6));
     out.push(p("lon", f64::from(f.lon_udeg) / 1e6));
     out.push(p("accuracy_m", f64::from(f.accuracy_m)));
@@ -58,7 +85,16 @@ pub fn points(eui: Eui, kind: Kind, message: &Uplink, out: &mut Vec<Point>) -> b
         }
         Uplink::Status(s) => {
             let at_ms = ms(s.at);
-            let p = |field, value| Point { eui, kind, measurement: "status", field, at_ms, value };
+            let p = |field, value| Point {
+                eui,
+                kind,
+                measurement: "status",
+                field,
+                at_ms,
+                value,
+                grid: None,
+                street: None,
+            };
             out.push(p("battery_mv", f64::from(s.battery_mv)));
             out.push(p("rssi_dbm", f64::from(s.rssi_dbm)));
             out.push(p("temperature_c", f64::from(s.temperature_dc) / 10.0));

@@ -71,3 +71,89 @@ async fn time_sync_configuration_and_status_requests_reach_devices() {
     let counters = store.downlink_counters().unwrap();
     assert_eq!(counters.len(), 6, "{counters:?}");
 }
+
+/// Downlink counters persist: after a gateway restart, downlinks continue above every counter
+/// used before, never reusing one under a device's key.
+#[tokio::test]
+async fn downlink_counters_survive_a_restart() {
+    use gridsense_protocol::{RawFrame, topic::parse_topic};
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 111, Counts { covers: 0, drains: 3, beacons: 0 }).unwrap();
+    let mut config = Config::default();
+    config.mqtt.url = format!("mqtt://{}", broker.addr());
+    config.store.path = dir.path().join("gridsense.db");
+    common::import(&config, dir.path());
+    // Record every downlink the gateway publishes.
+    let mut options =
+        MqttOptions::new("down-recorder", broker.addr().ip().to_string(), broker.addr().port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    client.subscribe("gridsense/+/down", QoS::AtLeastOnce).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event
+                && let (Ok((eui, _)), Ok(raw)) =
+                    (parse_topic(&p.topic), RawFrame::parse(&p.payload))
+            {
+                sink.lock().unwrap().push((eui, raw.header().counter));
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One fleet for 10 s; gateway A serves the first 4 s (boot time syncs), gateway B the rest.
+    let clock = gridsense_simulator::clock::SimClock::start(10.0, Duration::from_secs(10));
+    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
+    let scenario = "description = \"t\"\nseed = 6\n[device_config]\nreport_interval_s = 10\ndrain_deadband_mm = 0\n";
+    let sim_dir = dir.path().to_owned();
+    let addr = broker.addr();
+    let sim = tokio::spawn(async move {
+        fixtures::run_clocked(
+            &sim_dir,
+            scenario,
+            addr,
+            clock,
+            Duration::from_secs(10),
+            Transport::PerDevice,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let first = std::mem::take(&mut *seen.lock().unwrap());
+    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
+    let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
+    let requests: Vec<i64> = {
+        let mut store = app::open_store(&config).unwrap();
+        let settings = vec![parse_setting("report_interval_s=20").unwrap()];
+        devices
+            .iter()
+            .map(|d| store.add_request(d.eui, &Request::Configure(settings.clone()), 0).unwrap())
+            .collect()
+    };
+    sim.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let second = std::mem::take(&mut *seen.lock().unwrap());
+    // The devices accepted gateway B's configurations: their counters were new to them.
+    let store = app::open_store(&config).unwrap();
+    for id in requests {
+        assert_eq!(store.request_outcome(id).unwrap().as_deref(), Some("applied"), "request {id}");
+    }
+    for d in &devices {
+        let a: Vec<u32> = first.iter().filter(|(e, _)| *e == d.eui).map(|(_, c)| *c).collect();
+        let b: Vec<u32> = second.iter().filter(|(e, _)| *e == d.eui).map(|(_, c)| *c).collect();
+        assert!(!a.is_empty() && !b.is_empty(), "{}: {a:?} {b:?}", d.eui);
+        assert!(
+            b.iter().all(|c| c > a.iter().max().unwrap()),
+            "{}: counter reused: {a:?} then {b:?}",
+            d.eui
+        );
+    }
+}

@@ -30,6 +30,7 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     config.telemetry.url = vm.url();
     config.telemetry.batch_max = 500;
     config.telemetry.retry_max_ms = 500;
+    config.geo.grids = dir.path().join("grids.geojson").display().to_string();
     common::import(&config, dir.path());
     // The gateway shares the simulator's clock, as in `gridsense demo`.
     let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
@@ -97,6 +98,19 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     );
     assert_eq!(stored, expected);
     assert_eq!(raw, expected.len(), "duplicate samples stored");
+    // Tagged with grid and street: a device's readings with its own grid, fixes with theirs.
+    let grids = gridsense_simulator::city::load_grids(dir.path()).unwrap();
+    let devices = gridsense_simulator::inventory::load(&dir.path().join("devices.json")).unwrap();
+    for (labels, _) in &series {
+        let grid = labels.get("grid").unwrap_or_else(|| panic!("no grid tag: {labels:?}"));
+        let street = &labels["street"];
+        assert!(grid.starts_with(street.as_str()), "{labels:?}");
+        if !labels["__name__"].starts_with("position_") {
+            let d = devices.iter().find(|d| d.eui.to_string() == labels["eui"]).unwrap();
+            let home = grids.iter().find(|g| g.contains(d.record.lat, d.record.lon)).unwrap();
+            assert_eq!(*grid, home.grid_code, "{labels:?}");
+        }
+    }
     println!(
         "victoria: {} samples stored once each; {} points buffered during the outage; {} failed writes retried",
         raw,
