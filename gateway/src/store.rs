@@ -1128,3 +1128,30 @@ mod lifecycle_tests {
         assert_eq!(store.registry().unwrap().len(), 1);
     }
 }
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_past_its_retention_is_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 10).unwrap();
+        let mut batch = Batch::default();
+        for at_ms in [1_000, 2_000, 3_000, 4_000] {
+            batch.telemetry.push(Point {
+                eui: Eui(1),
+                kind: Kind::Drain,
+                measurement: "drain",
+                field: "level_mm",
+                at_ms,
+                value: 1.0,
+                grid: None,
+                street: None,
+            });
+        }
+        store.commit(&batch).unwrap();
+        assert_eq!(store.prune_telemetry(3_000).unwrap(), 2);
+        assert_eq!(store.telemetry_count(None).unwrap(), 2);
+    }
+}
