@@ -100,6 +100,9 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         (broker::parse_url(&config.mqtt.url)?, None)
     };
     let status = Arc::new(Status::default());
+    status
+        .devices_registered
+        .store(pipeline.registered() as u64, std::sync::atomic::Ordering::Relaxed);
     let http = if config.http.listen.is_empty() {
         None
     } else {

@@ -130,13 +130,13 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
         "gridsense demo: embedded broker on {devices_addr} (devices, MQTT 5) and {} (gateway); scenario {} at speed {speed}",
         gateway.broker, options.scenario
     );
-    if let Some(http) = gateway.http {
-        eprintln!("gridsense demo: status page http://{http}/ and http://{http}/api/v1/status");
-    }
     // Wait until the gateway is subscribed before devices start sending.
     let ready_by = tokio::time::Instant::now() + Duration::from_secs(10);
     while !gateway.status.connected.load(Relaxed) && tokio::time::Instant::now() < ready_by {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(http) = gateway.http {
+        eprintln!("gridsense demo: status page http://{http}/ and http://{http}/api/v1/status");
     }
 
     let plan = fleet::plan(&city_dir, &scenario)?;
