@@ -151,12 +151,14 @@ pub struct HealthTracker {
     config: HealthConfig,
     devices: HashMap<Eui, DeviceHealth>,
     deadlines: BTreeSet<(i64, Eui)>,
+    /// Devices online, kept current on every transition (read after every batch).
+    online: usize,
 }
 
 impl HealthTracker {
     /// An empty tracker.
     pub fn new(config: HealthConfig) -> Self {
-        HealthTracker { config, devices: HashMap::new(), deadlines: BTreeSet::new() }
+        HealthTracker { config, devices: HashMap::new(), deadlines: BTreeSet::new(), online: 0 }
     }
 
     /// Restores a device's persisted health (and its pending deadline).
@@ -164,7 +166,15 @@ impl HealthTracker {
         if let (true, Some(d)) = (health.online, health.deadline_ms) {
             self.deadlines.insert((d, eui));
         }
-        self.devices.insert(eui, health);
+        let now_online = health.online;
+        if let Some(previous) = self.devices.insert(eui, health)
+            && previous.online
+        {
+            self.online -= 1;
+        }
+        if now_online {
+            self.online += 1;
+        }
     }
 
     /// A device's health.
@@ -179,7 +189,7 @@ impl HealthTracker {
 
     /// Devices online now.
     pub fn online_count(&self) -> usize {
-        self.devices.values().filter(|h| h.online).count()
+        self.online
     }
 
     /// A verified, new frame from a device of `kind` arrived at `now_ms`.
@@ -202,6 +212,7 @@ impl HealthTracker {
         h.last_seen_ms = Some(h.last_seen_ms.map_or(now_ms, |t| t.max(now_ms)));
         if !h.online {
             h.online = true;
+            self.online += 1;
             events.push(HealthEvent { eui, at_ms: now_ms, kind: EventKind::Online });
         }
         if let Uplink::Status(s) = message {
@@ -253,6 +264,7 @@ impl HealthTracker {
                 && h.deadline_ms == Some(deadline)
             {
                 h.online = false;
+                self.online -= 1;
                 events.push(HealthEvent { eui, at_ms: deadline, kind: EventKind::Offline });
                 changed.push(eui);
             }
@@ -372,5 +384,13 @@ mod tests {
         let gone = t.poll_deadlines(10 * MIN + 4_999, &mut ev);
         assert_eq!(gone.len(), 5_000);
         assert_eq!(t.online_count(), 5_000);
+        assert_eq!(t.online_count(), t.iter().filter(|(_, h)| h.online).count());
+        // Restoring rows (a restart) counts them again, replacing what was there.
+        let saved: Vec<_> = t.iter().map(|(e, h)| (*e, h.clone())).collect();
+        let mut restarted = HealthTracker::new(config());
+        for (eui, h) in saved.iter().cloned().chain(saved.iter().cloned()) {
+            restarted.restore(eui, h);
+        }
+        assert_eq!(restarted.online_count(), 5_000);
     }
 }

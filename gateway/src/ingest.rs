@@ -294,7 +294,11 @@ async fn pipeline_task(
             .map_or(poll_in, |d| d.min(poll_in));
         let deadline_in = Some(deadline_in);
         let first = tokio::select! {
-            msg = rx.recv() => msg,
+            msg = rx.recv() => match msg {
+                Some(msg) => Some(msg),
+                // The session ended (it only does on shutdown): nothing more will come.
+                None => return Ok(()),
+            },
             () = sleep_or_never(deadline_in) => None,
             _ = shutdown.changed() => None,
         };
