@@ -42,7 +42,7 @@ fn main() {
         let frame = seal(eui, 1, status, &key);
         pipeline.handle(0, &topic(eui, Direction::Uplink), &frame, &mut batch);
         if i % 10_000 == 0 {
-            pipeline.finish(&mut batch);
+            pipeline.finish(&mut batch, 0, true);
             batch = Batch::default();
         }
     }

@@ -323,7 +323,7 @@ async fn pipeline_task(
                 rejected += 1;
             }
         }
-        pipeline.finish(&mut batch);
+        pipeline.finish(&mut batch, now, stopping);
         let sealed = std::mem::take(&mut batch.downlinks);
         if !batch.is_empty() || !sealed.is_empty() {
             let Some(mut s) = store.take() else { break };

@@ -38,6 +38,9 @@ pub enum Outcome {
     Rejected(&'static str),
 }
 
+/// Longest a changed health row waits to be written, ms (transitions are written at once).
+pub const HEALTH_FLUSH_MS: i64 = 2_000;
+
 /// Logs at most this many rejects per reason per second; the rest are only counted.
 const REJECT_LOGS_PER_SECOND: u32 = 5;
 
@@ -52,6 +55,8 @@ pub struct Pipeline {
     dirty: HashSet<Eui>,
     /// The grid layer and each device's place in it.
     grids: Option<Grids>,
+    /// When health rows were last put into a batch.
+    last_health_flush: i64,
 }
 
 /// The grid layer and where each registered device stands.
@@ -87,6 +92,7 @@ impl Pipeline {
             log_budget: HashMap::new(),
             dirty: HashSet::new(),
             grids: None,
+            last_health_flush: i64::MIN,
         }
     }
 
@@ -291,9 +297,19 @@ impl Pipeline {
         self.dirty.extend(offline);
     }
 
-    /// Puts the health rows changed since the last call into the batch (once per device per
-    /// batch, however many frames it sent). Call before committing.
-    pub fn finish(&mut self, batch: &mut Batch) {
+    /// Puts the health rows changed since the last flush into the batch, once per device
+    /// however many frames it sent. Rows are flushed when a transition happened (online,
+    /// offline, battery, reboot), when `force` is set (shutdown), or every
+    /// [`HEALTH_FLUSH_MS`]: between flushes only `last_seen` and counts move, and after a crash
+    /// the restored deadlines are at most that much early. Call before committing.
+    pub fn finish(&mut self, batch: &mut Batch, now_ms: i64, force: bool) {
+        let due = force
+            || !batch.events.is_empty()
+            || now_ms.saturating_sub(self.last_health_flush) >= HEALTH_FLUSH_MS;
+        if !due {
+            return;
+        }
+        self.last_health_flush = now_ms;
         for eui in self.dirty.drain() {
             if let Some(h) = self.health.get(eui) {
                 batch.health.insert(eui, h.clone());
@@ -346,7 +362,7 @@ mod tests {
             p.handle(1_002, &up, &seal(Eui(1), 2, status, &key), &mut batch),
             Outcome::Rejected("duplicate")
         );
-        p.finish(&mut batch);
+        p.finish(&mut batch, 0, true);
         assert_eq!(batch.accepted, 2);
         assert_eq!(batch.telemetry.len(), 2 + 4);
         assert_eq!(batch.messages.len(), 1);
@@ -391,7 +407,7 @@ mod tests {
         assert_eq!(p.next_deadline(), Some(120_000));
         let mut later = Batch::default();
         p.tick(120_000, &mut later);
-        p.finish(&mut later);
+        p.finish(&mut later, 0, true);
         assert_eq!(later.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventKind::Offline]);
         assert!(!later.health[&Eui(1)].online);
     }

@@ -58,7 +58,7 @@ fn offline_at_the_deadline_online_again_and_across_a_restart() {
         p.handle(0, &up, &seal(eui, 1, reading, &key), &mut batch),
         Outcome::Accepted("drain_reading")
     );
-    p.finish(&mut batch);
+    p.finish(&mut batch, 0, true);
     store.commit(&batch).unwrap();
     // 9 minutes later: still online (deadline 10 min).
     let mut batch = Batch::default();
@@ -72,7 +72,7 @@ fn offline_at_the_deadline_online_again_and_across_a_restart() {
     let mut p = pipeline(&store, &health);
     let mut batch = Batch::default();
     p.tick(30 * MIN, &mut batch);
-    p.finish(&mut batch);
+    p.finish(&mut batch, 0, true);
     store.commit(&batch).unwrap();
     // Back online with its next frame; the replayed old frame is a duplicate after the restart.
     let mut batch = Batch::default();
@@ -84,7 +84,7 @@ fn offline_at_the_deadline_online_again_and_across_a_restart() {
         p.handle(31 * MIN, &up, &seal(eui, 2, reading, &key), &mut batch),
         Outcome::Accepted("drain_reading")
     );
-    p.finish(&mut batch);
+    p.finish(&mut batch, 0, true);
     store.commit(&batch).unwrap();
     assert_eq!(
         store.events_of(eui).unwrap(),
