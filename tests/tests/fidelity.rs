@@ -80,7 +80,9 @@ euis = ["{}"]
     }
     assert!(batches >= 1, "no backlog batch after the outage");
     assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
-    let gaps: Vec<u32> = times.windows(2).map(|w| w[1] - w[0]).filter(|g| *g > 25).collect();
+    // A lost reading leaves a gap of two intervals (40 s); scheduling jitter under load only
+    // stretches one interval a little (the next sample is due 20 s after the actual one).
+    let gaps: Vec<u32> = times.windows(2).map(|w| w[1] - w[0]).filter(|g| *g >= 40).collect();
     assert!(gaps.is_empty(), "readings lost: gaps {gaps:?} in {times:?}");
     assert!(times.len() >= 12, "{times:?}");
 }

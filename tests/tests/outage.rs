@@ -91,7 +91,7 @@ euis = [{}]
         let warned = alarms[eui].iter().find(|(k, _)| *k == AlarmKind::DrainWarning).unwrap().1;
         let gaps: Vec<_> = times
             .windows(2)
-            .filter(|w| w[0] > warned && w[1] < 12_000 && w[1] - w[0] > 65)
+            .filter(|w| w[0] > warned && w[1] < 12_000 && w[1] - w[0] >= 120)
             .collect();
         assert!(gaps.is_empty(), "{eui}: gaps {gaps:?}");
     }
