@@ -87,8 +87,10 @@ euis = [{}]
     for eui in short {
         let times = &series[eui];
         let in_outage = times.iter().filter(|t| (6_000..7_200).contains(*t)).count();
-        assert!(in_outage >= 19, "{eui}: {in_outage} samples in the outage");
+        // About 20 at 60 s; fewer only if CPU load stretched intervals (losses show as gaps below).
+        assert!(in_outage >= 15, "{eui}: {in_outage} samples in the outage");
         let warned = alarms[eui].iter().find(|(k, _)| *k == AlarmKind::DrainWarning).unwrap().1;
+        // A lost sample leaves two intervals (120 s) between neighbours; load only stretches one.
         let gaps: Vec<_> = times
             .windows(2)
             .filter(|w| w[0] > warned && w[1] < 12_000 && w[1] - w[0] >= 120)
