@@ -942,6 +942,20 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// A drain level point for tests.
+    pub(super) fn level(eui: u64, at_ms: i64, value: f64) -> Point {
+        Point {
+            eui: Eui(eui),
+            kind: Kind::Drain,
+            measurement: "drain",
+            field: "level_mm",
+            at_ms,
+            value,
+            grid: None,
+            street: None,
+        }
+    }
+
     fn inventory() -> Vec<InventoryDevice> {
         let city = gridsense_simulator::city::generate(
             1,
@@ -982,16 +996,7 @@ mod tests {
         let mut w = CounterWindow::new();
         w.accept(41);
         batch.counters.insert(Eui(9), w);
-        let point = Point {
-            kind: Kind::Drain,
-            eui: Eui(9),
-            measurement: "drain",
-            field: "level_mm",
-            at_ms: 1_000,
-            value: 5.0,
-            grid: None,
-            street: None,
-        };
+        let point = level(9, 1_000, 5.0);
         batch.telemetry.push(point.clone());
         batch.telemetry.push(Point { value: 6.0, ..point });
         batch.accepted = 1;
@@ -1055,16 +1060,10 @@ mod buffer_tests {
         for n in 0..4 {
             let mut batch = Batch::default();
             for k in 0..3 {
-                batch.telemetry.push(Point {
-                    eui: Eui(1),
-                    kind: Kind::Drain,
-                    measurement: "drain",
-                    field: "level_mm",
-                    at_ms: n * 10 + k,
-                    value: 1.0,
-                    grid: Some("210202001001001".into()),
-                    street: Some("210202001".into()),
-                });
+                let mut p = tests::level(1, n * 10 + k, 1.0);
+                p.grid = Some("210202001001001".into());
+                p.street = Some("210202001".into());
+                batch.telemetry.push(p);
             }
             store.commit(&batch).unwrap();
         }
@@ -1139,16 +1138,7 @@ mod retention_tests {
         let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 10).unwrap();
         let mut batch = Batch::default();
         for at_ms in [1_000, 2_000, 3_000, 4_000] {
-            batch.telemetry.push(Point {
-                eui: Eui(1),
-                kind: Kind::Drain,
-                measurement: "drain",
-                field: "level_mm",
-                at_ms,
-                value: 1.0,
-                grid: None,
-                street: None,
-            });
+            batch.telemetry.push(tests::level(1, at_ms, 1.0));
         }
         store.commit(&batch).unwrap();
         assert_eq!(store.prune_telemetry(3_000).unwrap(), 2);

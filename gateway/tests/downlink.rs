@@ -14,7 +14,7 @@ use gridsense_gateway::{
     config::Config,
     downlink::{Request, parse_setting},
 };
-use gridsense_simulator::{city::Counts, fleet::Transport, inventory};
+use gridsense_simulator::{city::Counts, inventory};
 use gridsense_tests::{Mosquitto, fixtures};
 
 #[tokio::test]
@@ -29,22 +29,11 @@ async fn time_sync_configuration_and_status_requests_reach_devices() {
     common::import(&config, dir.path());
     let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
     // The gateway shares the simulator's clock, as in `gridsense demo`.
-    let clock = gridsense_simulator::clock::SimClock::start(10.0, Duration::from_secs(10));
-    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
+    let (gateway, stop_tx, clock) =
+        common::start_shared(&config, 10.0, Duration::from_secs(10)).await;
     let scenario = "description = \"t\"\nseed = 5\n[device_config]\nreport_interval_s = 20\ndrain_deadband_mm = 0\n";
-    let sim_dir = dir.path().to_owned();
-    let addr = broker.addr();
-    let sim = tokio::spawn(async move {
-        fixtures::run_clocked(
-            &sim_dir,
-            scenario,
-            addr,
-            clock,
-            Duration::from_secs(10),
-            Transport::PerDevice,
-        )
-        .await
-    });
+    let sim =
+        common::spawn_fleet(dir.path(), scenario, broker.addr(), clock, Duration::from_secs(10));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (configure, status_request) = {
         let mut store = app::open_store(&config).unwrap();
@@ -106,22 +95,11 @@ async fn downlink_counters_survive_a_restart() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // One fleet for 10 s; gateway A serves the first 4 s (boot time syncs), gateway B the rest.
-    let clock = gridsense_simulator::clock::SimClock::start(10.0, Duration::from_secs(10));
-    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
+    let (gateway, stop_tx, clock) =
+        common::start_shared(&config, 10.0, Duration::from_secs(10)).await;
     let scenario = "description = \"t\"\nseed = 6\n[device_config]\nreport_interval_s = 10\ndrain_deadband_mm = 0\n";
-    let sim_dir = dir.path().to_owned();
-    let addr = broker.addr();
-    let sim = tokio::spawn(async move {
-        fixtures::run_clocked(
-            &sim_dir,
-            scenario,
-            addr,
-            clock,
-            Duration::from_secs(10),
-            Transport::PerDevice,
-        )
-        .await
-    });
+    let sim =
+        common::spawn_fleet(dir.path(), scenario, broker.addr(), clock, Duration::from_secs(10));
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop_tx.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();

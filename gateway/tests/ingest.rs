@@ -24,8 +24,8 @@ async fn authentic_frames_are_stored_once_and_bad_ones_only_counted() {
     config.store.batch_max = 64;
     assert_eq!(common::import(&config, dir.path()).added, 90);
     // The gateway shares the simulator's clock, as in `gridsense demo`.
-    let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
-    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
+    let (gateway, stop_tx, clock) =
+        common::start_shared(&config, 20.0, Duration::from_secs(10)).await;
     let subscriber = Subscriber::start(broker.addr()).await.unwrap();
 
     let scenario = r#"

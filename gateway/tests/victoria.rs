@@ -14,7 +14,7 @@ use gridsense_gateway::{
     app,
     config::{Config, Sink},
 };
-use gridsense_simulator::{city::Counts, fleet::Transport};
+use gridsense_simulator::city::Counts;
 use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
 
 #[tokio::test]
@@ -33,23 +33,12 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
     config.geo.grids = dir.path().join("grids.geojson").display().to_string();
     common::import(&config, dir.path());
     // The gateway shares the simulator's clock, as in `gridsense demo`.
-    let clock = gridsense_simulator::clock::SimClock::start(20.0, Duration::from_secs(10));
-    let (gateway, stop_tx) = common::start(&config, app::shared_clock(clock)).await;
+    let (gateway, stop_tx, clock) =
+        common::start_shared(&config, 20.0, Duration::from_secs(10)).await;
     let subscriber = Subscriber::start(broker.addr()).await.unwrap();
     let scenario = "description = \"t\"\nseed = 4\n[device_config]\nreport_interval_s = 10\ndrain_deadband_mm = 0\nfix_interval_s = 10\n[patrol]\non_patrol = 1.0\n";
-    let sim_dir = dir.path().to_owned();
-    let addr = broker.addr();
-    let sim = tokio::spawn(async move {
-        fixtures::run_clocked(
-            &sim_dir,
-            scenario,
-            addr,
-            clock,
-            Duration::from_secs(10),
-            Transport::PerDevice,
-        )
-        .await
-    });
+    let sim =
+        common::spawn_fleet(dir.path(), scenario, broker.addr(), clock, Duration::from_secs(10));
     // An outage of the telemetry server in the middle of the run.
     tokio::time::sleep(Duration::from_secs(3)).await;
     vm.stop().unwrap();

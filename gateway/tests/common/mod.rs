@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    net::SocketAddr,
     path::Path,
     sync::atomic::Ordering::Relaxed,
     time::Duration,
@@ -18,9 +19,9 @@ use gridsense_gateway::{
     telemetry,
 };
 use gridsense_protocol::Eui;
-use gridsense_simulator::inventory;
+use gridsense_simulator::{clock::SimClock, fleet::Transport, inventory, stats::Summary};
 use gridsense_tests::{Subscriber, fixtures};
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 
 /// Imports the city in `dir` into the store `config` names.
 pub fn import(config: &Config, dir: &Path) -> ImportReport {
@@ -36,6 +37,33 @@ pub async fn start(config: &Config, clock: Clock) -> (Gateway, watch::Sender<boo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (gateway, stop_tx)
+}
+
+/// Starts a gateway on a simulated clock (`speed`, `real` horizon), as `gridsense demo` does,
+/// so its time syncs and deadlines agree with the fleet that will share the clock.
+pub async fn start_shared(
+    config: &Config,
+    speed: f64,
+    real: Duration,
+) -> (Gateway, watch::Sender<bool>, SimClock) {
+    let clock = SimClock::start(speed, real);
+    let (gateway, stop) = start(config, app::shared_clock(clock)).await;
+    (gateway, stop, clock)
+}
+
+/// Runs the district in `dir` as a per-device fleet on `clock` for `real` wall-clock time, in
+/// the background.
+pub fn spawn_fleet(
+    dir: &Path,
+    scenario: &'static str,
+    broker: SocketAddr,
+    clock: SimClock,
+    real: Duration,
+) -> JoinHandle<anyhow::Result<Summary>> {
+    let dir = dir.to_owned();
+    tokio::spawn(async move {
+        fixtures::run_clocked(&dir, scenario, broker, clock, real, Transport::PerDevice).await
+    })
 }
 
 /// What should have been stored.
