@@ -285,15 +285,25 @@ impl GridLayer {
 
     /// Where a WGS84 point falls.
     pub fn locate(&self, lat: f64, lon: f64) -> Placement<'_> {
+        match self.locate_index(lat, lon) {
+            Some((i, None)) => self.cells.get(i).map_or(Placement::Unassigned, Placement::Inside),
+            Some((i, Some(d))) => {
+                self.cells.get(i).map_or(Placement::Unassigned, |c| Placement::Nearest(c, d))
+            }
+            None => Placement::Unassigned,
+        }
+    }
+
+    /// The index in [`Self::cells`] of the grid a point falls in, with the distance in metres
+    /// when it is only the nearest within the tolerance.
+    pub fn locate_index(&self, lat: f64, lon: f64) -> Option<(usize, Option<f64>)> {
         if !lat.is_finite() || !lon.is_finite() {
-            return Placement::Unassigned;
+            return None;
         }
         let point = Point::new(lon, lat);
         for entry in self.index.locate_all_at_point(&[lon, lat]) {
-            if let Some(cell) = self.cells.get(entry.data)
-                && cell.shape.contains(&point)
-            {
-                return Placement::Inside(cell);
+            if self.cells.get(entry.data).is_some_and(|cell| cell.shape.contains(&point)) {
+                return Some((entry.data, None));
             }
         }
         // Outside every grid: the nearest within the tolerance (degrees scaled to metres).
@@ -301,21 +311,20 @@ impl GridLayer {
         let tol_deg = self.tolerance_m / (M_PER_DEG * lon_scale);
         let search =
             AABB::from_corners([lon - tol_deg, lat - tol_deg], [lon + tol_deg, lat + tol_deg]);
-        let mut best: Option<(&GridCell, f64)> = None;
+        let scaled = |c: Coord<f64>| Coord { x: c.x * lon_scale * M_PER_DEG, y: c.y * M_PER_DEG };
+        let here = Point::from(scaled(point.0));
+        let mut best: Option<(usize, f64)> = None;
         for entry in self.index.locate_in_envelope_intersecting(&search) {
             let Some(cell) = self.cells.get(entry.data) else { continue };
-            let scaled =
-                |c: Coord<f64>| Coord { x: c.x * lon_scale * M_PER_DEG, y: c.y * M_PER_DEG };
-            let here = Point::from(scaled(point.0));
             for poly in &cell.shape {
                 let ext = LineString::new(poly.exterior().coords().map(|c| scaled(*c)).collect());
                 let d = Euclidean.distance(&here, &ext);
                 if d <= self.tolerance_m && best.is_none_or(|(_, b)| d < b) {
-                    best = Some((cell, d));
+                    best = Some((entry.data, d));
                 }
             }
         }
-        best.map_or(Placement::Unassigned, |(c, d)| Placement::Nearest(c, d))
+        best.map(|(i, d)| (i, Some(d)))
     }
 }
 

@@ -103,11 +103,9 @@ impl Pipeline {
         let mut placed = HashMap::with_capacity(locations.len());
         let mut unassigned = 0;
         for (eui, lat, lon) in locations {
-            match layer.locate(*lat, *lon).grid() {
-                Some(cell) => {
-                    if let Some(i) = layer.cells().iter().position(|c| std::ptr::eq(c, cell)) {
-                        placed.insert(*eui, i);
-                    }
+            match layer.locate_index(*lat, *lon) {
+                Some((i, _)) => {
+                    placed.insert(*eui, i);
                 }
                 None => unassigned += 1,
             }
