@@ -23,6 +23,7 @@ pub mod intake;
 pub mod pipeline;
 pub mod provision;
 pub mod registry;
+pub mod rules;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
