@@ -20,6 +20,8 @@ pub struct GridCell {
     pub grid_code: Arc<str>,
     /// Grid name.
     pub grid_name: String,
+    /// The place as people write it: district, street, community and grid names (those given).
+    pub address: String,
     /// Community code (12 digits).
     pub community_code: String,
     /// Street code (9 digits).
@@ -254,6 +256,13 @@ impl GridLayer {
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or("")
                 .to_owned();
+            let name = |k: &str| {
+                f.pointer(&format!("/properties/{k}")).and_then(serde_json::Value::as_str)
+            };
+            let address: String = ["district_name", "street_name", "community_name", "grid_name"]
+                .into_iter()
+                .filter_map(name)
+                .collect();
             let shape = f
                 .get("geometry")
                 .ok_or_else(|| bad("geometry", "missing".into()))
@@ -261,6 +270,7 @@ impl GridLayer {
             cells.push(GridCell {
                 grid_code: grid_code.into(),
                 grid_name,
+                address,
                 community_code,
                 street_code: street_code.into(),
                 district_code,

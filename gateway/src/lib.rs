@@ -11,6 +11,8 @@
 
 pub mod app;
 pub mod broker;
+pub mod calendar;
+pub mod cases;
 pub mod cli;
 pub mod config;
 pub mod demo;
