@@ -31,7 +31,14 @@ pub struct Gateway {
     pub sink: Option<RunningSink>,
     /// Where the HTTP API listens, when it does.
     pub http: Option<SocketAddr>,
+    /// Delivery counters.
+    pub delivery: Arc<crate::delivery::DeliveryStatus>,
+    /// The delivery workers (cases, alerts, and the open311 status poller when configured).
+    pub workers: Workers,
 }
+
+/// Delivery worker tasks.
+pub type Workers = Vec<JoinHandle<Result<(), crate::store::StoreError>>>;
 
 /// The external telemetry sink's counters and task.
 pub type RunningSink = (Arc<SinkStatus>, JoinHandle<Result<(), SinkError>>);
@@ -92,6 +99,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         }
         tracing::info!(grids, "grid layer loaded");
     }
+    let (pipeline, tables) = with_cases(config, &store, pipeline)?;
     let (broker, device_listener) = if config.mqtt.url.is_empty() {
         let embedded =
             broker::start_embedded(config.broker.device_port, config.broker.client_port)?;
@@ -103,15 +111,24 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     status
         .devices_registered
         .store(pipeline.registered() as u64, std::sync::atomic::Ordering::Relaxed);
+    let (delivery, workers) = start_delivery(config, &tables, &clock, &status, &shutdown)?;
     let http = if config.http.listen.is_empty() {
         None
     } else {
         let listener = std::net::TcpListener::bind(&config.http.listen)
             .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
+        let board = crate::board::Board::new(
+            open_store(config)?,
+            tables.clone(),
+            clock.clone(),
+            config.cases.secret.clone(),
+        )
+        .context("cases.tables")?;
         Some(serve_http(
             listener,
             &status,
             sink.as_ref().map(|(s, _)| s.clone()),
+            Some(Arc::new(board)),
             shutdown.clone(),
         )?)
     };
@@ -119,7 +136,92 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let (config, status) = (config.clone(), status.clone());
         async move { ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await }
     });
-    Ok(Gateway { status, broker, device_listener, task, sink, http })
+    Ok(Gateway { status, broker, device_listener, task, sink, http, delivery, workers })
+}
+
+/// The rules and case tables the configuration names (built in when empty).
+pub fn case_policy(
+    config: &Config,
+) -> Result<(crate::rules::RulesConfig, crate::cases::CaseTables)> {
+    let rules = if config.cases.rules.is_empty() {
+        crate::rules::RulesConfig::default()
+    } else {
+        crate::rules::RulesConfig::load(std::path::Path::new(&config.cases.rules))
+            .context("cases.rules")?
+    };
+    let tables = if config.cases.tables.is_empty() {
+        crate::cases::CaseTables::default()
+    } else {
+        crate::cases::CaseTables::load(std::path::Path::new(&config.cases.tables))
+            .context("cases.tables")?
+    };
+    Ok((rules, tables))
+}
+
+/// Adds rules and cases to the pipeline, restoring rule states and open incidents.
+fn with_cases(
+    config: &Config,
+    store: &Store,
+    pipeline: Pipeline,
+) -> Result<(Pipeline, Arc<crate::cases::CaseTables>)> {
+    let (rules, tables) = case_policy(config)?;
+    let tables = Arc::new(tables);
+    let link_ms =
+        i64::try_from(config.cases.link_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let mut cases = crate::cases::Cases::new(tables.clone(), link_ms).context("cases.tables")?;
+    cases.restore(store.sequences()?, store.open_incidents()?);
+    let pipeline = pipeline.with_cases(
+        crate::rules::Rules::new(&rules),
+        cases,
+        store.sites()?,
+        store.rule_states()?,
+    );
+    Ok((pipeline, tables))
+}
+
+/// Starts the delivery workers: cases to the platform adapter, SOS alerts to the alert
+/// channel, and for open311 the status poller.
+fn start_delivery(
+    config: &Config,
+    tables: &crate::cases::CaseTables,
+    clock: &Clock,
+    status: &Arc<Status>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(Arc<crate::delivery::DeliveryStatus>, Workers)> {
+    let c = &config.cases;
+    let adapter = crate::delivery::Adapter::from_config(c).context("cases: HTTP client")?;
+    let worker = Arc::new(crate::delivery::Worker {
+        adapter: adapter.clone(),
+        gcj02: c.coordinates == "gcj02",
+        retry_min_ms: c.retry_min_ms,
+        retry_max_ms: c.retry_max_ms,
+        alert_url: c.alert_url.clone(),
+        alert_secret: c.secret.clone(),
+        calendar: crate::calendar::Calendar::new(&tables.calendar).context("cases.tables")?,
+    });
+    let delivery = Arc::new(crate::delivery::DeliveryStatus::default());
+    let mut workers = Vec::new();
+    for (channel, wake) in [("case", &status.outbox_wake[0]), ("alert", &status.outbox_wake[1])] {
+        workers.push(tokio::spawn(crate::delivery::run(
+            worker.clone(),
+            channel,
+            open_store(config)?,
+            clock.clone(),
+            wake.clone(),
+            delivery.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let crate::delivery::Adapter::Open311(client) = adapter {
+        workers.push(tokio::spawn(crate::delivery::poll_open311(
+            client,
+            open_store(config)?,
+            clock.clone(),
+            std::time::Duration::from_secs(c.poll_status_s.max(1)),
+            shutdown.clone(),
+        )));
+    }
+    Ok((delivery, workers))
 }
 
 /// Serves the HTTP API on an already bound listener until shutdown; returns its address.
@@ -127,12 +229,16 @@ pub fn serve_http(
     listener: std::net::TcpListener,
     status: &Arc<Status>,
     sink: Option<Arc<SinkStatus>>,
+    board: Option<Arc<crate::board::Board>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let router = crate::http::router(status.clone(), sink);
+    let mut router = crate::http::router(status.clone(), sink);
+    if let Some(board) = board {
+        router = router.merge(crate::board::routes(board));
+    }
     tokio::spawn(async move {
         if let Err(e) = crate::http::serve(listener, router, shutdown).await {
             tracing::error!("http server stopped: {e}");

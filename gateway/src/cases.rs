@@ -667,6 +667,9 @@ pub struct OpenIncident {
     pub grid_code: Option<String>,
 }
 
+/// Open incidents by (device, condition), as persisted.
+pub type OpenIncidents = Vec<((Eui, String), OpenIncident)>;
+
 /// Ids to continue from after a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sequences {
@@ -751,7 +754,7 @@ impl Cases {
     }
 
     /// Restores ids and open incidents after a restart.
-    pub fn restore(&mut self, seq: Sequences, open: Vec<((Eui, String), OpenIncident)>) {
+    pub fn restore(&mut self, seq: Sequences, open: OpenIncidents) {
         self.seq = seq;
         for ((eui, condition), o) in open {
             if let (Some(grid), Some(cluster)) = (&o.grid_code, o.cluster_id) {

@@ -26,6 +26,79 @@ pub struct Config {
     pub downlink: DownlinkSettings,
     /// The grid layer.
     pub geo: Geo,
+    /// Rules, cases and their delivery.
+    pub cases: CasesSettings,
+}
+
+/// Where cases go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    /// The built-in case board (SQLite), served as Open311 GeoReport v2.
+    Local,
+    /// A real Open311 GeoReport v2 endpoint (`POST /requests.json`).
+    Open311,
+    /// JSON webhook with an idempotency key and an HMAC-SHA256 signature.
+    Webhook,
+}
+
+/// Rules, incidents, cases and delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CasesSettings {
+    /// Alarm rules (TOML; `gridsense cases defaults rules` prints the built-in ones); empty:
+    /// built in.
+    pub rules: String,
+    /// Class codes, conditions, 130 milestones and working calendar (TOML; `gridsense cases
+    /// defaults tables`); empty: built in.
+    pub tables: String,
+    /// Incidents of one condition in one grid within this many seconds are linked.
+    pub link_window_s: u64,
+    /// Where cases are delivered.
+    pub platform: Platform,
+    /// The platform's base URL (open311: the endpoint before `/requests.json`; webhook: the
+    /// URL posted to).
+    pub url: String,
+    /// Open311 `api_key`.
+    pub api_key: String,
+    /// Open311 `jurisdiction_id` (empty: none).
+    pub jurisdiction_id: String,
+    /// Webhook HMAC-SHA256 key (also verifies status callbacks).
+    pub secret: String,
+    /// Coordinates sent to the platform: "wgs84" or "gcj02".
+    pub coordinates: String,
+    /// Request timeout, ms.
+    pub timeout_ms: u64,
+    /// First retry delay after a 5xx or a timeout, ms; doubles (with jitter) to `retry_max_ms`.
+    pub retry_min_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_max_ms: u64,
+    /// How often the open311 adapter asks the platform for status changes, s.
+    pub poll_status_s: u64,
+    /// URL the SOS alerts are posted to (JSON, signed like the webhook); empty: alerts are
+    /// only recorded and logged.
+    pub alert_url: String,
+}
+
+impl Default for CasesSettings {
+    fn default() -> Self {
+        CasesSettings {
+            rules: String::new(),
+            tables: String::new(),
+            link_window_s: 1_800,
+            platform: Platform::Local,
+            url: String::new(),
+            api_key: String::new(),
+            jurisdiction_id: String::new(),
+            secret: String::new(),
+            coordinates: "wgs84".into(),
+            timeout_ms: 10_000,
+            retry_min_ms: 500,
+            retry_max_ms: 60_000,
+            poll_status_s: 60,
+            alert_url: String::new(),
+        }
+    }
 }
 
 /// The grid layer (responsibility grids as GeoJSON).
@@ -392,6 +465,32 @@ impl Config {
         }
         if !(12..=20).contains(&self.geo.grid_code_digits) {
             return Err(("geo.grid_code_digits", "must be between 12 and 20".into()));
+        }
+        let c = &self.cases;
+        if !matches!(c.coordinates.as_str(), "wgs84" | "gcj02") {
+            return Err((
+                "cases.coordinates",
+                format!("{:?}: \"wgs84\" or \"gcj02\"", c.coordinates),
+            ));
+        }
+        if c.platform != Platform::Local {
+            let url = reqwest::Url::parse(&c.url)
+                .map_err(|e| ("cases.url", format!("{:?}: {e}", c.url)))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(("cases.url", format!("{:?} is not http(s)", c.url)));
+            }
+        }
+        if c.platform == Platform::Webhook && c.secret.is_empty() {
+            return Err((
+                "cases.secret",
+                "the webhook platform needs a secret to sign with".into(),
+            ));
+        }
+        if c.timeout_ms == 0 || c.retry_min_ms == 0 || c.retry_min_ms > c.retry_max_ms {
+            return Err((
+                "cases.retry_min_ms",
+                "timeout_ms > 0 and 0 < retry_min_ms ≤ retry_max_ms".into(),
+            ));
         }
         if self.downlink.max_attempts == 0 || self.downlink.poll_ms == 0 {
             return Err(("downlink.max_attempts", "max_attempts and poll_ms must be > 0".into()));

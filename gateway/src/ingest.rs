@@ -63,6 +63,14 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Messages received but not yet acknowledged.
     pub unacked: AtomicU64,
+    /// Cases filed since start.
+    pub cases_filed: AtomicU64,
+    /// Incidents open after the last commit.
+    pub incidents_open: AtomicU64,
+    /// SOS alerts since start.
+    pub alerts: AtomicU64,
+    /// Woken after a commit that queued deliveries: `[cases, alerts]`.
+    pub outbox_wake: [Arc<tokio::sync::Notify>; 2],
 }
 
 /// Why ingest stopped.
@@ -267,6 +275,11 @@ async fn pipeline_task(
     let mut pending: Vec<Publish> = Vec::with_capacity(batching.max);
     let mut last_prune = i64::MIN;
     let mut last_request = 0;
+    // Cases finished (closed or voided) on the board since start are looked for after this.
+    let mut last_case_event = match store.as_ref().map(Store::last_case_event) {
+        Some(r) => r?,
+        None => 0,
+    };
     let mut next_poll = tokio::time::Instant::now();
     loop {
         // Operators' new requests (`gridsense devices configure`) from the store.
@@ -274,16 +287,38 @@ async fn pipeline_task(
             && let Some(s) = store.take()
         {
             next_poll = tokio::time::Instant::now() + Duration::from_millis(batching.poll_ms);
-            let after = last_request;
+            let (after, events_after, now) = (last_request, last_case_event, clock());
             let (s, found) = tokio::task::spawn_blocking(move || {
-                let r = s.open_requests(after);
+                let r = s.open_requests(after).and_then(|requests| {
+                    Ok((requests, s.finished_cases(events_after)?, s.windows(now)?))
+                });
                 (s, r)
             })
             .await?;
             store = Some(s);
-            for (eui, pending) in found? {
+            let (requests, finished, windows) = found?;
+            for (eui, pending) in requests {
                 last_request = last_request.max(pending.id);
                 pipeline.request(eui, pending);
+            }
+            pipeline.set_windows(windows);
+            if !finished.is_empty() {
+                // Release the incidents of cases closed on the board; written with the next
+                // batch (the incident rows are idempotent upserts).
+                let mut batch = Batch::default();
+                for (event, case) in finished {
+                    last_case_event = last_case_event.max(event);
+                    pipeline.case_finished(case, now, &mut batch);
+                }
+                if let Some(mut s) = store.take() {
+                    let (s, r) = tokio::task::spawn_blocking(move || {
+                        let r = s.commit(&batch);
+                        (s, r)
+                    })
+                    .await?;
+                    store = Some(s);
+                    r?;
+                }
             }
         }
         // Wait for the first message, the next offline deadline, the next poll, or shutdown.
@@ -325,6 +360,9 @@ async fn pipeline_task(
         }
         pipeline.finish(&mut batch, now, stopping);
         let sealed = std::mem::take(&mut batch.downlinks);
+        let queued_cases = batch.cases.outbox.iter().any(|o| o.channel == "case");
+        let queued_alerts = batch.cases.alerts.len() as u64;
+        let filed = batch.cases.cases.len() as u64;
         if !batch.is_empty() || !sealed.is_empty() {
             let Some(mut s) = store.take() else { break };
             let (s, committed) = tokio::task::spawn_blocking(move || {
@@ -338,6 +376,16 @@ async fn pipeline_task(
             status.frames_rejected.fetch_add(rejected, Relaxed);
             status.batches.fetch_add(1, Relaxed);
             status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
+            status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
+            status.cases_filed.fetch_add(filed, Relaxed);
+            status.alerts.fetch_add(queued_alerts, Relaxed);
+            // Durable: the delivery workers may send them now.
+            if queued_cases {
+                status.outbox_wake[0].notify_one();
+            }
+            if queued_alerts > 0 {
+                status.outbox_wake[1].notify_one();
+            }
             // Committed with their counters: now they may go out.
             for downlink in sealed {
                 let _ = downlinks.send(downlink);

@@ -10,11 +10,13 @@
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
 pub mod app;
+pub mod board;
 pub mod broker;
 pub mod calendar;
 pub mod cases;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod demo;
 pub mod downlink;
 pub mod geo;
@@ -22,6 +24,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod intake;
+pub mod open311_client;
 pub mod pipeline;
 pub mod provision;
 pub mod registry;

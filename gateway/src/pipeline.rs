@@ -10,21 +10,28 @@
 //! 5. keep alarms, reports, SOS, check-ins, acks and status as messages for the trace;
 //! 6. downlinks the frame makes due (time sync, a waiting configuration or status request),
 //!    sealed here and published by the shell after the commit;
-//! 7. hook for rules (the next issue).
+//! 7. rules on the frame's observations (and on health transitions: online/offline), their
+//!    condition changes into incidents, cases and outbox entries; a worker's report into a case,
+//!    an SOS into an alert, a check-in into a patrol record — all in the same batch, so the
+//!    frame is acknowledged only once its case is durable.
+//!
+//! [`Pipeline::tick`] runs the timers: offline deadlines and rule holds/windows.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
 
-use gridsense_protocol::{Direction, Eui, Message, seal, topic::parse_topic};
+use gridsense_protocol::{Direction, Eui, Message, PositionFix, Uplink, seal, topic::parse_topic};
 
 use crate::{
+    cases::{Cases, MaintenanceWindow, Place, Site},
     downlink::{DownlinkConfig, Downlinks, Outgoing, Pending},
     geo::GridLayer,
-    health::{DeviceHealth, HealthConfig, HealthTracker},
+    health::{DeviceHealth, EventKind, HealthConfig, HealthEvent, HealthTracker},
     intake::{Intake, Reject},
     registry::Registered,
+    rules::{ConditionChange, Observation, Rules, Signal, device_ms, observations},
     store::{AuditRecord, Batch, MessageRecord},
     telemetry,
 };
@@ -57,6 +64,18 @@ pub struct Pipeline {
     grids: Option<Grids>,
     /// When health rows were last put into a batch.
     last_health_flush: i64,
+    /// Rules, incidents and cases, once configured.
+    cases: Option<CaseLayer>,
+}
+
+/// The rules and the incident/case core with what they need to know about devices.
+#[derive(Debug)]
+struct CaseLayer {
+    rules: Rules,
+    cases: Cases,
+    sites: HashMap<Eui, Site>,
+    observations: Vec<Observation>,
+    changes: Vec<ConditionChange>,
 }
 
 /// The grid layer and where each registered device stands.
@@ -93,7 +112,154 @@ impl Pipeline {
             dirty: HashSet::new(),
             grids: None,
             last_health_flush: i64::MIN,
+            cases: None,
         }
+    }
+
+    /// Turns on rules and cases: every device with its site and rule attributes, the rule
+    /// states and open incidents persisted before a restart.
+    #[must_use]
+    pub fn with_cases(
+        mut self,
+        mut rules: Rules,
+        cases: Cases,
+        sites: Vec<(Eui, Site, crate::rules::Attributes)>,
+        states: Vec<(Eui, String, crate::rules::RuleState)>,
+    ) -> Self {
+        let mut by_eui = HashMap::with_capacity(sites.len());
+        for (eui, site, attrs) in sites {
+            rules.add_device(eui, site.kind, attrs);
+            by_eui.insert(eui, site);
+        }
+        for (eui, id, state) in states {
+            rules.restore(eui, &id, state);
+        }
+        self.cases = Some(CaseLayer {
+            rules,
+            cases,
+            sites: by_eui,
+            observations: Vec::new(),
+            changes: Vec::new(),
+        });
+        self
+    }
+
+    /// Replaces the maintenance windows.
+    pub fn set_windows(&mut self, windows: Vec<MaintenanceWindow>) {
+        if let Some(layer) = &mut self.cases {
+            layer.cases.set_windows(windows);
+        }
+    }
+
+    /// A case reached closed or voided (operator or platform): its incident is finished.
+    pub fn case_finished(&mut self, case_id: i64, now_ms: i64, batch: &mut Batch) {
+        if let Some(layer) = &mut self.cases {
+            layer.cases.on_case_final(case_id, now_ms, &mut batch.cases);
+        }
+    }
+
+    /// Open incidents.
+    pub fn open_incidents(&self) -> usize {
+        self.cases.as_ref().map_or(0, |l| l.cases.open_count())
+    }
+
+    /// The place (grid codes, address) of a point, or of a device's registered position.
+    fn place_at(&self, eui: Eui, fix: Option<(f64, f64)>) -> Place {
+        let Some(grids) = &self.grids else { return Place::default() };
+        let cell = match fix {
+            Some((lat, lon)) => grids.layer.locate(lat, lon).grid(),
+            None => grids.placed.get(&eui).and_then(|i| grids.layer.cells().get(*i)),
+        };
+        Place::of(cell, None)
+    }
+
+    /// Step 7: rules on the frame's observations; beacons' reports, SOS and check-ins.
+    fn evaluate(
+        &mut self,
+        now_ms: i64,
+        eui: Eui,
+        counter: u32,
+        message: &Uplink,
+        events_from: usize,
+        batch: &mut Batch,
+    ) {
+        let Some(mut layer) = self.cases.take() else { return };
+        layer.observations.clear();
+        observations(message, &mut layer.observations);
+        online_observations(
+            batch.events.get(events_from..).unwrap_or_default(),
+            eui,
+            &mut layer.observations,
+        );
+        layer.changes.clear();
+        layer.rules.observe(now_ms, eui, &layer.observations, &mut layer.changes);
+        let changes = std::mem::take(&mut layer.changes);
+        self.apply_changes(&mut layer, &changes, Some(counter), batch);
+        layer.changes = changes;
+        let position = |f: &Option<PositionFix>| {
+            f.map(|f| (f64::from(f.lat_udeg) / 1e6, f64::from(f.lon_udeg) / 1e6))
+        };
+        match message {
+            Uplink::IncidentReport(r) => {
+                let fix = position(&r.fix);
+                let home = layer.sites.get(&eui).map_or((f64::NAN, f64::NAN), |s| (s.lat, s.lon));
+                let place = self.place_at(eui, fix);
+                layer.cases.on_report(
+                    eui,
+                    counter,
+                    device_ms(r.at),
+                    now_ms,
+                    r.class,
+                    &r.note,
+                    fix.unwrap_or(home),
+                    &place,
+                    &mut batch.cases,
+                );
+            }
+            Uplink::Sos(sos) => {
+                let place = self.place_at(eui, position(&sos.fix));
+                layer.cases.on_sos(
+                    eui,
+                    device_ms(sos.at),
+                    now_ms,
+                    sos.fix.as_ref(),
+                    place.grid_code,
+                    &mut batch.cases,
+                );
+            }
+            Uplink::CheckIn(c) => {
+                let place = self.place_at(eui, position(&c.fix));
+                layer.cases.on_checkin(
+                    eui,
+                    device_ms(c.at),
+                    c.checkpoint,
+                    place.grid_code,
+                    &mut batch.cases,
+                );
+            }
+            _ => {}
+        }
+        self.cases = Some(layer);
+    }
+
+    fn apply_changes(
+        &self,
+        layer: &mut CaseLayer,
+        changes: &[ConditionChange],
+        frame: Option<u32>,
+        batch: &mut Batch,
+    ) {
+        for change in changes {
+            let Some(site) = layer.sites.get(&change.eui) else { continue };
+            let place = self.place_at(change.eui, None);
+            let battery = self.health.get(change.eui).and_then(|h| h.battery_mv);
+            layer.cases.on_change(change, site, &place, frame, battery, &mut batch.cases);
+        }
+        batch.rule_states.extend(
+            layer.rules.take_dirty().into_iter().map(|(eui, id, state)| {
+                (eui, id, state.and_then(|s| serde_json::to_string(&s).ok()))
+            }),
+        );
     }
 
     /// Places every device in the grid layer (by its registered position); telemetry is then
@@ -211,6 +377,7 @@ impl Pipeline {
         let window = self.intake.commit(&accepted);
         batch.counters.insert(eui, window);
         // 3. Health.
+        let events_from = batch.events.len();
         self.health.on_frame(
             now_ms,
             kind,
@@ -247,7 +414,8 @@ impl Pipeline {
             &mut batch.request_updates,
         );
         self.seal_downlinks(outgoing, batch);
-        // 7. Rules: hook for the next issue.
+        // 7. Rules, incidents, cases.
+        self.evaluate(now_ms, eui, header.counter, &accepted.message, events_from, batch);
         batch.accepted += 1;
         Outcome::Accepted(name)
     }
@@ -291,8 +459,23 @@ impl Pipeline {
     /// Offline deadlines that passed by `now_ms`, and requests given up.
     pub fn tick(&mut self, now_ms: i64, batch: &mut Batch) {
         self.downlinks.tick(now_ms, &mut batch.request_updates);
+        let events_from = batch.events.len();
         let offline = self.health.poll_deadlines(now_ms, &mut batch.events);
         self.dirty.extend(offline);
+        let Some(mut layer) = self.cases.take() else { return };
+        let mut changes = std::mem::take(&mut layer.changes);
+        changes.clear();
+        // Offline transitions are observations of the `online` signal.
+        let events = batch.events.get(events_from..).unwrap_or_default().to_vec();
+        for e in &events {
+            layer.observations.clear();
+            online_observations(std::slice::from_ref(e), e.eui, &mut layer.observations);
+            layer.rules.observe(now_ms, e.eui, &layer.observations, &mut changes);
+        }
+        layer.rules.tick(now_ms, &mut changes);
+        self.apply_changes(&mut layer, &changes, None, batch);
+        layer.changes = changes;
+        self.cases = Some(layer);
     }
 
     /// Puts the health rows changed since the last flush into the batch, once per device
@@ -317,7 +500,23 @@ impl Pipeline {
 
     /// When [`Pipeline::tick`] next has something to do.
     pub fn next_deadline(&self) -> Option<i64> {
-        self.health.next_deadline()
+        let rules = self.cases.as_ref().and_then(|l| l.rules.next_deadline());
+        match (self.health.next_deadline(), rules) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Online/offline transitions of a device as observations of [`Signal::Online`].
+fn online_observations(events: &[HealthEvent], eui: Eui, out: &mut Vec<Observation>) {
+    for e in events.iter().filter(|e| e.eui == eui) {
+        let value = match e.kind {
+            EventKind::Online => 1.0,
+            EventKind::Offline => 0.0,
+            _ => continue,
+        };
+        out.push(Observation { signal: Signal::Online, value, at_ms: e.at_ms });
     }
 }
 

@@ -7,7 +7,13 @@
 //! numbered migrations run at open (`PRAGMA user_version`). The interface is narrow so that a
 //! PostgreSQL backend can implement the same for multi-instance deployments.
 
+mod cases;
+
 use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+pub use cases::{
+    AlertView, CaseFilter, CaseView, ClusterMember, OutboxEntry, TraceEntry, TransitionError,
+};
 
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
 use gridsense_simulator::inventory::Device as InventoryDevice;
@@ -42,6 +48,9 @@ pub enum StoreError {
         /// Newest this code knows.
         supported: i64,
     },
+    /// A blocking store task did not finish (panicked or cancelled).
+    #[error("store task: {0}")]
+    Task(String),
     /// A row does not decode.
     #[error("store: bad row in {table}: {what}")]
     BadRow {
@@ -142,6 +151,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE telemetry ADD COLUMN grid_code TEXT;
     ALTER TABLE telemetry_buffer ADD COLUMN grid_code TEXT;
     ALTER TABLE telemetry_buffer ADD COLUMN street_code TEXT;",
+    // 6: rules, incidents, cases and their trace, the delivery outbox, alerts, patrols,
+    // maintenance windows.
+    cases::MIGRATION,
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -244,6 +256,10 @@ pub struct Batch {
     pub downlinks: Vec<(String, Vec<u8>)>,
     /// Changes to operators' requests.
     pub request_updates: Vec<RequestUpdate>,
+    /// Rule states changed: device, rule id, state JSON (`None`: delete).
+    pub rule_states: Vec<(Eui, String, Option<String>)>,
+    /// Incidents, cases, outbox, alerts and patrol records.
+    pub cases: crate::cases::Effects,
 }
 
 impl Batch {
@@ -260,6 +276,8 @@ impl Batch {
             && self.downlink_counters.is_empty()
             && self.downlinks.is_empty()
             && self.request_updates.is_empty()
+            && self.rule_states.is_empty()
+            && self.cases.is_empty()
     }
 }
 
@@ -831,6 +849,7 @@ impl Store {
                     )?,
                 };
             }
+            cases::write(&tx, &batch.rule_states, &batch.cases)?;
             if batch.accepted > 0 {
                 tx.execute(
                     "INSERT INTO stats (name, value) VALUES ('accepted', ?1)

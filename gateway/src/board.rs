@@ -1,0 +1,734 @@
+//! The local case board over HTTP:
+//! - Open311 GeoReport v2 read endpoints under `/open311/v2` (`services`, `services/{code}`,
+//!   `requests` with `service_request_id`, `service_code`, `start_date`, `end_date` and
+//!   `status` filters, `requests/{id}`), in JSON and XML; errors as the standard's array of
+//!   `{code, description}`. A request's `service_code` is its class code; besides the standard
+//!   fields each carries `device_id`, `object_code` and our grid codes, urgency and lifecycle
+//!   state as extensions;
+//! - the operator API under `/api/v1/cases`: lists with filters, one case with its step timers
+//!   (130 milestones and handling deadline, green/yellow/red) and full trace, and lifecycle
+//!   moves (`POST /api/v1/cases/{id}/transition`);
+//! - `POST /api/v1/platform/callback`: status callbacks from a webhook platform, HMAC-signed.
+
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    calendar::{Calendar, Colour, Limit},
+    cases::{CaseState, CaseTables},
+    ingest::Clock,
+    store::{CaseFilter, CaseView, Store, TraceEntry},
+};
+
+/// What the board's handlers share.
+pub struct Board {
+    store: Mutex<Store>,
+    calendar: Calendar,
+    tables: Arc<CaseTables>,
+    clock: Clock,
+    /// Key that signs webhook status callbacks (empty: callbacks refused).
+    secret: String,
+}
+
+impl std::fmt::Debug for Board {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Board").finish_non_exhaustive()
+    }
+}
+
+impl Board {
+    /// A board on its own store connection.
+    pub fn new(
+        store: Store,
+        tables: Arc<CaseTables>,
+        clock: Clock,
+        secret: String,
+    ) -> Result<Self, crate::calendar::CalendarError> {
+        Ok(Board {
+            store: Mutex::new(store),
+            calendar: Calendar::new(&tables.calendar)?,
+            tables,
+            clock,
+            secret,
+        })
+    }
+}
+
+/// An error answer: Open311's array of `{code, description}` (also our API's shape).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiError {
+    /// HTTP status code (as Open311 puts it in `code`).
+    pub code: u16,
+    /// What was wrong.
+    pub description: String,
+}
+
+fn error(status: StatusCode, description: impl Into<String>, xml: bool) -> Response {
+    let e = ApiError { code: status.as_u16(), description: description.into() };
+    if xml {
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?><errors><error><code>{}</code><description>{}</description></error></errors>",
+            e.code,
+            escape(&e.description)
+        );
+        (status, [(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
+    } else {
+        (status, Json(vec![e])).into_response()
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Splits `requests.json` into (`requests`, xml?).
+fn format_of(name: &str) -> Option<(&str, bool)> {
+    name.strip_suffix(".json")
+        .map(|n| (n, false))
+        .or_else(|| name.strip_suffix(".xml").map(|n| (n, true)))
+}
+
+async fn blocking<T: Send + 'static>(
+    board: &Arc<Board>,
+    f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    let board = board.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = board.store.lock().map_err(|_| "store lock poisoned".to_owned())?;
+        f(&mut store).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// An Open311 service.
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    /// Class code.
+    pub service_code: String,
+    /// Name.
+    pub service_name: String,
+    /// Description.
+    pub description: String,
+    /// No attribute metadata.
+    pub metadata: bool,
+    /// `realtime`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Keywords.
+    pub keywords: String,
+    /// 部件 component or 事件 event.
+    pub group: &'static str,
+}
+
+fn services(tables: &CaseTables) -> Vec<Service> {
+    tables
+        .classes
+        .iter()
+        .map(|(code, c)| Service {
+            service_code: code.clone(),
+            service_name: c.name.clone(),
+            description: format!("{} (handling limit {})", c.name, c.limit),
+            metadata: false,
+            kind: "realtime",
+            keywords: code.clone(),
+            group: if code.starts_with('C') { "部件 component" } else { "事件 event" },
+        })
+        .collect()
+}
+
+fn services_xml(list: &[Service]) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><services>");
+    for s in list {
+        out.push_str(&format!(
+            "<service><service_code>{}</service_code><service_name>{}</service_name><description>{}</description><metadata>false</metadata><type>realtime</type><keywords>{}</keywords><group>{}</group></service>",
+            escape(&s.service_code), escape(&s.service_name), escape(&s.description), escape(&s.keywords), escape(s.group)
+        ));
+    }
+    out.push_str("</services>");
+    out
+}
+
+async fn get_services(State(board): State<Arc<Board>>, Path(name): Path<String>) -> Response {
+    let Some(("services", xml)) = format_of(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no such resource {name}"), false);
+    };
+    let list = services(&board.tables);
+    if xml {
+        ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], services_xml(&list)).into_response()
+    } else {
+        Json(list).into_response()
+    }
+}
+
+async fn get_service(State(board): State<Arc<Board>>, Path(name): Path<String>) -> Response {
+    let Some((code, xml)) = format_of(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no such resource {name}"), false);
+    };
+    if !board.tables.classes.contains_key(code) {
+        return error(StatusCode::NOT_FOUND, format!("service_code {code} not found"), xml);
+    }
+    // No attribute metadata: the definition has no attributes.
+    if xml {
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?><service_definition><service_code>{}</service_code><attributes></attributes></service_definition>",
+            escape(code)
+        );
+        ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
+    } else {
+        Json(serde_json::json!({ "service_code": code, "attributes": [] })).into_response()
+    }
+}
+
+/// A case as an Open311 service request, with our extensions.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceRequest {
+    /// Id.
+    pub service_request_id: String,
+    /// `open` or `closed`.
+    pub status: &'static str,
+    /// The lifecycle state in words.
+    pub status_notes: String,
+    /// Class name.
+    pub service_name: String,
+    /// Class code.
+    pub service_code: String,
+    /// Description.
+    pub description: String,
+    /// Who handles it (the grid).
+    pub agency_responsible: String,
+    /// Notice.
+    pub service_notice: String,
+    /// Detected, ISO 8601.
+    pub requested_datetime: String,
+    /// Last change.
+    pub updated_datetime: String,
+    /// Handling deadline.
+    pub expected_datetime: String,
+    /// Address.
+    pub address: String,
+    /// Address id (the unit grid code, where known).
+    pub address_id: String,
+    /// Postal code (not used).
+    pub zipcode: String,
+    /// Latitude, WGS84.
+    pub lat: f64,
+    /// Longitude, WGS84.
+    pub long: f64,
+    /// No media.
+    pub media_url: String,
+    /// Extension: device EUI.
+    pub device_id: String,
+    /// Extension: component object code.
+    pub object_code: String,
+    /// Extension: coordinate system.
+    pub crs: String,
+    /// Extension: responsibility grid.
+    pub grid_code: String,
+    /// Extension: community.
+    pub community_code: String,
+    /// Extension: street.
+    pub street_code: String,
+    /// Extension: urgency.
+    pub urgency: String,
+    /// Extension: lifecycle state.
+    pub state: String,
+    /// Extension: source.
+    pub source: String,
+}
+
+fn request_of(c: &CaseView, cal: &Calendar) -> ServiceRequest {
+    let state = CaseState::parse(&c.state).unwrap_or(CaseState::Collected);
+    ServiceRequest {
+        service_request_id: c.id.to_string(),
+        status: state.open311_status(),
+        status_notes: format!("{state}"),
+        service_name: c.class_name.clone(),
+        service_code: c.class_code.clone(),
+        description: c.description.clone(),
+        agency_responsible: c.grid_code.clone().unwrap_or_default(),
+        service_notice: format!("handling limit {}", c.handling_limit),
+        requested_datetime: cal.iso(c.detected_ms),
+        updated_datetime: cal.iso(c.updated_ms),
+        expected_datetime: cal.iso(c.handling_due_ms),
+        address: c.address.clone(),
+        address_id: c.unit_grid_code.clone().unwrap_or_default(),
+        zipcode: String::new(),
+        lat: c.lat,
+        long: c.lon,
+        media_url: String::new(),
+        device_id: c.device_id.clone(),
+        object_code: c.object_code.clone().unwrap_or_default(),
+        crs: c.crs.clone(),
+        grid_code: c.grid_code.clone().unwrap_or_default(),
+        community_code: c.community_code.clone().unwrap_or_default(),
+        street_code: c.street_code.clone().unwrap_or_default(),
+        urgency: c.urgency.clone(),
+        state: c.state.clone(),
+        source: c.source.clone(),
+    }
+}
+
+fn requests_xml(list: &[ServiceRequest]) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><service_requests>");
+    for r in list {
+        out.push_str("<request>");
+        let fields: [(&str, String); 25] = [
+            ("service_request_id", r.service_request_id.clone()),
+            ("status", r.status.into()),
+            ("status_notes", r.status_notes.clone()),
+            ("service_name", r.service_name.clone()),
+            ("service_code", r.service_code.clone()),
+            ("description", r.description.clone()),
+            ("agency_responsible", r.agency_responsible.clone()),
+            ("service_notice", r.service_notice.clone()),
+            ("requested_datetime", r.requested_datetime.clone()),
+            ("updated_datetime", r.updated_datetime.clone()),
+            ("expected_datetime", r.expected_datetime.clone()),
+            ("address", r.address.clone()),
+            ("address_id", r.address_id.clone()),
+            ("zipcode", r.zipcode.clone()),
+            ("lat", format!("{:.6}", r.lat)),
+            ("long", format!("{:.6}", r.long)),
+            ("media_url", r.media_url.clone()),
+            ("device_id", r.device_id.clone()),
+            ("object_code", r.object_code.clone()),
+            ("crs", r.crs.clone()),
+            ("grid_code", r.grid_code.clone()),
+            ("community_code", r.community_code.clone()),
+            ("street_code", r.street_code.clone()),
+            ("urgency", r.urgency.clone()),
+            ("state", r.state.clone()),
+        ];
+        for (k, v) in fields {
+            out.push_str(&format!("<{k}>{}</{k}>", escape(&v)));
+        }
+        out.push_str("</request>");
+    }
+    out.push_str("</service_requests>");
+    out
+}
+
+/// Query of `GET /open311/v2/requests.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RequestsQuery {
+    /// Comma-separated ids.
+    pub service_request_id: Option<String>,
+    /// Comma-separated class codes.
+    pub service_code: Option<String>,
+    /// W3C date-time.
+    pub start_date: Option<String>,
+    /// W3C date-time.
+    pub end_date: Option<String>,
+    /// `open`, `closed`, or both comma-separated.
+    pub status: Option<String>,
+    /// Ours: lifecycle states, comma-separated.
+    pub state: Option<String>,
+    /// Ours: an area code prefix (district, street, community or grid).
+    pub area: Option<String>,
+    /// Ours: most results (default and maximum 1000).
+    pub limit: Option<u32>,
+    /// Open311 jurisdiction (accepted, one jurisdiction here).
+    pub jurisdiction_id: Option<String>,
+}
+
+fn split(v: Option<&String>) -> impl Iterator<Item = &str> {
+    v.into_iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Parses the query into a filter; the error names the parameter.
+pub fn filter_of(q: &RequestsQuery) -> Result<CaseFilter, String> {
+    let mut f =
+        CaseFilter { limit: q.limit.unwrap_or(1_000).clamp(1, 1_000), ..CaseFilter::default() };
+    for id in split(q.service_request_id.as_ref()) {
+        f.ids.push(
+            id.parse().map_err(|_| format!("service_request_id: {id:?} is not a request id"))?,
+        );
+    }
+    for code in split(q.service_code.as_ref()) {
+        if !crate::cases::is_class_code(code) {
+            return Err(format!("service_code: {code:?} is not a class code such as C0102"));
+        }
+        f.class_codes.push(code.to_owned());
+    }
+    let date = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
+        v.as_deref()
+            .map(|s| {
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map(|d| d.timestamp_millis())
+                    .map_err(|e| format!("{name}: {s:?} is not a W3C date-time such as 2026-11-26T08:00:00+08:00 ({e})"))
+            })
+            .transpose()
+    };
+    f.start_ms = date("start_date", &q.start_date)?;
+    f.end_ms = date("end_date", &q.end_date)?;
+    let mut states = Vec::new();
+    for s in split(q.status.as_ref()) {
+        match s {
+            "open" => states.extend(CaseState::ALL.into_iter().filter(|c| !c.is_final())),
+            "closed" => states.extend(CaseState::ALL.into_iter().filter(|c| c.is_final())),
+            other => return Err(format!("status: {other:?} is not open or closed")),
+        }
+    }
+    for s in split(q.state.as_ref()) {
+        states.push(
+            CaseState::parse(s).ok_or_else(|| format!("state: {s:?} is not a lifecycle state"))?,
+        );
+    }
+    states.sort_by_key(|s| s.as_str());
+    states.dedup();
+    f.states = states;
+    if let Some(a) = &q.area {
+        if a.is_empty() || !a.chars().all(|c| c.is_ascii_digit()) {
+            return Err(format!("area: {a:?} is not an area code (digits)"));
+        }
+        f.area = Some(a.clone());
+    }
+    Ok(f)
+}
+
+async fn get_requests(
+    State(board): State<Arc<Board>>,
+    Path(name): Path<String>,
+    query: Result<Query<RequestsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Some(("requests", xml)) = format_of(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no such resource {name}"), false);
+    };
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), xml),
+    };
+    let f = match filter_of(&q) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, xml),
+    };
+    match blocking(&board, move |s| s.cases(&f)).await {
+        Ok(cases) => {
+            let list: Vec<_> = cases.iter().map(|c| request_of(c, &board.calendar)).collect();
+            if xml {
+                ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], requests_xml(&list))
+                    .into_response()
+            } else {
+                Json(list).into_response()
+            }
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, xml),
+    }
+}
+
+async fn get_request(State(board): State<Arc<Board>>, Path(name): Path<String>) -> Response {
+    let Some((id, xml)) = format_of(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no such resource {name}"), false);
+    };
+    let Ok(id) = id.parse::<i64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("service_request_id: {id:?} is not a request id"),
+            xml,
+        );
+    };
+    match blocking(&board, move |s| s.case(id)).await {
+        Ok(Some(c)) => {
+            let list = vec![request_of(&c, &board.calendar)];
+            if xml {
+                ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], requests_xml(&list))
+                    .into_response()
+            } else {
+                Json(list).into_response()
+            }
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("service_request_id {id} not found"), xml),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, xml),
+    }
+}
+
+/// One step timer of a case.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Timer {
+    /// `deploy` (130: 1 day), `feedback` (130: 3 days) or `handling`.
+    pub step: &'static str,
+    /// The limit.
+    pub limit: String,
+    /// Clock start, ISO 8601.
+    pub start: String,
+    /// Deadline, ISO 8601.
+    pub due: String,
+    /// Done at, if done.
+    pub done: Option<String>,
+    /// Share of the limit used (at done, or now).
+    pub used: f64,
+    /// green < 80% < yellow ≤ 100% < red.
+    pub colour: Colour,
+}
+
+/// A case's step timers at `now`.
+pub fn timers(c: &CaseView, tables: &CaseTables, cal: &Calendar, now: i64) -> Vec<Timer> {
+    let handling_limit: Limit = c.handling_limit.parse().unwrap_or(Limit::Hours(24));
+    let handling_start = c.dispatched_ms.unwrap_or(c.detected_ms);
+    let steps = [
+        ("deploy", tables.milestones.deploy, c.detected_ms, c.deploy_due_ms, c.dispatched_ms),
+        (
+            "feedback",
+            tables.milestones.feedback,
+            c.detected_ms,
+            c.feedback_due_ms,
+            c.feedback_ms.or(c.closed_ms),
+        ),
+        (
+            "handling",
+            handling_limit,
+            handling_start,
+            c.handling_due_ms,
+            c.handled_ms.or(c.closed_ms),
+        ),
+    ];
+    steps
+        .into_iter()
+        .map(|(step, limit, start, due, done)| {
+            let used = cal.used(start, due, limit, done.unwrap_or(now));
+            Timer {
+                step,
+                limit: limit.to_string(),
+                start: cal.iso(start),
+                due: cal.iso(due),
+                done: done.map(|d| cal.iso(d)),
+                used: (used * 1000.0).round() / 1000.0,
+                colour: Colour::of(used),
+            }
+        })
+        .collect()
+}
+
+/// A case with its timers, for lists.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseSummary {
+    /// The case.
+    #[serde(flatten)]
+    pub case: CaseView,
+    /// Step timers.
+    pub timers: Vec<Timer>,
+}
+
+/// A case with its timers, cluster and trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseDetail {
+    /// The case.
+    #[serde(flatten)]
+    pub case: CaseView,
+    /// Step timers.
+    pub timers: Vec<Timer>,
+    /// Related incidents (same grid, condition and window): id, device, condition, severity,
+    /// state, case.
+    pub related: Vec<crate::store::ClusterMember>,
+    /// Frames → evidence → incident → case → states.
+    pub trace: Vec<TraceEntry>,
+}
+
+async fn list_cases(
+    State(board): State<Arc<Board>>,
+    query: Result<Query<RequestsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), false),
+    };
+    let f = match filter_of(&q) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, false),
+    };
+    let now = (board.clock)();
+    match blocking(&board, move |s| s.cases(&f)).await {
+        Ok(cases) => Json(
+            cases
+                .into_iter()
+                .map(|c| CaseSummary {
+                    timers: timers(&c, &board.tables, &board.calendar, now),
+                    case: c,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+    }
+}
+
+async fn get_case(State(board): State<Arc<Board>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"), false);
+    };
+    let now = (board.clock)();
+    let found = blocking(&board, move |s| {
+        let Some(case) = s.case(id)? else { return Ok(None) };
+        let cluster = match case.incident_id {
+            Some(incident) => s.incident_cluster(incident)?,
+            None => None,
+        };
+        let related = match cluster {
+            Some(c) => s.cluster(c)?,
+            None => Vec::new(),
+        };
+        Ok(Some((case, related, s.trace(id)?)))
+    })
+    .await;
+    match found {
+        Ok(Some((case, related, trace))) => Json(CaseDetail {
+            timers: timers(&case, &board.tables, &board.calendar, now),
+            case,
+            related,
+            trace,
+        })
+        .into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("case {id} not found"), false),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+    }
+}
+
+/// Body of `POST /api/v1/cases/{id}/transition`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionBody {
+    /// The state to move to.
+    pub to: String,
+    /// Who (operator name).
+    pub actor: String,
+    /// Why.
+    #[serde(default)]
+    pub note: String,
+}
+
+async fn move_case(
+    State(board): State<Arc<Board>>,
+    Path(id): Path<String>,
+    body: Result<Json<TransitionBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"), false);
+    };
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), false),
+    };
+    let Some(to) = CaseState::parse(&body.to) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("to: {:?} is not a lifecycle state", body.to),
+            false,
+        );
+    };
+    if body.actor.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "actor: who moves the case must be named", false);
+    }
+    apply_transition(&board, id, to, format!("operator:{}", body.actor.trim()), body.note).await
+}
+
+async fn apply_transition(
+    board: &Arc<Board>,
+    id: i64,
+    to: CaseState,
+    actor: String,
+    note: String,
+) -> Response {
+    let now = (board.clock)();
+    let cal = board.calendar.clone();
+    let r = blocking(board, move |s| {
+        s.transition(id, to, &actor, &note, now, |limit, from| {
+            limit.parse::<Limit>().ok().map(|l| cal.deadline(from, l))
+        })
+    })
+    .await;
+    match r {
+        Ok(Ok(state)) => {
+            Json(serde_json::json!({ "id": id, "state": state.as_str() })).into_response()
+        }
+        Ok(Err(crate::store::TransitionError::NotFound(_))) => {
+            error(StatusCode::NOT_FOUND, format!("case {id} not found"), false)
+        }
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string(), false),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+    }
+}
+
+/// A platform's status callback (webhook platforms).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Callback {
+    /// Our case id (from the payload we sent).
+    pub case_id: i64,
+    /// The lifecycle state the platform reached.
+    pub state: String,
+    /// The platform's note.
+    #[serde(default)]
+    pub note: String,
+}
+
+/// Seconds a callback's signature timestamp may differ from now.
+pub const CALLBACK_TOLERANCE_S: i64 = 300;
+
+async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Bytes) -> Response {
+    if board.secret.is_empty() {
+        return error(StatusCode::NOT_FOUND, "callbacks are not configured (cases.secret)", false);
+    }
+    let Some(sig) = headers.get("x-gridsense-signature").and_then(|v| v.to_str().ok()) else {
+        return error(StatusCode::UNAUTHORIZED, "x-gridsense-signature header missing", false);
+    };
+    let now_s = (board.clock)() / 1000;
+    if let Err(why) =
+        crate::delivery::verify_signature(&board.secret, sig, &body, now_s, CALLBACK_TOLERANCE_S)
+    {
+        return error(StatusCode::UNAUTHORIZED, format!("signature: {why}"), false);
+    }
+    let cb: Callback = match serde_json::from_slice(&body) {
+        Ok(cb) => cb,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}"), false),
+    };
+    let Some(to) = CaseState::parse(&cb.state) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("state: {:?} is not a lifecycle state", cb.state),
+            false,
+        );
+    };
+    let now = (board.clock)();
+    let r = blocking(&board, move |s| s.platform_state(cb.case_id, to, &cb.note, now)).await;
+    match r {
+        Ok(true) => {
+            Json(serde_json::json!({ "id": cb.case_id, "state": to.as_str() })).into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("case {} not found", cb.case_id), false),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+    }
+}
+
+/// The board's routes.
+pub fn routes(board: Arc<Board>) -> Router {
+    Router::new()
+        .route("/open311/v2/{name}", get(get_services_or_requests))
+        .route("/open311/v2/services/{name}", get(get_service))
+        .route("/open311/v2/requests/{name}", get(get_request))
+        .route("/api/v1/cases", get(list_cases))
+        .route("/api/v1/cases/{id}", get(get_case))
+        .route("/api/v1/cases/{id}/transition", post(move_case))
+        .route("/api/v1/platform/callback", post(callback))
+        .with_state(board)
+}
+
+async fn get_services_or_requests(
+    state: State<Arc<Board>>,
+    Path(name): Path<String>,
+    query: Result<Query<RequestsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if name.starts_with("services") {
+        get_services(state, Path(name)).await
+    } else {
+        get_requests(state, Path(name), query).await
+    }
+}

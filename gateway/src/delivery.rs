@@ -1,0 +1,663 @@
+//! Delivery workers: send the outbox to the configured platform adapter and the SOS alerts to
+//! the alert channel, with exponential backoff and jitter; keep the platform's case id.
+//!
+//! Exactly one platform case per incident, whatever fails:
+//! - the case and its outbox entry were committed with the frame, so nothing is lost;
+//! - an attempt is recorded *before* the request goes out, so after a crash the worker knows
+//!   an entry may already have reached the platform: the webhook carries the same
+//!   `Idempotency-Key` every time, and the open311 adapter first looks for the request by the
+//!   key it embeds in the description before posting again;
+//! - 5xx, 429, timeouts and connection errors retry (backoff doubling from `retry_min_ms` to
+//!   `retry_max_ms`, equal jitter); other 4xx are permanent: the entry goes to the dead-letter
+//!   state with the platform's error and a counter, and an operator decides.
+//!
+//! Retry classification is separate from the backoff policy (as in Vector's `retries.rs`).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::sync::{Notify, watch};
+
+use crate::{
+    cases::wgs84_to_gcj02,
+    config::{CasesSettings, Platform},
+    ingest::Clock,
+    store::{AlertView, CaseView, OutboxEntry, Store, StoreError},
+};
+
+/// Delivery counters, for the status page and metrics.
+#[derive(Debug, Default)]
+pub struct DeliveryStatus {
+    /// Entries delivered.
+    pub delivered: AtomicU64,
+    /// Attempts that failed and will be retried.
+    pub retries: AtomicU64,
+    /// Entries dead-lettered (permanent failures).
+    pub dead: AtomicU64,
+    /// Alerts delivered.
+    pub alerts: AtomicU64,
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Try again later (5xx, 429, timeout, connection).
+    #[error("retry: {0}")]
+    Retry(String),
+    /// Will not succeed by retrying (4xx, a malformed answer).
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// Classifies an HTTP status.
+pub fn classify(status: u16, body: &str) -> Result<(), DeliveryError> {
+    let text = || format!("HTTP {status}: {}", body.chars().take(300).collect::<String>());
+    match status {
+        200..=299 => Ok(()),
+        408 | 425 | 429 | 500..=599 => Err(DeliveryError::Retry(text())),
+        _ => Err(DeliveryError::Permanent(text())),
+    }
+}
+
+fn transport(e: &reqwest::Error) -> DeliveryError {
+    DeliveryError::Retry(format!("request failed: {e}"))
+}
+
+/// The backoff before attempt `attempts + 1`: `min · 2^attempts` capped at `max`, with equal
+/// jitter (half fixed, half random) from `random` in `0..1`.
+pub fn backoff_ms(attempts: u32, min_ms: u64, max_ms: u64, random: f64) -> u64 {
+    let base = min_ms.saturating_mul(1u64 << attempts.min(30)).min(max_ms);
+    let half = base / 2;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let jitter = (half as f64 * random.clamp(0.0, 1.0)) as u64;
+    half + jitter
+}
+
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0.5;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let r = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
+    r
+}
+
+/// HMAC-SHA256 of `body` under `secret`, as lowercase hex: the `X-Gridsense-Signature`
+/// header is `t=TIMESTAMP,v1=HEX` over `TIMESTAMP.BODY`.
+pub fn sign(secret: &str, timestamp_s: i64, body: &[u8]) -> String {
+    // HMAC takes keys of any length, so `new_from_slice` cannot fail here.
+    let tag = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).map(|mut mac| {
+        mac.update(timestamp_s.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    });
+    format!("t={timestamp_s},v1={}", tag.unwrap_or_default())
+}
+
+/// Checks a signature header against `body`, rejecting timestamps more than `tolerance_s` from
+/// `now_s` (replays).
+pub fn verify_signature(
+    secret: &str,
+    header: &str,
+    body: &[u8],
+    now_s: i64,
+    tolerance_s: i64,
+) -> Result<(), &'static str> {
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1 = hex::decode(v).ok(),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else { return Err("malformed signature header") };
+    if (now_s - t).abs() > tolerance_s {
+        return Err("stale timestamp");
+    }
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).map_err(|_| "bad key")?;
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&v1).map_err(|_| "signature does not verify")
+}
+
+/// The case as we send it to a webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CasePayload {
+    /// `create`, `update` or `recovered`.
+    pub op: String,
+    /// Idempotency key of the case (device + condition + onset).
+    pub case_key: String,
+    /// Our case id.
+    pub case_id: i64,
+    /// The platform's case id, once known.
+    pub platform_id: Option<String>,
+    /// Class code (`C0102`).
+    pub service_code: String,
+    /// Class name.
+    pub service_name: String,
+    /// Filing condition.
+    pub title: String,
+    /// Description with evidence.
+    pub description: String,
+    /// Device EUI.
+    pub device_id: String,
+    /// Component object code.
+    pub object_code: Option<String>,
+    /// Latitude in `crs`.
+    pub lat: f64,
+    /// Longitude in `crs`.
+    pub long: f64,
+    /// `WGS84` or `GCJ02`.
+    pub crs: String,
+    /// Address.
+    pub address_string: String,
+    /// Codes.
+    pub unit_grid_code: Option<String>,
+    /// Responsibility grid.
+    pub grid_code: Option<String>,
+    /// Community.
+    pub community_code: Option<String>,
+    /// Street.
+    pub street_code: Option<String>,
+    /// District.
+    pub district_code: Option<String>,
+    /// `IoT`.
+    pub source: String,
+    /// `urgent`, `high`, `normal`.
+    pub urgency: String,
+    /// ISO 8601 +08:00.
+    pub onset: String,
+    /// ISO 8601 +08:00.
+    pub detected: String,
+    /// Handling deadline, ISO 8601.
+    pub handling_due: String,
+    /// Handling limit (`6h`, `4wh`).
+    pub handling_limit: String,
+    /// 130: deployed by.
+    pub deploy_due: String,
+    /// 130: feedback by.
+    pub feedback_due: String,
+}
+
+/// Builds the payload of an outbox entry for a case.
+pub fn payload(
+    entry_op: &str,
+    c: &CaseView,
+    gcj02: bool,
+    iso: &dyn Fn(i64) -> String,
+) -> CasePayload {
+    let (lat, long, crs) = if gcj02 {
+        let (a, b) = wgs84_to_gcj02(c.lat, c.lon);
+        (a, b, "GCJ02")
+    } else {
+        (c.lat, c.lon, "WGS84")
+    };
+    CasePayload {
+        op: entry_op.to_owned(),
+        case_key: c.idempotency_key.clone(),
+        case_id: c.id,
+        platform_id: c.platform_id.clone(),
+        service_code: c.class_code.clone(),
+        service_name: c.class_name.clone(),
+        title: c.title.clone(),
+        description: c.description.clone(),
+        device_id: c.device_id.clone(),
+        object_code: c.object_code.clone(),
+        lat,
+        long,
+        crs: crs.into(),
+        address_string: c.address.clone(),
+        unit_grid_code: c.unit_grid_code.clone(),
+        grid_code: c.grid_code.clone(),
+        community_code: c.community_code.clone(),
+        street_code: c.street_code.clone(),
+        district_code: c.district_code.clone(),
+        source: c.source.clone(),
+        urgency: c.urgency.clone(),
+        onset: iso(c.onset_ms),
+        detected: iso(c.detected_ms),
+        handling_due: iso(c.handling_due_ms),
+        handling_limit: c.handling_limit.clone(),
+        deploy_due: iso(c.deploy_due_ms),
+        feedback_due: iso(c.feedback_due_ms),
+    }
+}
+
+/// A platform adapter.
+#[derive(Debug, Clone)]
+pub enum Adapter {
+    /// The built-in board: the case is already on it; its id is the board's request id.
+    Local,
+    /// Open311 GeoReport v2.
+    Open311(crate::open311_client::Client),
+    /// Signed JSON webhook.
+    Webhook {
+        /// HTTP client.
+        http: reqwest::Client,
+        /// URL.
+        url: String,
+        /// HMAC key.
+        secret: String,
+    },
+}
+
+impl Adapter {
+    /// From the configuration.
+    pub fn from_config(c: &CasesSettings) -> Result<Self, reqwest::Error> {
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_millis(c.timeout_ms)).build()?;
+        Ok(match c.platform {
+            Platform::Local => Adapter::Local,
+            Platform::Open311 => Adapter::Open311(crate::open311_client::Client::new(
+                http,
+                c.url.trim_end_matches('/').to_owned(),
+                c.api_key.clone(),
+                c.jurisdiction_id.clone(),
+            )),
+            Platform::Webhook => {
+                Adapter::Webhook { http, url: c.url.clone(), secret: c.secret.clone() }
+            }
+        })
+    }
+
+    /// The platform's name as stored with the case.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Adapter::Local => "local",
+            Adapter::Open311(_) => "open311",
+            Adapter::Webhook { .. } => "webhook",
+        }
+    }
+
+    /// Sends one entry; returns the platform's case id when it gave one.
+    pub async fn deliver(
+        &self,
+        entry: &OutboxEntry,
+        p: &CasePayload,
+        now_s: i64,
+    ) -> Result<Option<String>, DeliveryError> {
+        match self {
+            Adapter::Local => Ok(Some(p.case_id.to_string())),
+            Adapter::Open311(client) => client.deliver(entry, p).await,
+            Adapter::Webhook { http, url, secret } => {
+                let body =
+                    serde_json::to_vec(p).map_err(|e| DeliveryError::Permanent(e.to_string()))?;
+                // One key per outbox entry: a retried or re-sent entry is the same request.
+                let key = format!("{}:{}:{}", p.case_key, p.op, entry.id);
+                let resp = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", key)
+                    .header("x-gridsense-signature", sign(secret, now_s, &body))
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| transport(&e))?;
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                classify(status, &text)?;
+                #[derive(Deserialize)]
+                struct Answer {
+                    #[serde(default)]
+                    id: Option<serde_json::Value>,
+                }
+                let id =
+                    serde_json::from_str::<Answer>(&text).ok().and_then(|a| a.id).map(
+                        |v| match v {
+                            serde_json::Value::String(s) => s,
+                            other => other.to_string(),
+                        },
+                    );
+                Ok(id.or_else(|| p.platform_id.clone()))
+            }
+        }
+    }
+}
+
+/// Settings of a delivery worker.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// The adapter.
+    pub adapter: Adapter,
+    /// Coordinates in GCJ-02.
+    pub gcj02: bool,
+    /// Retry policy.
+    pub retry_min_ms: u64,
+    /// Retry policy.
+    pub retry_max_ms: u64,
+    /// Where SOS alerts go (empty: recorded and logged only).
+    pub alert_url: String,
+    /// Key alerts are signed with.
+    pub alert_secret: String,
+    /// The working calendar, for ISO times.
+    pub calendar: crate::calendar::Calendar,
+}
+
+/// Runs the delivery of one channel (`case` or `alert`) until shutdown. `wake` is notified
+/// after every commit that queued something.
+pub async fn run(
+    worker: Arc<Worker>,
+    channel: &'static str,
+    mut store: Store,
+    clock: Clock,
+    wake: Arc<Notify>,
+    status: Arc<DeliveryStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let now = clock();
+        let (s, due) = tokio::task::spawn_blocking(move || {
+            let r = store.outbox_due(channel, now, 64);
+            (store, r)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        store = s;
+        let due = due?;
+        for entry in &due {
+            store = deliver_one(&worker, store, entry, &clock, &status).await?;
+        }
+        if due.len() == 64 {
+            continue;
+        }
+        let (s, next) = tokio::task::spawn_blocking(move || {
+            let r = store.outbox_next_due(channel);
+            (store, r)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        store = s;
+        // Sleep until the next retry is due (bounded, in case the clock is simulated), a
+        // commit wakes us, or shutdown.
+        let wait = next?.map_or(1_000, |n| n.saturating_sub(clock()).clamp(0, 1_000));
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn deliver_one(
+    worker: &Worker,
+    mut store: Store,
+    entry: &OutboxEntry,
+    clock: &Clock,
+    status: &DeliveryStatus,
+) -> Result<Store, StoreError> {
+    // Record the attempt before sending (see the module docs), and read what to send.
+    let e = entry.clone();
+    let (s, loaded) = tokio::task::spawn_blocking(move || {
+        let r = store.outbox_begin(&e).and_then(|()| {
+            Ok(match e.channel.as_str() {
+                "case" => (store.case(e.subject)?, None),
+                _ => (None, store.alert(e.subject)?),
+            })
+        });
+        (store, r)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?;
+    store = s;
+    let now = clock();
+    let result = match loaded? {
+        (Some(case), _) => {
+            let iso = |ms| worker.calendar.iso(ms);
+            let p = payload(&entry.op, &case, worker.gcj02, &iso);
+            worker
+                .adapter
+                .deliver(entry, &p, now / 1000)
+                .await
+                .map(|id| (worker.adapter.name(), id))
+        }
+        (None, Some(alert)) => {
+            deliver_alert(worker, &alert, now / 1000).await.map(|()| ("alert", None))
+        }
+        (None, None) => {
+            Err(DeliveryError::Permanent(format!("{} {} not found", entry.channel, entry.subject)))
+        }
+    };
+    let now = clock();
+    let e = entry.clone();
+    let (s, r) = match result {
+        Ok((platform, id)) => {
+            if e.channel == "alert" {
+                status.alerts.fetch_add(1, Relaxed);
+            }
+            status.delivered.fetch_add(1, Relaxed);
+            tokio::task::spawn_blocking(move || {
+                let r = store.outbox_done(&e, platform, id.as_deref(), now);
+                (store, r)
+            })
+            .await
+        }
+        Err(err) => {
+            let next = match &err {
+                DeliveryError::Retry(_) => {
+                    status.retries.fetch_add(1, Relaxed);
+                    let wait = backoff_ms(e.attempts, worker.retry_min_ms, worker.retry_max_ms, random_unit());
+                    Some(now.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX)))
+                }
+                DeliveryError::Permanent(_) => {
+                    status.dead.fetch_add(1, Relaxed);
+                    tracing::error!(entry = e.id, channel = %e.channel, subject = e.subject, "delivery failed permanently: {err}");
+                    None
+                }
+            };
+            tracing::warn!(entry = e.id, attempts = e.attempts + 1, "delivery failed: {err}");
+            let text = err.to_string();
+            tokio::task::spawn_blocking(move || {
+                let r = store.outbox_failed(&e, &text, next, now);
+                (store, r)
+            })
+            .await
+        }
+    }
+    .map_err(|e| StoreError::Task(e.to_string()))?;
+    r?;
+    Ok(s)
+}
+
+/// The SOS alert as posted to the alert channel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertPayload {
+    /// Always `sos`.
+    pub kind: String,
+    /// Alert id.
+    pub alert_id: i64,
+    /// Beacon.
+    pub device_id: String,
+    /// Pressed at, Unix ms.
+    pub at_ms: i64,
+    /// Arrived at the gateway, Unix ms.
+    pub received_ms: i64,
+    /// WGS84.
+    pub lat: Option<f64>,
+    /// WGS84.
+    pub lon: Option<f64>,
+    /// Grid.
+    pub grid_code: Option<String>,
+}
+
+async fn deliver_alert(worker: &Worker, a: &AlertView, now_s: i64) -> Result<(), DeliveryError> {
+    tracing::warn!(device = %a.device_id, grid = ?a.grid_code, lat = ?a.lat, lon = ?a.lon, "SOS from a grid worker");
+    if worker.alert_url.is_empty() {
+        return Ok(());
+    }
+    let body = serde_json::to_vec(&AlertPayload {
+        kind: "sos".into(),
+        alert_id: a.id,
+        device_id: a.device_id.clone(),
+        at_ms: a.at_ms,
+        received_ms: a.received_ms,
+        lat: a.lat,
+        lon: a.lon,
+        grid_code: a.grid_code.clone(),
+    })
+    .map_err(|e| DeliveryError::Permanent(e.to_string()))?;
+    let http = match &worker.adapter {
+        Adapter::Open311(c) => c.http().clone(),
+        Adapter::Webhook { http, .. } => http.clone(),
+        Adapter::Local => reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| DeliveryError::Permanent(e.to_string()))?,
+    };
+    let resp = http
+        .post(&worker.alert_url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", format!("sos:{}:{}", a.device_id, a.id))
+        .header("x-gridsense-signature", sign(&worker.alert_secret, now_s, &body))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| transport(&e))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    classify(status, &text)
+}
+
+/// What the platform says about one case: a resolved id and/or a state reached.
+type PlatformUpdate = (i64, Option<String>, Option<(crate::cases::CaseState, String)>);
+
+/// Asks an Open311 platform for the status of our open cases every `every`, resolves tokens
+/// to ids, and records closures (the platform is authoritative for its cases).
+pub async fn poll_open311(
+    client: crate::open311_client::Client,
+    mut store: Store,
+    clock: Clock,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        let (s, open) = tokio::task::spawn_blocking(move || {
+            let r = store.platform_open("open311");
+            (store, r)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        store = s;
+        let mut ids = Vec::new();
+        let mut updates: Vec<PlatformUpdate> = Vec::new();
+        for (case, pid) in open? {
+            match pid.strip_prefix("token:") {
+                Some(token) => {
+                    if let Some(id) = client.resolve(token).await {
+                        updates.push((case, Some(id), None));
+                    }
+                }
+                None => ids.push((case, pid)),
+            }
+        }
+        for chunk in ids.chunks(50) {
+            let list: Vec<String> = chunk.iter().map(|(_, p)| p.clone()).collect();
+            match client.statuses(&list).await {
+                Ok(found) => {
+                    for r in found {
+                        let pid = match &r.service_request_id {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        if r.status == "closed"
+                            && let Some((case, _)) = chunk.iter().find(|(_, p)| *p == pid)
+                        {
+                            let note =
+                                r.status_notes.unwrap_or_else(|| "closed on the platform".into());
+                            updates.push((
+                                *case,
+                                None,
+                                Some((crate::cases::CaseState::Closed, note)),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("open311 status poll: {e}"),
+            }
+        }
+        if updates.is_empty() {
+            continue;
+        }
+        let now = clock();
+        let (s, r) = tokio::task::spawn_blocking(move || {
+            let r = updates.iter().try_for_each(|(case, id, state)| {
+                if let Some(id) = id {
+                    store.set_platform_id(*case, id)?;
+                }
+                if let Some((to, note)) = state {
+                    store.platform_state(*case, *to, note, now)?;
+                }
+                Ok::<(), StoreError>(())
+            });
+            (store, r)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        store = s;
+        r?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_as_retry_or_permanent() {
+        assert!(classify(201, "").is_ok());
+        for s in [500, 502, 503, 504, 429, 408] {
+            assert!(matches!(classify(s, "x"), Err(DeliveryError::Retry(_))), "{s}");
+        }
+        for s in [400, 401, 403, 404, 422] {
+            assert!(matches!(classify(s, "x"), Err(DeliveryError::Permanent(_))), "{s}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_equal_jitter_up_to_the_cap() {
+        assert_eq!(backoff_ms(0, 500, 60_000, 0.0), 250);
+        assert_eq!(backoff_ms(0, 500, 60_000, 1.0), 500);
+        assert_eq!(backoff_ms(3, 500, 60_000, 0.0), 2_000);
+        assert_eq!(backoff_ms(20, 500, 60_000, 1.0), 60_000);
+        assert_eq!(backoff_ms(u32::MAX, 500, 60_000, 0.5), 45_000);
+    }
+
+    #[test]
+    fn signatures_verify_and_reject_tampering_and_stale_timestamps() {
+        let h = sign("k", 1_000, b"{\"a\":1}");
+        assert!(verify_signature("k", &h, b"{\"a\":1}", 1_010, 300).is_ok());
+        assert_eq!(
+            verify_signature("k", &h, b"{\"a\":2}", 1_010, 300),
+            Err("signature does not verify")
+        );
+        assert_eq!(
+            verify_signature("other", &h, b"{\"a\":1}", 1_010, 300),
+            Err("signature does not verify")
+        );
+        assert_eq!(verify_signature("k", &h, b"{\"a\":1}", 2_000, 300), Err("stale timestamp"));
+        assert_eq!(
+            verify_signature("k", "garbage", b"", 0, 300),
+            Err("malformed signature header")
+        );
+    }
+}
