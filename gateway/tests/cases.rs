@@ -196,3 +196,73 @@ euis = ["{}"]
     stop_tx.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_rainstorm_links_drain_cases_per_grid() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 21, Counts { covers: 0, drains: 300, beacons: 0 }).unwrap();
+    let scenario = r#"
+description = "test: a heavy storm over the whole district"
+seed = 4
+[traffic]
+vehicles_per_hour = 0
+[battery]
+low_fraction = 0.0
+[[rain]]
+start = "2m"
+duration = "1h"
+peak_mm_h = 90
+"#;
+    let config = config(dir.path(), broker.addr());
+    common::import(&config, dir.path());
+    let real = Duration::from_secs(15);
+    let (gateway, stop_tx, clock) = common::start_shared(&config, 300.0, real).await;
+    let sim = common::spawn_fleet(dir.path(), scenario, broker.addr(), clock, real);
+    sim.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+
+    let store = app::open_store(&config).unwrap();
+    let cases = store
+        .cases(&gridsense_gateway::store::CaseFilter { limit: 1_000, ..Default::default() })
+        .unwrap();
+    assert!(cases.len() >= 5, "a storm raises drain cases: {}", cases.len());
+    assert!(cases.iter().all(|c| c.class_code == "E0404"), "drain overflow is E0404");
+    // Incidents of the same grid share a cluster (they were all detected within the 30-min
+    // link window of the one before); different grids never do.
+    let mut clusters: BTreeMap<i64, Vec<(String, i64)>> = BTreeMap::new();
+    for c in &cases {
+        let incident = c.incident_id.unwrap();
+        let cluster = store.incident_cluster(incident).unwrap().unwrap();
+        clusters.entry(cluster).or_default().push((c.grid_code.clone().unwrap(), c.detected_ms));
+    }
+    let linked = clusters.values().filter(|m| m.len() > 1).count();
+    assert!(linked >= 1, "some grid has several flooding drains: {clusters:?}");
+    for members in clusters.values() {
+        assert!(members.iter().all(|m| m.0 == members[0].0), "one grid per cluster: {members:?}");
+    }
+    // Within a grid, an incident detected within the link window of the one before joins its
+    // cluster; after a longer gap a new one starts.
+    let mut by_grid: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+    for (cluster, members) in &clusters {
+        for (grid, detected) in members {
+            by_grid.entry(grid).or_default().push((*detected, *cluster));
+        }
+    }
+    let window = i64::try_from(config.cases.link_window_s * 1000).unwrap();
+    for (grid, members) in &mut by_grid {
+        members.sort_unstable();
+        for w in members.windows(2) {
+            let same = w[1].0 - w[0].0 <= window;
+            assert_eq!(w[0].1 == w[1].1, same, "grid {grid}: {members:?}");
+        }
+    }
+    println!(
+        "rainstorm: {} drain cases in {} grids, {} clusters with more than one drain",
+        cases.len(),
+        by_grid.len(),
+        linked
+    );
+}
