@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod platform;
+
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
