@@ -828,8 +828,10 @@ impl Cases {
         {
             // A new incident.
             self.seq.incident += 1;
+            // Under maintenance if the condition began or was detected during a window.
+            let grid = place.grid_code.as_deref();
             let maintenance = self.windows.iter().any(|w| {
-                w.covers(change.eui, place.grid_code.as_deref(), change.at_ms.max(change.onset_ms))
+                w.covers(change.eui, grid, change.onset_ms) || w.covers(change.eui, grid, now)
             });
             let cluster_id = place.grid_code.as_ref().map(|g| {
                 let k = (g.clone(), change.condition.clone());

@@ -58,6 +58,12 @@ pub enum Command {
     /// Inspect frames.
     #[command(subcommand)]
     Frame(FrameCommand),
+    /// The case board: list, show (with trace), move through the lifecycle; built-in tables.
+    #[command(subcommand)]
+    Cases(crate::cli_cases::CasesCommand),
+    /// Maintenance windows: alarms of devices under repair are recorded, not filed.
+    #[command(subcommand)]
+    Maintenance(crate::cli_cases::MaintenanceCommand),
 }
 
 /// `gridsense devices …`
@@ -307,6 +313,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 app::wall_clock()(),
             )?;
             println!("gridsense devices status-request: request {id} queued for {eui}");
+            Ok(())
+        }
+        Command::Cases(cmd) => {
+            print!("{}", crate::cli_cases::cases(cmd, load_config)?);
+            Ok(())
+        }
+        Command::Maintenance(cmd) => {
+            print!("{}", crate::cli_cases::maintenance(cmd, load_config)?);
             Ok(())
         }
         Command::Frame(FrameCommand::Walkthrough) => {

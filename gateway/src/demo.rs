@@ -57,6 +57,12 @@ pub struct DemoReport {
     pub devices_online: u64,
     /// Telemetry rows stored.
     pub telemetry_rows: u64,
+    /// Cases filed, by class code.
+    pub cases: std::collections::BTreeMap<String, u64>,
+    /// Incidents by state (open, recovered, maintenance, closed).
+    pub incidents: std::collections::BTreeMap<String, u64>,
+    /// SOS alerts raised.
+    pub alerts: u64,
 }
 
 impl DemoReport {
@@ -64,13 +70,25 @@ impl DemoReport {
     pub fn render(&self) -> String {
         let rejects: Vec<String> =
             self.gateway.rejects.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let list = |m: &std::collections::BTreeMap<String, u64>| {
+            if m.is_empty() {
+                "none".to_owned()
+            } else {
+                m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+            }
+        };
         format!(
-            "{}gateway: {} frames accepted, rejected: {}; {} devices online; {} telemetry rows stored\n",
+            "{}gateway: {} frames accepted, rejected: {}; {} devices online; {} telemetry rows stored\n\
+             cases: {} filed ({}); incidents: {}; SOS alerts: {}\n",
             self.simulator.render(),
             self.gateway.accepted,
             if rejects.is_empty() { "none".to_owned() } else { rejects.join(", ") },
             self.devices_online,
             self.telemetry_rows,
+            self.cases.values().sum::<u64>(),
+            list(&self.cases),
+            list(&self.incidents),
+            self.alerts,
         )
     }
 }
@@ -81,12 +99,14 @@ fn progress_line(status: &Status, sim: &SimClock, last: &mut (u64, std::time::In
     let rate = (accepted - last.0) as f64 / elapsed;
     *last = (accepted, std::time::Instant::now());
     format!(
-        "sim +{:>6}s | {:>8} frames accepted ({:>6.0}/s) | {:>5} devices online | {} rejected",
+        "sim +{:>6}s | {:>8} frames accepted ({:>6.0}/s) | {:>5} devices online | {} rejected | {} cases, {} incidents open",
         sim.sim_ms() / 1000,
         accepted,
         rate,
         status.devices_online.load(Relaxed),
         status.frames_rejected.load(Relaxed),
+        status.cases_filed.load(Relaxed),
+        status.incidents_open.load(Relaxed),
     )
 }
 
@@ -137,6 +157,9 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     }
     if let Some(http) = gateway.http {
         eprintln!("gridsense demo: status page http://{http}/ and http://{http}/api/v1/status");
+        eprintln!(
+            "gridsense demo: cases as Open311 http://{http}/open311/v2/requests.json, with timers and trace http://{http}/api/v1/cases"
+        );
     }
 
     let plan = fleet::plan(&city_dir, &scenario)?;
@@ -184,6 +207,9 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
         gateway: store.totals()?,
         devices_online: status.devices_online.load(Relaxed),
         telemetry_rows: store.telemetry_count(None)?,
+        cases: store.case_counts()?,
+        incidents: store.incident_counts()?,
+        alerts: status.alerts.load(Relaxed),
     })
 }
 

@@ -15,6 +15,7 @@ pub mod broker;
 pub mod calendar;
 pub mod cases;
 pub mod cli;
+pub mod cli_cases;
 pub mod config;
 pub mod delivery;
 pub mod demo;

@@ -266,3 +266,106 @@ peak_mm_h = 90
         linked
     );
 }
+
+fn cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+        .args(args)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A repair crew's window (set with the CLI) turns a lifted cover into a recorded incident,
+/// not a case; outside the window the same alarm files a case. The CLI lists, shows and
+/// moves it.
+#[tokio::test]
+async fn maintenance_windows_record_without_filing_and_the_cli_shows_the_board() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let devices =
+        fixtures::city(dir.path(), 41, Counts { covers: 30, drains: 0, beacons: 0 }).unwrap();
+    let config = config(dir.path(), broker.addr());
+    let path = dir.path().join("gridsense.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[mqtt]\nurl = \"{}\"\n[store]\npath = \"{}\"\n[geo]\ngrids = \"{}\"\n[downlink]\npoll_ms = 200\n",
+            config.mqtt.url,
+            config.store.path.display(),
+            config.geo.grids
+        ),
+    )
+    .unwrap();
+    common::import(&config, dir.path());
+    let layer =
+        GridLayer::load(&dir.path().join("grids.geojson"), CodeLengths::default(), 50.0).unwrap();
+    let street = |d: &gridsense_simulator::inventory::DeviceRecord| {
+        layer.locate(d.lat, d.lon).grid().unwrap().street_code.to_string()
+    };
+    // Two covers in different streets: the crew works in the first one's street.
+    let a = &devices[0];
+    let b = devices.iter().find(|d| street(d) != street(a)).unwrap();
+    let out = cli(
+        &path,
+        &["maintenance", "add", "--scope", &street(a), "--for", "2h", "--note", "crew 7, WO-1234"],
+    );
+    assert!(out.contains("window 1"), "{out}");
+    assert!(cli(&path, &["maintenance", "list"]).contains("WO-1234"));
+
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let at = common::now_device_time();
+    let (ea, eb) = (a.eui.parse().unwrap(), b.eui.parse().unwrap());
+    common::publish(
+        broker.addr(),
+        vec![(ea, common::removed(at)), (eb, common::removed(at))],
+        &keys,
+    )
+    .await;
+    let store = app::open_store(&config).unwrap();
+    for _ in 0..50 {
+        if store.incident_counts().unwrap().values().sum::<u64>() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let incidents = store.incident_counts().unwrap();
+    assert_eq!(incidents.get("maintenance"), Some(&1), "{incidents:?}");
+    assert_eq!(incidents.get("open"), Some(&1), "{incidents:?}");
+    let list = cli(&path, &["cases", "list"]);
+    assert_eq!(list.lines().count(), 2, "a header and one case:\n{list}");
+    assert!(list.contains(&b.eui) && !list.contains(&a.eui), "{list}");
+    let show = cli(&path, &["cases", "show", "1"]);
+    for needle in ["timers:", "deploy", "handling", "trace:", "evidence", "collected"] {
+        assert!(show.contains(needle), "{needle} missing:\n{show}");
+    }
+    assert!(
+        cli(&path, &["cases", "move", "1", "--to", "filed", "--actor", "li"]).contains("filed")
+    );
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+        .args([
+            "cases",
+            "move",
+            "1",
+            "--to",
+            "closed",
+            "--actor",
+            "li",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot move to closed"));
+    let rules = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+        .args(["cases", "defaults", "rules"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(rules.stdout).unwrap();
+    gridsense_gateway::rules::RulesConfig::parse(&text, "printed").unwrap();
+}

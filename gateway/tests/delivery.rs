@@ -12,65 +12,24 @@ mod common;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
 };
 
-use common::platform::{API_KEY, Fault, Platform, SECRET};
+use common::{
+    now_device_time,
+    platform::{API_KEY, Fault, Platform, SECRET},
+    publish, removed,
+};
 use gridsense_gateway::{
     app,
     config::{Config, Platform as Kind},
 };
-use gridsense_protocol::{
-    AlarmKind, AlarmRaised, DeviceKey, DeviceTime, Eui, Sos, Uplink, seal, topic::topic,
-};
+use gridsense_protocol::{DeviceKey, Eui, Sos, Uplink};
 use gridsense_simulator::{city::Counts, inventory};
 use gridsense_tests::{Mosquitto, fixtures};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
-
-fn now_device_time() -> DeviceTime {
-    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    DeviceTime::from_unix_secs(s).unwrap()
-}
-
-/// Publishes one frame per device, as the devices would.
-async fn publish(broker: SocketAddr, frames: Vec<(Eui, Uplink)>, keys: &HashMap<Eui, DeviceKey>) {
-    let mut options = MqttOptions::new("fake-devices", broker.ip().to_string(), broker.port());
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut event_loop) = AsyncClient::new(options, 100);
-    let driver = tokio::spawn(async move {
-        let mut acked = 0;
-        while let Ok(event) = event_loop.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
-                acked += 1;
-            }
-            if acked == usize::MAX {
-                break;
-            }
-        }
-    });
-    for (counter, (eui, message)) in (1u32..).zip(frames) {
-        let frame = seal(eui, counter, &message, &keys[&eui]);
-        client
-            .publish(
-                topic(eui, gridsense_protocol::Direction::Uplink).to_string(),
-                QoS::AtLeastOnce,
-                false,
-                frame.to_vec(),
-            )
-            .await
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    driver.abort();
-}
-
-fn removed(at: DeviceTime) -> Uplink {
-    Uplink::AlarmRaised(AlarmRaised { kind: AlarmKind::CoverRemoved, value: 1_750, since: at })
-}
 
 struct Setup {
     broker: Mosquitto,

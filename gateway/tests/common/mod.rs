@@ -20,9 +20,12 @@ use gridsense_gateway::{
     registry::{ImportReport, Kind},
     telemetry,
 };
-use gridsense_protocol::Eui;
+use gridsense_protocol::{
+    AlarmKind, AlarmRaised, DeviceKey, DeviceTime, Direction, Eui, Uplink, seal, topic::topic,
+};
 use gridsense_simulator::{clock::SimClock, fleet::Transport, inventory, stats::Summary};
 use gridsense_tests::{Subscriber, fixtures};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio::{sync::watch, task::JoinHandle};
 
 /// Imports the city in `dir` into the store `config` names.
@@ -99,4 +102,51 @@ pub fn expected(subscriber: &Subscriber, dir: &Path) -> Expected {
         }
     }
     out
+}
+
+/// The current time as device time.
+pub fn now_device_time() -> DeviceTime {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    DeviceTime::from_unix_secs(s).unwrap()
+}
+
+/// Publishes frames (counters from 1), as the devices would, and waits for them to go out.
+pub async fn publish(
+    broker: SocketAddr,
+    frames: Vec<(Eui, Uplink)>,
+    keys: &HashMap<Eui, DeviceKey>,
+) {
+    let mut options = MqttOptions::new("fake-devices", broker.ip().to_string(), broker.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut event_loop) = AsyncClient::new(options, 100);
+    let driver = tokio::spawn(async move {
+        let mut acked = 0;
+        while let Ok(event) = event_loop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
+                acked += 1;
+            }
+            if acked == usize::MAX {
+                break;
+            }
+        }
+    });
+    for (counter, (eui, message)) in (1u32..).zip(frames) {
+        let frame = seal(eui, counter, &message, &keys[&eui]);
+        client
+            .publish(
+                topic(eui, Direction::Uplink).to_string(),
+                QoS::AtLeastOnce,
+                false,
+                frame.to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    driver.abort();
+}
+
+/// A cover-removed alarm.
+pub fn removed(at: DeviceTime) -> Uplink {
+    Uplink::AlarmRaised(AlarmRaised { kind: AlarmKind::CoverRemoved, value: 1_750, since: at })
 }
