@@ -732,3 +732,117 @@ async fn get_services_or_requests(
         get_requests(state, Path(name), query).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(detected_ms: i64, limit: &str, due: i64, deploy: i64, feedback: i64) -> CaseView {
+        CaseView {
+            id: 1,
+            incident_id: Some(1),
+            idempotency_key: "k".into(),
+            device_id: "0000000000000001".into(),
+            class_code: "C0102".into(),
+            class_name: "污水井盖".into(),
+            title: "t".into(),
+            object_code: None,
+            lat: 38.9,
+            lon: 121.6,
+            crs: "WGS84".into(),
+            address: String::new(),
+            unit_grid_code: None,
+            grid_code: None,
+            community_code: None,
+            street_code: None,
+            district_code: None,
+            description: String::new(),
+            source: "IoT".into(),
+            urgency: "high".into(),
+            onset_ms: detected_ms,
+            detected_ms,
+            handling_limit: limit.into(),
+            handling_due_ms: due,
+            deploy_due_ms: deploy,
+            feedback_due_ms: feedback,
+            state: "collected".into(),
+            updated_ms: detected_ms,
+            dispatched_ms: None,
+            handled_ms: None,
+            feedback_ms: None,
+            closed_ms: None,
+            platform: None,
+            platform_id: None,
+            delivered_ms: None,
+        }
+    }
+
+    /// The step timers in virtual time: a sewage cover (2 h) detected Thursday 10:00 +08:00;
+    /// 130 deploy by Friday 10:00, feedback by Tuesday 10:00 (working days).
+    #[test]
+    fn step_timers_turn_yellow_at_80_percent_and_red_past_the_limit() {
+        let tables = CaseTables::default();
+        let cal = Calendar::new(&tables.calendar).unwrap();
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-26T10:00:00+08:00")
+            .unwrap()
+            .timestamp_millis();
+        let c = case(
+            t0,
+            "2h",
+            cal.deadline(t0, Limit::Hours(2)),
+            cal.deadline(t0, tables.milestones.deploy),
+            cal.deadline(t0, tables.milestones.feedback),
+        );
+        let colours = |now: i64| -> Vec<(&'static str, Colour)> {
+            timers(&c, &tables, &cal, now).into_iter().map(|t| (t.step, t.colour)).collect()
+        };
+        let min = 60_000;
+        assert_eq!(
+            colours(t0 + 90 * min),
+            [("deploy", Colour::Green), ("feedback", Colour::Green), ("handling", Colour::Green)]
+        );
+        assert_eq!(colours(t0 + 100 * min)[2], ("handling", Colour::Yellow));
+        assert_eq!(colours(t0 + 121 * min)[2], ("handling", Colour::Red));
+        // Deploy is one working day, measured in working time: Thursday 10:00–12:00 and
+        // 13:30–17:30 plus Friday 08:30–10:00 is 7.5 h, so 80% falls at Friday's opening; at
+        // 09:30 it is 87% (yellow), past 10:00 red.
+        let friday_0930 = chrono::DateTime::parse_from_rfc3339("2026-11-27T09:30:00+08:00")
+            .unwrap()
+            .timestamp_millis();
+        let friday_1001 = friday_0930 + 31 * min;
+        assert_eq!(colours(friday_0930)[0], ("deploy", Colour::Yellow));
+        assert_eq!(colours(friday_1001)[0], ("deploy", Colour::Red));
+        // Done steps freeze their colour at completion.
+        let mut done = c.clone();
+        done.dispatched_ms = Some(t0 + 30 * min);
+        done.handled_ms = Some(t0 + 60 * min);
+        let t = timers(&done, &tables, &cal, friday_1001);
+        assert_eq!((t[0].colour, t[2].colour), (Colour::Green, Colour::Green));
+        assert!(t[0].done.is_some());
+    }
+
+    #[test]
+    fn bad_query_parameters_name_the_parameter() {
+        let q = |f: fn(&mut RequestsQuery)| {
+            let mut q = RequestsQuery::default();
+            f(&mut q);
+            filter_of(&q).unwrap_err()
+        };
+        assert!(q(|q| q.service_request_id = Some("1,x".into())).starts_with("service_request_id"));
+        assert!(q(|q| q.service_code = Some("C01".into())).starts_with("service_code"));
+        assert!(q(|q| q.start_date = Some("2026-13-01".into())).starts_with("start_date"));
+        assert!(q(|q| q.end_date = Some("now".into())).starts_with("end_date"));
+        assert!(q(|q| q.status = Some("pending".into())).starts_with("status"));
+        assert!(q(|q| q.state = Some("done".into())).starts_with("state"));
+        assert!(q(|q| q.area = Some("21a".into())).starts_with("area"));
+        let ok = filter_of(&RequestsQuery {
+            status: Some("open".into()),
+            service_code: Some("C0102,E0406".into()),
+            start_date: Some("2026-11-26T00:00:00+08:00".into()),
+            ..RequestsQuery::default()
+        })
+        .unwrap();
+        assert_eq!(ok.class_codes.len(), 2);
+        assert_eq!(ok.states.len(), 8, "every state but closed and voided");
+    }
+}
