@@ -116,6 +116,18 @@ euis = ["{}"]
         assert!(r["requested_datetime"].as_str().unwrap().ends_with("+08:00"));
         assert!(r["address"].as_str().unwrap().contains("中山区"));
     }
+    // GB/T 41401: alarm to platform within 30 s. Onset is the device's (the tilt's start);
+    // detection includes the device's 2 s and the gateway's 10 s hold (simulated time).
+    let store = app::open_store(&config).unwrap();
+    for c in store
+        .cases(&gridsense_gateway::store::CaseFilter { limit: 10, ..Default::default() })
+        .unwrap()
+    {
+        let took = c.detected_ms - c.onset_ms;
+        assert!((0..30_000).contains(&took), "case {} took {took} ms from onset", c.id);
+        let delivered = c.delivered_ms.unwrap() - c.onset_ms;
+        assert!(delivered < 30_000, "case {} on the board {delivered} ms after onset", c.id);
+    }
     // Removed covers are urgent from the start.
     assert_eq!(by_device[&stolen[0].eui]["urgency"], "urgent");
 
@@ -368,4 +380,126 @@ async fn maintenance_windows_record_without_filing_and_the_cli_shows_the_board()
         .unwrap();
     let text = String::from_utf8(rules.stdout).unwrap();
     gridsense_gateway::rules::RulesConfig::parse(&text, "printed").unwrap();
+}
+
+/// A hold that is half elapsed when the gateway stops fires after the restart, from the
+/// persisted rule state, with the original onset — no frame needed. The rules come from a
+/// rules file (the tilt hold shortened to 3 s).
+#[tokio::test]
+async fn a_half_elapsed_hold_fires_after_a_restart() {
+    use gridsense_gateway::rules::{RulesConfig, Test};
+    use gridsense_protocol::{AlarmKind, AlarmRaised, Uplink};
+
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let devices =
+        fixtures::city(dir.path(), 43, Counts { covers: 3, drains: 0, beacons: 0 }).unwrap();
+    let mut rules = RulesConfig::default();
+    for r in &mut rules.cover {
+        if let Test::Threshold { levels } = &mut r.test {
+            for l in levels.iter_mut().filter(|l| l.hold_s == 10) {
+                l.hold_s = 3;
+            }
+        }
+    }
+    let rules_path = dir.path().join("rules.toml");
+    std::fs::write(&rules_path, toml::to_string(&rules).unwrap()).unwrap();
+    let mut config = config(dir.path(), broker.addr());
+    config.cases.rules = rules_path.display().to_string();
+    common::import(&config, dir.path());
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let eui = devices[0].eui.parse().unwrap();
+
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let since = common::now_device_time();
+    let tilt = Uplink::AlarmRaised(AlarmRaised { kind: AlarmKind::CoverTilt, value: 250, since });
+    common::publish(broker.addr(), vec![(eui, tilt)], &keys).await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let store = app::open_store(&config).unwrap();
+    assert_eq!(store.case_counts().unwrap().values().sum::<u64>(), 0, "not yet held 3 s");
+    let states = store.rule_states().unwrap();
+    assert!(
+        states.iter().any(|(e, id, s)| *e == eui
+            && id.starts_with("cover_displaced/")
+            && s.pending.is_some()),
+        "{states:?}"
+    );
+
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let mut filed = 0;
+    for _ in 0..100 {
+        filed = store.case_counts().unwrap().values().sum::<u64>();
+        if filed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    assert_eq!(filed, 1, "the restored timer fired");
+    let case = store.case(1).unwrap().unwrap();
+    assert_eq!(case.onset_ms, gridsense_gateway::rules::device_ms(since));
+    assert!(case.detected_ms - case.onset_ms >= 3_000, "held its 3 s: {case:?}");
+}
+
+/// A grid worker's report becomes a case with the chosen class, placed where the worker stood;
+/// check-ins become patrol records in the grid of the fix.
+#[tokio::test]
+async fn worker_reports_become_cases_and_check_ins_patrol_records() {
+    use gridsense_protocol::{CaseClass, CheckIn, ClassKind, IncidentReport, PositionFix, Uplink};
+
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let devices =
+        fixtures::city(dir.path(), 44, Counts { covers: 2, drains: 0, beacons: 2 }).unwrap();
+    let config = config(dir.path(), broker.addr());
+    common::import(&config, dir.path());
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let beacon = devices.iter().find(|d| d.kind == Kind::Beacon).unwrap();
+    let layer =
+        GridLayer::load(&dir.path().join("grids.geojson"), CodeLengths::default(), 50.0).unwrap();
+    // The worker stands in a grid other than the beacon's home grid.
+    let cell =
+        layer.cells().iter().find(|c| beacon.grid_code.as_deref() != Some(&*c.grid_code)).unwrap();
+    let centre = geo::Centroid::centroid(&cell.shape).unwrap();
+    let fix = PositionFix {
+        lat_udeg: (centre.y() * 1e6).round() as i32,
+        lon_udeg: (centre.x() * 1e6).round() as i32,
+        accuracy_m: 5,
+    };
+    let at = common::now_device_time();
+    let mut note = heapless::String::new();
+    note.push_str("路口积水没过脚踝").unwrap();
+    let report = Uplink::IncidentReport(IncidentReport {
+        at,
+        class: CaseClass { kind: ClassKind::Event, major: 4, minor: 6 },
+        note,
+        fix: Some(fix),
+    });
+    let checkin = Uplink::CheckIn(CheckIn { at, checkpoint: 17, fix: Some(fix) });
+    let eui = beacon.eui.parse().unwrap();
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    common::publish(broker.addr(), vec![(eui, report), (eui, checkin)], &keys).await;
+    let store = app::open_store(&config).unwrap();
+    for _ in 0..50 {
+        if store.case(1).unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let case = store.case(1).unwrap().expect("the report is a case");
+    assert_eq!(case.class_code, "E0406");
+    assert_eq!(case.grid_code.as_deref(), Some(&*cell.grid_code));
+    assert!((case.lat - centre.y()).abs() < 1e-5 && (case.lon - centre.x()).abs() < 1e-5);
+    assert!(case.description.contains("路口积水没过脚踝"));
+    let day = store
+        .patrol_coverage(
+            &gridsense_gateway::calendar::Calendar::default()
+                .iso(gridsense_gateway::rules::device_ms(at))[..10],
+        )
+        .unwrap();
+    assert_eq!(day, vec![(Some(cell.grid_code.to_string()), 1, 1)]);
 }
