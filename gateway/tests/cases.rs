@@ -5,7 +5,12 @@
 //! grid.
 
 // Test code: a panic is how a failure is reported.
-#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 

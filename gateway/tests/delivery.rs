@@ -245,3 +245,90 @@ async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     let platform_ids: BTreeSet<_> = requests.iter().map(|r| r.id.clone()).collect();
     assert_eq!(ids, platform_ids);
 }
+
+#[tokio::test]
+async fn open311_tokens_resolve_and_platform_closures_come_back() {
+    let s = setup(34, 2, 0);
+    let platform = Platform::start().await;
+    platform.inner.lock().unwrap().tokens = true;
+    let mut config = config(&s, Kind::Open311, platform.open311_url());
+    config.cases.poll_status_s = 1;
+    config.downlink.poll_ms = 200;
+    common::import(&config, s.dir.path());
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let at = now_device_time();
+    publish(s.broker.addr(), s.covers.iter().map(|e| (*e, removed(at))).collect(), &s.keys).await;
+    let store = app::open_store(&config).unwrap();
+    let all = || gridsense_gateway::store::CaseFilter { limit: 10, ..Default::default() };
+    wait_for("two delivered cases", Duration::from_secs(10), || {
+        store.cases(&all()).unwrap().iter().filter(|c| c.platform_id.is_some()).count() == 2
+    })
+    .await;
+    // The platform answered with tokens; the ids behind them are kept.
+    let mut ids: Vec<String> =
+        store.cases(&all()).unwrap().into_iter().map(|c| c.platform_id.unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["R1", "R2"]);
+    // The platform closes R1: the poller records it, the gateway releases the incident.
+    platform.close("R1");
+    wait_for("the closure to come back", Duration::from_secs(10), || {
+        store.incident_counts().unwrap().get("closed") == Some(&1)
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let closed: Vec<_> =
+        store.cases(&all()).unwrap().into_iter().filter(|c| c.state == "closed").collect();
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0].platform_id.as_deref(), Some("R1"));
+    let trace = store.trace(closed[0].id).unwrap();
+    assert!(
+        trace.iter().any(|t| t.actor == "platform" && t.detail.contains("closed")),
+        "{trace:?}"
+    );
+}
+
+#[tokio::test]
+async fn webhook_status_callbacks_must_be_signed_and_fresh() {
+    let s = setup(35, 1, 0);
+    let platform = Platform::start().await;
+    let mut config = config(&s, Kind::Webhook, platform.hook_url());
+    config.http.listen = "127.0.0.1:0".into();
+    common::import(&config, s.dir.path());
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let at = now_device_time();
+    publish(s.broker.addr(), vec![(s.covers[0], removed(at))], &s.keys).await;
+    wait_for("one delivered case", Duration::from_secs(10), || {
+        gateway.delivery.delivered.load(Relaxed) >= 1
+    })
+    .await;
+    let url = format!("http://{}/api/v1/platform/callback", gateway.http.unwrap());
+    let now = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let send = |body: &'static str, signature: String| {
+        client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-gridsense-signature", signature)
+            .body(body)
+            .send()
+    };
+    let body = r#"{"case_id":1,"state":"dispatched","note":"sent to the water company"}"#;
+    let sign = gridsense_gateway::delivery::sign;
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(send(body, sign("wrong", now, body.as_bytes())).await.unwrap()), 401);
+    assert_eq!(status(send(body, sign(SECRET, now - 3_600, body.as_bytes())).await.unwrap()), 401);
+    assert_eq!(status(send(body, "t=1".into()).await.unwrap()), 401);
+    let bad = r#"{"case_id":1,"state":"fixed"}"#;
+    assert_eq!(status(send(bad, sign(SECRET, now, bad.as_bytes())).await.unwrap()), 400);
+    assert_eq!(status(send(body, sign(SECRET, now, body.as_bytes())).await.unwrap()), 200);
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let store = app::open_store(&config).unwrap();
+    let case = store.case(1).unwrap().unwrap();
+    assert_eq!(case.state, "dispatched");
+    assert!(case.dispatched_ms.is_some(), "the handling clock started");
+}

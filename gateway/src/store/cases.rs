@@ -69,6 +69,17 @@ CREATE TABLE maintenance (
     note TEXT NOT NULL, created_ms INTEGER NOT NULL
 );";
 
+/// The column that records when a case reached `state`, if one does.
+const fn stamp_column(state: CaseState) -> Option<&'static str> {
+    match state {
+        CaseState::Dispatched => Some("dispatched_ms"),
+        CaseState::Handled => Some("handled_ms"),
+        CaseState::Feedback => Some("feedback_ms"),
+        CaseState::Closed | CaseState::Voided => Some("closed_ms"),
+        _ => None,
+    }
+}
+
 fn eui_i(eui: Eui) -> i64 {
     eui.0 as i64
 }
@@ -690,14 +701,7 @@ impl Store {
             "UPDATE cases SET state = ?2, updated_ms = ?3 WHERE id = ?1",
             params![case_id, to.as_str(), now_ms],
         )?;
-        let stamp = match to {
-            CaseState::Dispatched => Some("dispatched_ms"),
-            CaseState::Handled => Some("handled_ms"),
-            CaseState::Feedback => Some("feedback_ms"),
-            CaseState::Closed | CaseState::Voided => Some("closed_ms"),
-            _ => None,
-        };
-        if let Some(col) = stamp {
+        if let Some(col) = stamp_column(to) {
             tx.execute(
                 &format!("UPDATE cases SET {col} = ?2 WHERE id = ?1"),
                 params![case_id, now_ms],
@@ -921,9 +925,9 @@ impl Store {
                 "UPDATE cases SET state = ?2, updated_ms = ?3 WHERE id = ?1",
                 params![case_id, to.as_str(), now_ms],
             )?;
-            if to.is_final() {
+            if let Some(col) = stamp_column(to) {
                 tx.execute(
-                    "UPDATE cases SET closed_ms = ?2 WHERE id = ?1",
+                    &format!("UPDATE cases SET {col} = ?2 WHERE id = ?1"),
                     params![case_id, now_ms],
                 )?;
             }
