@@ -94,6 +94,17 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             .context("geo.grids")?;
         let grids = layer.cells().len();
         let unassigned = pipeline.with_grids(Arc::new(layer), &store.locations()?);
+        if !config.geo.unit_grids.is_empty() {
+            let path = std::path::Path::new(&config.geo.unit_grids);
+            let units = crate::geo::GridLayer::load(
+                path,
+                crate::geo::CodeLengths::default(),
+                config.geo.tolerance_m,
+            )
+            .context("geo.unit_grids")?;
+            tracing::info!(cells = units.cells().len(), "unit-grid layer loaded");
+            pipeline.with_unit_grids(Arc::new(units));
+        }
         if unassigned > 0 {
             tracing::warn!(unassigned, "devices outside every grid (beyond geo.tolerance_m)");
         }

@@ -738,43 +738,12 @@ mod tests {
     use super::*;
 
     fn case(detected_ms: i64, limit: &str, due: i64, deploy: i64, feedback: i64) -> CaseView {
-        CaseView {
-            id: 1,
-            incident_id: Some(1),
-            idempotency_key: "k".into(),
-            device_id: "0000000000000001".into(),
-            class_code: "C0102".into(),
-            class_name: "污水井盖".into(),
-            title: "t".into(),
-            object_code: None,
-            lat: 38.9,
-            lon: 121.6,
-            crs: "WGS84".into(),
-            address: String::new(),
-            unit_grid_code: None,
-            grid_code: None,
-            community_code: None,
-            street_code: None,
-            district_code: None,
-            description: String::new(),
-            source: "IoT".into(),
-            urgency: "high".into(),
-            onset_ms: detected_ms,
-            detected_ms,
-            handling_limit: limit.into(),
-            handling_due_ms: due,
-            deploy_due_ms: deploy,
-            feedback_due_ms: feedback,
-            state: "collected".into(),
-            updated_ms: detected_ms,
-            dispatched_ms: None,
-            handled_ms: None,
-            feedback_ms: None,
-            closed_ms: None,
-            platform: None,
-            platform_id: None,
-            delivered_ms: None,
-        }
+        let mut c = CaseView::example(detected_ms);
+        c.handling_limit = limit.into();
+        c.handling_due_ms = due;
+        c.deploy_due_ms = deploy;
+        c.feedback_due_ms = feedback;
+        c
     }
 
     /// The step timers in virtual time: a sewage cover (2 h) detected Thursday 10:00 +08:00;

@@ -111,11 +111,19 @@ pub struct Geo {
     pub tolerance_m: f64,
     /// Digits of a grid code (15, or 14 in some cities).
     pub grid_code_digits: usize,
+    /// GeoJSON of the unit grids (单元网格, ~10,000 m² cells with 15-digit codes nested in
+    /// community and street codes, same properties as `grids`); empty: cases carry no unit grid.
+    pub unit_grids: String,
 }
 
 impl Default for Geo {
     fn default() -> Self {
-        Geo { grids: String::new(), tolerance_m: 50.0, grid_code_digits: 15 }
+        Geo {
+            grids: String::new(),
+            tolerance_m: 50.0,
+            grid_code_digits: 15,
+            unit_grids: String::new(),
+        }
     }
 }
 

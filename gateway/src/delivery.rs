@@ -623,6 +623,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn payloads_carry_the_case_in_wgs84_or_gcj02_as_asked() {
+        let c = CaseView::example(1_795_658_400_000);
+        let cal = crate::calendar::Calendar::default();
+        let iso = |ms| cal.iso(ms);
+        let p = payload("create", &c, false, &iso);
+        assert_eq!((p.crs.as_str(), p.lat, p.long), ("WGS84", c.lat, c.lon));
+        assert_eq!(p.onset, "2026-11-26T10:00:00+08:00");
+        assert_eq!(p.handling_due, "2026-11-26T12:00:00+08:00");
+        assert_eq!(
+            (p.service_code.as_str(), p.case_key.as_str()),
+            ("C0102", c.idempotency_key.as_str())
+        );
+        let g = payload("create", &c, true, &iso);
+        assert_eq!(g.crs, "GCJ02");
+        assert_eq!((g.lat, g.long), wgs84_to_gcj02(c.lat, c.lon));
+        assert!((g.lat - c.lat).abs() > 1e-4 || (g.long - c.lon).abs() > 1e-4);
+    }
+
+    #[test]
     fn statuses_are_classified_as_retry_or_permanent() {
         assert!(classify(201, "").is_ok());
         for s in [500, 502, 503, 504, 429, 408] {

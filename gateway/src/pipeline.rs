@@ -83,6 +83,8 @@ struct CaseLayer {
 struct Grids {
     layer: Arc<GridLayer>,
     placed: HashMap<Eui, usize>,
+    /// The optional unit-grid layer (looked up only when a case is placed).
+    units: Option<Arc<GridLayer>>,
 }
 
 impl Pipeline {
@@ -164,13 +166,20 @@ impl Pipeline {
     }
 
     /// The place (grid codes, address) of a point, or of a device's registered position.
-    fn place_at(&self, eui: Eui, fix: Option<(f64, f64)>) -> Place {
+    fn place_at(&self, eui: Eui, fix: Option<(f64, f64)>, home: Option<(f64, f64)>) -> Place {
         let Some(grids) = &self.grids else { return Place::default() };
         let cell = match fix {
             Some((lat, lon)) => grids.layer.locate(lat, lon).grid(),
             None => grids.placed.get(&eui).and_then(|i| grids.layer.cells().get(*i)),
         };
-        Place::of(cell, None)
+        let position = fix.or(home);
+        let unit = grids
+            .units
+            .as_ref()
+            .zip(position)
+            .and_then(|(units, (lat, lon))| units.locate(lat, lon).grid())
+            .map(|u| &*u.grid_code);
+        Place::of(cell, unit)
     }
 
     /// Step 7: rules on the frame's observations; beacons' reports, SOS and check-ins.
@@ -203,7 +212,7 @@ impl Pipeline {
             Uplink::IncidentReport(r) => {
                 let fix = position(&r.fix);
                 let home = layer.sites.get(&eui).map_or((f64::NAN, f64::NAN), |s| (s.lat, s.lon));
-                let place = self.place_at(eui, fix);
+                let place = self.place_at(eui, fix, Some(home));
                 layer.cases.on_report(
                     eui,
                     counter,
@@ -217,7 +226,7 @@ impl Pipeline {
                 );
             }
             Uplink::Sos(sos) => {
-                let place = self.place_at(eui, position(&sos.fix));
+                let place = self.place_at(eui, position(&sos.fix), None);
                 layer.cases.on_sos(
                     eui,
                     device_ms(sos.at),
@@ -228,7 +237,7 @@ impl Pipeline {
                 );
             }
             Uplink::CheckIn(c) => {
-                let place = self.place_at(eui, position(&c.fix));
+                let place = self.place_at(eui, position(&c.fix), None);
                 layer.cases.on_checkin(
                     eui,
                     device_ms(c.at),
@@ -251,7 +260,7 @@ impl Pipeline {
     ) {
         for change in changes {
             let Some(site) = layer.sites.get(&change.eui) else { continue };
-            let place = self.place_at(change.eui, None);
+            let place = self.place_at(change.eui, None, Some((site.lat, site.lon)));
             let battery = self.health.get(change.eui).and_then(|h| h.battery_mv);
             layer.cases.on_change(change, site, &place, frame, battery, &mut batch.cases);
         }
@@ -276,8 +285,16 @@ impl Pipeline {
                 None => unassigned += 1,
             }
         }
-        self.grids = Some(Grids { layer, placed });
+        self.grids = Some(Grids { layer, placed, units: None });
         unassigned
+    }
+
+    /// Adds the unit-grid layer (after [`Pipeline::with_grids`]): cases then carry the unit
+    /// grid code of where they are.
+    pub fn with_unit_grids(&mut self, units: Arc<GridLayer>) {
+        if let Some(grids) = &mut self.grids {
+            grids.units = Some(units);
+        }
     }
 
     /// Tags points from `start` on with their grid: the device's, or for positions the fix's.

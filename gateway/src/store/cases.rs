@@ -297,6 +297,50 @@ pub struct CaseView {
     pub delivered_ms: Option<i64>,
 }
 
+#[cfg(test)]
+impl CaseView {
+    /// A sewage-cover case detected at `detected_ms`, for tests.
+    pub fn example(detected_ms: i64) -> Self {
+        CaseView {
+            id: 1,
+            incident_id: Some(1),
+            idempotency_key: "0000000000000001:cover_displaced:0".into(),
+            device_id: "0000000000000001".into(),
+            class_code: "C0102".into(),
+            class_name: "污水井盖".into(),
+            title: "井盖移位、破损或丢失".into(),
+            object_code: Some("2102020102000001".into()),
+            lat: 38.914,
+            lon: 121.614,
+            crs: "WGS84".into(),
+            address: "中山区".into(),
+            unit_grid_code: None,
+            grid_code: Some("210202001001001".into()),
+            community_code: Some("210202001001".into()),
+            street_code: Some("210202001".into()),
+            district_code: Some("210202".into()),
+            description: String::new(),
+            source: "IoT".into(),
+            urgency: "high".into(),
+            onset_ms: detected_ms,
+            detected_ms,
+            handling_limit: "2h".into(),
+            handling_due_ms: detected_ms + 7_200_000,
+            deploy_due_ms: detected_ms + 86_400_000,
+            feedback_due_ms: detected_ms + 3 * 86_400_000,
+            state: "collected".into(),
+            updated_ms: detected_ms,
+            dispatched_ms: None,
+            handled_ms: None,
+            feedback_ms: None,
+            closed_ms: None,
+            platform: None,
+            platform_id: None,
+            delivered_ms: None,
+        }
+    }
+}
+
 const CASE_COLUMNS: &str = "id, incident_id, idempotency_key, eui, class_code, class_name, title,
     object_code, lat, lon, crs, address, unit_grid_code, grid_code, community_code, street_code,
     district_code, description, source, urgency, onset_ms, detected_ms, handling_limit,
