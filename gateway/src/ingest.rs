@@ -8,8 +8,9 @@
 //!   store holds back the broker instead of growing a queue), and it sends the acks the
 //!   pipeline hands back, in order. It never awaits the client, so the client's bounded request
 //!   queue cannot deadlock with the event loop (PITFALLS.md).
-//! - the **pipeline task** collects up to `batch_max` messages or `batch_max_ms`, runs each
-//!   through [`Pipeline::handle`], commits the batch in one transaction, then hands the
+//! - the **pipeline task** runs each message through [`Pipeline::handle`] as it arrives,
+//!   collecting up to `batch_max` messages or `batch_max_ms` (less when a message queued a case
+//!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
 //!   messages back for acknowledgement in arrival order. Offline deadlines are ticked on the
 //!   same task, so health events are committed the same way. If a commit fails nothing is
 //!   acknowledged and the task stops with the error: the broker redelivers to the restarted
@@ -339,24 +340,31 @@ async fn pipeline_task(
             _ = shutdown.changed() => None,
         };
         let stopping = *shutdown.borrow();
-        if let Some(msg) = first {
-            pending.push(msg);
-            let until = tokio::time::Instant::now() + batching.max_wait;
-            while pending.len() < batching.max {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(msg)) => pending.push(msg),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        }
-        let now = clock();
+        let mut now = clock();
         let mut batch = Batch::default();
         pipeline.tick(now, &mut batch);
         let mut rejected = 0;
-        for msg in &pending {
-            if let Outcome::Rejected(_) = pipeline.handle(now, &msg.topic, &msg.payload, &mut batch)
-            {
-                rejected += 1;
+        if let Some(msg) = first {
+            // Each message is handled as it arrives. Collecting stops at `batch_max`, after
+            // `batch_max_ms`, or as soon as something urgent is queued (a case, an update, an
+            // SOS): it is committed and delivered without waiting for the batch to fill.
+            let until = tokio::time::Instant::now() + batching.max_wait;
+            let mut next = Some(msg);
+            while let Some(msg) = next.take() {
+                now = clock();
+                if let Outcome::Rejected(_) =
+                    pipeline.handle(now, &msg.topic, &msg.payload, &mut batch)
+                {
+                    rejected += 1;
+                }
+                pending.push(msg);
+                if pending.len() >= batching.max || !batch.cases.outbox.is_empty() {
+                    break;
+                }
+                next = match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(msg)) => Some(msg),
+                    Ok(None) | Err(_) => None,
+                };
             }
         }
         pipeline.finish(&mut batch, now, stopping);
