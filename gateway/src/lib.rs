@@ -6,6 +6,11 @@
 //! - [`ingest`]: the rumqttc shell, group commit into [`store`] (SQLite), acks after commit;
 //!   [`sink`]: the InfluxDB 2 writer draining the store's on-disk telemetry buffer.
 //! - [`geo`]: the grid layer (GeoJSON, R-tree, point-in-polygon, nearest within a tolerance).
+//! - [`rules`] (pure): alarm rules on observations and timers, persisted state;
+//!   [`cases`] (pure): incidents, cases with codes, deadlines and the 130 milestones on the
+//!   [`calendar`], maintenance windows, the lifecycle; [`delivery`]: the outbox workers and
+//!   platform adapters ([`open311_client`], webhook); [`board`]: Open311 read endpoints and the
+//!   operator API; [`cli_cases`]: the same from a terminal.
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
