@@ -1,13 +1,18 @@
 //! Hot state per registered device: the pipeline's registry keys, counter windows and health
-//! (with its offline timer), for N devices that have each sent one frame. Prints bytes per
-//! device from the process's resident memory before and after.
+//! (with its offline timer), and the rules and case layer's per-device site and rule set (covers
+//! with their object code and class), for N devices that have each sent one frame. Prints
+//! bytes per device from the process's resident memory before and after.
 //!
 //! `cargo run --release -p gridsense-gateway --example memory -- [N]` (default 1,000,000)
 
+use std::sync::Arc;
+
 use gridsense_gateway::{
+    cases::{CaseTables, Cases, Site},
     health::HealthConfig,
     pipeline::Pipeline,
     registry::{Kind, Registered},
+    rules::{Attributes, Rules, RulesConfig},
     store::Batch,
 };
 use gridsense_protocol::{DeviceKey, Direction, Eui, examples, seal, topic::topic};
@@ -27,14 +32,32 @@ fn main() {
     let registry: Vec<Registered> = (0..n)
         .map(|i| Registered {
             eui: Eui(0x2102_0202_0000_0000 + i),
-            kind: Kind::Drain,
+            kind: Kind::Cover,
             key: key.clone(),
         })
         .collect();
     let config =
         HealthConfig { offline_factor: 2.5, interval_ms: [3_600_000; 3], low_battery_mv: 3_300 };
     let before = rss_kib();
-    let mut pipeline = Pipeline::new(registry, Vec::new(), Vec::new(), config);
+    let sites = (0..n)
+        .map(|i| {
+            let site = Site {
+                kind: Kind::Cover,
+                lat: 38.9,
+                lon: 121.6,
+                object_code: Some(format!("210202010{:07}", i % 10_000_000)),
+                minor_class: Some("0102".into()),
+            };
+            (Eui(0x2102_0202_0000_0000 + i), site, Attributes::default())
+        })
+        .collect();
+    let cases = Cases::new(Arc::new(CaseTables::default()), 1_800_000).expect("default tables");
+    let mut pipeline = Pipeline::new(registry, Vec::new(), Vec::new(), config).with_cases(
+        Rules::new(&RulesConfig::default()),
+        cases,
+        sites,
+        Vec::new(),
+    );
     let status = &examples::uplinks()[2];
     let mut batch = Batch::default();
     for i in 0..n {

@@ -73,7 +73,7 @@ pub struct Pipeline {
 struct CaseLayer {
     rules: Rules,
     cases: Cases,
-    sites: HashMap<Eui, Site>,
+    sites: Sites,
     observations: Vec<Observation>,
     changes: Vec<ConditionChange>,
 }
@@ -128,13 +128,17 @@ impl Pipeline {
         sites: Vec<(Eui, Site, crate::rules::Attributes)>,
         states: Vec<(Eui, String, crate::rules::RuleState)>,
     ) -> Self {
-        let mut by_eui = HashMap::with_capacity(sites.len());
+        let mut by_eui = Sites::default();
+        by_eui.compact.reserve_exact(sites.len());
         for (eui, site, attrs) in sites {
             rules.add_device(eui, site.kind, attrs);
             by_eui.insert(eui, site);
         }
+        by_eui.seal();
         for (eui, id, state) in states {
-            rules.restore(eui, &id, state);
+            if let Some(site) = by_eui.get(eui) {
+                rules.restore(eui, site.kind, &id, state);
+            }
         }
         self.cases = Some(CaseLayer {
             rules,
@@ -201,7 +205,9 @@ impl Pipeline {
             &mut layer.observations,
         );
         layer.changes.clear();
-        layer.rules.observe(now_ms, eui, &layer.observations, &mut layer.changes);
+        if let Some(kind) = self.intake.kind_of(eui) {
+            layer.rules.observe(now_ms, eui, kind, &layer.observations, &mut layer.changes);
+        }
         let changes = std::mem::take(&mut layer.changes);
         self.apply_changes(&mut layer, &changes, Some(counter), batch);
         layer.changes = changes;
@@ -211,7 +217,7 @@ impl Pipeline {
         match message {
             Uplink::IncidentReport(r) => {
                 let fix = position(&r.fix);
-                let home = layer.sites.get(&eui).map_or((f64::NAN, f64::NAN), |s| (s.lat, s.lon));
+                let home = layer.sites.get(eui).map_or((f64::NAN, f64::NAN), |s| (s.lat, s.lon));
                 let place = self.place_at(eui, fix, Some(home));
                 layer.cases.on_report(
                     eui,
@@ -259,10 +265,10 @@ impl Pipeline {
         batch: &mut Batch,
     ) {
         for change in changes {
-            let Some(site) = layer.sites.get(&change.eui) else { continue };
+            let Some(site) = layer.sites.get(change.eui) else { continue };
             let place = self.place_at(change.eui, None, Some((site.lat, site.lon)));
             let battery = self.health.get(change.eui).and_then(|h| h.battery_mv);
-            layer.cases.on_change(change, site, &place, frame, battery, &mut batch.cases);
+            layer.cases.on_change(change, &site, &place, frame, battery, &mut batch.cases);
         }
         batch.rule_states.extend(
             layer.rules.take_dirty().into_iter().map(|(eui, id, state)| {
@@ -487,7 +493,9 @@ impl Pipeline {
         for e in &events {
             layer.observations.clear();
             online_observations(std::slice::from_ref(e), e.eui, &mut layer.observations);
-            layer.rules.observe(now_ms, e.eui, &layer.observations, &mut changes);
+            if let Some(kind) = self.intake.kind_of(e.eui) {
+                layer.rules.observe(now_ms, e.eui, kind, &layer.observations, &mut changes);
+            }
         }
         layer.rules.tick(now_ms, &mut changes);
         self.apply_changes(&mut layer, &changes, None, batch);
@@ -522,6 +530,74 @@ impl Pipeline {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+/// Every registered device's site, kept compact (it is held for every device; 40 bytes each):
+/// position, kind, and the object code and class as numbers when they are the usual 16 and 4
+/// digits, other codes in a side table; sorted by EUI and looked up only when a case is
+/// placed. The registry changes only at a restart, so a sorted vector beats a hash map here.
+#[derive(Debug, Default)]
+struct Sites {
+    compact: Vec<(Eui, CompactSite)>,
+    odd: HashMap<Eui, (Option<String>, Option<String>)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CompactSite {
+    lat: f64,
+    lon: f64,
+    /// The 16-digit object code as a number; `u64::MAX`: none or not numeric (see `odd`).
+    object: u64,
+    /// The 4-digit major+minor class as a number; `u16::MAX`: none or see `odd`.
+    class: u16,
+    kind: crate::registry::Kind,
+}
+
+fn digits<T: std::str::FromStr>(s: Option<&str>, len: usize) -> Option<T> {
+    s.filter(|s| s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+}
+
+impl Sites {
+    fn insert(&mut self, eui: Eui, site: Site) {
+        let object = digits::<u64>(site.object_code.as_deref(), 16);
+        let class = digits::<u16>(site.minor_class.as_deref(), 4);
+        let odd_object = site.object_code.is_some() && object.is_none();
+        let odd_class = site.minor_class.is_some() && class.is_none();
+        if odd_object || odd_class {
+            self.odd.insert(eui, (site.object_code.clone(), site.minor_class.clone()));
+        }
+        self.compact.push((
+            eui,
+            CompactSite {
+                lat: site.lat,
+                lon: site.lon,
+                object: object.unwrap_or(u64::MAX),
+                class: class.unwrap_or(u16::MAX),
+                kind: site.kind,
+            },
+        ));
+    }
+
+    /// Sorts for lookups (after the last insert); a later duplicate EUI replaces an earlier.
+    fn seal(&mut self) {
+        self.compact.reverse();
+        self.compact.sort_by_key(|(eui, _)| *eui);
+        self.compact.dedup_by_key(|(eui, _)| *eui);
+        self.compact.shrink_to_fit();
+    }
+
+    fn get(&self, eui: Eui) -> Option<Site> {
+        let i = self.compact.binary_search_by_key(&eui, |(e, _)| *e).ok()?;
+        let (_, c) = self.compact.get(i)?;
+        let (odd_object, odd_class) = self.odd.get(&eui).cloned().unwrap_or_default();
+        Some(Site {
+            kind: c.kind,
+            lat: c.lat,
+            lon: c.lon,
+            object_code: (c.object != u64::MAX).then(|| format!("{:016}", c.object)).or(odd_object),
+            minor_class: (c.class != u16::MAX).then(|| format!("{:04}", c.class)).or(odd_class),
+        })
     }
 }
 
@@ -606,6 +682,35 @@ mod tests {
         assert_eq!(batch.rejects["truncated"], 100);
         assert_eq!(batch.accepted, 0);
         assert!(batch.telemetry.is_empty());
+    }
+
+    #[test]
+    fn compact_sites_give_back_what_was_registered() {
+        let site = |object: Option<&str>, class: Option<&str>| Site {
+            kind: Kind::Cover,
+            lat: 38.914_123_4,
+            lon: 121.614_567_8,
+            object_code: object.map(str::to_owned),
+            minor_class: class.map(str::to_owned),
+        };
+        let cases = [
+            site(Some("2102020102000001"), Some("0102")),
+            site(Some("0000000000000042"), Some("0007")),
+            site(Some("ZS-0102-77"), Some("01x2")),
+            site(None, None),
+        ];
+        let mut sites = Sites::default();
+        for (i, s) in cases.iter().enumerate() {
+            sites.insert(Eui(10 - i as u64), s.clone());
+        }
+        // A later registration of the same device wins.
+        sites.insert(Eui(10), site(Some("2102020102000009"), Some("0103")));
+        sites.seal();
+        assert_eq!(sites.get(Eui(10)), Some(site(Some("2102020102000009"), Some("0103"))));
+        for (i, s) in cases.iter().enumerate().skip(1) {
+            assert_eq!(sites.get(Eui(10 - i as u64)).as_ref(), Some(s));
+        }
+        assert_eq!(sites.get(Eui(99)), None);
     }
 
     #[test]

@@ -753,15 +753,18 @@ struct DeviceRules {
 /// Key of one rule's state: device and rule index in its resolved list.
 type StateKey = (Eui, u16);
 
-/// The rule engine.
+/// The rule engine. Per device it keeps nothing unless the device has overrides or attributes
+/// (a drain's levels) or a rule of it is active: the kind's profile is shared, and callers pass
+/// the kind (the registry knows it), so a million quiet devices cost no memory here.
 #[derive(Debug)]
 pub struct Rules {
+    /// Devices whose rules or attributes differ from their kind's profile.
     devices: HashMap<Eui, DeviceRules>,
     states: HashMap<StateKey, RuleState>,
-    /// (gateway deadline, device, rule)
-    timers: BTreeSet<(i64, Eui, u16)>,
-    /// States changed since the last [`Rules::take_dirty`].
-    dirty: BTreeSet<StateKey>,
+    /// (gateway deadline, device, kind index, rule)
+    timers: BTreeSet<(i64, Eui, u8, u16)>,
+    /// States changed since the last [`Rules::take_dirty`]: device, kind index, rule.
+    dirty: BTreeSet<(Eui, u8, u16)>,
     profiles: [std::sync::Arc<[Rule]>; 3],
     overrides: HashMap<Eui, Vec<Override>>,
 }
@@ -770,11 +773,19 @@ fn resolve(specs: &[RuleSpec]) -> std::sync::Arc<[Rule]> {
     specs.iter().map(|s| Rule { id: s.id(), spec: s.clone() }).collect()
 }
 
-const fn kind_index(kind: Kind) -> usize {
+const fn kind_index(kind: Kind) -> u8 {
     match kind {
         Kind::Cover => 0,
         Kind::Drain => 1,
         Kind::Beacon => 2,
+    }
+}
+
+const fn kind_of(index: u8) -> Kind {
+    match index {
+        0 => Kind::Cover,
+        1 => Kind::Drain,
+        _ => Kind::Beacon,
     }
 }
 
@@ -802,7 +813,11 @@ impl Rules {
     /// Registers a device with its kind and attributes; its rules are its kind's profile with
     /// its overrides applied.
     pub fn add_device(&mut self, eui: Eui, kind: Kind, attrs: Attributes) {
-        let profile = self.profiles.get(kind_index(kind)).cloned().unwrap_or_else(|| resolve(&[]));
+        let profile = self.profile(kind);
+        if attrs == Attributes::default() && !self.overrides.contains_key(&eui) {
+            self.devices.remove(&eui);
+            return;
+        }
         let rules = match self.overrides.get(&eui) {
             None => profile,
             Some(overrides) => {
@@ -820,24 +835,35 @@ impl Rules {
         self.devices.insert(eui, DeviceRules { rules, attrs });
     }
 
+    fn profile(&self, kind: Kind) -> std::sync::Arc<[Rule]> {
+        self.profiles.get(usize::from(kind_index(kind))).cloned().unwrap_or_else(|| resolve(&[]))
+    }
+
+    /// A device's rules and attributes.
+    fn device(&self, eui: Eui, kind: Kind) -> DeviceRules {
+        self.devices.get(&eui).cloned().unwrap_or_else(|| DeviceRules {
+            rules: self.profile(kind),
+            attrs: Attributes::default(),
+        })
+    }
+
     /// Restores a persisted state (rule ids no longer configured are ignored).
-    pub fn restore(&mut self, eui: Eui, rule_id: &str, state: RuleState) {
-        let Some(index) =
-            self.devices.get(&eui).and_then(|d| d.rules.iter().position(|r| r.id == rule_id))
-        else {
+    pub fn restore(&mut self, eui: Eui, kind: Kind, rule_id: &str, state: RuleState) {
+        let Some(index) = self.device(eui, kind).rules.iter().position(|r| r.id == rule_id) else {
             return;
         };
         let Ok(index) = u16::try_from(index) else { return };
         if let Some(d) = state.deadline() {
-            self.timers.insert((d, eui, index));
+            self.timers.insert((d, eui, kind_index(kind), index));
         }
         self.states.insert((eui, index), state);
     }
 
     /// The current severity of each of a device's active conditions.
-    pub fn active(&self, eui: Eui) -> BTreeMap<String, Severity> {
+    pub fn active(&self, eui: Eui, kind: Kind) -> BTreeMap<String, Severity> {
         let mut out = BTreeMap::new();
-        if let Some(device) = self.devices.get(&eui) {
+        {
+            let device = self.device(eui, kind);
             for (i, rule) in device.rules.iter().enumerate() {
                 let Ok(i) = u16::try_from(i) else { continue };
                 if let Some(s) = self.states.get(&(eui, i)).and_then(|s| severity_of(rule, s)) {
@@ -854,17 +880,22 @@ impl Rules {
         &mut self,
         now: i64,
         eui: Eui,
+        kind: Kind,
         observations: &[Observation],
         out: &mut Vec<ConditionChange>,
     ) {
-        let Some(device) = self.devices.get(&eui).cloned() else { return };
+        if observations.is_empty() {
+            return;
+        }
+        let device = self.device(eui, kind);
+        let k = kind_index(kind);
         for obs in observations {
             for (i, rule) in device.rules.iter().enumerate() {
                 if rule.spec.signal != obs.signal {
                     continue;
                 }
                 let Ok(i) = u16::try_from(i) else { continue };
-                self.step(now, eui, &device, i, out, |state, rule, attrs| {
+                self.step(now, (eui, k), &device, i, out, |state, rule, attrs| {
                     on_observation(rule, attrs, state, obs, now)
                 });
             }
@@ -873,13 +904,13 @@ impl Rules {
 
     /// Fires the holds and windows that elapsed by `now`.
     pub fn tick(&mut self, now: i64, out: &mut Vec<ConditionChange>) {
-        while let Some(&(deadline, eui, i)) = self.timers.first() {
+        while let Some(&(deadline, eui, k, i)) = self.timers.first() {
             if deadline > now {
                 break;
             }
             self.timers.pop_first();
-            let Some(device) = self.devices.get(&eui).cloned() else { continue };
-            self.step(now, eui, &device, i, out, |state, rule, attrs| {
+            let device = self.device(eui, kind_of(k));
+            self.step(now, (eui, k), &device, i, out, |state, rule, attrs| {
                 on_timer(rule, attrs, state, now)
             });
         }
@@ -895,9 +926,9 @@ impl Rules {
         let dirty = std::mem::take(&mut self.dirty);
         dirty
             .into_iter()
-            .filter_map(|(eui, i)| {
-                let rule = self.devices.get(&eui)?.rules.get(usize::from(i))?;
-                Some((eui, rule.id.clone(), self.states.get(&(eui, i)).cloned()))
+            .filter_map(|(eui, k, i)| {
+                let rule = self.device(eui, kind_of(k)).rules.get(usize::from(i))?.id.clone();
+                Some((eui, rule, self.states.get(&(eui, i)).cloned()))
             })
             .collect()
     }
@@ -906,7 +937,7 @@ impl Rules {
     fn step(
         &mut self,
         now: i64,
-        eui: Eui,
+        (eui, k): (Eui, u8),
         device: &DeviceRules,
         i: u16,
         out: &mut Vec<ConditionChange>,
@@ -923,14 +954,14 @@ impl Rules {
         let new_deadline = state.deadline();
         if old_deadline != new_deadline {
             if let Some(d) = old_deadline {
-                self.timers.remove(&(d, eui, i));
+                self.timers.remove(&(d, eui, k, i));
             }
             if let Some(d) = new_deadline {
-                self.timers.insert((d, eui, i));
+                self.timers.insert((d, eui, k, i));
             }
         }
         if state != snapshot {
-            self.dirty.insert((eui, i));
+            self.dirty.insert((eui, k, i));
         }
         if !state.is_idle() {
             self.states.insert((eui, i), state);
@@ -1320,13 +1351,18 @@ mod tests {
         r
     }
 
+    /// Test devices: 1 a cover, the rest drains.
+    fn kind(eui: Eui) -> Kind {
+        if eui == COVER { Kind::Cover } else { Kind::Drain }
+    }
+
     fn obs(signal: Signal, value: f64, at_ms: i64) -> Observation {
         Observation { signal, value, at_ms }
     }
 
     fn see(r: &mut Rules, now: i64, eui: Eui, o: Observation) -> Vec<ConditionChange> {
         let mut out = Vec::new();
-        r.observe(now, eui, &[o], &mut out);
+        r.observe(now, eui, kind(eui), &[o], &mut out);
         out
     }
 
@@ -1374,7 +1410,7 @@ mod tests {
         assert_eq!(r.next_deadline(), Some(3_602_000));
         assert!(tick(&mut r, 60_000).is_empty());
         assert!(tick(&mut r, 3_602_000).is_empty());
-        assert!(r.active(COVER).is_empty());
+        assert!(r.active(COVER, Kind::Cover).is_empty());
         assert!(r.take_dirty().iter().all(|(_, _, s)| s.is_none()), "idle states are deleted");
     }
 
@@ -1400,7 +1436,7 @@ mod tests {
         assert!(see(&mut r, 23_000, COVER, obs(Signal::AlarmTiltDeg, 9.0, 23_000)).is_empty());
         let clear = see(&mut r, 24_000, COVER, obs(Signal::AlarmTiltDeg, 2.0, 24_000));
         assert_eq!(summary(&clear), [("cover_displaced", Some(Severity::Major), None)]);
-        assert!(r.active(COVER).is_empty());
+        assert!(r.active(COVER, Kind::Cover).is_empty());
     }
 
     #[test]
@@ -1431,7 +1467,7 @@ mod tests {
             obs(Signal::AlarmTiltDeg, 31.0, 1_020_000),
         ];
         let mut out = Vec::new();
-        r.observe(4_600_000, COVER, &batch, &mut out);
+        r.observe(4_600_000, COVER, Kind::Cover, &batch, &mut out);
         assert_eq!(summary(&out), [("cover_displaced", None, Some(Severity::Major))]);
         assert_eq!(out[0].onset_ms, 1_000_000);
         assert_eq!(out[0].decided_ms, 4_600_000);
@@ -1529,7 +1565,7 @@ mod tests {
         let mut again = engine();
         for (eui, id, state) in saved {
             let json = serde_json::to_string(&state.unwrap()).unwrap();
-            again.restore(eui, &id, serde_json::from_str(&json).unwrap());
+            again.restore(eui, Kind::Cover, &id, serde_json::from_str(&json).unwrap());
         }
         assert_eq!(again.next_deadline(), Some(12_000));
         let fired = tick(&mut again, 12_500);
