@@ -86,6 +86,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     let mut pipeline =
         Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health))
             .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new());
+    let mut unassigned_devices = 0;
     if !config.geo.grids.is_empty() {
         let codes =
             crate::geo::CodeLengths { grid: config.geo.grid_code_digits, ..Default::default() };
@@ -94,6 +95,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             .context("geo.grids")?;
         let grids = layer.cells().len();
         let unassigned = pipeline.with_grids(Arc::new(layer), &store.locations()?);
+        unassigned_devices = unassigned as u64;
         if !config.geo.unit_grids.is_empty() {
             let path = std::path::Path::new(&config.geo.unit_grids);
             let units = crate::geo::GridLayer::load(
@@ -119,6 +121,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         (broker::parse_url(&config.mqtt.url)?, None)
     };
     let status = Arc::new(Status::default());
+    status.devices_unassigned.store(unassigned_devices, std::sync::atomic::Ordering::Relaxed);
     status
         .devices_registered
         .store(pipeline.registered() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -210,7 +213,7 @@ fn start_delivery(
         alert_secret: c.secret.clone(),
         calendar: crate::calendar::Calendar::new(&tables.calendar).context("cases.tables")?,
     });
-    let delivery = Arc::new(crate::delivery::DeliveryStatus::default());
+    let delivery = status.delivery.clone();
     let mut workers = Vec::new();
     for (channel, wake) in [("case", &status.outbox_wake[0]), ("alert", &status.outbox_wake[1])] {
         workers.push(tokio::spawn(crate::delivery::run(

@@ -708,6 +708,56 @@ async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Byt
     }
 }
 
+/// Query of `GET /api/v1/patrols`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PatrolQuery {
+    /// Local date `YYYY-MM-DD` (default: today).
+    pub day: Option<String>,
+}
+
+/// Patrol coverage of one grid on one day.
+#[derive(Debug, Clone, Serialize)]
+pub struct Coverage {
+    /// Grid (none: check-ins outside every grid).
+    pub grid_code: Option<String>,
+    /// Check-ins.
+    pub checkins: u64,
+    /// Distinct workers (beacons).
+    pub workers: u64,
+}
+
+async fn patrols(
+    State(board): State<Arc<Board>>,
+    query: Result<Query<PatrolQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), false),
+    };
+    let day = match q.day {
+        Some(d) => match chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d") {
+            Ok(_) => d,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("day: {d:?} is not YYYY-MM-DD ({e})"),
+                    false,
+                );
+            }
+        },
+        None => board.calendar.local((board.clock)()).format("%Y-%m-%d").to_string(),
+    };
+    match blocking(&board, move |s| s.patrol_coverage(&day)).await {
+        Ok(rows) => Json(
+            rows.into_iter()
+                .map(|(grid_code, checkins, workers)| Coverage { grid_code, checkins, workers })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+    }
+}
+
 /// The board's routes.
 pub fn routes(board: Arc<Board>) -> Router {
     Router::new()
@@ -718,6 +768,7 @@ pub fn routes(board: Arc<Board>) -> Router {
         .route("/api/v1/cases/{id}", get(get_case))
         .route("/api/v1/cases/{id}/transition", post(move_case))
         .route("/api/v1/platform/callback", post(callback))
+        .route("/api/v1/patrols", get(patrols))
         .with_state(board)
 }
 

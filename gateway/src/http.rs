@@ -34,6 +34,27 @@ pub struct StatusBody {
     pub batches: u64,
     /// External telemetry sink, if any.
     pub telemetry: Option<TelemetryBody>,
+    /// Registered devices outside every grid.
+    pub devices_unassigned: u64,
+    /// Cases filed since start.
+    pub cases_filed: u64,
+    /// Incidents open now.
+    pub incidents_open: u64,
+    /// SOS alerts since start.
+    pub alerts: u64,
+    /// Deliveries to the platform and the alert channel.
+    pub delivery: DeliveryBody,
+}
+
+/// Delivery part of the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeliveryBody {
+    /// Outbox entries delivered.
+    pub delivered: u64,
+    /// Failed attempts, retried.
+    pub retries: u64,
+    /// Entries given up (dead letters).
+    pub dead: u64,
 }
 
 /// Telemetry sink part of the status.
@@ -57,6 +78,15 @@ fn body(state: &AppState) -> StatusBody {
         broker_connected: s.connected.load(Relaxed),
         unacked: s.unacked.load(Relaxed),
         batches: s.batches.load(Relaxed),
+        devices_unassigned: s.devices_unassigned.load(Relaxed),
+        cases_filed: s.cases_filed.load(Relaxed),
+        incidents_open: s.incidents_open.load(Relaxed),
+        alerts: s.alerts.load(Relaxed),
+        delivery: DeliveryBody {
+            delivered: s.delivery.delivered.load(Relaxed),
+            retries: s.delivery.retries.load(Relaxed),
+            dead: s.delivery.dead.load(Relaxed),
+        },
         telemetry: state.sink.as_ref().map(|t| TelemetryBody {
             written: t.written.load(Relaxed),
             buffered: t.buffered.load(Relaxed),
@@ -78,7 +108,8 @@ dt{color:#8aa0b8}dd{margin:0;font-variant-numeric:tabular-nums;font-size:1.3em}<
 <script>
 const labels={frames_accepted:"已接收帧 frames accepted",frames_rejected:"已拒绝帧 frames rejected",
 devices_online:"在线设备 devices online",devices_registered:"登记设备 devices registered",
-broker_connected:"消息代理 broker connected",unacked:"待确认 unacked",batches:"批次 batches"};
+broker_connected:"消息代理 broker connected",unacked:"待确认 unacked",batches:"批次 batches",
+cases_filed:"立案 cases filed",incidents_open:"未结事件 incidents open",alerts:"求助 SOS alerts"};
 async function tick(){try{const s=await (await fetch('/api/v1/status')).json();
 document.getElementById('s').innerHTML=Object.entries(labels).map(([k,l])=>`<dt>${l}</dt><dd>${s[k]}</dd>`).join('');}catch(e){}}
 tick();setInterval(tick,1000);

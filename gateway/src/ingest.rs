@@ -70,6 +70,10 @@ pub struct Status {
     pub incidents_open: AtomicU64,
     /// SOS alerts since start.
     pub alerts: AtomicU64,
+    /// Registered devices outside every grid (beyond the tolerance).
+    pub devices_unassigned: AtomicU64,
+    /// Delivery counters (the workers count here).
+    pub delivery: Arc<crate::delivery::DeliveryStatus>,
     /// Woken after a commit that queued deliveries: `[cases, alerts]`.
     pub outbox_wake: [Arc<tokio::sync::Notify>; 2],
 }

@@ -139,6 +139,10 @@ euis = ["{}"]
         let delivered = c.delivered_ms.unwrap() - c.onset_ms;
         assert!(delivered < 30_000, "case {} on the board {delivered} ms after onset", c.id);
     }
+    let status = get_json(&format!("http://{http}/api/v1/status")).await;
+    assert_eq!(status["cases_filed"], 3);
+    assert_eq!(status["devices_unassigned"], 0);
+    assert_eq!(status["delivery"]["dead"], 0);
     // Removed covers are urgent from the start.
     assert_eq!(by_device[&stolen[0].eui]["urgency"], "urgent");
 
@@ -499,6 +503,19 @@ async fn worker_reports_become_cases_and_check_ins_patrol_records() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let day = gridsense_gateway::calendar::Calendar::default()
+        .iso(gridsense_gateway::rules::device_ms(at))[..10]
+        .to_owned();
+    let http = gateway.http.unwrap();
+    let coverage = get_json(&format!("http://{http}/api/v1/patrols?day={day}")).await;
+    assert_eq!(coverage[0]["grid_code"], &*cell.grid_code);
+    assert_eq!(
+        (coverage[0]["checkins"].as_u64(), coverage[0]["workers"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let (status, body) = get(&format!("http://{http}/api/v1/patrols?day=26/11/2026")).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("day"), "{body}");
     stop_tx.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();
     let case = store.case(1).unwrap().expect("the report is a case");
@@ -506,11 +523,6 @@ async fn worker_reports_become_cases_and_check_ins_patrol_records() {
     assert_eq!(case.grid_code.as_deref(), Some(&*cell.grid_code));
     assert!((case.lat - centre.y()).abs() < 1e-5 && (case.lon - centre.x()).abs() < 1e-5);
     assert!(case.description.contains("路口积水没过脚踝"));
-    let day = store
-        .patrol_coverage(
-            &gridsense_gateway::calendar::Calendar::default()
-                .iso(gridsense_gateway::rules::device_ms(at))[..10],
-        )
-        .unwrap();
+    let day = store.patrol_coverage(&day).unwrap();
     assert_eq!(day, vec![(Some(cell.grid_code.to_string()), 1, 1)]);
 }
