@@ -55,29 +55,7 @@ async fn a_theft_becomes_one_case_per_stolen_cover_and_traffic_none() {
     let covers: Vec<_> = devices.iter().filter(|d| d.kind == Kind::Cover).collect();
     let stolen = [&covers[3], &covers[17], &covers[29]];
     let scenario: &'static str = Box::leak(
-        format!(
-            r#"
-description = "test: thefts among heavy traffic"
-seed = 9
-[traffic]
-vehicles_per_hour = 600
-[battery]
-low_fraction = 0.0
-[[theft]]
-at = "20s"
-covers = 0
-mode = "removed"
-euis = ["{}", "{}"]
-[[theft]]
-at = "40s"
-covers = 0
-mode = "displaced"
-restore_after = "50s"
-euis = ["{}"]
-"#,
-            stolen[0].eui, stolen[1].eui, stolen[2].eui
-        )
-        .into_boxed_str(),
+        fixtures::theft_scenario([&stolen[0].eui, &stolen[1].eui], &stolen[2].eui).into_boxed_str(),
     );
     let mut config = config(dir.path(), broker.addr());
     // The generated district has no separate unit-grid file: its grid file stands in for one,

@@ -89,3 +89,30 @@ pub fn run_start(
         })
         .min()
 }
+
+/// A night of thefts among heavy traffic (600 vehicles an hour): `removed` covers taken at 20 s,
+/// `displaced` knocked aside at 40 s and put back 50 s later (simulated time).
+pub fn theft_scenario(removed: [&str; 2], displaced: &str) -> String {
+    format!(
+        r#"
+description = "test: thefts among heavy traffic"
+seed = 9
+[traffic]
+vehicles_per_hour = 600
+[battery]
+low_fraction = 0.0
+[[theft]]
+at = "20s"
+covers = 0
+mode = "removed"
+euis = ["{}", "{}"]
+[[theft]]
+at = "40s"
+covers = 0
+mode = "displaced"
+restore_after = "50s"
+euis = ["{displaced}"]
+"#,
+        removed[0], removed[1]
+    )
+}

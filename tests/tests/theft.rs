@@ -18,28 +18,7 @@ async fn thefts_alarm_exactly_once_and_traffic_never_does() {
         fixtures::city(dir.path(), 11, Counts { covers: 40, drains: 0, beacons: 0 }).unwrap();
     let covers: Vec<_> = devices.iter().filter(|d| d.kind == Kind::Cover).collect();
     let (removed_a, removed_b, displaced) = (&covers[3], &covers[17], &covers[29]);
-    let scenario = format!(
-        r#"
-description = "test: thefts among heavy traffic"
-seed = 9
-[traffic]
-vehicles_per_hour = 600
-[battery]
-low_fraction = 0.0
-[[theft]]
-at = "20s"
-covers = 0
-mode = "removed"
-euis = ["{}", "{}"]
-[[theft]]
-at = "40s"
-covers = 0
-mode = "displaced"
-restore_after = "50s"
-euis = ["{}"]
-"#,
-        removed_a.eui, removed_b.eui, displaced.eui
-    );
+    let scenario = fixtures::theft_scenario([&removed_a.eui, &removed_b.eui], &displaced.eui);
     let subscriber = Subscriber::start(broker.addr()).await.unwrap();
     let summary =
         fixtures::run(dir.path(), &scenario, broker.addr(), 10.0, Duration::from_secs(13))
