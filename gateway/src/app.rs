@@ -87,6 +87,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health))
             .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new());
     let mut unassigned_devices = 0;
+    let mut grids_geojson = None;
     if !config.geo.grids.is_empty() {
         let codes =
             crate::geo::CodeLengths { grid: config.geo.grid_code_digits, ..Default::default() };
@@ -94,7 +95,12 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let layer = crate::geo::GridLayer::load(path, codes, config.geo.tolerance_m)
             .context("geo.grids")?;
         let grids = layer.cells().len();
-        let unassigned = pipeline.with_grids(Arc::new(layer), &store.locations()?);
+        let text = std::fs::read_to_string(path).context("geo.grids")?;
+        grids_geojson = Some(Arc::new(serde_json::from_str(&text).context("geo.grids")?));
+        let locations = store.locations()?;
+        let placements = pipeline.with_grids(Arc::new(layer), &locations);
+        let unassigned = locations.len() - placements.len();
+        store.write_placements(&placements)?;
         unassigned_devices = unassigned as u64;
         if !config.geo.unit_grids.is_empty() {
             let path = std::path::Path::new(&config.geo.unit_grids);
@@ -142,7 +148,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             listener,
             &status,
             sink.as_ref().map(|(s, _)| s.clone()),
-            Some(Arc::new(board)),
+            Some((Arc::new(board), grids_geojson)),
             shutdown.clone(),
         )?)
     };
@@ -243,15 +249,17 @@ pub fn serve_http(
     listener: std::net::TcpListener,
     status: &Arc<Status>,
     sink: Option<Arc<SinkStatus>>,
-    board: Option<Arc<crate::board::Board>>,
+    board: Option<(Arc<crate::board::Board>, Option<Arc<serde_json::Value>>)>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let mut router = crate::http::router(status.clone(), sink);
-    if let Some(board) = board {
-        router = router.merge(crate::board::routes(board));
+    let mut router = crate::http::router(status.clone(), sink.clone());
+    if let Some((board, grids)) = board {
+        router = router.merge(crate::board::routes(board.clone())).merge(crate::api::routes(
+            crate::api::ApiState { board, status: status.clone(), sink, grids },
+        ));
     }
     tokio::spawn(async move {
         if let Err(e) = crate::http::serve(listener, router, shutdown).await {

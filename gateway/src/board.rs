@@ -61,6 +61,35 @@ impl Board {
             secret,
         })
     }
+
+    /// Runs `f` on the board's store connection on a blocking thread.
+    pub async fn with_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, String> {
+        let board = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = board.store.lock().map_err(|_| "store lock poisoned".to_owned())?;
+            f(&mut store).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// The current time (the gateway's clock).
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// The working calendar.
+    pub fn calendar(&self) -> &Calendar {
+        &self.calendar
+    }
+
+    /// The case tables.
+    pub fn tables(&self) -> &CaseTables {
+        &self.tables
+    }
 }
 
 /// An error answer: Open311's array of `{code, description}` (also our API's shape).
@@ -90,6 +119,18 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// An `/api/v1` error: `{"error": {"code", "message"}}` with the code for the status.
+fn api(status: StatusCode, message: impl Into<String>) -> Response {
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_parameter",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        _ => "internal",
+    };
+    crate::api::api_error(status, code, message)
+}
+
 /// Splits `requests.json` into (`requests`, xml?).
 fn format_of(name: &str) -> Option<(&str, bool)> {
     name.strip_suffix(".json")
@@ -101,13 +142,7 @@ async fn blocking<T: Send + 'static>(
     board: &Arc<Board>,
     f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, String> {
-    let board = board.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut store = board.store.lock().map_err(|_| "store lock poisoned".to_owned())?;
-        f(&mut store).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    board.with_store(f).await
 }
 
 /// An Open311 service.
@@ -540,11 +575,11 @@ async fn list_cases(
 ) -> Response {
     let q = match query {
         Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), false),
+        Err(e) => return api(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let f = match filter_of(&q) {
         Ok(f) => f,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e, false),
+        Err(e) => return api(StatusCode::BAD_REQUEST, e),
     };
     let now = (board.clock)();
     match blocking(&board, move |s| s.cases(&f)).await {
@@ -558,13 +593,13 @@ async fn list_cases(
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
 async fn get_case(State(board): State<Arc<Board>>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<i64>() else {
-        return error(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"), false);
+        return api(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"));
     };
     let now = (board.clock)();
     let found = blocking(&board, move |s| {
@@ -588,8 +623,8 @@ async fn get_case(State(board): State<Arc<Board>>, Path(id): Path<String>) -> Re
             trace,
         })
         .into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("case {id} not found"), false),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+        Ok(None) => api(StatusCode::NOT_FOUND, format!("case {id} not found")),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -612,21 +647,17 @@ async fn move_case(
     body: Result<Json<TransitionBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(id) = id.parse::<i64>() else {
-        return error(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"), false);
+        return api(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"));
     };
     let body = match body {
         Ok(Json(b)) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), false),
+        Err(e) => return api(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let Some(to) = CaseState::parse(&body.to) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("to: {:?} is not a lifecycle state", body.to),
-            false,
-        );
+        return api(StatusCode::BAD_REQUEST, format!("to: {:?} is not a lifecycle state", body.to));
     };
     if body.actor.trim().is_empty() {
-        return error(StatusCode::BAD_REQUEST, "actor: who moves the case must be named", false);
+        return api(StatusCode::BAD_REQUEST, "actor: who moves the case must be named");
     }
     apply_transition(&board, id, to, format!("operator:{}", body.actor.trim()), body.note).await
 }
@@ -651,10 +682,10 @@ async fn apply_transition(
             Json(serde_json::json!({ "id": id, "state": state.as_str() })).into_response()
         }
         Ok(Err(crate::store::TransitionError::NotFound(_))) => {
-            error(StatusCode::NOT_FOUND, format!("case {id} not found"), false)
+            api(StatusCode::NOT_FOUND, format!("case {id} not found"))
         }
-        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string(), false),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+        Ok(Err(e)) => api(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -675,26 +706,25 @@ pub const CALLBACK_TOLERANCE_S: i64 = 300;
 
 async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Bytes) -> Response {
     if board.secret.is_empty() {
-        return error(StatusCode::NOT_FOUND, "callbacks are not configured (cases.secret)", false);
+        return api(StatusCode::NOT_FOUND, "callbacks are not configured (cases.secret)");
     }
     let Some(sig) = headers.get("x-gridsense-signature").and_then(|v| v.to_str().ok()) else {
-        return error(StatusCode::UNAUTHORIZED, "x-gridsense-signature header missing", false);
+        return api(StatusCode::UNAUTHORIZED, "x-gridsense-signature header missing");
     };
     let now_s = (board.clock)() / 1000;
     if let Err(why) =
         crate::delivery::verify_signature(&board.secret, sig, &body, now_s, CALLBACK_TOLERANCE_S)
     {
-        return error(StatusCode::UNAUTHORIZED, format!("signature: {why}"), false);
+        return api(StatusCode::UNAUTHORIZED, format!("signature: {why}"));
     }
     let cb: Callback = match serde_json::from_slice(&body) {
         Ok(cb) => cb,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}"), false),
+        Err(e) => return api(StatusCode::BAD_REQUEST, format!("body: {e}")),
     };
     let Some(to) = CaseState::parse(&cb.state) else {
-        return error(
+        return api(
             StatusCode::BAD_REQUEST,
             format!("state: {:?} is not a lifecycle state", cb.state),
-            false,
         );
     };
     let now = (board.clock)();
@@ -703,8 +733,8 @@ async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Byt
         Ok(true) => {
             Json(serde_json::json!({ "id": cb.case_id, "state": to.as_str() })).into_response()
         }
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("case {} not found", cb.case_id), false),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+        Ok(false) => api(StatusCode::NOT_FOUND, format!("case {} not found", cb.case_id)),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -732,17 +762,13 @@ async fn patrols(
 ) -> Response {
     let q = match query {
         Ok(Query(q)) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), false),
+        Err(e) => return api(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let day = match q.day {
         Some(d) => match chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d") {
             Ok(_) => d,
             Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("day: {d:?} is not YYYY-MM-DD ({e})"),
-                    false,
-                );
+                return api(StatusCode::BAD_REQUEST, format!("day: {d:?} is not YYYY-MM-DD ({e})"));
             }
         },
         None => board.calendar.local((board.clock)()).format("%Y-%m-%d").to_string(),
@@ -754,7 +780,7 @@ async fn patrols(
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e, false),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -76,6 +76,111 @@ pub struct Status {
     pub delivery: Arc<crate::delivery::DeliveryStatus>,
     /// Woken after a commit that queued deliveries: `[cases, alerts]`.
     pub outbox_wake: [Arc<tokio::sync::Notify>; 2],
+    /// Rejected frames by reason since start.
+    pub rejects: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Gateway time from the frame (or timer) that decided a case to the case being durable.
+    pub case_latency: Histogram,
+    /// What each commit changed, for live views (server-sent events).
+    pub events: Events,
+    /// Commit duration of the last batch, µs.
+    pub last_commit_us: AtomicU64,
+    /// Capacity of the channel from the session to the pipeline (the in-flight window).
+    pub queue_capacity: AtomicU64,
+}
+
+/// Upper bounds of [`Histogram`] buckets, ms.
+pub const LATENCY_BUCKETS_MS: [u64; 12] =
+    [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000];
+
+/// A latency histogram with fixed buckets (Prometheus-style, cumulative when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is +Inf.
+    pub buckets: [AtomicU64; 13],
+    /// Sum of observations, ms.
+    pub sum_ms: AtomicU64,
+    /// Observations.
+    pub count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, ms: u64) {
+        let i =
+            LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Relaxed);
+        }
+        self.sum_ms.fetch_add(ms, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
+/// Live change notices (JSON), one per commit that changed something an operator sees.
+#[derive(Debug)]
+pub struct Events(pub tokio::sync::broadcast::Sender<String>);
+
+impl Default for Events {
+    fn default() -> Self {
+        Events(tokio::sync::broadcast::channel(256).0)
+    }
+}
+
+/// What one commit changed, as sent to live views.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Changes {
+    /// Frames accepted in the batch.
+    pub accepted: u64,
+    /// New cases: id, device, class, grid.
+    pub cases: Vec<(i64, String, String, Option<String>)>,
+    /// Incident changes: device, condition, severity, state.
+    pub incidents: Vec<(String, String, String, &'static str)>,
+    /// Health transitions: device, event.
+    pub health: Vec<(String, &'static str)>,
+    /// Beacons' new fixes: device, lat, lon.
+    pub fixes: Vec<(String, f64, f64)>,
+    /// SOS alerts: device.
+    pub alerts: Vec<String>,
+}
+
+impl Changes {
+    /// From a batch about to be committed.
+    pub fn of(batch: &Batch) -> Self {
+        Changes {
+            accepted: batch.accepted,
+            cases: batch
+                .cases
+                .cases
+                .iter()
+                .map(|c| (c.id, c.eui.to_string(), c.class_code.clone(), c.place.grid_code.clone()))
+                .collect(),
+            incidents: batch
+                .cases
+                .incidents
+                .iter()
+                .map(|i| {
+                    (
+                        i.eui.to_string(),
+                        i.condition.clone(),
+                        i.severity.as_str().to_owned(),
+                        i.state,
+                    )
+                })
+                .collect(),
+            health: batch.events.iter().map(|e| (e.eui.to_string(), e.kind.as_str())).collect(),
+            fixes: batch.fixes.iter().map(|(e, f)| (e.to_string(), f.0, f.1)).collect(),
+            alerts: batch.cases.alerts.iter().map(|a| a.eui.to_string()).collect(),
+        }
+    }
+
+    /// Whether an operator would see a difference.
+    pub fn is_visible(&self) -> bool {
+        !(self.cases.is_empty()
+            && self.incidents.is_empty()
+            && self.health.is_empty()
+            && self.fixes.is_empty()
+            && self.alerts.is_empty())
+    }
 }
 
 /// Why ingest stopped.
@@ -117,6 +222,7 @@ pub async fn run(
     let credits = usize::from(config.mqtt.inflight);
     let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
+    status.queue_capacity.store(credits as u64, Relaxed);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
     let (down_tx, down_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
@@ -373,16 +479,27 @@ async fn pipeline_task(
         }
         pipeline.finish(&mut batch, now, stopping);
         let sealed = std::mem::take(&mut batch.downlinks);
+        let changes = Changes::of(&batch);
+        let decided: Vec<i64> = batch.cases.cases.iter().map(|c| c.detected_ms).collect();
+        if let Ok(mut r) = status.rejects.lock() {
+            for (reason, n) in &batch.rejects {
+                *r.entry(reason).or_default() += n;
+            }
+        }
         let queued_cases = batch.cases.outbox.iter().any(|o| o.channel == "case");
         let queued_alerts = batch.cases.alerts.len() as u64;
         let filed = batch.cases.cases.len() as u64;
         if !batch.is_empty() || !sealed.is_empty() {
             let Some(mut s) = store.take() else { break };
+            let started = std::time::Instant::now();
             let (s, committed) = tokio::task::spawn_blocking(move || {
                 let r = s.commit(&batch);
                 (s, r.map(|()| batch.accepted))
             })
             .await?;
+            status
+                .last_commit_us
+                .store(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Relaxed);
             store = Some(s);
             let accepted = committed?;
             status.frames_accepted.fetch_add(accepted, Relaxed);
@@ -392,6 +509,13 @@ async fn pipeline_task(
             status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
             status.cases_filed.fetch_add(filed, Relaxed);
             status.alerts.fetch_add(queued_alerts, Relaxed);
+            let durable = clock();
+            for d in decided {
+                status.case_latency.observe(u64::try_from(durable.saturating_sub(d)).unwrap_or(0));
+            }
+            if changes.is_visible() {
+                let _ = status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
+            }
             // Durable: the delivery workers may send them now.
             if queued_cases {
                 status.outbox_wake[0].notify_one();

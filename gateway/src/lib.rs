@@ -14,6 +14,7 @@
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
+pub mod api;
 pub mod app;
 pub mod board;
 pub mod broker;

@@ -214,6 +214,21 @@ impl Pipeline {
         let position = |f: &Option<PositionFix>| {
             f.map(|f| (f64::from(f.lat_udeg) / 1e6, f64::from(f.lon_udeg) / 1e6))
         };
+        // A beacon's newest fix, for the map.
+        let fix = match message {
+            Uplink::PatrolFix { at, fix } => Some((*at, position(&Some(*fix)))),
+            Uplink::CheckIn(c) => Some((c.at, position(&c.fix))),
+            Uplink::IncidentReport(r) => Some((r.at, position(&r.fix))),
+            Uplink::Sos(s) => Some((s.at, position(&s.fix))),
+            _ => None,
+        };
+        if let Some((at, Some((lat, lon)))) = fix {
+            let at_ms = device_ms(at);
+            if batch.fixes.get(&eui).is_none_or(|f| f.2 <= at_ms) {
+                let grid = self.place_at(eui, Some((lat, lon)), None).grid_code;
+                batch.fixes.insert(eui, (lat, lon, at_ms, grid));
+            }
+        }
         match message {
             Uplink::IncidentReport(r) => {
                 let fix = position(&r.fix);
@@ -278,21 +293,32 @@ impl Pipeline {
     }
 
     /// Places every device in the grid layer (by its registered position); telemetry is then
-    /// tagged with grid and street, patrol fixes by where each fix was taken. Returns how many
-    /// devices fell outside every grid (beyond the tolerance).
-    pub fn with_grids(&mut self, layer: Arc<GridLayer>, locations: &[(Eui, f64, f64)]) -> usize {
+    /// tagged with grid and street, patrol fixes by where each fix was taken. Returns where
+    /// each device went (grid, community, street, metres when snapped from outside); devices
+    /// outside every grid beyond the tolerance are not in it.
+    pub fn with_grids(
+        &mut self,
+        layer: Arc<GridLayer>,
+        locations: &[(Eui, f64, f64)],
+    ) -> Vec<crate::store::Placement> {
         let mut placed = HashMap::with_capacity(locations.len());
-        let mut unassigned = 0;
+        let mut placements = Vec::with_capacity(locations.len());
         for (eui, lat, lon) in locations {
-            match layer.locate_index(*lat, *lon) {
-                Some((i, _)) => {
-                    placed.insert(*eui, i);
+            if let Some((i, distance)) = layer.locate_index(*lat, *lon) {
+                placed.insert(*eui, i);
+                if let Some(c) = layer.cells().get(i) {
+                    placements.push((
+                        *eui,
+                        c.grid_code.to_string(),
+                        c.community_code.clone(),
+                        c.street_code.to_string(),
+                        distance,
+                    ));
                 }
-                None => unassigned += 1,
             }
         }
         self.grids = Some(Grids { layer, placed, units: None });
-        unassigned
+        placements
     }
 
     /// Adds the unit-grid layer (after [`Pipeline::with_grids`]): cases then carry the unit

@@ -43,6 +43,8 @@ pub struct SinkStatus {
     pub buffered: AtomicU64,
     /// Duration of the last successful write, µs.
     pub last_write_us: AtomicU64,
+    /// The last write attempt failed and is being retried.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 /// Why the sink could not start.
@@ -133,6 +135,7 @@ pub async fn run(
         let delivered = match result {
             Ok(()) => {
                 status.written.fetch_add(points.len() as u64, Relaxed);
+                status.failing.store(false, Relaxed);
                 status.last_write_us.store(
                     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                     Relaxed,
@@ -142,6 +145,7 @@ pub async fn run(
             }
             Err(e) if retryable(&e) => {
                 status.failures.fetch_add(1, Relaxed);
+                status.failing.store(true, Relaxed);
                 tracing::warn!(
                     "telemetry write failed ({e}); {waiting} points buffered; retrying in {delay} ms"
                 );

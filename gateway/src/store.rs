@@ -8,11 +8,16 @@
 //! PostgreSQL backend can implement the same for multi-instance deployments.
 
 mod cases;
+mod ops;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 pub use cases::{
     AlertView, CaseFilter, CaseView, ClusterMember, OutboxEntry, TraceEntry, TransitionError,
+};
+pub use ops::{
+    DeviceDetail, DeviceFilter, DevicePage, DeviceRow, Fix, FrameVerdict, GridCounts, IncidentView,
+    Placement, Stats,
 };
 
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
@@ -154,6 +159,8 @@ const MIGRATIONS: &[&str] = &[
     // 6: rules, incidents, cases and their trace, the delivery outbox, alerts, patrols,
     // maintenance windows.
     cases::MIGRATION,
+    // 7: operators' views: placements, beacons' last fixes, indexes for per-device pages.
+    ops::MIGRATION,
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -260,6 +267,8 @@ pub struct Batch {
     pub rule_states: Vec<(Eui, String, Option<String>)>,
     /// Incidents, cases, outbox, alerts and patrol records.
     pub cases: crate::cases::Effects,
+    /// Beacons' newest fixes.
+    pub fixes: BTreeMap<Eui, Fix>,
 }
 
 impl Batch {
@@ -278,6 +287,7 @@ impl Batch {
             && self.request_updates.is_empty()
             && self.rule_states.is_empty()
             && self.cases.is_empty()
+            && self.fixes.is_empty()
     }
 }
 
@@ -850,6 +860,7 @@ impl Store {
                 };
             }
             cases::write(&tx, &batch.rule_states, &batch.cases)?;
+            ops::write(&tx, &batch.fixes)?;
             if batch.accepted > 0 {
                 tx.execute(
                     "INSERT INTO stats (name, value) VALUES ('accepted', ?1)

@@ -116,29 +116,33 @@ pub async fn publish(
     frames: Vec<(Eui, Uplink)>,
     keys: &HashMap<Eui, DeviceKey>,
 ) {
+    publish_from(broker, frames, keys, 1).await;
+}
+
+/// As [`publish`], counters from `first`.
+pub async fn publish_from(
+    broker: SocketAddr,
+    frames: Vec<(Eui, Uplink)>,
+    keys: &HashMap<Eui, DeviceKey>,
+    first: u32,
+) {
+    let sealed = (first..)
+        .zip(frames)
+        .map(|(counter, (eui, message))| (eui, seal(eui, counter, &message, &keys[&eui]).to_vec()))
+        .collect();
+    publish_raw(broker, sealed).await;
+}
+
+/// Publishes ready-made frames on their devices' uplink topics (QoS 1) and waits for them to
+/// go out.
+pub async fn publish_raw(broker: SocketAddr, frames: Vec<(Eui, Vec<u8>)>) {
     let mut options = MqttOptions::new("fake-devices", broker.ip().to_string(), broker.port());
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut event_loop) = AsyncClient::new(options, 100);
-    let driver = tokio::spawn(async move {
-        let mut acked = 0;
-        while let Ok(event) = event_loop.poll().await {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
-                acked += 1;
-            }
-            if acked == usize::MAX {
-                break;
-            }
-        }
-    });
-    for (counter, (eui, message)) in (1u32..).zip(frames) {
-        let frame = seal(eui, counter, &message, &keys[&eui]);
+    let driver = tokio::spawn(async move { while event_loop.poll().await.is_ok() {} });
+    for (eui, frame) in frames {
         client
-            .publish(
-                topic(eui, Direction::Uplink).to_string(),
-                QoS::AtLeastOnce,
-                false,
-                frame.to_vec(),
-            )
+            .publish(topic(eui, Direction::Uplink).to_string(), QoS::AtLeastOnce, false, frame)
             .await
             .unwrap();
     }

@@ -1,0 +1,630 @@
+//! The operator API under `/api/v1` (devices, grids, incidents, statistics, live events), the
+//! supervisors' `/readyz` and Prometheus `/metrics`. Errors are JSON
+//! `{"error": {"code": "...", "message": "..."}}` with a stable code; a bad query parameter is a
+//! 400 naming the parameter.
+
+use std::{
+    convert::Infallible,
+    fmt::Write as _,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use gridsense_protocol::Eui;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    board::Board,
+    ingest::{LATENCY_BUCKETS_MS, Status},
+    sink::SinkStatus,
+    store::DeviceFilter,
+};
+
+/// What the API's handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The case board (store connection, calendar, clock).
+    pub board: Arc<Board>,
+    /// Live counters.
+    pub status: Arc<Status>,
+    /// The external telemetry sink, if any.
+    pub sink: Option<Arc<SinkStatus>>,
+    /// The grid layer as GeoJSON (as loaded), if any.
+    pub grids: Option<Arc<serde_json::Value>>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState").finish_non_exhaustive()
+    }
+}
+
+/// The error body.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorDetail {
+    /// Stable code: `bad_parameter`, `not_found`, `conflict`, `unauthorized`, `internal`.
+    pub code: &'static str,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// An API error response.
+pub fn api_error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: ErrorDetail { code, message: message.into() } }))
+        .into_response()
+}
+
+/// 400 naming the parameter.
+pub fn bad_parameter(message: impl Into<String>) -> Response {
+    api_error(StatusCode::BAD_REQUEST, "bad_parameter", message)
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    state: &ApiState,
+    f: impl FnOnce(&mut crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    state.board.with_store(f).await.map_err(internal)
+}
+
+/// Query of `GET /api/v1/devices`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesQuery {
+    /// `cover`, `drain`, `beacon`.
+    pub kind: Option<String>,
+    /// Grid code.
+    pub grid: Option<String>,
+    /// Street code.
+    pub street: Option<String>,
+    /// `online`, `offline`, `never_seen`, `low_battery`, `alarm`.
+    pub state: Option<String>,
+    /// Battery below, mV.
+    pub battery_below: Option<String>,
+    /// Silent for more than, e.g. `30m`, `2h`, `90s`.
+    pub silent_for: Option<String>,
+    /// Sort: `eui`, `kind`, `grid`, `battery`, `rssi`, `last_seen`, `state`.
+    pub sort: Option<String>,
+    /// `asc` or `desc`.
+    pub order: Option<String>,
+    /// Page from 1.
+    pub page: Option<String>,
+    /// Rows per page (1–5000, default 100).
+    pub per_page: Option<String>,
+    /// `1`: add each row's recent readings (main series) for sparklines.
+    pub spark: Option<String>,
+}
+
+fn number<T: std::str::FromStr>(name: &str, v: Option<&String>) -> Result<Option<T>, String> {
+    v.map(|s| s.parse::<T>().map_err(|_| format!("{name}: {s:?} is not a number"))).transpose()
+}
+
+fn one_of(name: &str, v: Option<&String>, allowed: &[&str]) -> Result<Option<String>, String> {
+    match v {
+        Some(s) if !allowed.contains(&s.as_str()) => {
+            Err(format!("{name}: {s:?} is not one of {}", allowed.join(", ")))
+        }
+        other => Ok(other.cloned()),
+    }
+}
+
+fn code(name: &str, v: Option<&String>) -> Result<Option<String>, String> {
+    match v {
+        Some(s) if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(format!("{name}: {s:?} is not a code (digits)"))
+        }
+        other => Ok(other.cloned()),
+    }
+}
+
+/// Parses the device list query; the error names the parameter.
+pub fn device_filter(q: &DevicesQuery, now_ms: i64) -> Result<(DeviceFilter, bool), String> {
+    let silent = q
+        .silent_for
+        .as_deref()
+        .map(|s| {
+            humantime::parse_duration(s)
+                .map_err(|e| format!("silent_for: {s:?} is not a duration such as 30m ({e})"))
+        })
+        .transpose()?;
+    let filter = DeviceFilter {
+        kind: one_of("kind", q.kind.as_ref(), &["cover", "drain", "beacon"])?,
+        grid: code("grid", q.grid.as_ref())?,
+        street: code("street", q.street.as_ref())?,
+        state: one_of(
+            "state",
+            q.state.as_ref(),
+            &["online", "offline", "never_seen", "low_battery", "alarm"],
+        )?,
+        battery_below: number("battery_below", q.battery_below.as_ref())?,
+        silent_before_ms: silent
+            .map(|d| now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))),
+        sort: one_of(
+            "sort",
+            q.sort.as_ref(),
+            &["eui", "kind", "grid", "battery", "rssi", "last_seen", "state"],
+        )?,
+        desc: one_of("order", q.order.as_ref(), &["asc", "desc"])?.as_deref() == Some("desc"),
+        page: number("page", q.page.as_ref())?.unwrap_or(1).max(1),
+        per_page: match number::<u32>("per_page", q.per_page.as_ref())? {
+            Some(n) if !(1..=5_000).contains(&n) => {
+                return Err("per_page: between 1 and 5000".into());
+            }
+            Some(n) => n,
+            None => 100,
+        },
+    };
+    let spark = one_of("spark", q.spark.as_ref(), &["0", "1"])?.as_deref() == Some("1");
+    Ok((filter, spark))
+}
+
+/// The main series of a kind (sparklines): measurement and field.
+pub const fn main_series(kind: &str) -> (&'static str, &'static str) {
+    match kind.as_bytes() {
+        b"cover" => ("cover", "tilt_ddeg"),
+        b"drain" => ("drain", "level_mm"),
+        _ => ("status", "battery_mv"),
+    }
+}
+
+async fn devices(
+    State(state): State<ApiState>,
+    query: Result<Query<DevicesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_parameter(e.body_text()),
+    };
+    let now = state.board.now();
+    let (filter, spark) = match device_filter(&q, now) {
+        Ok(f) => f,
+        Err(e) => return bad_parameter(e),
+    };
+    let result = blocking(&state, move |s| {
+        let page = s.devices(&filter)?;
+        let sparks = if spark {
+            let list: Vec<_> = page
+                .devices
+                .iter()
+                .filter_map(|d| {
+                    let (m, f) = main_series(&d.kind);
+                    Some((d.eui.parse::<Eui>().ok()?, m, f))
+                })
+                .collect();
+            Some(s.sparklines(&list, now - 86_400_000, 24)?)
+        } else {
+            None
+        };
+        Ok((page, sparks))
+    })
+    .await;
+    match result {
+        Ok((page, sparks)) => {
+            let mut body = serde_json::to_value(&page).unwrap_or_default();
+            if let Some(sparks) = sparks
+                && let Some(o) = body.as_object_mut()
+            {
+                o.insert("sparklines".into(), serde_json::to_value(sparks).unwrap_or_default());
+            }
+            Json(body).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn device(State(state): State<ApiState>, Path(eui): Path<String>) -> Response {
+    let Ok(eui) = eui.parse::<Eui>() else {
+        return bad_parameter(format!("eui: {eui:?} is not 16 hex digits"));
+    };
+    let since = state.board.now() - 7 * 86_400_000;
+    match blocking(&state, move |s| s.device(eui, since)).await {
+        Ok(Some(d)) => Json(d).into_response(),
+        Ok(None) => {
+            api_error(StatusCode::NOT_FOUND, "not_found", format!("device {eui} not registered"))
+        }
+        Err(r) => r,
+    }
+}
+
+async fn grids(State(state): State<ApiState>) -> Response {
+    let Some(layer) = state.grids.clone() else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no grid layer configured (geo.grids)",
+        );
+    };
+    let counts = match blocking(&state, |s| s.grid_counts()).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let mut out = (*layer).clone();
+    if let Some(features) = out.get_mut("features").and_then(serde_json::Value::as_array_mut) {
+        for f in features {
+            let code = f
+                .pointer("/properties/grid_code")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .to_owned();
+            let c = counts.get(&code).cloned().unwrap_or_default();
+            if let Some(p) = f.get_mut("properties").and_then(serde_json::Value::as_object_mut) {
+                p.insert("devices".into(), c.devices.into());
+                p.insert("offline".into(), c.offline.into());
+                p.insert("open_cases".into(), c.open_cases.into());
+                p.insert("alarm".into(), c.alarm.into());
+            }
+        }
+    }
+    Json(out).into_response()
+}
+
+/// Query of `GET /api/v1/incidents`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentsQuery {
+    /// `open`, `recovered`, `maintenance`, `closed` (comma-separated).
+    pub state: Option<String>,
+    /// Condition name.
+    pub condition: Option<String>,
+    /// Area code prefix.
+    pub area: Option<String>,
+    /// Most rows (default 200, at most 5000).
+    pub limit: Option<String>,
+}
+
+async fn incidents(
+    State(state): State<ApiState>,
+    query: Result<Query<IncidentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_parameter(e.body_text()),
+    };
+    let states: Vec<String> =
+        q.state.as_deref().map(|s| s.split(',').map(str::to_owned).collect()).unwrap_or_default();
+    if let Some(bad) = states
+        .iter()
+        .find(|s| !["open", "recovered", "maintenance", "closed"].contains(&s.as_str()))
+    {
+        return bad_parameter(format!(
+            "state: {bad:?} is not open, recovered, maintenance or closed"
+        ));
+    }
+    if let Some(c) = &q.condition
+        && !c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    {
+        return bad_parameter(format!("condition: {c:?} is not a condition name"));
+    }
+    let area = match code("area", q.area.as_ref()) {
+        Ok(a) => a,
+        Err(e) => return bad_parameter(e),
+    };
+    let limit = match number::<u32>("limit", q.limit.as_ref()) {
+        Ok(l) => l.unwrap_or(200).clamp(1, 5_000),
+        Err(e) => return bad_parameter(e),
+    };
+    let condition = q.condition.clone();
+    match blocking(&state, move |s| {
+        s.incidents(&states, condition.as_deref(), area.as_deref(), limit)
+    })
+    .await
+    {
+        Ok(rows) => Json(rows).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Query of `GET /api/v1/stats`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// Start, a W3C date-time or a date (local midnight); default: 30 days before `to`.
+    pub from: Option<String>,
+    /// End (exclusive); default now.
+    pub to: Option<String>,
+    /// District, street, community or grid code; default everything.
+    pub area: Option<String>,
+}
+
+fn instant(name: &str, v: &str, cal: &crate::calendar::Calendar) -> Result<i64, String> {
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(v) {
+        return Ok(d.timestamp_millis());
+    }
+    let day = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .map_err(|_| format!("{name}: {v:?} is neither a date (2026-11-01) nor a date-time"))?;
+    let local = cal.local(0).offset().to_owned();
+    day.and_hms_opt(0, 0, 0)
+        .and_then(|t| t.and_local_timezone(local).single())
+        .map(|t| t.timestamp_millis())
+        .ok_or_else(|| format!("{name}: {v:?} does not exist"))
+}
+
+async fn stats(
+    State(state): State<ApiState>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_parameter(e.body_text()),
+    };
+    let now = state.board.now();
+    let cal = state.board.calendar();
+    let to = match q.to.as_deref().map(|v| instant("to", v, cal)).transpose() {
+        Ok(t) => t.unwrap_or(now),
+        Err(e) => return bad_parameter(e),
+    };
+    let from = match q.from.as_deref().map(|v| instant("from", v, cal)).transpose() {
+        Ok(f) => f.unwrap_or(to - 30 * 86_400_000),
+        Err(e) => return bad_parameter(e),
+    };
+    if from >= to {
+        return bad_parameter("from: must be before to");
+    }
+    let area = match code("area", q.area.as_ref()) {
+        Ok(a) => a.unwrap_or_default(),
+        Err(e) => return bad_parameter(e),
+    };
+    match blocking(&state, move |s| s.stats(from, to, &area, now)).await {
+        Ok(s) => {
+            let mut body = serde_json::to_value(s).unwrap_or_default();
+            if let Some(o) = body.as_object_mut() {
+                o.insert("from".into(), cal.iso(from).into());
+                o.insert("to".into(), cal.iso(to).into());
+            }
+            Json(body).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn events(
+    State(state): State<ApiState>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.status.events.0.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Ok(json) => Some((Ok(Event::default().event("change").data(json)), rx)),
+            // A slow client missed some: tell it to reload what it shows.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                Some((Ok(Event::default().event("resync").data("{}")), rx))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let mut problems = Vec::new();
+    if !state.status.connected.load(Relaxed) {
+        problems.push("broker not connected".to_owned());
+    }
+    if let Err(e) = state.board.with_store(|s| s.check_writable()).await {
+        problems.push(format!("store not writable: {e}"));
+    }
+    if state.sink.as_ref().is_some_and(|s| s.failing.load(Relaxed)) {
+        problems.push("telemetry sink failing".into());
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")))
+            .into_response()
+    }
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let s = &state.status;
+    let outbox = state.board.with_store(|st| st.outbox_counts()).await.unwrap_or_default();
+    let mut out = String::new();
+    metric(&mut out, "gridsense_frames_accepted_total", "counter", "Frames accepted.");
+    let _ = writeln!(out, "gridsense_frames_accepted_total {}", s.frames_accepted.load(Relaxed));
+    metric(&mut out, "gridsense_frames_rejected_total", "counter", "Frames rejected, by reason.");
+    if let Ok(r) = s.rejects.lock() {
+        for (reason, n) in r.iter() {
+            let _ = writeln!(out, "gridsense_frames_rejected_total{{reason=\"{reason}\"}} {n}");
+        }
+    }
+    let accepted = s.frames_accepted.load(Relaxed);
+    let rejected = s.frames_rejected.load(Relaxed);
+    metric(
+        &mut out,
+        "gridsense_frames_in_total",
+        "counter",
+        "Frames received (accepted + rejected).",
+    );
+    let _ = writeln!(out, "gridsense_frames_in_total {}", accepted + rejected);
+    metric(
+        &mut out,
+        "gridsense_queue_unacked",
+        "gauge",
+        "Messages received and not yet acknowledged.",
+    );
+    let _ = writeln!(out, "gridsense_queue_unacked {}", s.unacked.load(Relaxed));
+    metric(
+        &mut out,
+        "gridsense_queue_capacity",
+        "gauge",
+        "In-flight window between the MQTT session and the pipeline.",
+    );
+    let _ = writeln!(out, "gridsense_queue_capacity {}", s.queue_capacity.load(Relaxed));
+    metric(
+        &mut out,
+        "gridsense_commit_last_seconds",
+        "gauge",
+        "Duration of the last group commit.",
+    );
+    let _ = writeln!(
+        out,
+        "gridsense_commit_last_seconds {:.6}",
+        s.last_commit_us.load(Relaxed) as f64 / 1e6
+    );
+    metric(&mut out, "gridsense_batches_total", "counter", "Group commits.");
+    let _ = writeln!(out, "gridsense_batches_total {}", s.batches.load(Relaxed));
+    metric(&mut out, "gridsense_devices", "gauge", "Registered devices by state.");
+    let online = s.devices_online.load(Relaxed);
+    let registered = s.devices_registered.load(Relaxed);
+    let _ = writeln!(out, "gridsense_devices{{state=\"online\"}} {online}");
+    let _ = writeln!(
+        out,
+        "gridsense_devices{{state=\"not_online\"}} {}",
+        registered.saturating_sub(online)
+    );
+    let _ = writeln!(
+        out,
+        "gridsense_devices{{state=\"unassigned\"}} {}",
+        s.devices_unassigned.load(Relaxed)
+    );
+    metric(
+        &mut out,
+        "gridsense_broker_connected",
+        "gauge",
+        "1 when the broker session is up and subscribed.",
+    );
+    let _ = writeln!(out, "gridsense_broker_connected {}", u8::from(s.connected.load(Relaxed)));
+    metric(&mut out, "gridsense_cases_filed_total", "counter", "Cases filed.");
+    let _ = writeln!(out, "gridsense_cases_filed_total {}", s.cases_filed.load(Relaxed));
+    metric(&mut out, "gridsense_incidents_open", "gauge", "Incidents not closed.");
+    let _ = writeln!(out, "gridsense_incidents_open {}", s.incidents_open.load(Relaxed));
+    metric(&mut out, "gridsense_alerts_total", "counter", "SOS alerts.");
+    let _ = writeln!(out, "gridsense_alerts_total {}", s.alerts.load(Relaxed));
+    metric(
+        &mut out,
+        "gridsense_outbox_entries",
+        "gauge",
+        "Outbox entries by state (pending = depth).",
+    );
+    for st in ["pending", "done", "dead"] {
+        let _ = writeln!(
+            out,
+            "gridsense_outbox_entries{{state=\"{st}\"}} {}",
+            outbox.get(st).copied().unwrap_or(0)
+        );
+    }
+    metric(&mut out, "gridsense_delivery_total", "counter", "Delivery outcomes.");
+    let d = &s.delivery;
+    let _ = writeln!(
+        out,
+        "gridsense_delivery_total{{outcome=\"delivered\"}} {}",
+        d.delivered.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "gridsense_delivery_total{{outcome=\"retried\"}} {}",
+        d.retries.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "gridsense_delivery_total{{outcome=\"dead_letter\"}} {}",
+        d.dead.load(Relaxed)
+    );
+    metric(
+        &mut out,
+        "gridsense_case_latency_seconds",
+        "histogram",
+        "From the frame or timer that decided a case to the case being durable.",
+    );
+    let h = &s.case_latency;
+    let mut cumulative = 0;
+    for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+        cumulative += h.buckets.get(i).map_or(0, |b| b.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "gridsense_case_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
+            *le as f64 / 1000.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "gridsense_case_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+        h.count.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "gridsense_case_latency_seconds_sum {:.3}",
+        h.sum_ms.load(Relaxed) as f64 / 1000.0
+    );
+    let _ = writeln!(out, "gridsense_case_latency_seconds_count {}", h.count.load(Relaxed));
+    if let Some(t) = &state.sink {
+        metric(
+            &mut out,
+            "gridsense_sink_points_total",
+            "counter",
+            "Telemetry points by outcome at the external sink.",
+        );
+        let _ = writeln!(
+            out,
+            "gridsense_sink_points_total{{outcome=\"written\"}} {}",
+            t.written.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "gridsense_sink_points_total{{outcome=\"rejected\"}} {}",
+            t.rejected.load(Relaxed)
+        );
+        metric(
+            &mut out,
+            "gridsense_sink_failures_total",
+            "counter",
+            "Failed telemetry writes (retried).",
+        );
+        let _ = writeln!(out, "gridsense_sink_failures_total {}", t.failures.load(Relaxed));
+        metric(
+            &mut out,
+            "gridsense_sink_lag_points",
+            "gauge",
+            "Points waiting in the on-disk buffer.",
+        );
+        let _ = writeln!(out, "gridsense_sink_lag_points {}", t.buffered.load(Relaxed));
+        metric(
+            &mut out,
+            "gridsense_sink_batch_seconds",
+            "gauge",
+            "Duration of the last successful telemetry write.",
+        );
+        let _ = writeln!(
+            out,
+            "gridsense_sink_batch_seconds {:.6}",
+            t.last_write_us.load(Relaxed) as f64 / 1e6
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+/// The routes.
+pub fn routes(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{eui}", get(device))
+        .route("/api/v1/grids", get(grids))
+        .route("/api/v1/incidents", get(incidents))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/events", get(events))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}

@@ -1,0 +1,639 @@
+//! The store's part for operators: where each device was placed, beacons' last fixes, and
+//! the queries behind the device list, a device's page, the grid layer's counts and the
+//! statistics for a period and an area.
+
+use std::collections::BTreeMap;
+
+use gridsense_protocol::Eui;
+use rusqlite::{OptionalExtension, Transaction, params, types::Value};
+use serde::Serialize;
+
+use super::{Store, StoreError};
+
+pub(super) const MIGRATION: &str = "
+CREATE TABLE placements (
+    eui INTEGER PRIMARY KEY, grid_code TEXT, community_code TEXT, street_code TEXT, distance_m REAL
+);
+CREATE INDEX placements_grid ON placements (grid_code);
+CREATE INDEX placements_street ON placements (street_code);
+CREATE TABLE beacon_fix (eui INTEGER PRIMARY KEY, lat REAL NOT NULL, lon REAL NOT NULL, at_ms INTEGER NOT NULL, grid_code TEXT);
+CREATE INDEX incidents_eui ON incidents (eui, state);
+CREATE INDEX audit_eui ON audit (eui, id);
+CREATE INDEX messages_eui_time ON messages (eui, received_ms);";
+
+/// Where a device was placed: grid, community, street, metres outside the grid (snapped).
+pub type Placement = (Eui, String, String, String, Option<f64>);
+
+/// A beacon's last fix: latitude, longitude, time, grid.
+pub type Fix = (f64, f64, i64, Option<String>);
+
+/// Writes beacons' last fixes in the batch's transaction.
+pub(super) fn write(tx: &Transaction<'_>, fixes: &BTreeMap<Eui, Fix>) -> Result<(), StoreError> {
+    if fixes.is_empty() {
+        return Ok(());
+    }
+    let mut put = tx.prepare_cached(
+        "INSERT INTO beacon_fix (eui, lat, lon, at_ms, grid_code) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (eui) DO UPDATE SET lat = ?2, lon = ?3, at_ms = ?4, grid_code = ?5 WHERE ?4 >= at_ms",
+    )?;
+    for (eui, (lat, lon, at, grid)) in fixes {
+        put.execute(params![eui.0 as i64, lat, lon, at, grid])?;
+    }
+    Ok(())
+}
+
+/// Filters of the device list.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceFilter {
+    /// `cover`, `drain`, `beacon`.
+    pub kind: Option<String>,
+    /// Grid code (exact).
+    pub grid: Option<String>,
+    /// Street code (exact).
+    pub street: Option<String>,
+    /// `online`, `offline`, `low_battery`, `alarm`, `never_seen`.
+    pub state: Option<String>,
+    /// Battery below, mV.
+    pub battery_below: Option<u32>,
+    /// Silent (no frame) since before this time, Unix ms.
+    pub silent_before_ms: Option<i64>,
+    /// Sort column: `eui`, `kind`, `grid`, `battery`, `rssi`, `last_seen`, `state`.
+    pub sort: Option<String>,
+    /// Descending.
+    pub desc: bool,
+    /// Page, from 1.
+    pub page: u32,
+    /// Rows per page.
+    pub per_page: u32,
+}
+
+/// A device row of the list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceRow {
+    /// EUI.
+    pub eui: String,
+    /// Kind.
+    pub kind: String,
+    /// Registered position (WGS84).
+    pub lat: f64,
+    /// Registered position.
+    pub lon: f64,
+    /// Component object code.
+    pub object_code: Option<String>,
+    /// Grid placed in.
+    pub grid_code: Option<String>,
+    /// Street.
+    pub street_code: Option<String>,
+    /// `online`, `offline`, `never_seen`.
+    pub health: String,
+    /// Below the low-battery level.
+    pub low_battery: bool,
+    /// Open incidents of major severity or above.
+    pub alarm: bool,
+    /// Battery, mV.
+    pub battery_mv: Option<i64>,
+    /// Signal, dBm.
+    pub rssi_dbm: Option<i64>,
+    /// Last verified frame, Unix ms.
+    pub last_seen_ms: Option<i64>,
+    /// Frames accepted.
+    pub frames: i64,
+    /// Frames rejected.
+    pub rejects: i64,
+    /// Firmware.
+    pub firmware: Option<String>,
+    /// A beacon's last fix: lat, lon, time.
+    pub fix: Option<(f64, f64, i64)>,
+}
+
+/// A page of devices.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DevicePage {
+    /// Rows matching the filter.
+    pub total: u64,
+    /// Page number.
+    pub page: u32,
+    /// Rows per page.
+    pub per_page: u32,
+    /// The rows.
+    pub devices: Vec<DeviceRow>,
+}
+
+const DEVICE_SELECT: &str = "SELECT d.eui, d.kind, d.lat, d.lon, d.component_code, p.grid_code, p.street_code,
+    h.online, h.low_battery, h.battery_mv, h.rssi_dbm, h.last_seen_ms, h.frames, h.rejects, h.firmware,
+    EXISTS (SELECT 1 FROM incidents i WHERE i.eui = d.eui AND i.state IN ('open', 'recovered') AND i.severity IN ('major', 'critical')) AS alarm,
+    f.lat, f.lon, f.at_ms
+    FROM devices d
+    LEFT JOIN placements p ON p.eui = d.eui
+    LEFT JOIN health h ON h.eui = d.eui
+    LEFT JOIN beacon_fix f ON f.eui = d.eui
+    WHERE d.status = 'active'";
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+    let online: Option<bool> = r.get(7)?;
+    let fix = match (
+        r.get::<_, Option<f64>>(16)?,
+        r.get::<_, Option<f64>>(17)?,
+        r.get::<_, Option<i64>>(18)?,
+    ) {
+        (Some(a), Some(b), Some(t)) => Some((a, b, t)),
+        _ => None,
+    };
+    Ok(DeviceRow {
+        eui: Eui(r.get::<_, i64>(0)? as u64).to_string(),
+        kind: r.get(1)?,
+        lat: r.get(2)?,
+        lon: r.get(3)?,
+        object_code: r.get(4)?,
+        grid_code: r.get(5)?,
+        street_code: r.get(6)?,
+        health: match online {
+            None => "never_seen",
+            Some(true) => "online",
+            Some(false) => "offline",
+        }
+        .into(),
+        low_battery: r.get::<_, Option<bool>>(8)?.unwrap_or(false),
+        battery_mv: r.get(9)?,
+        rssi_dbm: r.get(10)?,
+        last_seen_ms: r.get(11)?,
+        frames: r.get::<_, Option<i64>>(12)?.unwrap_or(0),
+        rejects: r.get::<_, Option<i64>>(13)?.unwrap_or(0),
+        firmware: r.get(14)?,
+        alarm: r.get(15)?,
+        fix,
+    })
+}
+
+/// A device's page: its row, recent telemetry, health transitions, last frames with verdicts,
+/// and its incidents.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceDetail {
+    /// The row.
+    #[serde(flatten)]
+    pub device: DeviceRow,
+    /// Recent telemetry: series `measurement_field` → (time, value), oldest first.
+    pub telemetry: BTreeMap<String, Vec<(i64, f64)>>,
+    /// Health transitions, newest first: (time, event).
+    pub health_events: Vec<(i64, String)>,
+    /// Last frames, newest first.
+    pub frames: Vec<FrameVerdict>,
+    /// Incidents, newest first: (id, condition, severity, state, case).
+    pub incidents: Vec<(i64, String, String, String, Option<i64>)>,
+}
+
+/// A frame and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FrameVerdict {
+    /// Arrival, Unix ms.
+    pub received_ms: i64,
+    /// `accepted` or `rejected`.
+    pub verdict: &'static str,
+    /// Message kind (accepted) or the reject reason.
+    pub detail: String,
+    /// Frame counter (accepted messages).
+    pub counter: Option<i64>,
+}
+
+/// An incident row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IncidentView {
+    /// Id.
+    pub id: i64,
+    /// Device.
+    pub device_id: String,
+    /// Condition.
+    pub condition: String,
+    /// Severity.
+    pub severity: String,
+    /// `open`, `recovered`, `maintenance`, `closed`.
+    pub state: String,
+    /// Onset, Unix ms.
+    pub onset_ms: i64,
+    /// Detected, Unix ms.
+    pub detected_ms: i64,
+    /// Last change, Unix ms.
+    pub updated_ms: i64,
+    /// Cluster.
+    pub cluster_id: Option<i64>,
+    /// Grid.
+    pub grid_code: Option<String>,
+    /// Case.
+    pub case_id: Option<i64>,
+}
+
+/// Counts of one grid for the map.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GridCounts {
+    /// Devices placed in it.
+    pub devices: u64,
+    /// Of those, offline.
+    pub offline: u64,
+    /// Open cases in it.
+    pub open_cases: u64,
+    /// Devices in alarm.
+    pub alarm: u64,
+}
+
+/// Statistics for a period and an area.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Cases collected (detected) in the period.
+    pub collected: u64,
+    /// Cases filed in the period.
+    pub filed: u64,
+    /// Cases dispatched in the period.
+    pub dispatched: u64,
+    /// Cases handled in the period.
+    pub handled: u64,
+    /// Cases closed in the period.
+    pub closed: u64,
+    /// Of the cases collected in the period, the share closed (or voided) by now.
+    pub closure_rate: Option<f64>,
+    /// 130: of the collected cases whose deploy milestone has passed or that were dispatched,
+    /// the share dispatched in time.
+    pub deploy_compliance: Option<f64>,
+    /// 130: the same for the feedback milestone.
+    pub feedback_compliance: Option<f64>,
+    /// Of the dispatched cases whose handling deadline passed or that were handled, the share
+    /// handled in time.
+    pub handling_compliance: Option<f64>,
+    /// Devices online / devices seen at least once, in the area.
+    pub online_ratio: Option<f64>,
+    /// Devices in the area.
+    pub devices: u64,
+    /// Devices online.
+    pub online: u64,
+    /// Grids in the area with at least one check-in in the period, of all its grids with a
+    /// placed device or a check-in.
+    pub patrol: Vec<(String, u64)>,
+}
+
+fn ratio(num: u64, den: u64) -> Option<f64> {
+    #[allow(clippy::cast_precision_loss)]
+    (den > 0).then(|| (num as f64 / den as f64 * 1000.0).round() / 1000.0)
+}
+
+impl Store {
+    /// Records where each device was placed (replacing earlier placements).
+    pub fn write_placements(&mut self, placements: &[Placement]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM placements", [])?;
+        {
+            let mut put = tx.prepare(
+                "INSERT INTO placements (eui, grid_code, community_code, street_code, distance_m) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (eui, grid, community, street, distance) in placements {
+                put.execute(params![eui.0 as i64, grid, community, street, distance])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A page of devices.
+    pub fn devices(&self, f: &DeviceFilter) -> Result<DevicePage, StoreError> {
+        let mut cond = String::new();
+        let mut args: Vec<Value> = Vec::new();
+        let mut add = |sql: &str, v: Value| {
+            cond.push_str(sql);
+            args.push(v);
+        };
+        if let Some(k) = &f.kind {
+            add(" AND d.kind = ?", k.clone().into());
+        }
+        if let Some(g) = &f.grid {
+            add(" AND p.grid_code = ?", g.clone().into());
+        }
+        if let Some(s) = &f.street {
+            add(" AND p.street_code = ?", s.clone().into());
+        }
+        if let Some(b) = f.battery_below {
+            add(" AND h.battery_mv < ?", i64::from(b).into());
+        }
+        if let Some(t) = f.silent_before_ms {
+            add(" AND (h.last_seen_ms IS NULL OR h.last_seen_ms < ?)", t.into());
+        }
+        match f.state.as_deref() {
+            Some("online") => cond.push_str(" AND h.online = 1"),
+            Some("offline") => cond.push_str(" AND h.online = 0"),
+            Some("never_seen") => cond.push_str(" AND h.eui IS NULL"),
+            Some("low_battery") => cond.push_str(" AND h.low_battery = 1"),
+            Some("alarm") => cond.push_str(" AND alarm"),
+            _ => {}
+        }
+        let total: i64 = self.conn.query_row(
+            &format!("SELECT COUNT(*) FROM ({DEVICE_SELECT}{cond})"),
+            rusqlite::params_from_iter(args.clone()),
+            |r| r.get(0),
+        )?;
+        let order = match f.sort.as_deref() {
+            Some("kind") => "d.kind",
+            Some("grid") => "p.grid_code",
+            Some("battery") => "h.battery_mv",
+            Some("rssi") => "h.rssi_dbm",
+            Some("last_seen") => "h.last_seen_ms",
+            Some("state") => "alarm DESC, h.online",
+            _ => "d.eui",
+        };
+        let dir = if f.desc { "DESC" } else { "ASC" };
+        let per_page = f.per_page.clamp(1, 5_000);
+        let offset = i64::from(f.page.max(1) - 1) * i64::from(per_page);
+        let sql = format!("{DEVICE_SELECT}{cond} ORDER BY {order} {dir}, d.eui LIMIT ? OFFSET ?");
+        args.push(i64::from(per_page).into());
+        args.push(offset.into());
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let devices = stmt
+            .query_map(rusqlite::params_from_iter(args), device_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(DevicePage { total: total as u64, page: f.page.max(1), per_page, devices })
+    }
+
+    /// One device's page.
+    pub fn device(&self, eui: Eui, since_ms: i64) -> Result<Option<DeviceDetail>, StoreError> {
+        let e = eui.0 as i64;
+        let Some(device) = self
+            .conn
+            .query_row(&format!("{DEVICE_SELECT} AND d.eui = ?1"), [e], device_row)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut telemetry: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT measurement, field, at_ms, value FROM telemetry WHERE eui = ?1 AND at_ms >= ?2 ORDER BY at_ms DESC LIMIT 2000",
+        )?;
+        let rows = stmt.query_map(params![e, since_ms], |r| {
+            Ok((
+                format!("{}_{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (series, at, v) = row?;
+            telemetry.entry(series).or_default().push((at, v));
+        }
+        for points in telemetry.values_mut() {
+            points.reverse();
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT at_ms, event FROM health_events WHERE eui = ?1 ORDER BY id DESC LIMIT 50",
+        )?;
+        let health_events =
+            stmt.query_map([e], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let mut frames: Vec<FrameVerdict> = Vec::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT received_ms, kind, counter FROM messages WHERE eui = ?1 ORDER BY received_ms DESC LIMIT 30",
+        )?;
+        for row in stmt.query_map([e], |r| {
+            Ok(FrameVerdict {
+                received_ms: r.get(0)?,
+                verdict: "accepted",
+                detail: r.get(1)?,
+                counter: r.get(2)?,
+            })
+        })? {
+            frames.push(row?);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT received_ms, reason FROM audit WHERE eui = ?1 ORDER BY id DESC LIMIT 30",
+        )?;
+        for row in stmt.query_map([e], |r| {
+            Ok(FrameVerdict {
+                received_ms: r.get(0)?,
+                verdict: "rejected",
+                detail: r.get(1)?,
+                counter: None,
+            })
+        })? {
+            frames.push(row?);
+        }
+        frames.sort_by_key(|f| std::cmp::Reverse(f.received_ms));
+        frames.truncate(30);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, condition, severity, state, case_id FROM incidents WHERE eui = ?1 ORDER BY id DESC LIMIT 20",
+        )?;
+        let incidents = stmt
+            .query_map([e], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(DeviceDetail { device, telemetry, health_events, frames, incidents }))
+    }
+
+    /// Recent values of each listed device's main series (for sparklines), oldest first.
+    pub fn sparklines(
+        &self,
+        devices: &[(Eui, &'static str, &'static str)],
+        since_ms: i64,
+        points: u32,
+    ) -> Result<BTreeMap<String, Vec<f64>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT value FROM telemetry WHERE eui = ?1 AND measurement = ?2 AND field = ?3 AND at_ms >= ?4
+             ORDER BY at_ms DESC LIMIT ?5",
+        )?;
+        let mut out = BTreeMap::new();
+        for (eui, m, f) in devices {
+            let mut v: Vec<f64> = stmt
+                .query_map(params![eui.0 as i64, m, f, since_ms, points], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            v.reverse();
+            out.insert(eui.to_string(), v);
+        }
+        Ok(out)
+    }
+
+    /// Incidents, newest first: filtered by state, condition and area code prefix.
+    pub fn incidents(
+        &self,
+        states: &[String],
+        condition: Option<&str>,
+        area: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<IncidentView>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, eui, condition, severity, state, onset_ms, detected_ms, updated_ms, cluster_id, grid_code, case_id
+             FROM incidents WHERE 1 = 1",
+        );
+        let mut args: Vec<Value> = Vec::new();
+        if !states.is_empty() {
+            sql.push_str(&format!(" AND state IN ({})", vec!["?"; states.len()].join(", ")));
+            args.extend(states.iter().map(|s| Value::from(s.clone())));
+        }
+        if let Some(c) = condition {
+            sql.push_str(" AND condition = ?");
+            args.push(c.to_owned().into());
+        }
+        if let Some(a) = area {
+            sql.push_str(" AND substr(COALESCE(grid_code, ''), 1, ?) = ?");
+            args.push(i64::try_from(a.len()).unwrap_or(0).into());
+            args.push(a.to_owned().into());
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        args.push(i64::from(limit).into());
+        let mut stmt = self.conn.prepare(&sql)?;
+        Ok(stmt
+            .query_map(rusqlite::params_from_iter(args), |r| {
+                Ok(IncidentView {
+                    id: r.get(0)?,
+                    device_id: Eui(r.get::<_, i64>(1)? as u64).to_string(),
+                    condition: r.get(2)?,
+                    severity: r.get(3)?,
+                    state: r.get(4)?,
+                    onset_ms: r.get(5)?,
+                    detected_ms: r.get(6)?,
+                    updated_ms: r.get(7)?,
+                    cluster_id: r.get(8)?,
+                    grid_code: r.get(9)?,
+                    case_id: r.get(10)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Checks the store accepts a write (for readiness), without changing anything.
+    pub fn check_writable(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("INSERT INTO stats (name, value) VALUES ('ready_probe', 0) ON CONFLICT (name) DO NOTHING", [])?;
+        tx.rollback()?;
+        Ok(())
+    }
+
+    /// Per-grid counts for the map.
+    pub fn grid_counts(&self) -> Result<BTreeMap<String, GridCounts>, StoreError> {
+        let mut out: BTreeMap<String, GridCounts> = BTreeMap::new();
+        let mut stmt = self.conn.prepare(
+            "SELECT p.grid_code, COUNT(*), SUM(CASE WHEN h.online = 0 THEN 1 ELSE 0 END),
+                SUM(EXISTS (SELECT 1 FROM incidents i WHERE i.eui = d.eui AND i.state IN ('open', 'recovered') AND i.severity IN ('major', 'critical')))
+             FROM devices d JOIN placements p ON p.eui = d.eui LEFT JOIN health h ON h.eui = d.eui
+             WHERE d.status = 'active' AND p.grid_code IS NOT NULL GROUP BY p.grid_code",
+        )?;
+        for row in stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })? {
+            let (grid, devices, offline, alarm) = row?;
+            let c = out.entry(grid).or_default();
+            c.devices = devices as u64;
+            c.offline = offline.unwrap_or(0) as u64;
+            c.alarm = alarm.unwrap_or(0) as u64;
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT grid_code, COUNT(*) FROM cases WHERE state NOT IN ('closed', 'voided') AND grid_code IS NOT NULL GROUP BY grid_code",
+        )?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (grid, n) = row?;
+            out.entry(grid).or_default().open_cases = n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Statistics for cases detected in `[from, to)` and devices in the area (a code prefix;
+    /// empty: everything).
+    pub fn stats(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        area: &str,
+        now_ms: i64,
+    ) -> Result<Stats, StoreError> {
+        let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u64, StoreError> {
+            Ok(self.conn.query_row(sql, p, |r| r.get::<_, i64>(0))? as u64)
+        };
+        let in_area = "substr(COALESCE(c.grid_code, ''), 1, length(?3)) = ?3";
+        let step = |to: &str| -> Result<u64, StoreError> {
+            count(
+                &format!(
+                    "SELECT COUNT(DISTINCT e.case_id) FROM case_events e JOIN cases c ON c.id = e.case_id
+                     WHERE e.to_state = '{to}' AND e.at_ms >= ?1 AND e.at_ms < ?2 AND {in_area}"
+                ),
+                &[&from_ms, &to_ms, &area],
+            )
+        };
+        let collected = count(
+            &format!(
+                "SELECT COUNT(*) FROM cases c WHERE c.detected_ms >= ?1 AND c.detected_ms < ?2 AND {in_area}"
+            ),
+            &[&from_ms, &to_ms, &area],
+        )?;
+        let closed_of_collected = count(
+            &format!(
+                "SELECT COUNT(*) FROM cases c WHERE c.detected_ms >= ?1 AND c.detected_ms < ?2 AND {in_area}
+                 AND c.state IN ('closed', 'voided')"
+            ),
+            &[&from_ms, &to_ms, &area],
+        )?;
+        // Compliance: cases whose milestone passed or that reached the step.
+        let compliance = |done: &str, due: &str| -> Result<Option<f64>, StoreError> {
+            let base = format!(
+                "FROM cases c WHERE c.detected_ms >= ?1 AND c.detected_ms < ?2 AND {in_area}
+                 AND ({done} IS NOT NULL OR {due} < ?4)"
+            );
+            let all =
+                count(&format!("SELECT COUNT(*) {base}"), &[&from_ms, &to_ms, &area, &now_ms])?;
+            let ok = count(
+                &format!("SELECT COUNT(*) {base} AND {done} IS NOT NULL AND {done} <= {due}"),
+                &[&from_ms, &to_ms, &area, &now_ms],
+            )?;
+            Ok(ratio(ok, all))
+        };
+        let handling = {
+            let base = format!(
+                "FROM cases c WHERE c.detected_ms >= ?1 AND c.detected_ms < ?2 AND {in_area}
+                 AND c.dispatched_ms IS NOT NULL AND (c.handled_ms IS NOT NULL OR c.handling_due_ms < ?4)"
+            );
+            let all =
+                count(&format!("SELECT COUNT(*) {base}"), &[&from_ms, &to_ms, &area, &now_ms])?;
+            let ok = count(
+                &format!(
+                    "SELECT COUNT(*) {base} AND c.handled_ms IS NOT NULL AND c.handled_ms <= c.handling_due_ms"
+                ),
+                &[&from_ms, &to_ms, &area, &now_ms],
+            )?;
+            ratio(ok, all)
+        };
+        let (devices, online): (i64, i64) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN h.online = 1 THEN 1 ELSE 0 END), 0)
+             FROM devices d LEFT JOIN placements p ON p.eui = d.eui LEFT JOIN health h ON h.eui = d.eui
+             WHERE d.status = 'active' AND substr(COALESCE(p.grid_code, ''), 1, length(?1)) = ?1",
+            [area],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let seen: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM devices d LEFT JOIN placements p ON p.eui = d.eui JOIN health h ON h.eui = d.eui
+             WHERE d.status = 'active' AND substr(COALESCE(p.grid_code, ''), 1, length(?1)) = ?1",
+            [area],
+            |r| r.get(0),
+        )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT grid_code, COUNT(*) FROM patrols WHERE at_ms >= ?1 AND at_ms < ?2 AND grid_code IS NOT NULL
+             AND substr(grid_code, 1, length(?3)) = ?3 GROUP BY grid_code ORDER BY grid_code",
+        )?;
+        let patrol = stmt
+            .query_map(params![from_ms, to_ms, area], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Stats {
+            collected,
+            filed: step("filed")?,
+            dispatched: step("dispatched")?,
+            handled: step("handled")?,
+            closed: step("closed")?,
+            closure_rate: ratio(closed_of_collected, collected),
+            deploy_compliance: compliance("c.dispatched_ms", "c.deploy_due_ms")?,
+            feedback_compliance: compliance(
+                "COALESCE(c.feedback_ms, c.closed_ms)",
+                "c.feedback_due_ms",
+            )?,
+            handling_compliance: handling,
+            online_ratio: ratio(online as u64, seen as u64),
+            devices: devices as u64,
+            online: online as u64,
+            patrol,
+        })
+    }
+}
