@@ -246,6 +246,13 @@ async fn device(State(state): State<ApiState>, Path(eui): Path<String>) -> Respo
     }
 }
 
+async fn map(State(state): State<ApiState>) -> Response {
+    match blocking(&state, |s| s.map_devices()).await {
+        Ok(d) => Json(serde_json::json!({ "devices": d })).into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn grids(State(state): State<ApiState>) -> Response {
     let Some(layer) = state.grids.clone() else {
         return api_error(
@@ -621,6 +628,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{eui}", get(device))
         .route("/api/v1/grids", get(grids))
+        .route("/api/v1/map", get(map))
         .route("/api/v1/incidents", get(incidents))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/events", get(events))

@@ -80,6 +80,50 @@ pub enum DevicesCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// List devices with their health, from the store or a running gateway's API.
+    List {
+        /// `cover`, `drain`, `beacon`.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Grid code.
+        #[arg(long)]
+        grid: Option<String>,
+        /// Street code.
+        #[arg(long)]
+        street: Option<String>,
+        /// `online`, `offline`, `never_seen`, `low_battery`, `alarm`.
+        #[arg(long)]
+        state: Option<String>,
+        /// Battery below, mV.
+        #[arg(long)]
+        battery_below: Option<String>,
+        /// Silent for more than, e.g. `30m`.
+        #[arg(long)]
+        silent_for: Option<String>,
+        /// Sort: eui, kind, grid, battery, rssi, last_seen, state.
+        #[arg(long)]
+        sort: Option<String>,
+        /// Rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// A running gateway's base URL (e.g. http://127.0.0.1:8080) instead of the store.
+        #[arg(long)]
+        api: Option<String>,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// One device: health, last frames with verdicts, incidents.
+    Show {
+        /// The device EUI.
+        eui: String,
+        /// A running gateway's base URL instead of the store.
+        #[arg(long)]
+        api: Option<String>,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Ask a device for a status now (sent at its next frame).
     StatusRequest {
         /// The device EUI.
@@ -301,6 +345,50 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Devices(DevicesCommand::List {
+            kind,
+            grid,
+            street,
+            state,
+            battery_below,
+            silent_for,
+            sort,
+            limit,
+            api,
+            config,
+        }) => {
+            let q = crate::api::DevicesQuery {
+                kind,
+                grid,
+                street,
+                state,
+                battery_below,
+                silent_for,
+                order: sort.as_ref().map(|_| "asc".to_owned()),
+                sort,
+                per_page: Some(limit.to_string()),
+                ..Default::default()
+            };
+            print!(
+                "{}",
+                crate::cli_cases::devices_list(&q, api.as_deref(), || load_config(
+                    config.as_deref()
+                ))
+                .await?
+            );
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::Show { eui, api, config }) => {
+            let eui: Eui = eui.parse().context("EUI")?;
+            print!(
+                "{}",
+                crate::cli_cases::device_show(eui, api.as_deref(), || load_config(
+                    config.as_deref()
+                ))
+                .await?
+            );
+            Ok(())
+        }
         Command::Devices(DevicesCommand::StatusRequest { eui, config }) => {
             let eui: Eui = eui.parse().context("EUI")?;
             let mut store = app::open_store(&load_config(config.as_deref())?)?;
@@ -316,7 +404,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cases(cmd) => {
-            print!("{}", crate::cli_cases::cases(cmd, load_config)?);
+            print!("{}", crate::cli_cases::cases(cmd, load_config).await?);
             Ok(())
         }
         Command::Maintenance(cmd) => {

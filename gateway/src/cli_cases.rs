@@ -1,5 +1,10 @@
-//! `gridsense cases …` and `gridsense maintenance …`: the case board and maintenance windows
-//! from a terminal (an SSH session in the management centre), on the local store.
+//! `gridsense cases …`, `gridsense maintenance …` and `gridsense devices list|show`: the case
+//! board, maintenance windows and device health from a terminal (an SSH session in the
+//! management centre), on the local store or through a running gateway's API (`--api URL`).
+
+// The tables render `serde_json::Value`s; indexing one yields `Null` for what is missing and
+// never panics.
+#![allow(clippy::indexing_slicing)]
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -31,6 +36,9 @@ pub enum CasesCommand {
         /// Most rows.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// A running gateway's base URL (e.g. http://127.0.0.1:8080) instead of the store.
+        #[arg(long)]
+        api: Option<String>,
         /// Configuration file naming the store.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -101,14 +109,12 @@ fn calendar(config: &Config) -> Result<(crate::cases::CaseTables, Calendar)> {
 }
 
 /// Runs `gridsense cases …`.
-pub fn cases(
+pub async fn cases(
     cmd: CasesCommand,
     load: impl Fn(Option<&std::path::Path>) -> Result<Config>,
 ) -> Result<String> {
     match cmd {
-        CasesCommand::List { state, class, area, limit, config } => {
-            let config = load(config.as_deref())?;
-            let (tables, cal) = calendar(&config)?;
+        CasesCommand::List { state, class, area, limit, api, config } => {
             let q = RequestsQuery {
                 state,
                 service_code: class,
@@ -117,8 +123,34 @@ pub fn cases(
                 ..RequestsQuery::default()
             };
             let filter = filter_of(&q).map_err(|e| anyhow::anyhow!("--{e}"))?;
-            let store = app::open_store(&config)?;
-            let now = app::wall_clock()();
+            let (list, cal) = match api {
+                Some(base) => {
+                    let mut params = vec![format!("limit={limit}")];
+                    for (k, v) in
+                        [("state", &q.state), ("service_code", &q.service_code), ("area", &q.area)]
+                    {
+                        if let Some(v) = v {
+                            params.push(format!("{k}={v}"));
+                        }
+                    }
+                    let list = fetch(&base, &format!("/api/v1/cases?{}", params.join("&"))).await?;
+                    (list, Calendar::default())
+                }
+                None => {
+                    let config = load(config.as_deref())?;
+                    let (tables, cal) = calendar(&config)?;
+                    let now = app::wall_clock()();
+                    let rows: Vec<_> = app::open_store(&config)?
+                        .cases(&filter)?
+                        .into_iter()
+                        .map(|c| crate::board::CaseSummary {
+                            timers: timers(&c, &tables, &cal, now),
+                            case: c,
+                        })
+                        .collect();
+                    (serde_json::to_value(rows)?, cal)
+                }
+            };
             let mut out = format!(
                 "{:>6}  {:<6} {:<10} {:<7} {:<16} {:<15} {:<25} {:<7} {:<8} {:<8}\n",
                 "id",
@@ -132,19 +164,19 @@ pub fn cases(
                 "feedback",
                 "handling"
             );
-            for c in store.cases(&filter)? {
-                let t = timers(&c, &tables, &cal, now);
-                let colour = |i: usize| t.get(i).map_or("", |t| t.colour.as_str());
+            for c in list.as_array().into_iter().flatten() {
+                let colour = |i: usize| c["timers"][i]["colour"].as_str().unwrap_or("").to_owned();
+                let text = |k: &str| c[k].as_str().unwrap_or("-").to_owned();
                 let _ = writeln!(
                     out,
                     "{:>6}  {:<6} {:<10} {:<7} {:<16} {:<15} {:<25} {:<7} {:<8} {:<8}",
-                    c.id,
-                    c.class_code,
-                    c.state,
-                    c.urgency,
-                    c.device_id,
-                    c.grid_code.as_deref().unwrap_or("-"),
-                    cal.iso(c.detected_ms),
+                    c["id"],
+                    text("class_code"),
+                    text("state"),
+                    text("urgency"),
+                    text("device_id"),
+                    text("grid_code"),
+                    c["detected_ms"].as_i64().map_or("-".into(), |t| cal.iso(t)),
                     colour(0),
                     colour(1),
                     colour(2)
@@ -300,4 +332,165 @@ pub fn maintenance(
             Ok(out)
         }
     }
+}
+
+async fn fetch(base: &str, path: &str) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let resp = reqwest::get(&url).await.with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value =
+        resp.json().await.with_context(|| format!("GET {url}: not JSON"))?;
+    if !status.is_success() {
+        bail!(
+            "GET {url}: {status}: {}",
+            body["error"]["message"].as_str().unwrap_or("(no message)")
+        );
+    }
+    Ok(body)
+}
+
+fn ago(now: i64, at: Option<i64>) -> String {
+    match at {
+        None => "never".into(),
+        Some(t) => {
+            let s = (now - t).max(0) / 1000;
+            match s {
+                0..60 => format!("{s} s ago"),
+                60..3_600 => format!("{} min ago", s / 60),
+                3_600..86_400 => format!("{} h ago", s / 3_600),
+                _ => format!("{} d ago", s / 86_400),
+            }
+        }
+    }
+}
+
+fn state_word(d: &serde_json::Value) -> &'static str {
+    if d["alarm"] == true {
+        "ALARM"
+    } else if d["health"] == "offline" {
+        "offline"
+    } else if d["low_battery"] == true {
+        "low battery"
+    } else if d["health"] == "never_seen" {
+        "never seen"
+    } else {
+        "online"
+    }
+}
+
+/// `gridsense devices list`: the same rows as `GET /api/v1/devices`, as a table.
+pub async fn devices_list(
+    q: &crate::api::DevicesQuery,
+    api: Option<&str>,
+    load: impl FnOnce() -> Result<Config>,
+) -> Result<String> {
+    let now = app::wall_clock()();
+    let page = match api {
+        Some(base) => {
+            let mut params = Vec::new();
+            for (k, v) in [
+                ("kind", &q.kind),
+                ("grid", &q.grid),
+                ("street", &q.street),
+                ("state", &q.state),
+                ("battery_below", &q.battery_below),
+                ("silent_for", &q.silent_for),
+                ("sort", &q.sort),
+                ("order", &q.order),
+                ("per_page", &q.per_page),
+            ] {
+                if let Some(v) = v {
+                    params.push(format!("{k}={v}"));
+                }
+            }
+            fetch(base, &format!("/api/v1/devices?{}", params.join("&"))).await?
+        }
+        None => {
+            let config = load()?;
+            let (filter, _) =
+                crate::api::device_filter(q, now).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            serde_json::to_value(app::open_store(&config)?.devices(&filter)?)?
+        }
+    };
+    let mut out = format!(
+        "{:<16}  {:<6}  {:<15}  {:<11}  {:>7}  {:>5}  {}\n",
+        "device", "kind", "grid", "state", "battery", "rssi", "last seen"
+    );
+    let empty = Vec::new();
+    let rows = page["devices"].as_array().unwrap_or(&empty);
+    for d in rows {
+        let _ = writeln!(
+            out,
+            "{:<16}  {:<6}  {:<15}  {:<11}  {:>7}  {:>5}  {}",
+            d["eui"].as_str().unwrap_or(""),
+            d["kind"].as_str().unwrap_or(""),
+            d["grid_code"].as_str().unwrap_or("-"),
+            state_word(d),
+            d["battery_mv"].as_i64().map_or("-".into(), |b| format!("{b} mV")),
+            d["rssi_dbm"].as_i64().map_or("-".into(), |r| r.to_string()),
+            ago(now, d["last_seen_ms"].as_i64())
+        );
+    }
+    let _ = writeln!(out, "{} of {} devices", rows.len(), page["total"].as_u64().unwrap_or(0));
+    Ok(out)
+}
+
+/// `gridsense devices show`: health, frames with verdicts, incidents.
+pub async fn device_show(
+    eui: gridsense_protocol::Eui,
+    api: Option<&str>,
+    load: impl FnOnce() -> Result<Config>,
+) -> Result<String> {
+    let now = app::wall_clock()();
+    let d = match api {
+        Some(base) => fetch(base, &format!("/api/v1/devices/{eui}")).await?,
+        None => {
+            let config = load()?;
+            let Some(d) = app::open_store(&config)?.device(eui, now - 7 * 86_400_000)? else {
+                bail!("{eui} is not registered");
+            };
+            serde_json::to_value(d)?
+        }
+    };
+    let mut out = format!(
+        "{} {}  {}  grid {}  object {}\nbattery {}  rssi {}  firmware {}  last seen {}  frames {} accepted, {} rejected\n",
+        d["kind"].as_str().unwrap_or(""),
+        d["eui"].as_str().unwrap_or(""),
+        state_word(&d),
+        d["grid_code"].as_str().unwrap_or("-"),
+        d["object_code"].as_str().unwrap_or("-"),
+        d["battery_mv"].as_i64().map_or("-".into(), |b| format!("{b} mV")),
+        d["rssi_dbm"].as_i64().map_or("-".into(), |r| format!("{r} dBm")),
+        d["firmware"].as_str().unwrap_or("-"),
+        ago(now, d["last_seen_ms"].as_i64()),
+        d["frames"],
+        d["rejects"],
+    );
+    out.push_str("last frames:\n");
+    for f in d["frames"].as_array().into_iter().flatten().take(15) {
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<9} {}",
+            ago(now, f["received_ms"].as_i64()),
+            f["verdict"].as_str().unwrap_or(""),
+            f["detail"].as_str().unwrap_or("")
+        );
+    }
+    out.push_str("health:\n");
+    for e in d["health_events"].as_array().into_iter().flatten().take(10) {
+        let _ = writeln!(out, "  {:<12} {}", ago(now, e[0].as_i64()), e[1].as_str().unwrap_or(""));
+    }
+    out.push_str("incidents:\n");
+    for i in d["incidents"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  #{} {} {} {}{}",
+            i[0],
+            i[1].as_str().unwrap_or(""),
+            i[2].as_str().unwrap_or(""),
+            i[3].as_str().unwrap_or(""),
+            i[4].as_i64().map(|c| format!(" case {c}")).unwrap_or_default()
+        );
+    }
+    Ok(out)
 }

@@ -1,5 +1,6 @@
-//! The gateway's HTTP surface so far: `GET /api/v1/status` (JSON counters), `GET /healthz`, and
-//! a minimal live page at `/` (no external assets; the dashboard issue replaces it).
+//! The gateway's HTTP surface: `GET /api/v1/status` (JSON counters), `GET /healthz`, and the
+//! operators' dashboard at `/` (`dashboard.html`: map, device health, cases, live updates; no
+//! external assets). The API it uses is in [`crate::api`] and [`crate::board`].
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
@@ -99,21 +100,8 @@ async fn get_status(State(state): State<AppState>) -> Json<StatusBody> {
     Json(body(&state))
 }
 
-const PAGE: &str = r#"<!doctype html>
-<html lang="zh-CN"><head><meta charset="utf-8"><title>gridsense 网格感知</title>
-<style>body{font:18px system-ui,sans-serif;margin:2em;background:#10151c;color:#e8eef5}
-h1{font-size:1.4em}dl{display:grid;grid-template-columns:max-content auto;gap:.4em 1.5em}
-dt{color:#8aa0b8}dd{margin:0;font-variant-numeric:tabular-nums;font-size:1.3em}</style></head>
-<body><h1>gridsense 网格感知 · 网关状态 gateway status</h1><dl id="s"></dl>
-<script>
-const labels={frames_accepted:"已接收帧 frames accepted",frames_rejected:"已拒绝帧 frames rejected",
-devices_online:"在线设备 devices online",devices_registered:"登记设备 devices registered",
-broker_connected:"消息代理 broker connected",unacked:"待确认 unacked",batches:"批次 batches",
-cases_filed:"立案 cases filed",incidents_open:"未结事件 incidents open",alerts:"求助 SOS alerts"};
-async function tick(){try{const s=await (await fetch('/api/v1/status')).json();
-document.getElementById('s').innerHTML=Object.entries(labels).map(([k,l])=>`<dt>${l}</dt><dd>${s[k]}</dd>`).join('');}catch(e){}}
-tick();setInterval(tick,1000);
-</script></body></html>"#;
+/// The operators' dashboard: one self-contained page (no external assets; it works offline).
+const PAGE: &str = include_str!("dashboard.html");
 
 /// The router.
 pub fn router(status: Arc<Status>, sink: Option<Arc<SinkStatus>>) -> Router {
@@ -164,11 +152,11 @@ mod tests {
         assert_eq!(body["devices_online"], 7);
         assert_eq!(body["frames_rejected"], 0);
         let page = reqwest::get(format!("http://{addr}/")).await.unwrap().text().await.unwrap();
-        assert!(
-            page.contains("/api/v1/status")
-                && !page.contains("http://")
-                && !page.contains("https://")
-        );
+        // Self-contained: no external script, style, font, image or map tile.
+        assert!(page.contains("/api/v1/status"));
+        for external in ["src=\"http", "href=\"http", "url(http", "@import", "//cdn", "https://"] {
+            assert!(!page.contains(external), "{external}");
+        }
         stop_tx.send(true).unwrap();
         server.await.unwrap().unwrap();
     }

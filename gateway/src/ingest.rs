@@ -129,6 +129,8 @@ impl Default for Events {
 /// What one commit changed, as sent to live views.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Changes {
+    /// Wall-clock time the notice was sent, Unix ms (live views measure their lag with it).
+    pub sent_ms: i64,
     /// Frames accepted in the batch.
     pub accepted: u64,
     /// New cases: id, device, class, grid.
@@ -147,6 +149,7 @@ impl Changes {
     /// From a batch about to be committed.
     pub fn of(batch: &Batch) -> Self {
         Changes {
+            sent_ms: 0,
             accepted: batch.accepted,
             cases: batch
                 .cases
@@ -514,6 +517,7 @@ async fn pipeline_task(
                 status.case_latency.observe(u64::try_from(durable.saturating_sub(d)).unwrap_or(0));
             }
             if changes.is_visible() {
+                let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
                 let _ = status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
             }
             // Durable: the delivery workers may send them now.

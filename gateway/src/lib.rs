@@ -10,7 +10,9 @@
 //!   [`cases`] (pure): incidents, cases with codes, deadlines and the 130 milestones on the
 //!   [`calendar`], maintenance windows, the lifecycle; [`delivery`]: the outbox workers and
 //!   platform adapters ([`open311_client`], webhook); [`board`]: Open311 read endpoints and the
-//!   operator API; [`cli_cases`]: the same from a terminal.
+//!   operator lifecycle API; [`api`]: devices, grids, incidents, statistics, live events,
+//!   `/readyz`, `/metrics`; [`http`]: the dashboard page; [`cli_cases`]: the same from a
+//!   terminal.
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 

@@ -17,7 +17,7 @@ pub use cases::{
 };
 pub use ops::{
     DeviceDetail, DeviceFilter, DevicePage, DeviceRow, Fix, FrameVerdict, GridCounts, IncidentView,
-    Placement, Stats,
+    MapDevice, Placement, Stats,
 };
 
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};

@@ -9,7 +9,7 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use gridsense_gateway::{app, config::Config};
+use gridsense_gateway::app;
 use gridsense_protocol::{
     CheckIn, DeviceKey, DeviceTime, Eui, PositionFix, Status, Uplink, examples,
 };
@@ -42,18 +42,15 @@ fn status_now(at: DeviceTime, battery_mv: u16) -> Uplink {
     Uplink::Status(Status { at, battery_mv, ..*s })
 }
 
-#[tokio::test]
+// Several threads: the CLI calls below block one while the gateway answers them on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_answers_and_bad_parameters_are_named() {
     let broker = Mosquitto::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     fixtures::city(dir.path(), 51, Counts { covers: 20, drains: 10, beacons: 3 }).unwrap();
     let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
     let keys: HashMap<Eui, DeviceKey> = fixtures::keys(dir.path()).unwrap();
-    let mut config = Config::default();
-    config.mqtt.url = format!("mqtt://{}", broker.addr());
-    config.store.path = dir.path().join("gridsense.db");
-    config.geo.grids = dir.path().join("grids.geojson").display().to_string();
-    config.http.listen = "127.0.0.1:0".into();
+    let config = common::config(dir.path(), broker.addr());
     common::import(&config, dir.path());
     let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
     let base = format!("http://{}", gateway.http.unwrap());
@@ -192,6 +189,46 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
+
+    // The same from a terminal: through the running gateway's API, or on the store.
+    let config_path = dir.path().join("gridsense.toml");
+    std::fs::write(&config_path, format!("[store]\npath = \"{}\"\n", config.store.path.display()))
+        .unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = cli(&["devices", "list", "--api", &base, "--state", "alarm"]);
+    assert!(
+        ok && text.contains(&covers[1].to_string())
+            && text.contains("ALARM")
+            && text.contains("1 of 1 devices"),
+        "{text}"
+    );
+    let (ok, text) =
+        cli(&["devices", "list", "--config", config_path.to_str().unwrap(), "--kind", "beacon"]);
+    assert!(ok && text.contains("3 of 3 devices"), "{text}");
+    let (ok, text) = cli(&["devices", "show", &drains[0].to_string(), "--api", &base]);
+    assert!(ok && text.contains("bad_tag") && text.contains("rejected"), "{text}");
+    let (ok, text) = cli(&[
+        "devices",
+        "show",
+        &drains[0].to_string(),
+        "--config",
+        config_path.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("bad_tag"), "{text}");
+    let (ok, text) = cli(&["cases", "list", "--api", &base]);
+    assert!(ok && text.contains("C01"), "{text}");
+    let (ok, text) = cli(&["devices", "list", "--api", &base, "--state", "asleep"]);
+    assert!(!ok && text.contains("state"), "{text}");
 
     // Live events: a theft shows up on the stream within a second.
     let mut stream = reqwest::get(format!("{base}/api/v1/events")).await.unwrap();

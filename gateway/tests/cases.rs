@@ -18,22 +18,13 @@ use std::{collections::BTreeMap, time::Duration};
 
 use gridsense_gateway::{
     app,
-    config::Config,
     geo::{CodeLengths, GridLayer},
 };
 use gridsense_simulator::{city::Counts, inventory::Kind};
 use gridsense_tests::{Mosquitto, fixtures};
 use serde_json::Value;
 
-fn config(dir: &std::path::Path, broker: std::net::SocketAddr) -> Config {
-    let mut config = Config::default();
-    config.mqtt.url = format!("mqtt://{broker}");
-    config.store.path = dir.join("gridsense.db");
-    config.geo.grids = dir.join("grids.geojson").display().to_string();
-    config.http.listen = "127.0.0.1:0".into();
-    config.downlink.poll_ms = 200;
-    config
-}
+use common::config;
 
 async fn get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url).await.unwrap();

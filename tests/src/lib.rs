@@ -7,12 +7,15 @@
 //! - The embedded broker (rumqttd) is the gateway's own: `gridsense_gateway::broker`.
 //! - [`VictoriaMetrics`]: Debian's `victoria-metrics`, the InfluxDB 2 write API in tests.
 //! - [`Subscriber`]: records every uplink frame.
+//! - [`Chromium`]: Debian's headless `chromium`, driven over the DevTools Protocol.
 
 pub mod broker;
+pub mod browser;
 pub mod fixtures;
 pub mod subscriber;
 pub mod victoria;
 
 pub use broker::{Mosquitto, free_port};
+pub use browser::Chromium;
 pub use subscriber::{Received, Subscriber};
 pub use victoria::VictoriaMetrics;

@@ -222,6 +222,21 @@ pub struct IncidentView {
     pub case_id: Option<i64>,
 }
 
+/// A device on the map (serialised as an array to keep 20,000 of them small): EUI, kind,
+/// lat, lon, health, alarm, low battery, fix lat, fix lon.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapDevice(
+    pub String,
+    pub String,
+    pub f64,
+    pub f64,
+    pub &'static str,
+    pub bool,
+    pub bool,
+    pub Option<f64>,
+    pub Option<f64>,
+);
+
 /// Counts of one grid for the map.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GridCounts {
@@ -496,6 +511,38 @@ impl Store {
         tx.execute("INSERT INTO stats (name, value) VALUES ('ready_probe', 0) ON CONFLICT (name) DO NOTHING", [])?;
         tx.rollback()?;
         Ok(())
+    }
+
+    /// Every active device for the map, compact: EUI, kind, position, health (`on`, `off`,
+    /// `new`), in alarm, low battery, and a beacon's last fix.
+    pub fn map_devices(&self) -> Result<Vec<MapDevice>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.eui, d.kind, d.lat, d.lon, h.online, h.low_battery,
+                EXISTS (SELECT 1 FROM incidents i WHERE i.eui = d.eui AND i.state IN ('open', 'recovered') AND i.severity IN ('major', 'critical')),
+                f.lat, f.lon
+             FROM devices d LEFT JOIN health h ON h.eui = d.eui LEFT JOIN beacon_fix f ON f.eui = d.eui
+             WHERE d.status = 'active'",
+        )?;
+        Ok(stmt
+            .query_map([], |r| {
+                let online: Option<bool> = r.get(4)?;
+                Ok(MapDevice(
+                    Eui(r.get::<_, i64>(0)? as u64).to_string(),
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    match online {
+                        None => "new",
+                        Some(true) => "on",
+                        Some(false) => "off",
+                    },
+                    r.get::<_, Option<bool>>(5)?.unwrap_or(false),
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?)
     }
 
     /// Per-grid counts for the map.

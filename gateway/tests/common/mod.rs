@@ -154,3 +154,15 @@ pub async fn publish_raw(broker: SocketAddr, frames: Vec<(Eui, Vec<u8>)>) {
 pub fn removed(at: DeviceTime) -> Uplink {
     Uplink::AlarmRaised(AlarmRaised { kind: AlarmKind::CoverRemoved, value: 1_750, since: at })
 }
+
+/// A gateway configuration for a test district in `dir`: the broker, a store, the grid layer,
+/// the HTTP API on a free loopback port, requests polled every 200 ms.
+pub fn config(dir: &Path, broker: SocketAddr) -> Config {
+    let mut config = Config::default();
+    config.mqtt.url = format!("mqtt://{broker}");
+    config.store.path = dir.join("gridsense.db");
+    config.geo.grids = dir.join("grids.geojson").display().to_string();
+    config.http.listen = "127.0.0.1:0".into();
+    config.downlink.poll_ms = 200;
+    config
+}
