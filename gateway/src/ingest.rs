@@ -417,13 +417,14 @@ async fn pipeline_task(
             }
             pipeline.set_windows(windows);
             if !finished.is_empty() {
-                // Release the incidents of cases closed on the board; written with the next
-                // batch (the incident rows are idempotent upserts).
+                // Release the incidents of cases closed on the board (the incident rows are
+                // idempotent upserts), and tell live views.
                 let mut batch = Batch::default();
                 for (event, case) in finished {
                     last_case_event = last_case_event.max(event);
                     pipeline.case_finished(case, now, &mut batch);
                 }
+                let changes = Changes::of(&batch);
                 if let Some(mut s) = store.take() {
                     let (s, r) = tokio::task::spawn_blocking(move || {
                         let r = s.commit(&batch);
@@ -432,6 +433,11 @@ async fn pipeline_task(
                     .await?;
                     store = Some(s);
                     r?;
+                }
+                if changes.is_visible() {
+                    let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
+                    let _ =
+                        status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
                 }
                 status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
             }

@@ -153,6 +153,15 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
     let open: u64 = features.iter().map(|f| f["properties"]["open_cases"].as_u64().unwrap()).sum();
     assert_eq!(open, 1);
 
+    // The map's compact device list: every device, the stolen cover in alarm, the beacon at its fix.
+    let map = json(&format!("{base}/api/v1/map")).await;
+    let map = map["devices"].as_array().unwrap();
+    assert_eq!(map.len(), 33);
+    let victim = map.iter().find(|d| d[0] == covers[1].to_string()).unwrap();
+    assert_eq!((victim[1].as_str(), victim[5].as_bool()), (Some("cover"), Some(true)));
+    let walker = map.iter().find(|d| d[0] == beacons[0].to_string()).unwrap();
+    assert_eq!((walker[7].as_f64(), walker[8].as_f64()), (Some(38.9), Some(121.62)));
+
     // Incidents, cases, statistics.
     let incidents = json(&format!("{base}/api/v1/incidents?state=open")).await;
     assert!(incidents.as_array().unwrap().iter().any(|i| i["condition"] == "cover_displaced"));

@@ -91,13 +91,37 @@ async fn the_dashboard_shows_grids_devices_and_a_theft_live() {
 
     let (b2, rows, markers) = tokio::task::spawn_blocking(move || {
         let rows = b.eval("[...document.querySelectorAll('#device-table tbody tr')].map(r => [r.dataset.eui, r.dataset.state])").unwrap();
-        let markers = b.eval("document.querySelectorAll('#map circle[data-eui]').length").unwrap();
+        let markers = b.eval("[...document.querySelectorAll('#map circle[data-eui]')].map(e => [e.dataset.eui, e.dataset.state])").unwrap();
         (b, rows, markers)
     })
     .await
     .unwrap();
     b = b2;
-    assert_eq!(markers, devices.len(), "a marker per device");
+    let markers = markers.as_array().unwrap();
+    assert_eq!(markers.len(), devices.len(), "a marker per device");
+    // Markers in alarm are exactly the devices the API has in alarm (before the theft).
+    let all: Value = reqwest::get(format!("{base}/api/v1/devices?per_page=5000"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api_alarms: std::collections::BTreeSet<&str> = all["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| state_of(d) == "alarm")
+        .map(|d| d["eui"].as_str().unwrap())
+        .collect();
+    let map_alarms: std::collections::BTreeSet<&str> =
+        markers.iter().filter(|m| m[1] == "alarm").map(|m| m[0].as_str().unwrap()).collect();
+    assert_eq!(map_alarms, api_alarms, "alarm markers");
+    let low: Vec<&Value> = markers.iter().filter(|m| m[1] == "low").collect();
+    println!(
+        "dashboard: {} markers in alarm, {} low battery before the theft",
+        map_alarms.len(),
+        low.len()
+    );
     // The table shows the devices the API lists, in the same order, with the same states
     // (health may move on between the two reads: compare the EUIs exactly, states loosely).
     let rows = rows.as_array().unwrap();

@@ -536,8 +536,8 @@ impl Store {
                         Some(true) => "on",
                         Some(false) => "off",
                     },
-                    r.get::<_, Option<bool>>(5)?.unwrap_or(false),
                     r.get(6)?,
+                    r.get::<_, Option<bool>>(5)?.unwrap_or(false),
                     r.get(7)?,
                     r.get(8)?,
                 ))
