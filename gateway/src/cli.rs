@@ -154,6 +154,19 @@ pub enum ProvisionCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Give a device a new frame key; its counters are kept. A running gateway applies it
+    /// within `downlink.poll_ms`.
+    Rekey {
+        /// The device EUI.
+        eui: String,
+        /// The new key, 32 hex digits (or set GRIDSENSE_NEW_KEY); without it one is generated
+        /// and printed once, to be loaded into the device.
+        #[arg(long, env = "GRIDSENSE_NEW_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Record that a device moved.
     Move {
         /// The device EUI.
@@ -274,7 +287,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             if !store.retire(eui, app::wall_clock()())? {
                 bail!("{eui} is not an active device");
             }
-            println!("gridsense provision retire: {eui} retired (restart the gateway to apply)");
+            println!(
+                "gridsense provision retire: {eui} retired (a running gateway applies it within downlink.poll_ms)"
+            );
+            Ok(())
+        }
+        Command::Provision(ProvisionCommand::Rekey { eui, key, config }) => {
+            let eui: Eui = eui.parse().context("EUI")?;
+            let (key, generated) = match key {
+                Some(hex) => (DeviceKey::from_hex(&hex).context("--key")?, false),
+                None => {
+                    let mut bytes = [0u8; 16];
+                    getrandom::fill(&mut bytes)
+                        .map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                    (DeviceKey::from_bytes(bytes), true)
+                }
+            };
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if !store.rekey(eui, &key, app::wall_clock()())? {
+                bail!("{eui} is not an active device");
+            }
+            println!("gridsense provision rekey: {eui} has a new key; its counters are kept");
+            if generated {
+                // Shown once, for loading into the device; the registry never prints it again.
+                println!("new key (load it into the device): {}", hex::encode(key.expose_bytes()));
+            }
             Ok(())
         }
         Command::Provision(ProvisionCommand::Move { eui, lat, lon, config }) => {
@@ -304,7 +341,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 bail!("{old} is not an active device");
             }
             println!(
-                "gridsense provision replace: {new} replaces {old} on the same object                  (rerun `provision broker` and reload Mosquitto; restart the gateway)"
+                "gridsense provision replace: {new} replaces {old} on the same object                  (rerun `provision broker` and reload Mosquitto; a running gateway applies it within downlink.poll_ms)"
             );
             Ok(())
         }

@@ -394,6 +394,11 @@ async fn pipeline_task(
         Some(r) => r?,
         None => 0,
     };
+    // Registry changes (re-keyed, retired, new devices) since start are applied as they come.
+    let mut last_registry = match store.as_ref().map(Store::registry_position) {
+        Some(r) => r?,
+        None => 0,
+    };
     let mut next_poll = tokio::time::Instant::now();
     loop {
         // Operators' new requests (`gridsense devices configure`) from the store.
@@ -402,15 +407,28 @@ async fn pipeline_task(
         {
             next_poll = tokio::time::Instant::now() + Duration::from_millis(batching.poll_ms);
             let (after, events_after, now) = (last_request, last_case_event, clock());
+            let registry_after = last_registry;
             let (s, found) = tokio::task::spawn_blocking(move || {
                 let r = s.open_requests(after).and_then(|requests| {
-                    Ok((requests, s.finished_cases(events_after)?, s.windows(now)?))
+                    Ok((
+                        requests,
+                        s.finished_cases(events_after)?,
+                        s.windows(now)?,
+                        s.registry_changes(registry_after)?,
+                    ))
                 });
                 (s, r)
             })
             .await?;
             store = Some(s);
-            let (requests, finished, windows) = found?;
+            let (requests, finished, windows, (registry_position, registry)) = found?;
+            // Registry first, so a request for a device registered meanwhile is not dropped.
+            if !registry.is_empty() {
+                tracing::info!(devices = registry.len(), "registry changes applied");
+                pipeline.apply_registry(registry);
+                status.devices_registered.store(pipeline.registered() as u64, Relaxed);
+            }
+            last_registry = registry_position;
             for (eui, pending) in requests {
                 last_request = last_request.max(pending.id);
                 pipeline.request(eui, pending);

@@ -87,6 +87,12 @@ impl Intake {
         self.keys.insert(eui, (kind, key));
     }
 
+    /// Stops accepting a device (retired or replaced). Its counter window is kept, so a
+    /// device brought back cannot replay old frames.
+    pub fn unregister(&mut self, eui: Eui) {
+        self.keys.remove(&eui);
+    }
+
     /// Restores a device's persisted counter window.
     pub fn restore_window(&mut self, eui: Eui, window: CounterWindow) {
         self.windows.insert(eui, window);

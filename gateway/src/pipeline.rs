@@ -150,6 +150,34 @@ impl Pipeline {
         self
     }
 
+    /// Applies registry changes made while running (new keys, retirements, new or moved
+    /// devices): keys at once, and the device's grid, site and rules with them.
+    pub fn apply_registry(&mut self, changes: Vec<crate::store::RegistryChange>) {
+        let mut moved_sites = false;
+        for change in changes {
+            let eui = change.eui;
+            let Some((key, site, attrs)) = change.active else {
+                self.intake.unregister(eui);
+                continue;
+            };
+            self.intake.register(eui, site.kind, key);
+            if let Some(grids) = &mut self.grids {
+                match grids.layer.locate_index(site.lat, site.lon) {
+                    Some((i, _)) => grids.placed.insert(eui, i),
+                    None => grids.placed.remove(&eui),
+                };
+            }
+            if let Some(layer) = &mut self.cases {
+                layer.rules.add_device(eui, site.kind, attrs);
+                layer.sites.insert(eui, site);
+                moved_sites = true;
+            }
+        }
+        if moved_sites && let Some(layer) = &mut self.cases {
+            layer.sites.seal();
+        }
+    }
+
     /// Replaces the maintenance windows.
     pub fn set_windows(&mut self, windows: Vec<MaintenanceWindow>) {
         if let Some(layer) = &mut self.cases {

@@ -161,6 +161,11 @@ const MIGRATIONS: &[&str] = &[
     cases::MIGRATION,
     // 7: operators' views: placements, beacons' last fixes, indexes for per-device pages.
     ops::MIGRATION,
+    // 8: a log of registry changes, so a running gateway picks them up (keys, retirements,
+    // new and moved devices).
+    "CREATE TABLE registry_log (id INTEGER PRIMARY KEY, eui INTEGER NOT NULL);
+    CREATE TRIGGER devices_logged_insert AFTER INSERT ON devices BEGIN INSERT INTO registry_log (eui) VALUES (NEW.eui); END;
+    CREATE TRIGGER devices_logged_update AFTER UPDATE ON devices BEGIN INSERT INTO registry_log (eui) VALUES (NEW.eui); END;",
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -289,6 +294,15 @@ impl Batch {
             && self.cases.is_empty()
             && self.fixes.is_empty()
     }
+}
+
+/// A device as it is after a registry change.
+#[derive(Debug, Clone)]
+pub struct RegistryChange {
+    /// Device.
+    pub eui: Eui,
+    /// Its key, site and attributes when active; `None`: no longer accepted.
+    pub active: Option<(DeviceKey, crate::cases::Site, crate::rules::Attributes)>,
 }
 
 /// Totals kept in the store.
@@ -575,6 +589,55 @@ impl Store {
             params![eui.0 as i64, now_ms],
         )?;
         Ok(n == 1)
+    }
+
+    /// Gives an active device a new key; its counters are kept (a device re-keyed in the field
+    /// continues its frame counter). Returns whether it was active.
+    pub fn rekey(&mut self, eui: Eui, key: &DeviceKey, now_ms: i64) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE devices SET key = ?2, updated_ms = ?3 WHERE eui = ?1 AND status = 'active'",
+            params![eui.0 as i64, key.expose_bytes().to_vec(), now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The last registry change's position (to watch from).
+    pub fn registry_position(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM registry_log", [], |r| r.get(0))?)
+    }
+
+    /// Devices changed after position `after`, as they are now: active ones with their key,
+    /// site and rule attributes; others (retired, replaced) without. Returns the new position.
+    pub fn registry_changes(&self, after: i64) -> Result<(i64, Vec<RegistryChange>), StoreError> {
+        let position = self.registry_position()?;
+        if position <= after {
+            return Ok((after, Vec::new()));
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT d.eui, d.status, d.key FROM devices d
+             WHERE d.eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > ?1)",
+        )?;
+        let rows: Vec<(i64, String, Vec<u8>)> = stmt
+            .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let sites: std::collections::HashMap<Eui, (crate::cases::Site, crate::rules::Attributes)> =
+            self.sites()?.into_iter().map(|(e, s, a)| (e, (s, a))).collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for (eui, status, key) in rows {
+            let eui = Eui(eui as u64);
+            let active = status == "active";
+            let key: Option<[u8; 16]> = key.try_into().ok();
+            match (active, key, sites.get(&eui)) {
+                (true, Some(key), Some((site, attrs))) => out.push(RegistryChange {
+                    eui,
+                    active: Some((DeviceKey::from_bytes(key), site.clone(), *attrs)),
+                }),
+                _ => out.push(RegistryChange { eui, active: None }),
+            }
+        }
+        Ok((position, out))
     }
 
     /// Moves a device to a new location. Returns whether it exists.

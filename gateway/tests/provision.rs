@@ -5,6 +5,8 @@
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
 
+mod common;
+
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use gridsense_simulator::city::Counts;
@@ -110,4 +112,76 @@ async fn devices_get_their_own_topics_and_nothing_else() {
         }
     }
     assert_eq!(received, vec![(format!("gridsense/{}/up", a.eui), b"own".to_vec())]);
+}
+
+/// A running gateway applies registry changes without a restart: a re-keyed device is
+/// accepted under its new key with its counters kept (its old frames stay duplicates, its old
+/// key no longer verifies), and a retired device is refused.
+#[tokio::test]
+async fn rekey_and_retire_reach_a_running_gateway_and_keep_counters() {
+    use gridsense_protocol::DeviceKey;
+
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 81, Counts { covers: 2, drains: 1, beacons: 0 }).unwrap();
+    let mut config = common::config(dir.path(), broker.addr());
+    config.http.listen = String::new();
+    let path = dir.path().join("gridsense.toml");
+    std::fs::write(&path, format!("[store]\npath = \"{}\"\n", config.store.path.display()))
+        .unwrap();
+    common::import(&config, dir.path());
+    let mut keys = fixtures::keys(dir.path()).unwrap();
+    let devices: Vec<_> = keys.keys().copied().collect();
+    let (a, b) = (devices[0], devices[1]);
+    let (gateway, stop_tx) = common::start(&config, gridsense_gateway::app::wall_clock()).await;
+    let at = common::now_device_time();
+    let status = |battery| {
+        let gridsense_protocol::Uplink::Status(s) = &gridsense_protocol::examples::uplinks()[2]
+        else {
+            panic!("example 2 is a status")
+        };
+        gridsense_protocol::Uplink::Status(gridsense_protocol::Status {
+            at,
+            battery_mv: battery,
+            ..*s
+        })
+    };
+    common::publish_from(broker.addr(), vec![(a, status(3_600)), (b, status(3_600))], &keys, 10)
+        .await;
+
+    // Re-key `a` (a key given) and retire `b`, through the CLI, while the gateway runs.
+    let new_key = "00112233445566778899aabbccddeeff";
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gridsense"))
+            .args(args)
+            .args(["--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = cli(&["provision", "rekey", &a.to_string(), "--key", new_key]);
+    assert!(out.contains("counters are kept") && !out.contains(new_key), "{out}");
+    cli(&["provision", "retire", &b.to_string()]);
+    let generated = cli(&["provision", "rekey", &devices[2].to_string()]);
+    assert!(generated.contains("new key"), "a generated key is shown once: {generated}");
+    tokio::time::sleep(Duration::from_millis(config.downlink.poll_ms * 3)).await;
+
+    let old_key = keys[&a].clone();
+    keys.insert(a, DeviceKey::from_hex(new_key).unwrap());
+    // New key, next counter: accepted. New key, an old counter: a duplicate, not a new frame.
+    common::publish_from(broker.addr(), vec![(a, status(3_500)), (b, status(3_500))], &keys, 11)
+        .await;
+    common::publish_from(broker.addr(), vec![(a, status(3_400))], &keys, 10).await;
+    keys.insert(a, old_key);
+    common::publish_from(broker.addr(), vec![(a, status(3_300))], &keys, 12).await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+
+    let store = gridsense_gateway::app::open_store(&config).unwrap();
+    let totals = store.totals().unwrap();
+    assert_eq!(totals.accepted, 3, "a and b before, a after the re-key: {totals:?}");
+    assert_eq!(totals.rejects.get("unknown_device"), Some(&1), "b is retired: {totals:?}");
+    assert_eq!(totals.rejects.get("duplicate"), Some(&1), "the counter survived: {totals:?}");
+    assert_eq!(totals.rejects.get("bad_tag"), Some(&1), "the old key is refused: {totals:?}");
 }
