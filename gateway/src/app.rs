@@ -85,7 +85,8 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     let health = store.health()?;
     let mut pipeline =
         Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health))
-            .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new());
+            .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
+            .with_rate_limit(config.health.max_frames_per_minute);
     let mut unassigned_devices = 0;
     let mut grids_geojson = None;
     if !config.geo.grids.is_empty() {

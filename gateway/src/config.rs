@@ -336,6 +336,9 @@ pub struct Health {
     pub beacon_interval_s: u64,
     /// Battery below this is low, mV.
     pub low_battery_mv: u16,
+    /// Frames a device may send per minute; beyond it the rest are refused unchecked and the
+    /// device is flagged as flooding (0: no limit).
+    pub max_frames_per_minute: u32,
 }
 
 impl Default for Health {
@@ -346,6 +349,7 @@ impl Default for Health {
             drain_interval_s: 3_600,
             beacon_interval_s: 3_600,
             low_battery_mv: 3_300,
+            max_frames_per_minute: 300,
         }
     }
 }

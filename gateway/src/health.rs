@@ -119,6 +119,9 @@ pub enum EventKind {
     BatteryOk,
     /// The device rebooted (uptime went backwards).
     Rebooted,
+    /// The device sent more frames than its budget and is being throttled (once a minute
+    /// while it lasts).
+    Flooding,
 }
 
 impl EventKind {
@@ -130,6 +133,7 @@ impl EventKind {
             EventKind::BatteryLow => "battery_low",
             EventKind::BatteryOk => "battery_ok",
             EventKind::Rebooted => "rebooted",
+            EventKind::Flooding => "flooding",
         }
     }
 }

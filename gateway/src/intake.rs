@@ -40,6 +40,9 @@ pub enum Reject {
     Replay(Eui, u32),
     /// Counter far below the window and near zero: the device may have lost its counter.
     ResetSuspect(Eui, u32),
+    /// The device sent more than its frame budget this minute (throttled before its tag is
+    /// even checked).
+    RateLimited(Eui),
 }
 
 impl Reject {
@@ -54,6 +57,7 @@ impl Reject {
             Reject::Duplicate(..) => "duplicate",
             Reject::Replay(..) => "replay",
             Reject::ResetSuspect(..) => "reset_suspect",
+            Reject::RateLimited(_) => "rate_limited",
         }
     }
 }

@@ -66,6 +66,35 @@ pub struct Pipeline {
     last_health_flush: i64,
     /// Rules, incidents and cases, once configured.
     cases: Option<CaseLayer>,
+    /// Per-device frame budget.
+    rate: RateLimit,
+}
+
+/// Frames per device per gateway minute (fixed windows): counts only for devices heard in
+/// the current minute, so it costs nothing for quiet devices.
+#[derive(Debug, Default)]
+struct RateLimit {
+    per_minute: u32,
+    minute: i64,
+    counts: HashMap<Eui, u32>,
+}
+
+impl RateLimit {
+    /// Counts a frame; `Some(first)` when it is over the budget (`first`: the first refused
+    /// this minute).
+    fn over(&mut self, now_ms: i64, eui: Eui) -> Option<bool> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let minute = now_ms.div_euclid(60_000);
+        if minute != self.minute {
+            self.minute = minute;
+            self.counts.clear();
+        }
+        let n = self.counts.entry(eui).or_default();
+        *n = n.saturating_add(1);
+        (*n > self.per_minute).then_some(*n == self.per_minute + 1)
+    }
 }
 
 /// The rules and the incident/case core with what they need to know about devices.
@@ -115,7 +144,15 @@ impl Pipeline {
             grids: None,
             last_health_flush: i64::MIN,
             cases: None,
+            rate: RateLimit::default(),
         }
+    }
+
+    /// Limits each device to `per_minute` frames a minute (0: no limit).
+    #[must_use]
+    pub fn with_rate_limit(mut self, per_minute: u32) -> Self {
+        self.rate.per_minute = per_minute;
+        self
     }
 
     /// Turns on rules and cases: every device with its site and rule attributes, the rule
@@ -440,6 +477,20 @@ impl Pipeline {
         payload: &[u8],
         batch: &mut Batch,
     ) -> Outcome {
+        // 0. A device over its frame budget is refused before any crypto (a flood costs little).
+        if let Ok((eui, Direction::Uplink)) = parse_topic(topic)
+            && self.intake.kind_of(eui).is_some()
+            && let Some(first) = self.rate.over(now_ms, eui)
+        {
+            if !first {
+                // Counted only: auditing every frame of a flood would be the flood's work.
+                *batch.rejects.entry("rate_limited").or_default() += 1;
+                return Outcome::Rejected("rate_limited");
+            }
+            batch.events.push(HealthEvent { eui, at_ms: now_ms, kind: EventKind::Flooding });
+            tracing::warn!(%eui, limit = self.rate.per_minute, "device flooding: throttled");
+            return self.reject(now_ms, topic, payload, &Reject::RateLimited(eui), batch);
+        }
         // 1. Decode, look up, verify, counter window.
         let accepted = match self.intake.check(topic, payload) {
             Ok(accepted) => accepted,
@@ -765,6 +816,35 @@ mod tests {
             assert_eq!(sites.get(Eui(10 - i as u64)).as_ref(), Some(s));
         }
         assert_eq!(sites.get(Eui(99)), None);
+    }
+
+    #[test]
+    fn a_flooding_device_is_throttled_and_flagged_once_a_minute() {
+        let (p, key) = pipeline();
+        let mut p = p.with_rate_limit(300);
+        let up = topic(Eui(1), Direction::Uplink);
+        let reading = &examples::uplinks()[1];
+        let mut batch = Batch::default();
+        for counter in 1..=310 {
+            p.handle(1_000, &up, &seal(Eui(1), counter, reading, &key), &mut batch);
+        }
+        assert_eq!(batch.accepted, 300);
+        assert_eq!(batch.rejects["rate_limited"], 10);
+        assert_eq!(batch.audit.len(), 1, "the first refusal is audited, the rest counted");
+        let flooding = batch.events.iter().filter(|e| e.kind == EventKind::Flooding).count();
+        assert_eq!(flooding, 1);
+        // The next minute the budget is back.
+        let mut next = Batch::default();
+        p.handle(61_000, &up, &seal(Eui(1), 311, reading, &key), &mut next);
+        assert_eq!(next.accepted, 1);
+        // Unknown devices are not counted (they are refused anyway), and the limit can be off.
+        let (p, key) = pipeline();
+        let mut p = p.with_rate_limit(0);
+        let mut batch = Batch::default();
+        for counter in 1..=400 {
+            p.handle(1_000, &up, &seal(Eui(1), counter, reading, &key), &mut batch);
+        }
+        assert_eq!(batch.accepted, 400);
     }
 
     #[test]
