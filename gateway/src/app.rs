@@ -150,6 +150,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             &status,
             sink.as_ref().map(|(s, _)| s.clone()),
             Some((Arc::new(board), grids_geojson)),
+            &config.http,
             shutdown.clone(),
         )?)
     };
@@ -251,6 +252,7 @@ pub fn serve_http(
     status: &Arc<Status>,
     sink: Option<Arc<SinkStatus>>,
     board: Option<(Arc<crate::board::Board>, Option<Arc<serde_json::Value>>)>,
+    http: &crate::config::Http,
     shutdown: watch::Receiver<bool>,
 ) -> Result<SocketAddr> {
     listener.set_nonblocking(true)?;
@@ -258,9 +260,24 @@ pub fn serve_http(
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut router = crate::http::router(status.clone(), sink.clone());
     if let Some((board, grids)) = board {
-        router = router.merge(crate::board::routes(board.clone())).merge(crate::api::routes(
-            crate::api::ApiState { board, status: status.clone(), sink, grids },
-        ));
+        router = router
+            .merge(crate::board::routes(board.clone()))
+            .merge(crate::api::routes(crate::api::ApiState {
+                board: board.clone(),
+                status: status.clone(),
+                sink,
+                grids,
+            }))
+            .layer(axum::middleware::from_fn_with_state(
+                crate::auth::Guard {
+                    required: http.auth == "tokens",
+                    open311_public: http.open311_public,
+                    board,
+                    timeout: std::time::Duration::from_millis(http.timeout_ms),
+                },
+                crate::auth::check,
+            ))
+            .layer(axum::extract::DefaultBodyLimit::max(http.body_limit));
     }
     tokio::spawn(async move {
         if let Err(e) = crate::http::serve(listener, router, shutdown).await {

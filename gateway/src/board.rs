@@ -126,6 +126,9 @@ fn api(status: StatusCode, message: impl Into<String>) -> Response {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::CONFLICT => "conflict",
         StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "bad_parameter",
+        StatusCode::UNPROCESSABLE_ENTITY => "bad_parameter",
         _ => "internal",
     };
     crate::api::api_error(status, code, message)
@@ -651,7 +654,7 @@ async fn move_case(
     };
     let body = match body {
         Ok(Json(b)) => b,
-        Err(e) => return api(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => return api(e.status(), e.body_text()),
     };
     let Some(to) = CaseState::parse(&body.to) else {
         return api(StatusCode::BAD_REQUEST, format!("to: {:?} is not a lifecycle state", body.to));

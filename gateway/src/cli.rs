@@ -58,12 +58,46 @@ pub enum Command {
     /// Inspect frames.
     #[command(subcommand)]
     Frame(FrameCommand),
+    /// API tokens for operators (stored hashed; shown once when made).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// The case board: list, show (with trace), move through the lifecycle; built-in tables.
     #[command(subcommand)]
     Cases(crate::cli_cases::CasesCommand),
     /// Maintenance windows: alarms of devices under repair are recorded, not filed.
     #[command(subcommand)]
     Maintenance(crate::cli_cases::MaintenanceCommand),
+}
+
+/// `gridsense tokens …`
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Make a token; it is printed once and stored only as a hash.
+    Add {
+        /// A name for it (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// `read` (every GET) or `operator` (also moves cases).
+        #[arg(long, default_value = "read")]
+        role: String,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Tokens by name and role (never the tokens).
+    List {
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Revoke a token.
+    Revoke {
+        /// Its name.
+        name: String,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// `gridsense devices …`
@@ -438,6 +472,48 @@ pub async fn run(cli: Cli) -> Result<()> {
                 app::wall_clock()(),
             )?;
             println!("gridsense devices status-request: request {id} queued for {eui}");
+            Ok(())
+        }
+        Command::Tokens(TokensCommand::Add { name, role, config }) => {
+            if !crate::auth::ROLES.contains(&role.as_str()) {
+                bail!("--role {role:?}: read or operator");
+            }
+            if name.trim().is_empty() {
+                bail!("--name must say who uses the token");
+            }
+            let token =
+                crate::auth::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if !store.add_token(
+                name.trim(),
+                &role,
+                &crate::auth::hash(&token),
+                app::wall_clock()(),
+            )? {
+                bail!("a token named {name:?} exists (revoke it first)");
+            }
+            println!(
+                "gridsense tokens add: {role} token {:?} (shown once; only its hash is stored):\n{token}",
+                name.trim()
+            );
+            Ok(())
+        }
+        Command::Tokens(TokensCommand::List { config }) => {
+            let store = app::open_store(&load_config(config.as_deref())?)?;
+            for (name, role, created, revoked) in store.tokens()? {
+                println!(
+                    "{name:<24} {role:<9} created {created}{}",
+                    revoked.map(|r| format!(", revoked {r}")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Tokens(TokensCommand::Revoke { name, config }) => {
+            let mut store = app::open_store(&load_config(config.as_deref())?)?;
+            if !store.revoke_token(&name, app::wall_clock()())? {
+                bail!("no live token named {name:?}");
+            }
+            println!("gridsense tokens revoke: {name:?} no longer works");
             Ok(())
         }
         Command::Cases(cmd) => {

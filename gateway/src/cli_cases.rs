@@ -336,7 +336,11 @@ pub fn maintenance(
 
 async fn fetch(base: &str, path: &str) -> Result<serde_json::Value> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let resp = reqwest::get(&url).await.with_context(|| format!("GET {url}"))?;
+    let mut request = reqwest::Client::new().get(&url);
+    if let Ok(token) = std::env::var("GRIDSENSE_TOKEN") {
+        request = request.bearer_auth(token);
+    }
+    let resp = request.send().await.with_context(|| format!("GET {url}"))?;
     let status = resp.status();
     let body: serde_json::Value =
         resp.json().await.with_context(|| format!("GET {url}: not JSON"))?;

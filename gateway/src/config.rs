@@ -169,12 +169,34 @@ impl DownlinkSettings {
     }
 }
 
-/// The HTTP API (`/api/v1/status`, `/healthz`).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// The HTTP API, dashboard and metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Http {
     /// `HOST:PORT` to listen on, e.g. `127.0.0.1:8080`; empty: no HTTP server.
     pub listen: String,
+    /// `"tokens"`: every API call needs `Authorization: Bearer TOKEN` (`gridsense tokens add`;
+    /// `read` tokens may read, `operator` tokens may also move cases); `"off"`: no
+    /// credentials (only sensible on loopback; `gridsense demo` uses it).
+    pub auth: String,
+    /// Serve the Open311 read endpoints without credentials (public case boards).
+    pub open311_public: bool,
+    /// Largest request body, bytes.
+    pub body_limit: usize,
+    /// Longest a request may take, ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: String::new(),
+            auth: "tokens".into(),
+            open311_public: false,
+            body_limit: 64 * 1024,
+            timeout_ms: 10_000,
+        }
+    }
 }
 
 /// Telemetry sink: SQLite (the embedded default) or the InfluxDB 2 write API.
@@ -477,6 +499,12 @@ impl Config {
         }
         if !(12..=20).contains(&self.geo.grid_code_digits) {
             return Err(("geo.grid_code_digits", "must be between 12 and 20".into()));
+        }
+        if !matches!(self.http.auth.as_str(), "tokens" | "off") {
+            return Err(("http.auth", format!("{:?}: \"tokens\" or \"off\"", self.http.auth)));
+        }
+        if self.http.body_limit == 0 || self.http.timeout_ms == 0 {
+            return Err(("http.body_limit", "body_limit and timeout_ms must be > 0".into()));
         }
         let c = &self.cases;
         if !matches!(c.coordinates.as_str(), "wgs84" | "gcj02") {

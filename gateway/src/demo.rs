@@ -126,6 +126,8 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     if !http_addr.ip().is_loopback() {
         anyhow::bail!("--http {http_addr}: the demo serves on loopback only");
     }
+    // Loopback only (checked above), so no credentials: `gridsense run` requires them.
+    config.http.auth = "off".into();
     config.http.listen = match std::net::TcpListener::bind(http_addr) {
         Ok(probe) => probe.local_addr()?.to_string(),
         Err(_) => {

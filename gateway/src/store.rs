@@ -166,6 +166,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE registry_log (id INTEGER PRIMARY KEY, eui INTEGER NOT NULL);
     CREATE TRIGGER devices_logged_insert AFTER INSERT ON devices BEGIN INSERT INTO registry_log (eui) VALUES (NEW.eui); END;
     CREATE TRIGGER devices_logged_update AFTER UPDATE ON devices BEGIN INSERT INTO registry_log (eui) VALUES (NEW.eui); END;",
+    // 9: operators' API tokens, stored as SHA-256 hashes.
+    "CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_ms INTEGER NOT NULL, revoked_ms INTEGER
+    );",
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -295,6 +299,9 @@ impl Batch {
             && self.fixes.is_empty()
     }
 }
+
+/// An API token as listed: name, role, created, revoked (Unix ms).
+pub type TokenRow = (String, String, i64, Option<i64>);
 
 /// A device as it is after a registry change.
 #[derive(Debug, Clone)]
@@ -597,6 +604,53 @@ impl Store {
         let n = self.conn.execute(
             "UPDATE devices SET key = ?2, updated_ms = ?3 WHERE eui = ?1 AND status = 'active'",
             params![eui.0 as i64, key.expose_bytes().to_vec(), now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Adds an API token (its SHA-256 hash; the token itself is never stored). Returns false
+    /// when the name is taken.
+    pub fn add_token(
+        &mut self,
+        name: &str,
+        role: &str,
+        hash: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO api_tokens (name, role, hash, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![name, role, hash, now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The role of a live token, by hash.
+    pub fn token_role(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT role FROM api_tokens WHERE hash = ?1 AND revoked_ms IS NULL",
+                [hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Tokens: name, role, created, revoked.
+    pub fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, role, created_ms, revoked_ms FROM api_tokens ORDER BY name")?;
+        Ok(stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes a token by name. Returns whether a live one was revoked.
+    pub fn revoke_token(&mut self, name: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE api_tokens SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+            params![name, now_ms],
         )?;
         Ok(n == 1)
     }

@@ -163,6 +163,8 @@ pub fn config(dir: &Path, broker: SocketAddr) -> Config {
     config.store.path = dir.join("gridsense.db");
     config.geo.grids = dir.join("grids.geojson").display().to_string();
     config.http.listen = "127.0.0.1:0".into();
+    // Loopback, as the demo: no tokens (tests/auth.rs covers them).
+    config.http.auth = "off".into();
     config.downlink.poll_ms = 200;
     config
 }

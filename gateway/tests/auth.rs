@@ -1,0 +1,118 @@
+//! Operators' API authentication on a gateway with the default `http.auth = "tokens"`: no
+//! token or an unknown one is 401, a read token reads but cannot move a case (403), an
+//! operator token can, a revoked token stops working, the event stream takes the token as a
+//! query parameter, the dashboard page and probes stay public, oversized bodies are refused.
+//! Tokens are made with the CLI, shown once and stored hashed.
+
+// Test code: a panic is how a failure is reported.
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use gridsense_gateway::app;
+use gridsense_simulator::city::Counts;
+use gridsense_tests::{Mosquitto, fixtures};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_guard_the_api() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 95, Counts { covers: 2, drains: 0, beacons: 0 }).unwrap();
+    let mut config = common::config(dir.path(), broker.addr());
+    config.http.auth = "tokens".into();
+    let path = dir.path().join("gridsense.toml");
+    std::fs::write(&path, format!("[store]\npath = \"{}\"\n", config.store.path.display()))
+        .unwrap();
+    common::import(&config, dir.path());
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gridsense"))
+            .args(args)
+            .args(["--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let token_of = |out: &str| out.lines().last().unwrap().trim().to_owned();
+    let reader = token_of(&cli(&["tokens", "add", "--name", "wall screen", "--role", "read"]));
+    let operator =
+        token_of(&cli(&["tokens", "add", "--name", "dispatcher zhang", "--role", "operator"]));
+    assert!(reader.starts_with("gst_") && operator.starts_with("gst_"));
+    let listed = cli(&["tokens", "list"]);
+    assert!(
+        listed.contains("wall screen") && !listed.contains(&reader),
+        "never shown again: {listed}"
+    );
+
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let base = format!("http://{}", gateway.http.unwrap());
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let eui = *keys.keys().next().unwrap();
+    common::publish(broker.addr(), vec![(eui, common::removed(common::now_device_time()))], &keys)
+        .await;
+    let store = app::open_store(&config).unwrap();
+    for _ in 0..50 {
+        if store.case(1).unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let client = reqwest::Client::new();
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = client.get(format!("{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    // Public: the page and the probes.
+    for public in ["/", "/healthz", "/readyz"] {
+        assert_eq!(status(get(public, None).await.unwrap()), 200, "{public}");
+    }
+    // Everything else needs a token.
+    for guarded in [
+        "/api/v1/devices",
+        "/api/v1/cases",
+        "/api/v1/status",
+        "/metrics",
+        "/open311/v2/requests.json",
+    ] {
+        let r = get(guarded, None).await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{guarded}");
+        assert!(r.text().await.unwrap().contains("unauthorized"));
+        assert_eq!(status(get(guarded, Some("gst_nonsense")).await.unwrap()), 401, "{guarded}");
+        assert_eq!(status(get(guarded, Some(&reader)).await.unwrap()), 200, "{guarded}");
+    }
+    // Moving a case needs the operator role.
+    let post = |token: &str, body: String| {
+        client
+            .post(format!("{base}/api/v1/cases/1/transition"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let body = r#"{"to":"filed","actor":"zhang"}"#.to_owned();
+    assert_eq!(status(post(&reader, body.clone()).await.unwrap()), 403);
+    assert_eq!(status(post(&operator, body).await.unwrap()), 200);
+    // Oversized bodies are refused before parsing.
+    let huge = format!(r#"{{"to":"dispatched","actor":"zhang","note":"{}"}}"#, "x".repeat(100_000));
+    assert_eq!(status(post(&operator, huge).await.unwrap()), 413);
+    // The event stream takes the token in its query.
+    assert_eq!(status(get("/api/v1/events", None).await.unwrap()), 401);
+    let events =
+        client.get(format!("{base}/api/v1/events?access_token={reader}")).send().await.unwrap();
+    assert_eq!(events.status().as_u16(), 200);
+    drop(events);
+    // A revoked token stops working at once.
+    cli(&["tokens", "revoke", "wall screen"]);
+    assert_eq!(status(get("/api/v1/devices", Some(&reader)).await.unwrap()), 401);
+    assert_eq!(status(get("/api/v1/devices", Some(&operator)).await.unwrap()), 200);
+
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+}
