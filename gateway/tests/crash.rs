@@ -1,4 +1,4 @@
-//! Crash safety: `kill -9` the real `gridsense` process three times in the middle of a stream
+//! Crash safety: `kill -9` the real `gridsense` process ten times in the middle of a stream
 //! and restart it. Afterwards every authentic frame is accepted exactly once: no telemetry
 //! sample lost, none processed twice (a frame acknowledged by nobody is redelivered; one whose
 //! ack was lost is a counted duplicate). Counted twice over: in the SQLite store, and as raw
@@ -81,14 +81,16 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     }
 
     let subscriber = Subscriber::start(broker.addr()).await.unwrap();
-    let scenario = "description = \"t\"\nseed = 2\n[device_config]\nreport_interval_s = 2\ndrain_deadband_mm = 0\n";
+    // Steady telemetry, and covers stolen while the gateway is being killed.
+    let scenario = "description = \"t\"\nseed = 2\n[device_config]\nreport_interval_s = 2\ndrain_deadband_mm = 0\n\
+        [[theft]]\nat = \"5s\"\ncovers = 3\nmode = \"removed\"\n[[theft]]\nat = \"12s\"\ncovers = 2\nmode = \"removed\"\n";
     let sim_dir = dir.path().to_owned();
     let addr = broker.addr();
     let sim = tokio::spawn(async move {
-        fixtures::run(&sim_dir, scenario, addr, 1.0, Duration::from_secs(14)).await
+        fixtures::run(&sim_dir, scenario, addr, 1.0, Duration::from_secs(20)).await
     });
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(2_500 + rand_ms())).await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(1_200 + rand_ms())).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -131,11 +133,35 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     let series = vm.export("(cover|drain|position|status)_.*").await.unwrap();
     let raw: usize = series.iter().map(|(_, samples)| samples.len()).sum();
     assert_eq!(raw, points.len(), "raw samples in VictoriaMetrics vs distinct points");
+    // Every stolen cover is exactly one case, whatever the kills interrupted.
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let stolen: std::collections::BTreeSet<String> = subscriber
+        .decoded(&keys)
+        .into_iter()
+        .filter_map(|(h, m)| match m {
+            gridsense_protocol::Uplink::AlarmRaised(a)
+                if a.kind == gridsense_protocol::AlarmKind::CoverRemoved =>
+            {
+                Some(h.eui.to_string())
+            }
+            _ => None,
+        })
+        .collect();
+    let cases = store
+        .cases(&gridsense_gateway::store::CaseFilter { limit: 100, ..Default::default() })
+        .unwrap();
+    let case_devices: std::collections::BTreeSet<String> =
+        cases.iter().map(|c| c.device_id.clone()).collect();
+    assert_eq!(stolen.len(), 5, "five covers stolen");
+    assert_eq!(case_devices, stolen, "one case per stolen cover");
+    assert_eq!(cases.len(), stolen.len(), "no duplicate case");
     println!(
-        "chaos: kill9 sent={} stored={} lost=0 duplicated=0 (samples in VictoriaMetrics {raw}; duplicate frames dropped as such: {})",
+        "chaos: kill9 sent={} stored={} lost=0 duplicated=0 (10 kills; samples in VictoriaMetrics {raw}; duplicate frames dropped as such: {}; cases {} for {} stolen covers)",
         distinct.len(),
         totals.accepted,
-        totals.rejects.get("duplicate").copied().unwrap_or(0)
+        totals.rejects.get("duplicate").copied().unwrap_or(0),
+        cases.len(),
+        stolen.len()
     );
 }
 
