@@ -60,16 +60,24 @@ impl Mosquitto {
         Self::start_config(&format!("allow_anonymous true\n{extra}"))
     }
 
+    /// Starts one that keeps persistent sessions and their queued messages across a restart
+    /// (`persistence true` in its own folder; saved on a clean SIGTERM, and every second).
+    pub fn start_persistent() -> Result<Self> {
+        Self::start_config("allow_anonymous true\npersistence true\nautosave_interval 1\n")
+    }
+
     fn start_config(access: &str) -> Result<Self> {
         let port = free_port()?;
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("mosquitto.conf");
         // `user root`: started as root it would otherwise drop privileges before opening the
-        // files in this private temp folder (PITFALLS.md).
+        // files in this private temp folder (PITFALLS.md). A later `persistence true` line
+        // overrides the default off.
         let text = format!(
-            "listener {port} 127.0.0.1\nuser root\npersistence false\n\
+            "listener {port} 127.0.0.1\nuser root\npersistence false\npersistence_location {}/\n\
              max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n{access}\n"
+             log_dest stderr\nlog_type error\nlog_type warning\n{access}\n",
+            dir.path().display()
         );
         fs::write(&config, text)?;
         let binary = PathBuf::from("/usr/sbin/mosquitto");
@@ -88,6 +96,24 @@ impl Mosquitto {
         let broker = Mosquitto { child, addr, dir };
         wait_until_listening(addr, "mosquitto")?;
         Ok(broker)
+    }
+
+    /// Stops it cleanly (SIGTERM: a persistent broker saves its state), waits `down`, and
+    /// starts it again on the same port with the same configuration.
+    pub fn restart(&mut self, down: Duration) -> Result<()> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        self.child.wait()?;
+        std::thread::sleep(down);
+        let log =
+            fs::OpenOptions::new().append(true).open(self.dir.path().join("mosquitto.log"))?;
+        self.child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("restarting mosquitto")?;
+        wait_until_listening(self.addr, "mosquitto")
     }
 
     /// Where it listens.
