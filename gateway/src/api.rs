@@ -447,6 +447,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
 async fn metrics(State(state): State<ApiState>) -> Response {
     let s = &state.status;
     let outbox = state.board.with_store(|st| st.outbox_counts()).await.unwrap_or_default();
+    let dropped = state.board.with_store(|st| st.stat("telemetry_dropped")).await.unwrap_or(0);
     let mut out = String::new();
     metric(&mut out, "gridsense_frames_accepted_total", "counter", "Frames accepted.");
     let _ = writeln!(out, "gridsense_frames_accepted_total {}", s.frames_accepted.load(Relaxed));
@@ -600,6 +601,13 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             "Failed telemetry writes (retried).",
         );
         let _ = writeln!(out, "gridsense_sink_failures_total {}", t.failures.load(Relaxed));
+        metric(
+            &mut out,
+            "gridsense_sink_dropped_points_total",
+            "counter",
+            "Oldest telemetry points dropped because the on-disk buffer was full (never alarms or cases).",
+        );
+        let _ = writeln!(out, "gridsense_sink_dropped_points_total {dropped}");
         metric(
             &mut out,
             "gridsense_sink_lag_points",
