@@ -141,13 +141,6 @@ fn format_of(name: &str) -> Option<(&str, bool)> {
         .or_else(|| name.strip_suffix(".xml").map(|n| (n, true)))
 }
 
-async fn blocking<T: Send + 'static>(
-    board: &Arc<Board>,
-    f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, String> {
-    board.with_store(f).await
-}
-
 /// An Open311 service.
 #[derive(Debug, Clone, Serialize)]
 pub struct Service {
@@ -450,7 +443,7 @@ async fn get_requests(
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e, xml),
     };
-    match blocking(&board, move |s| s.cases(&f)).await {
+    match board.with_store(move |s| s.cases(&f)).await {
         Ok(cases) => {
             let list: Vec<_> = cases.iter().map(|c| request_of(c, &board.calendar)).collect();
             if xml {
@@ -475,7 +468,7 @@ async fn get_request(State(board): State<Arc<Board>>, Path(name): Path<String>) 
             xml,
         );
     };
-    match blocking(&board, move |s| s.case(id)).await {
+    match board.with_store(move |s| s.case(id)).await {
         Ok(Some(c)) => {
             let list = vec![request_of(&c, &board.calendar)];
             if xml {
@@ -585,7 +578,7 @@ async fn list_cases(
         Err(e) => return api(StatusCode::BAD_REQUEST, e),
     };
     let now = (board.clock)();
-    match blocking(&board, move |s| s.cases(&f)).await {
+    match board.with_store(move |s| s.cases(&f)).await {
         Ok(cases) => Json(
             cases
                 .into_iter()
@@ -605,19 +598,20 @@ async fn get_case(State(board): State<Arc<Board>>, Path(id): Path<String>) -> Re
         return api(StatusCode::BAD_REQUEST, format!("id: {id:?} is not a case id"));
     };
     let now = (board.clock)();
-    let found = blocking(&board, move |s| {
-        let Some(case) = s.case(id)? else { return Ok(None) };
-        let cluster = match case.incident_id {
-            Some(incident) => s.incident_cluster(incident)?,
-            None => None,
-        };
-        let related = match cluster {
-            Some(c) => s.cluster(c)?,
-            None => Vec::new(),
-        };
-        Ok(Some((case, related, s.trace(id)?)))
-    })
-    .await;
+    let found = board
+        .with_store(move |s| {
+            let Some(case) = s.case(id)? else { return Ok(None) };
+            let cluster = match case.incident_id {
+                Some(incident) => s.incident_cluster(incident)?,
+                None => None,
+            };
+            let related = match cluster {
+                Some(c) => s.cluster(c)?,
+                None => Vec::new(),
+            };
+            Ok(Some((case, related, s.trace(id)?)))
+        })
+        .await;
     match found {
         Ok(Some((case, related, trace))) => Json(CaseDetail {
             timers: timers(&case, &board.tables, &board.calendar, now),
@@ -674,12 +668,13 @@ async fn apply_transition(
 ) -> Response {
     let now = (board.clock)();
     let cal = board.calendar.clone();
-    let r = blocking(board, move |s| {
-        s.transition(id, to, &actor, &note, now, |limit, from| {
-            limit.parse::<Limit>().ok().map(|l| cal.deadline(from, l))
+    let r = board
+        .with_store(move |s| {
+            s.transition(id, to, &actor, &note, now, |limit, from| {
+                limit.parse::<Limit>().ok().map(|l| cal.deadline(from, l))
+            })
         })
-    })
-    .await;
+        .await;
     match r {
         Ok(Ok(state)) => {
             Json(serde_json::json!({ "id": id, "state": state.as_str() })).into_response()
@@ -731,7 +726,7 @@ async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Byt
         );
     };
     let now = (board.clock)();
-    let r = blocking(&board, move |s| s.platform_state(cb.case_id, to, &cb.note, now)).await;
+    let r = board.with_store(move |s| s.platform_state(cb.case_id, to, &cb.note, now)).await;
     match r {
         Ok(true) => {
             Json(serde_json::json!({ "id": cb.case_id, "state": to.as_str() })).into_response()
@@ -776,7 +771,7 @@ async fn patrols(
         },
         None => board.calendar.local((board.clock)()).format("%Y-%m-%d").to_string(),
     };
-    match blocking(&board, move |s| s.patrol_coverage(&day)).await {
+    match board.with_store(move |s| s.patrol_coverage(&day)).await {
         Ok(rows) => Json(
             rows.into_iter()
                 .map(|(grid_code, checkins, workers)| Coverage { grid_code, checkins, workers })

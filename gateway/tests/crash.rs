@@ -9,25 +9,12 @@
 
 mod common;
 
-use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use gridsense_gateway::{app, config};
 use gridsense_simulator::city::Counts;
 use gridsense_tests::{Mosquitto, Subscriber, VictoriaMetrics, fixtures};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-
-fn gateway(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_gridsense"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn kill_9_loses_nothing_and_duplicates_nothing() {
@@ -62,7 +49,7 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     assert!(String::from_utf8_lossy(&import.stdout).contains("40 added"), "{import:?}");
 
     // Start the gateway and wait until it is subscribed: a probe frame reaches its audit log.
-    let mut child = gateway(&config_path);
+    let mut child = common::gateway_process(&config_path);
     let config = config::load(Some(&config_path), &[]).unwrap();
     let mut options =
         MqttOptions::new("crash-probe", broker.addr().ip().to_string(), broker.addr().port());
@@ -94,7 +81,7 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        child = gateway(&config_path);
+        child = common::gateway_process(&config_path);
     }
     let summary = sim.await.unwrap().unwrap();
     subscriber.settle(Duration::from_millis(500), Duration::from_secs(5)).await;

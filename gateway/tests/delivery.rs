@@ -12,8 +12,7 @@ mod common;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
 };
@@ -162,15 +161,6 @@ async fn webhook_retries_503s_signs_and_delivers_sos_within_a_second() {
     }
 }
 
-fn gateway_process(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_gridsense"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     let s = setup(33, 8, 0);
@@ -190,7 +180,7 @@ async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     .unwrap();
     let config = gridsense_gateway::config::load(Some(&config_path), &[]).unwrap();
     common::import(&config, s.dir.path());
-    let mut child = gateway_process(&config_path);
+    let mut child = common::gateway_process(&config_path);
     // The gateway's session is persistent: frames published before it subscribes are queued
     // for it only once it has connected once, so wait for its first connection.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -210,7 +200,7 @@ async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     child.wait().unwrap();
     // 2. The platform takes requests but answers late: kill -9 while requests are in flight.
     platform.set(Fault::Slow(Duration::from_secs(3)));
-    child = gateway_process(&config_path);
+    child = common::gateway_process(&config_path);
     wait_for("requests in flight", Duration::from_secs(20), || platform.requests().len() >= 2)
         .await;
     child.kill().unwrap();
@@ -218,7 +208,7 @@ async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     let in_flight = platform.requests().len();
     // 3. Healthy again: everything is delivered, nothing twice.
     platform.set(Fault::None);
-    child = gateway_process(&config_path);
+    child = common::gateway_process(&config_path);
     wait_for("every case delivered", Duration::from_secs(30), || {
         app::open_store(&config)
             .and_then(|st| Ok(st.cases(&all())?.iter().all(|c| c.platform_id.is_some())))

@@ -168,3 +168,13 @@ pub fn config(dir: &Path, broker: SocketAddr) -> Config {
     config.downlink.poll_ms = 200;
     config
 }
+
+/// Starts the real `gridsense run` binary with a configuration file (for `kill -9` tests).
+pub fn gateway_process(config: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
