@@ -442,7 +442,8 @@ async fn pipeline_task(
                     last_case_event = last_case_event.max(event);
                     pipeline.case_finished(case, now, &mut batch);
                 }
-                let changes = Changes::of(&batch);
+                // Only when a live view listens: it allocates per changed row.
+                let changes = (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
                 if let Some(mut s) = store.take() {
                     let (s, r) = tokio::task::spawn_blocking(move || {
                         let r = s.commit(&batch);
@@ -452,7 +453,7 @@ async fn pipeline_task(
                     store = Some(s);
                     r?;
                 }
-                if changes.is_visible() {
+                if let Some(changes) = changes.filter(Changes::is_visible) {
                     let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
                     let _ =
                         status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
@@ -506,7 +507,8 @@ async fn pipeline_task(
         }
         pipeline.finish(&mut batch, now, stopping);
         let sealed = std::mem::take(&mut batch.downlinks);
-        let changes = Changes::of(&batch);
+        // Only when a live view listens: it allocates per changed row.
+        let changes = (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
         let decided: Vec<i64> = batch.cases.cases.iter().map(|c| c.detected_ms).collect();
         if let Ok(mut r) = status.rejects.lock() {
             for (reason, n) in &batch.rejects {
@@ -540,7 +542,7 @@ async fn pipeline_task(
             for d in decided {
                 status.case_latency.observe(u64::try_from(durable.saturating_sub(d)).unwrap_or(0));
             }
-            if changes.is_visible() {
+            if let Some(changes) = changes.filter(Changes::is_visible) {
                 let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
                 let _ = status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
             }

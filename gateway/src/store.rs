@@ -677,7 +677,7 @@ impl Store {
             .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
         let sites: std::collections::HashMap<Eui, (crate::cases::Site, crate::rules::Attributes)> =
-            self.sites()?.into_iter().map(|(e, s, a)| (e, (s, a))).collect();
+            self.changed_sites(after)?.into_iter().map(|(e, s, a)| (e, (s, a))).collect();
         let mut out = Vec::with_capacity(rows.len());
         for (eui, status, key) in rows {
             let eui = Eui(eui as u64);

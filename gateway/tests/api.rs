@@ -82,8 +82,16 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Health rows are flushed at most every 2 s.
-    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    // Health rows are flushed at most every 2 s: wait until every device shows online.
+    for _ in 0..100 {
+        let online: Value =
+            serde_json::from_str(&get(&format!("{base}/api/v1/devices?state=online")).await.1)
+                .unwrap();
+        if online["total"] == 33 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Devices: filters, sorting, paging, sparklines.
     let all = json(&format!("{base}/api/v1/devices")).await;

@@ -460,11 +460,28 @@ pub struct AlertView {
 impl Store {
     /// Registered devices as the rules and cases see them: site, kind and rule attributes.
     pub fn sites(&self) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.sites_where("", i64::MAX)
+    }
+
+    /// Sites of the active devices changed after registry position `after`.
+    pub(super) fn changed_sites(
+        &self,
+        after: i64,
+    ) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
+        self.sites_where(" AND eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > ?1)", after)
+    }
+
+    fn sites_where(
+        &self,
+        filter: &str,
+        after: i64,
+    ) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT eui, kind, lat, lon, component_code, minor_class, warn_mm, alarm_mm, well_depth_mm
-             FROM devices WHERE status = 'active'",
-        )?;
-        let rows = stmt.query_map([], |r| {
+             FROM devices WHERE status = 'active'{filter}"
+        ))?;
+        let params: &[&dyn rusqlite::ToSql] = if filter.is_empty() { &[] } else { &[&after] };
+        let rows = stmt.query_map(params, |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
