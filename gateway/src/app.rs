@@ -154,9 +154,16 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             shutdown.clone(),
         )?)
     };
+    let checkpointer = store
+        .checkpoint_in_background(&config.store.path, std::time::Duration::from_millis(500))?;
     let task = tokio::spawn({
         let (config, status) = (config.clone(), status.clone());
-        async move { ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await }
+        async move {
+            let result =
+                ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await;
+            drop(checkpointer);
+            result
+        }
     });
     Ok(Gateway { status, broker, device_listener, task, sink, http, delivery, workers })
 }

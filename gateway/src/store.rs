@@ -334,6 +334,23 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The background checkpoint thread of [`Store::checkpoint_in_background`]; dropping it stops
+/// the thread.
+#[derive(Debug)]
+pub struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path, synchronous: Synchronous, audit_max: u64) -> Result<Self, StoreError> {
@@ -352,9 +369,45 @@ impl Store {
             },
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Statement journals (upserts inside a batch) in memory, not in temporary files; a page
+        // cache large enough that a batch's dirty pages are not spilled before its commit.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "cache_size", -16_384)?;
         let mut store = Store { conn, audit_max, buffer_max: None };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Moves WAL checkpoints off this connection's commits onto a thread of their own (with
+    /// its own connection), run every `every`: an automatic checkpoint inside a commit copies
+    /// and fsyncs up to a thousand pages while the batch's acknowledgements (and any alarm in
+    /// it) wait. The thread ends when the returned handle is dropped.
+    pub fn checkpoint_in_background(
+        &mut self,
+        path: &Path,
+        every: std::time::Duration,
+    ) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    // PASSIVE never waits for the writer or readers; what it could not copy is
+                    // copied next time. A failure (a full disk) is logged, not fatal: the WAL
+                    // keeps the data.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!("WAL checkpoint: {e}");
+                    }
+                }
+            })
+            .map_err(|source| StoreError::Io { path: path.display().to_string(), source })?;
+        Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
     }
 
     /// Sends telemetry to the buffer of an external sink (holding at most `max_points`)
@@ -841,9 +894,13 @@ impl Store {
                 counters.execute(params![eui.0 as i64, w.highest(), w.seen_bits() as i64])?;
             }
             let mut health = tx.prepare_cached(
-                "INSERT OR REPLACE INTO health (eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm,
+                "INSERT INTO health (eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm,
                     temperature_dc, firmware, uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                 ON CONFLICT (eui) DO UPDATE SET kind = ?2, last_seen_ms = ?3, last_counter = ?4,
+                    battery_mv = ?5, rssi_dbm = ?6, temperature_dc = ?7, firmware = ?8, uptime_s = ?9,
+                    frames = ?10, rejects = ?11, skipped = ?12, online = ?13, low_battery = ?14,
+                    deadline_ms = ?15",
             )?;
             for (eui, h) in &batch.health {
                 health.execute(params![
@@ -918,8 +975,9 @@ impl Store {
             } else {
                 // Explicit sample times: a replayed point overwrites itself.
                 let mut telemetry = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO telemetry (eui, measurement, field, at_ms, value, grid_code)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO telemetry (eui, measurement, field, at_ms, value, grid_code)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (eui, measurement, field, at_ms) DO UPDATE SET value = ?5, grid_code = ?6",
                 )?;
                 for p in &batch.telemetry {
                     telemetry.execute(params![

@@ -585,8 +585,14 @@ pub async fn run(
                 plan.env.clone(),
                 &shutdown,
                 &counters,
-                connections,
-                qos1,
+                (connections, qos1),
+                // Devices boot at different times: their readings are spread over one report
+                // interval instead of arriving in one burst per interval.
+                options
+                    .scenario
+                    .device_config
+                    .report_interval_s
+                    .map_or(1_000, |s| u64::from(s) * 1_000),
             )?;
         }
     }

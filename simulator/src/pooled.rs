@@ -189,8 +189,8 @@ pub fn spawn(
     env: Arc<Env>,
     shutdown: &watch::Receiver<bool>,
     counters: &Arc<Counters>,
-    connections: usize,
-    qos1: bool,
+    (connections, qos1): (usize, bool),
+    boot_spread_ms: u64,
 ) -> Result<()> {
     let connections = connections.max(1);
     let per_shard = devices.len().div_ceil(connections);
@@ -214,7 +214,7 @@ pub fn spawn(
         let qos = if qos1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
         set.spawn(drive(eventloop, shutdown.clone(), counters.clone()));
         set.spawn(schedule(
-            shard,
+            (shard, boot_spread_ms),
             client,
             qos,
             clock,
@@ -265,7 +265,7 @@ async fn drive(
 }
 
 async fn schedule(
-    mut slots: Vec<AnySlot>,
+    (mut slots, boot_spread_ms): (Vec<AnySlot>, u64),
     client: AsyncClient,
     qos: QoS,
     clock: SimClock,
@@ -273,8 +273,11 @@ async fn schedule(
     shutdown: watch::Receiver<bool>,
     counters: Arc<Counters>,
 ) -> Result<DeviceReport> {
+    // First wake-ups evenly over `boot_spread_ms`, as if the devices had booted at different
+    // times (devices that all boot at 0 keep reporting in lockstep, one burst per interval).
+    let n = slots.len().max(1) as u64;
     let mut heap: BinaryHeap<Reverse<(u64, usize)>> =
-        (0..slots.len()).map(|i| Reverse((0, i))).collect();
+        (0..slots.len()).map(|i| Reverse((i as u64 * boot_spread_ms / n, i))).collect();
     let mut frames = Vec::new();
     while let Some(Reverse((wake_ms, idx))) = heap.pop() {
         if *shutdown.borrow() {
