@@ -1,13 +1,16 @@
 //! The ingest shell: rumqttc in, SQLite out, acknowledgements only after the commit.
 //!
-//! Two tasks:
-//! - the **session task** owns the rumqttc client and drives `EventLoop::poll`: persistent
-//!   session (clean session off), manual acks, subscribe and check the SUBACK on every CONNACK,
-//!   reconnect with exponential backoff. It forwards each PUBLISH into a channel bounded by the
-//!   in-flight credits (while that channel is full it stops reading from the broker: a slow
-//!   store holds back the broker instead of growing a queue), and it sends the acks the
-//!   pipeline hands back, in order. It never awaits the client, so the client's bounded request
-//!   queue cannot deadlock with the event loop (PITFALLS.md).
+//! Three tasks:
+//! - the **session task** owns the rumqttc event loop and only drives `EventLoop::poll`, never
+//!   racing it against anything (a poll dropped mid-write drops an outgoing PUBACK):
+//!   persistent session (clean session off), manual acks, subscribe and check the SUBACK on
+//!   every CONNACK, reconnect with exponential backoff. It forwards each PUBLISH into a channel
+//!   bounded by the in-flight credits (while that channel is full it waits and reads nothing
+//!   from the broker: a slow store holds back the broker instead of growing a queue).
+//! - the **acker** hands the acks the pipeline returns (in order) and the sealed downlinks to
+//!   the client. It awaits the client's bounded request queue, which the session task drains;
+//!   the session task itself never awaits the client, so the two cannot deadlock
+//!   (PITFALLS.md).
 //! - the **pipeline task** runs each message through [`Pipeline::handle`] as it arrives,
 //!   collecting up to `batch_max` messages or `batch_max_ms` (less when a message queued a case
 //!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
@@ -21,7 +24,6 @@
 //! window bounds.
 
 use std::{
-    collections::VecDeque,
     net::SocketAddr,
     sync::{
         Arc,
@@ -229,15 +231,15 @@ pub async fn run(
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
     let (down_tx, down_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
-    let channels = SessionChannels { publishes: tx, acks: ack_rx, downlinks: down_rx };
     let session = tokio::spawn(session(
         eventloop,
-        client,
-        channels,
+        client.clone(),
+        tx,
         status.clone(),
         (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
         shutdown.clone(),
     ));
+    let acker = tokio::spawn(acker(client, ack_rx, down_rx));
     let retention_ms = (config.telemetry.sink == crate::config::Sink::Sqlite)
         .then(|| i64::from(config.store.telemetry_retention_days) * 86_400_000);
     let batching = Batching {
@@ -257,108 +259,106 @@ pub async fn run(
         shutdown,
     )
     .await;
-    // The ack channel is closed now: the session sends the last acks, then DISCONNECT.
-    let _ = tokio::time::timeout(Duration::from_secs(5), session).await;
+    // The ack channel is closed now: the acker queues the last acks, then DISCONNECT, which
+    // ends the session.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = acker.await;
+        let _ = session.await;
+    })
+    .await;
     status.connected.store(false, Relaxed);
     result
 }
 
-/// The session task's channels to and from the pipeline task.
-struct SessionChannels {
-    /// Received messages, bounded by the in-flight credits.
-    publishes: mpsc::Sender<Publish>,
-    /// Messages whose effects are durable, to acknowledge in order.
-    acks: mpsc::UnboundedReceiver<Publish>,
-    /// Sealed downlinks (topic, frame) whose counters are durable.
-    downlinks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-}
-
+/// Drives the event loop. `EventLoop::poll` is never raced against anything else: a poll
+/// dropped while it writes an outgoing packet (the socket's buffer full, the broker busy) drops
+/// that packet, and a lost PUBACK holds one of the broker's in-flight slots for this session
+/// until it reconnects — enough of them and the broker stops sending altogether (seen at
+/// 50,000 frames/s offered, before this was a separate task). Acks and downlinks go to the
+/// client from [`acker`]; while the pipeline's channel is full this task waits on it and reads
+/// nothing from the broker.
 async fn session(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    channels: SessionChannels,
+    publishes: mpsc::Sender<Publish>,
     status: Arc<Status>,
     (min_ms, max_ms): (u64, u64),
     shutdown: watch::Receiver<bool>,
 ) {
-    let SessionChannels { publishes: tx, acks: mut ack_rx, downlinks: mut down_rx } = channels;
     let mut delay = min_ms;
-    // A message received while the pipeline's channel was full.
-    let mut held: Option<Publish> = None;
-    // Acks the client's request queue had no room for yet.
-    let mut acks: VecDeque<Publish> = VecDeque::new();
-    let mut acks_closed = false;
-    let mut disconnecting = false;
-    // Downlinks the client's request queue had no room for yet.
-    let mut downlinks: VecDeque<(String, Vec<u8>)> = VecDeque::new();
     loop {
-        while let Some(publish) = acks.front() {
-            if client.try_ack(publish).is_err() {
-                break;
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = min_ms;
+                status.connects.fetch_add(1, Relaxed);
+                // Subscribe on every CONNACK.
+                if let Err(e) = client.try_subscribe(UPLINK_FILTER, QoS::AtLeastOnce) {
+                    tracing::error!("subscribe request not queued: {e}");
+                }
             }
-            acks.pop_front();
-        }
-        while let Some((topic, frame)) = downlinks.pop_front() {
-            if let Err(e) =
-                client.try_publish(topic.as_str(), QoS::AtLeastOnce, false, frame.clone())
-            {
-                tracing::debug!("downlink waits for room: {e}");
-                downlinks.push_front((topic, frame));
-                break;
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted =
+                    ack.return_codes.iter().all(|c| !matches!(c, SubscribeReasonCode::Failure));
+                status.connected.store(granted, Relaxed);
+                if !granted {
+                    tracing::error!("broker refused the subscription to {UPLINK_FILTER}");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                status.unacked.fetch_add(1, Relaxed);
+                // Full: wait for the pipeline (it never waits for this task).
+                if publishes.send(publish).await.is_err() {
+                    // The pipeline has ended; keep polling so the last acks and the
+                    // DISCONNECT go out.
+                    status.unacked.fetch_sub(1, Relaxed);
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                status.connected.store(false, Relaxed);
+                if *shutdown.borrow() {
+                    return;
+                }
+                tracing::warn!("broker connection: {e}; retrying in {delay} ms");
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                delay = (delay * 2).min(max_ms);
             }
         }
-        if acks_closed && acks.is_empty() && !disconnecting {
-            disconnecting = true;
-            let _ = client.try_disconnect();
-        }
+    }
+}
+
+/// Hands acknowledgements (in order) and downlinks to the client, waiting for room in its
+/// request queue (the session task keeps draining it); when the pipeline has ended and every
+/// ack is queued, asks for a DISCONNECT.
+async fn acker(
+    client: AsyncClient,
+    mut acks: mpsc::UnboundedReceiver<Publish>,
+    mut downlinks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    let mut downlinks_open = true;
+    loop {
         tokio::select! {
-            permit = tx.reserve(), if held.is_some() => match (permit, held.take()) {
-                (Ok(permit), Some(publish)) => permit.send(publish),
-                _ => return,
+            biased;
+            ack = acks.recv() => match ack {
+                Some(publish) => {
+                    if let Err(e) = client.ack(&publish).await {
+                        tracing::warn!("ack not queued: {e}");
+                    }
+                }
+                None => break,
             },
-            ack = ack_rx.recv(), if !acks_closed => match ack {
-                Some(publish) => acks.push_back(publish),
-                None => acks_closed = true,
-            },
-            Some(downlink) = down_rx.recv() => downlinks.push_back(downlink),
-            event = eventloop.poll(), if held.is_none() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    delay = min_ms;
-                    status.connects.fetch_add(1, Relaxed);
-                    // Subscribe on every CONNACK.
-                    if let Err(e) = client.try_subscribe(UPLINK_FILTER, QoS::AtLeastOnce) {
-                        tracing::error!("subscribe request not queued: {e}");
+            downlink = downlinks.recv(), if downlinks_open => match downlink {
+                Some((topic, frame)) => {
+                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, frame).await {
+                        tracing::warn!("downlink not queued: {e}");
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let granted = ack.return_codes.iter().all(|c| !matches!(c, SubscribeReasonCode::Failure));
-                    status.connected.store(granted, Relaxed);
-                    if !granted {
-                        tracing::error!("broker refused the subscription to {UPLINK_FILTER}");
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    status.unacked.fetch_add(1, Relaxed);
-                    match tx.try_send(publish) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(publish)) => held = Some(publish),
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
-                    }
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    status.connected.store(false, Relaxed);
-                    if *shutdown.borrow() || disconnecting {
-                        return;
-                    }
-                    tracing::warn!("broker connection: {e}; retrying in {delay} ms");
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    delay = (delay * 2).min(max_ms);
-                }
+                None => downlinks_open = false,
             },
         }
     }
+    let _ = client.disconnect().await;
 }
 
 #[derive(Debug, Clone, Copy)]

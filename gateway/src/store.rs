@@ -330,6 +330,18 @@ pub struct Store {
     buffer_max: Option<u64>,
 }
 
+/// SQLite's busy handler: another connection holds the write lock. Retried every
+/// millisecond for up to five seconds. (`busy_timeout` backs off to 100 ms sleeps: a delivery
+/// worker or an operator's request waiting for the ingest task's commit to end would then
+/// wake up to 100 ms after it did, and an alarm's case would wait as long to reach the board.)
+fn wait_for_lock(attempt: i32) -> bool {
+    if attempt >= 5_000 {
+        return false;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    true
+}
+
 fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -368,7 +380,7 @@ impl Store {
                 Synchronous::Full => "FULL",
             },
         )?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_handler(Some(wait_for_lock))?;
         // Statement journals (upserts inside a batch) in memory, not in temporary files; a page
         // cache large enough that a batch's dirty pages are not spilled before its commit.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -388,7 +400,7 @@ impl Store {
         every: std::time::Duration,
     ) -> Result<Checkpointer, StoreError> {
         let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_handler(Some(wait_for_lock))?;
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()

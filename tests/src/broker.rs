@@ -116,6 +116,11 @@ impl Mosquitto {
         wait_until_listening(self.addr, "mosquitto")
     }
 
+    /// Its process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -1,0 +1,692 @@
+//! The load report: Mosquitto, the real `gridsense run` process and the simulator's pooled load
+//! at rising offered rates, with a bare subscriber on the same broker as the ceiling, and
+//! "cover removed" alarms from other devices during each step for alarm → case latency.
+//! Writes `report.md` (table), `load.svg` (plot) and `report.json` under OUT.
+//!
+//! `scripts/bench` builds and runs it; by hand:
+//! `cargo build --release -p gridsense-gateway --bins --examples && target/release/examples/load_report [--rates 5000,10000,...] [--seconds 15] [--out bench] [--million N]`
+//!
+//! Each step runs its own slice of drains (1 frame/s each at speed 2, boots spread over a
+//! second) for a warm-up and a measuring window, then waits until the gateway has stored every
+//! frame published (or says how many are missing). The gateway is a separate process, so its
+//! CPU (utime + stime from /proc) and memory (VmRSS, VmHWM) are its own. With `--million N`
+//! the gateway is then restarted on a registry of N devices and every one of them reports once.
+//! Prints numbers; asserts nothing.
+
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use gridsense_gateway::{app, config::Config, store::CaseFilter};
+use gridsense_protocol::{
+    AlarmKind, AlarmRaised, DeviceTime, Direction, Uplink, seal,
+    topic::{UPLINK_FILTER, topic},
+};
+use gridsense_simulator::{
+    city::{self, Counts},
+    fleet::{self, Plan, RunOptions, Transport},
+    inventory::{self, Kind},
+    scenario,
+};
+use gridsense_tests::{Mosquitto, free_port};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// Alarms per second during each step's window.
+const ALARM_RATE: f64 = 40.0;
+/// Warm-up before each window, s.
+const WARMUP_S: u64 = 4;
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Step {
+    offered: u64,
+    published: u64,
+    bare_per_s: f64,
+    accepted_per_s: f64,
+    stored: u64,
+    lost: i64,
+    catch_up_s: f64,
+    gateway_cpu_pct: f64,
+    broker_cpu_pct: f64,
+    gateway_rss_mib: f64,
+    alarms: usize,
+    cases: usize,
+    latency_p50_ms: i64,
+    latency_p99_ms: i64,
+    latency_max_ms: i64,
+    decided_p99_ms: i64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Million {
+    devices: usize,
+    rss_registered_mib: f64,
+    rss_reported_mib: f64,
+    hwm_mib: f64,
+    reported: u64,
+}
+
+struct Args {
+    rates: Vec<u64>,
+    seconds: u64,
+    out: PathBuf,
+    million: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        rates: vec![5_000, 10_000, 20_000, 30_000, 40_000, 50_000],
+        seconds: 15,
+        out: PathBuf::from("bench"),
+        million: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rates" => {
+                args.rates = value
+                    .split(',')
+                    .map(|r| r.trim().parse().with_context(|| format!("--rates: {r:?}")))
+                    .collect::<Result<_>>()?;
+            }
+            "--seconds" => args.seconds = value.parse().context("--seconds")?,
+            "--out" => args.out = PathBuf::from(value),
+            "--million" => args.million = value.parse().context("--million")?,
+            other => bail!("unknown option {other} (--rates, --seconds, --out, --million)"),
+        }
+    }
+    Ok(args)
+}
+
+fn wall_ms() -> i64 {
+    app::wall_clock()()
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the state field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `/proc/PID/status` memory line, MiB.
+fn mem_mib(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(key))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn percentile(v: &[i64], q: f64) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v.get(i).copied().unwrap_or_default()
+}
+
+/// The real gateway binary beside this example (`target/release/gridsense`).
+fn gateway_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("gridsense"))
+        .context("locating the gridsense binary")?;
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p gridsense-gateway --bins`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Whether `GET /readyz` answers 200.
+fn ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
+
+struct Gateway {
+    child: Child,
+    config: Config,
+}
+
+impl Gateway {
+    fn start(dir: &Path, broker: std::net::SocketAddr, grids: &Path) -> Result<Self> {
+        let http = free_port()?;
+        let store = dir.join("gridsense.db");
+        let text = format!(
+            "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"gridsense-bench\"\n\n[store]\npath = \"{}\"\n\n\
+             [geo]\ngrids = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nauth = \"off\"\n",
+            store.display(),
+            grids.display()
+        );
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, &text)?;
+        let config = gridsense_gateway::config::load(Some(&path), &[])?;
+        let log = std::fs::File::create(dir.join("gateway.log"))?;
+        let child = Command::new(gateway_binary()?)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting gridsense run")?;
+        let gateway = Gateway { child, config };
+        gateway.wait_ready(http)?;
+        Ok(gateway)
+    }
+
+    fn wait_ready(&self, http: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
+            if ready(http) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the gateway was not ready within 300 s")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn accepted(&self) -> Result<u64> {
+        Ok(app::open_store(&self.config)?.totals()?.accepted)
+    }
+
+    fn stop(mut self) -> Result<()> {
+        Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A subscriber that only counts what it receives (QoS 1, acknowledged at once).
+fn bare_subscriber(broker: std::net::SocketAddr) -> Arc<AtomicU64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let mut options = MqttOptions::new("bare", broker.ip().to_string(), broker.port());
+    options.set_inflight(1_000);
+    options.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 1_000);
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let _ = client.subscribe(UPLINK_FILTER, QoS::AtLeastOnce).await;
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(_)) = event {
+                seen.fetch_add(1, Relaxed);
+            }
+        }
+    });
+    count
+}
+
+async fn wait_stored(gateway: &Gateway, expected: u64, limit: Duration) -> Result<(u64, f64)> {
+    let started = Instant::now();
+    loop {
+        let stored = gateway.accepted()?;
+        if stored >= expected || started.elapsed() > limit {
+            return Ok((stored, started.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+async fn step(
+    offered: u64,
+    plan: Plan,
+    covers: &[inventory::Device],
+    broker: &Mosquitto,
+    gateway: &Gateway,
+    bare: &AtomicU64,
+    seconds: u64,
+) -> Result<Step> {
+    let alarms_client = {
+        let mut options = MqttOptions::new(
+            format!("alarms-{offered}"),
+            broker.addr().ip().to_string(),
+            broker.addr().port(),
+        );
+        options.set_inflight(1_000);
+        let (client, mut eventloop) = AsyncClient::new(options, 1_000);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        client
+    };
+    let base = gateway.accepted()?;
+    let options = RunOptions {
+        broker: broker.addr(),
+        scenario: scenario::load("load")?,
+        speed: 2.0,
+        duration: Some(Duration::from_secs(WARMUP_S + seconds)),
+        transport: Transport::Pooled { connections: 4, qos1: true },
+        limit: None,
+        progress: false,
+        clock: None,
+    };
+    let (_keep, sim_stop) = tokio::sync::watch::channel(false);
+    let sim = tokio::spawn(async move { fleet::run(plan, &options, sim_stop).await });
+    tokio::time::sleep(Duration::from_secs(WARMUP_S)).await;
+
+    let (t0, bare0, acc0) = (Instant::now(), bare.load(Relaxed), gateway.accepted()?);
+    let (gw0, br0) = (cpu_s(gateway.pid()), cpu_s(broker.pid()));
+    let mut sent: HashMap<String, i64> = HashMap::new();
+    let interval = Duration::from_secs_f64(1.0 / ALARM_RATE);
+    let at = DeviceTime::from_unix_secs(u64::try_from(wall_ms() / 1000)?).unwrap_or_default();
+    let mut next = tokio::time::Instant::now();
+    let window_end = next + Duration::from_secs(seconds);
+    for d in covers {
+        if next >= window_end {
+            break;
+        }
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        let alarm = Uplink::AlarmRaised(AlarmRaised {
+            kind: AlarmKind::CoverRemoved,
+            value: 1_750,
+            since: at,
+        });
+        let frame = seal(d.eui, 1_000_000, &alarm, &d.key);
+        sent.insert(d.eui.to_string(), wall_ms());
+        alarms_client
+            .publish(
+                topic(d.eui, Direction::Uplink).to_string(),
+                QoS::AtLeastOnce,
+                false,
+                frame.to_vec(),
+            )
+            .await?;
+    }
+    tokio::time::sleep_until(window_end).await;
+    let window = t0.elapsed().as_secs_f64();
+    let (bare1, acc1) = (bare.load(Relaxed), gateway.accepted()?);
+    let (gw1, br1) = (cpu_s(gateway.pid()), cpu_s(broker.pid()));
+    let rss = mem_mib(gateway.pid(), "VmRSS:");
+
+    let summary = sim.await??;
+    let published = summary.frames() + sent.len() as u64;
+    let (stored_total, catch_up) =
+        wait_stored(gateway, base + published, Duration::from_secs(120)).await?;
+    let stored = stored_total - base;
+
+    // Alarm → case on the board (committed, then delivered by the local platform adapter).
+    let store = app::open_store(&gateway.config)?;
+    let filter = CaseFilter { limit: 1_000_000, ..CaseFilter::default() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut latencies, mut decided) = (Vec::new(), Vec::new());
+    while Instant::now() < deadline {
+        latencies.clear();
+        decided.clear();
+        for c in store.cases(&filter)? {
+            if let (Some(t), Some(d)) = (sent.get(&c.device_id), c.delivered_ms) {
+                latencies.push(d - t);
+                decided.push(c.detected_ms - t);
+            }
+        }
+        if latencies.len() >= sent.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    latencies.sort_unstable();
+    decided.sort_unstable();
+    let _ = alarms_client.disconnect().await;
+    Ok(Step {
+        offered,
+        published,
+        bare_per_s: (bare1 - bare0) as f64 / window,
+        accepted_per_s: (acc1 - acc0) as f64 / window,
+        stored,
+        lost: published as i64 - stored as i64,
+        catch_up_s: catch_up,
+        gateway_cpu_pct: 100.0 * (gw1 - gw0) / window,
+        broker_cpu_pct: 100.0 * (br1 - br0) / window,
+        gateway_rss_mib: rss,
+        alarms: sent.len(),
+        cases: latencies.len(),
+        latency_p50_ms: percentile(&latencies, 0.5),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_max_ms: percentile(&latencies, 1.0),
+        decided_p99_ms: percentile(&decided, 0.99),
+    })
+}
+
+/// The gateway restarted on a registry of `n` devices; each then reports once.
+async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
+    let dir = tempfile::tempdir()?;
+    let city_dir = dir.path().join("city");
+    city::generate(11, Counts { covers: 0, drains: n, beacons: 0 }).write(&city_dir)?;
+    let devices = inventory::load(&city_dir.join("devices.json"))?;
+    let mut config = Config::default();
+    config.store.path = dir.path().join("gridsense.db");
+    app::open_store(&config)?.import(&devices, 0)?;
+    drop(devices);
+    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let registered = mem_mib(gateway.pid(), "VmRSS:");
+    println!("million: {n} devices registered, gateway RSS {registered:.0} MiB");
+    // Every device reports once: readings every 60 s, boots spread over those 60 s.
+    let mut scenario = scenario::load("load")?;
+    scenario.device_config.report_interval_s = Some(60);
+    let plan = fleet::plan(&city_dir, &scenario)?;
+    let options = RunOptions {
+        broker: broker.addr(),
+        scenario,
+        speed: 1.0,
+        duration: Some(Duration::from_secs(62)),
+        transport: Transport::Pooled { connections: 4, qos1: true },
+        limit: None,
+        progress: false,
+        clock: None,
+    };
+    let (_keep, stop) = tokio::sync::watch::channel(false);
+    let summary = fleet::run(plan, &options, stop).await?;
+    let (stored, _) = wait_stored(&gateway, summary.frames(), Duration::from_secs(300)).await?;
+    let reported = mem_mib(gateway.pid(), "VmRSS:");
+    let hwm = mem_mib(gateway.pid(), "VmHWM:");
+    println!("million: {stored} frames stored, gateway RSS {reported:.0} MiB (peak {hwm:.0} MiB)");
+    gateway.stop()?;
+    Ok(Million {
+        devices: n,
+        rss_registered_mib: registered,
+        rss_reported_mib: reported,
+        hwm_mib: hwm,
+        reported: stored,
+    })
+}
+
+fn svg(steps: &[Step]) -> String {
+    const W: f64 = 360.0;
+    const H: f64 = 240.0;
+    const M: f64 = 48.0;
+    let x_max = steps.iter().map(|s| s.offered).max().unwrap_or(1) as f64 * 1.05;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        3.0 * (W + M) + M,
+        H + 2.0 * M
+    );
+    type Series<'a> = (&'a str, &'a str, Box<dyn Fn(&Step) -> f64>);
+    // Title, y range, goal line, series.
+    type Panel<'a> = (&'a str, f64, Option<(f64, &'a str)>, Vec<Series<'a>>);
+    let panels: [Panel<'_>; 3] = [
+        (
+            "frames/s vs offered frames/s",
+            steps.iter().map(|s| s.bare_per_s.max(s.offered as f64)).fold(1.0, f64::max) * 1.1,
+            Some((30_000.0, "goal 30,000/s")),
+            vec![
+                ("bare subscriber", "#999", Box::new(|s: &Step| s.bare_per_s)),
+                ("gateway, durable", "#1f77b4", Box::new(|s: &Step| s.accepted_per_s)),
+            ],
+        ),
+        (
+            "alarm → case on the board, ms",
+            steps.iter().map(|s| s.latency_p99_ms as f64).fold(60.0, f64::max) * 1.1,
+            Some((50.0, "goal p99 50 ms")),
+            vec![
+                ("p50", "#2ca02c", Box::new(|s: &Step| s.latency_p50_ms as f64)),
+                ("p99", "#d62728", Box::new(|s: &Step| s.latency_p99_ms as f64)),
+            ],
+        ),
+        (
+            "gateway CPU % (of one core), RSS MiB",
+            steps
+                .iter()
+                .map(|s| s.gateway_cpu_pct.max(s.broker_cpu_pct).max(s.gateway_rss_mib))
+                .fold(100.0, f64::max)
+                * 1.1,
+            None,
+            vec![
+                ("gateway CPU %", "#ff7f0e", Box::new(|s: &Step| s.gateway_cpu_pct)),
+                ("broker CPU %", "#8c564b", Box::new(|s: &Step| s.broker_cpu_pct)),
+                ("gateway RSS MiB", "#9467bd", Box::new(|s: &Step| s.gateway_rss_mib)),
+            ],
+        ),
+    ];
+    for (i, (title, y_max, goal, series)) in panels.iter().enumerate() {
+        let x0 = M + i as f64 * (W + M);
+        let px = |x: f64| x0 + x / x_max * W;
+        let py = |y: f64| M + H - y / y_max * H;
+        let _ = writeln!(
+            out,
+            "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{title}</text>\n<rect x=\"{x0}\" y=\"{M}\" width=\"{W}\" height=\"{H}\" fill=\"none\" stroke=\"#333\"/>",
+            M - 24.0
+        );
+        for k in 0..=4 {
+            let (xv, yv) = (x_max * f64::from(k) / 4.0, y_max * f64::from(k) / 4.0);
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>",
+                px(xv),
+                M + H + 14.0,
+                xv,
+                x0 - 4.0,
+                py(yv) + 4.0,
+                yv
+            );
+        }
+        if let Some((g, label)) = goal {
+            let _ = writeln!(
+                out,
+                "<line x1=\"{x0}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#d62728\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#d62728\" text-anchor=\"end\">{label}</text>",
+                x0 + W,
+                py(*g),
+                py(*g),
+                x0 + W - 4.0,
+                py(*g) - 4.0
+            );
+        }
+        for (j, (name, colour, f)) in series.iter().enumerate() {
+            let points: Vec<String> = steps
+                .iter()
+                .map(|s| format!("{:.1},{:.1}", px(s.offered as f64), py(f(s))))
+                .collect();
+            let _ = writeln!(
+                out,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>",
+                points.join(" ")
+            );
+            for p in &points {
+                let (cx, cy) = p.split_once(',').unwrap_or(("0", "0"));
+                let _ =
+                    writeln!(out, "<circle cx=\"{cx}\" cy=\"{cy}\" r=\"3\" fill=\"{colour}\"/>");
+            }
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{name}</text>",
+                x0 + 8.0,
+                M + 14.0 + 14.0 * j as f64
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">offered frames/s</text>",
+            x0 + W / 2.0,
+            M + H + 30.0
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn report(steps: &[Step], million: Option<&Million>, seconds: u64, command: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Load report\n");
+    let _ = writeln!(
+        md,
+        "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process (SQLite store, local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
+        chrono_like_now(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        mosquitto_version()
+    );
+    let _ = writeln!(md, "![load plot](load.svg)\n");
+    let _ = writeln!(
+        md,
+        "| offered/s | bare subscriber/s | gateway durable/s | published | stored | lost | catch-up s | gateway CPU % | broker CPU % | gateway RSS MiB | alarms → cases | p50 ms | p99 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for s in steps {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} | {} |",
+            s.offered,
+            s.bare_per_s,
+            s.accepted_per_s,
+            s.published,
+            s.stored,
+            s.lost,
+            s.catch_up_s,
+            s.gateway_cpu_pct,
+            s.broker_cpu_pct,
+            s.gateway_rss_mib,
+            s.alarms,
+            s.cases,
+            s.latency_p50_ms,
+            s.latency_p99_ms,
+            s.latency_max_ms,
+            s.decided_p99_ms
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n\"gateway durable/s\" counts frames committed to SQLite (and then acknowledged) during the window; \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
+    );
+    if let Some(m) = million {
+        let _ = writeln!(
+            md,
+            "\n## Memory at {} registered devices\n\nGateway RSS after start: {:.0} MiB; after every device reported once ({} frames stored): {:.0} MiB (peak {:.0} MiB).",
+            m.devices, m.rss_registered_mib, m.reported, m.rss_reported_mib, m.hwm_mib
+        );
+    }
+    md
+}
+
+fn chrono_like_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn mosquitto_version() -> String {
+    Command::new("/usr/sbin/mosquitto")
+        .arg("-h")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().and_then(|l| l.split_whitespace().nth(2)).map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    let broker = Mosquitto::start()?;
+    let dir = tempfile::tempdir()?;
+    // One registry: covers for the alarms, and a slice of drains per step (1 frame/s each at
+    // speed 2). Pooled devices start their counters afresh, so no slice runs twice.
+    let alarms_per_step = (ALARM_RATE * args.seconds as f64).ceil() as usize;
+    let slices: Vec<usize> = args.rates.iter().map(|r| (*r as usize).div_ceil(2)).collect();
+    let covers = alarms_per_step * args.rates.len();
+    let city_dir = dir.path().join("city");
+    city::generate(5, Counts { covers, drains: slices.iter().sum(), beacons: 0 })
+        .write(&city_dir)?;
+    let devices = inventory::load(&city_dir.join("devices.json"))?;
+    let mut config = Config::default();
+    config.store.path = dir.path().join("gridsense.db");
+    app::open_store(&config)?.import(&devices, 0)?;
+    let cover_devices: Vec<inventory::Device> =
+        devices.iter().filter(|d| d.record.kind == Kind::Cover).cloned().collect();
+    let mut plan = fleet::plan(&city_dir, &scenario::load("load")?)?;
+    plan.devices.retain(|d| d.record.record.kind == Kind::Drain);
+    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"))?;
+    let bare = bare_subscriber(broker.addr());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut steps = Vec::new();
+    let mut drains = plan.devices.into_iter();
+    for (i, (rate, slice)) in args.rates.iter().zip(&slices).enumerate() {
+        let step_plan = Plan {
+            devices: drains.by_ref().take(*slice).collect(),
+            actors: Vec::new(),
+            env: plan.env.clone(),
+        };
+        let covers = cover_devices.get(i * alarms_per_step..).unwrap_or_default();
+        let s = step(*rate, step_plan, covers, &broker, &gateway, &bare, args.seconds).await?;
+        println!(
+            "offered {:>6}/s: bare {:>6.0}/s, gateway {:>6.0}/s durable, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
+            s.offered,
+            s.bare_per_s,
+            s.accepted_per_s,
+            s.lost,
+            s.catch_up_s,
+            s.gateway_cpu_pct,
+            s.broker_cpu_pct,
+            s.gateway_rss_mib,
+            s.latency_p50_ms,
+            s.latency_p99_ms,
+            s.latency_max_ms,
+            s.decided_p99_ms,
+            s.cases,
+            s.alarms
+        );
+        steps.push(s);
+    }
+    gateway.stop()?;
+    std::fs::create_dir_all(&args.out)?;
+    let _ = std::fs::copy(dir.path().join("gateway.log"), args.out.join("gateway.log"));
+    let million = if args.million > 0 { Some(million(args.million, &broker).await?) } else { None };
+
+    std::fs::create_dir_all(&args.out)?;
+    let command =
+        format!("scripts/bench {}", std::env::args().skip(1).collect::<Vec<_>>().join(" "));
+    std::fs::write(args.out.join("load.svg"), svg(&steps))?;
+    std::fs::write(
+        args.out.join("report.md"),
+        report(&steps, million.as_ref(), args.seconds, command.trim()),
+    )?;
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "steps": steps, "million": million }))?,
+    )?;
+    println!("report written to {}", args.out.join("report.md").display());
+    Ok(())
+}
