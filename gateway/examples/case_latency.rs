@@ -84,6 +84,7 @@ async fn main() -> Result<()> {
         let scenario = scenario::load("load")?;
         let plan = fleet::plan(sim_dir.path(), &scenario)?;
         let options = RunOptions {
+            tls: None,
             broker: broker.addr(),
             scenario,
             speed: 2.0,

@@ -50,6 +50,7 @@ async fn main() -> Result<()> {
     let scenario = scenario::load("load")?;
     let plan = fleet::plan(dir.path(), &scenario)?;
     let options = RunOptions {
+        tls: None,
         broker: broker.addr(),
         scenario,
         speed: 0.5,

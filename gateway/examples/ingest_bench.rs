@@ -63,6 +63,7 @@ async fn main() -> Result<()> {
     let scenario = scenario::load("load")?;
     let plan = fleet::plan(dir.path(), &scenario)?;
     let options = RunOptions {
+        tls: None,
         broker: broker.addr(),
         scenario,
         speed,

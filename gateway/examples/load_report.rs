@@ -290,6 +290,7 @@ async fn step(
     };
     let base = gateway.accepted()?;
     let options = RunOptions {
+        tls: None,
         broker: broker.addr(),
         scenario: scenario::load("load")?,
         speed: 2.0,
@@ -405,6 +406,7 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     scenario.device_config.report_interval_s = Some(60);
     let plan = fleet::plan(&city_dir, &scenario)?;
     let options = RunOptions {
+        tls: None,
         broker: broker.addr(),
         scenario,
         speed: 1.0,

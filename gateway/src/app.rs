@@ -80,6 +80,11 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     } else {
         None
     };
+    if broker::is_tls(&config.mqtt.url) {
+        // A CA file that cannot be used stops the start, instead of every connection attempt.
+        gridsense_simulator::tls::client_config(std::path::Path::new(&config.mqtt.ca_file))
+            .context("mqtt.ca_file")?;
+    }
     let registry = store.registry()?;
     let counters = store.counters()?;
     let health = store.health()?;
@@ -286,8 +291,26 @@ pub fn serve_http(
             ))
             .layer(axum::extract::DefaultBodyLimit::max(http.body_limit));
     }
+    let tls = if http.tls_cert.is_empty() {
+        None
+    } else {
+        Some(
+            crate::tls::server_config(
+                std::path::Path::new(&http.tls_cert),
+                std::path::Path::new(&http.tls_key),
+            )
+            .context("http.tls_cert / http.tls_key")?,
+        )
+    };
     tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(listener, router, shutdown).await {
+        let served = match tls {
+            None => crate::http::serve(listener, router, shutdown).await,
+            Some(config) => match crate::tls::TlsListener::new(listener, config) {
+                Ok(listener) => crate::http::serve(listener, router, shutdown).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = served {
             tracing::error!("http server stopped: {e}");
         }
     });

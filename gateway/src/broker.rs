@@ -19,11 +19,25 @@ pub struct UrlError {
 /// `mqtt://HOST:PORT` to a socket address.
 pub fn parse_url(url: &str) -> Result<SocketAddr, UrlError> {
     let bad = |why: &str| UrlError { url: url.to_owned(), why: why.to_owned() };
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| bad("scheme must be mqtt://"))?;
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("mqtts://"))
+        .ok_or_else(|| bad("scheme must be mqtt:// or mqtts://"))?;
     if rest.contains('/') || rest.contains('@') || !rest.contains(':') {
         return Err(bad("expected HOST:PORT after the scheme"));
     }
     rest.to_socket_addrs().map_err(|e| bad(&e.to_string()))?.next().ok_or_else(|| bad("no address"))
+}
+
+/// Whether a broker URL asks for TLS.
+pub fn is_tls(url: &str) -> bool {
+    url.starts_with("mqtts://")
+}
+
+/// The host part of a broker URL (the name its TLS certificate must carry).
+pub fn host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']'])
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -185,6 +185,10 @@ pub struct Http {
     pub body_limit: usize,
     /// Longest a request may take, ms.
     pub timeout_ms: u64,
+    /// PEM certificate chain: with `tls_key`, the API is served over HTTPS only.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: String,
 }
 
 impl Default for Http {
@@ -195,6 +199,8 @@ impl Default for Http {
             open311_public: false,
             body_limit: 64 * 1024,
             timeout_ms: 10_000,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -260,8 +266,12 @@ impl Default for Telemetry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
-    /// `mqtt://HOST:PORT`; empty starts the embedded broker.
+    /// `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS (then `ca_file` is required); empty
+    /// starts the embedded broker.
     pub url: String,
+    /// PEM file of the CA(s) the broker's certificate must chain to (`mqtts://` only). The
+    /// certificate must name the URL's host.
+    pub ca_file: String,
     /// Client id; the session is persistent under it.
     pub client_id: String,
     /// User name (empty: none).
@@ -282,6 +292,7 @@ impl Default for Mqtt {
     fn default() -> Self {
         Mqtt {
             url: String::new(),
+            ca_file: String::new(),
             client_id: "gridsense-gateway".into(),
             username: String::new(),
             password: String::new(),
@@ -476,6 +487,21 @@ impl Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if !self.mqtt.url.is_empty() {
             crate::broker::parse_url(&self.mqtt.url).map_err(|e| ("mqtt.url", e.to_string()))?;
+        }
+        match (crate::broker::is_tls(&self.mqtt.url), self.mqtt.ca_file.is_empty()) {
+            (true, true) => {
+                return Err((
+                    "mqtt.ca_file",
+                    "mqtts:// needs the CA that signed the broker's certificate".into(),
+                ));
+            }
+            (false, false) => {
+                return Err(("mqtt.ca_file", "is for TLS: use an mqtts:// url".into()));
+            }
+            _ => {}
+        }
+        if self.http.tls_cert.is_empty() != self.http.tls_key.is_empty() {
+            return Err(("http.tls_key", "tls_cert and tls_key go together".into()));
         }
         if self.mqtt.client_id.is_empty() {
             return Err(("mqtt.client_id", "must not be empty".into()));

@@ -166,6 +166,7 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
 
     let plan = fleet::plan(&city_dir, &scenario)?;
     let run_options = RunOptions {
+        tls: None,
         broker: devices_addr,
         scenario,
         speed,

@@ -6,7 +6,7 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use axum::{Json, Router, extract::State, response::Html, routing::get};
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 
 use crate::{ingest::Status, sink::SinkStatus};
 
@@ -112,12 +112,16 @@ pub fn router(status: Arc<Status>, sink: Option<Arc<SinkStatus>>) -> Router {
         .with_state(AppState { status, sink })
 }
 
-/// Serves until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves until `shutdown` turns true (plain TCP or [`crate::tls::TlsListener`]).
+pub async fn serve<L>(
+    listener: L,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             while !*shutdown.borrow() {
@@ -138,7 +142,7 @@ mod tests {
         let status = Arc::new(Status::default());
         status.frames_accepted.store(42, Relaxed);
         status.devices_online.store(7, Relaxed);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop) = watch::channel(false);
         let server = tokio::spawn(serve(listener, router(status, None), stop));

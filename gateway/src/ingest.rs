@@ -197,11 +197,24 @@ pub enum IngestError {
     /// A task panicked or was cancelled.
     #[error("ingest task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The TLS settings for the broker could not be used.
+    #[error("{0}")]
+    Tls(String),
 }
 
-fn mqtt_options(config: &Config, broker: SocketAddr) -> MqttOptions {
+fn mqtt_options(config: &Config, broker: SocketAddr) -> Result<MqttOptions, IngestError> {
     let m = &config.mqtt;
-    let mut options = MqttOptions::new(m.client_id.clone(), broker.ip().to_string(), broker.port());
+    let tls = crate::broker::is_tls(&m.url);
+    // With TLS, rumqttc verifies the broker's certificate against this host name.
+    let host = if tls { crate::broker::host(&m.url).to_owned() } else { broker.ip().to_string() };
+    let mut options = MqttOptions::new(m.client_id.clone(), host, broker.port());
+    if tls {
+        let client = gridsense_simulator::tls::client_config(std::path::Path::new(&m.ca_file))
+            .map_err(|e| IngestError::Tls(format!("mqtt.ca_file: {e}")))?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(client),
+        ));
+    }
     options.set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)));
     options.set_clean_session(false);
     options.set_manual_acks(true);
@@ -210,7 +223,7 @@ fn mqtt_options(config: &Config, broker: SocketAddr) -> MqttOptions {
     if !m.username.is_empty() {
         options.set_credentials(m.username.clone(), m.password.clone());
     }
-    options
+    Ok(options)
 }
 
 /// Runs ingest until `shutdown` turns true (then commits and acknowledges what it holds and
@@ -225,7 +238,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let credits = usize::from(config.mqtt.inflight);
-    let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
+    let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker)?, credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
     status.queue_capacity.store(credits as u64, Relaxed);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();

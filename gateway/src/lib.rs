@@ -42,4 +42,5 @@ pub mod rules;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod walkthrough;

@@ -2,7 +2,7 @@
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -62,9 +62,12 @@ pub enum TransportArg {
 /// `gridsim run` arguments.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Broker, `mqtt://HOST:PORT`.
+    /// Broker, `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS (with `--ca-file`).
     #[arg(long)]
     pub broker: String,
+    /// PEM file of the CA(s) the broker's certificate must chain to (`mqtts://` only).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// A `gridsim city` output folder.
     #[arg(long)]
     pub city: PathBuf,
@@ -100,9 +103,29 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-/// `mqtt://HOST:PORT` (or `HOST:PORT`) to a socket address.
+/// The `--broker` and `--ca-file` arguments: the address, and TLS when the scheme is
+/// `mqtts://` (the certificate must name the URL's host).
+pub fn broker_tls(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<(SocketAddr, Option<crate::tls::Tls>)> {
+    let addr = broker_addr(url)?;
+    let Some(rest) = url.strip_prefix("mqtts://") else {
+        if ca_file.is_some() {
+            bail!("--ca-file is for TLS: use an mqtts:// broker URL");
+        }
+        return Ok((addr, None));
+    };
+    let Some(ca) = ca_file else {
+        bail!("--broker {url:?}: TLS needs --ca-file, the CA that signed the broker's certificate");
+    };
+    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']);
+    Ok((addr, Some(crate::tls::Tls::new(ca, host)?)))
+}
+
+/// `mqtt://HOST:PORT`, `mqtts://HOST:PORT` (or `HOST:PORT`) to a socket address.
 pub fn broker_addr(url: &str) -> Result<SocketAddr> {
-    let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("mqtts://")).unwrap_or(url);
     if rest.contains('/') || rest.contains('@') {
         bail!("--broker {url:?}: expected mqtt://HOST:PORT");
     }
@@ -136,11 +159,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let broker = broker_addr(&args.broker)?;
+            let (broker, tls) = broker_tls(&args.broker, args.ca_file.as_deref())?;
             let scenario = scenario::load(&args.scenario)?;
             let plan = fleet::plan(&args.city, &scenario)?;
             let options = fleet::RunOptions {
                 broker,
+                tls,
                 speed: args.speed.unwrap_or(scenario.speed),
                 duration: args.duration.or(scenario.duration.map(|s| s.0)),
                 transport: match args.transport {

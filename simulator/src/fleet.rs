@@ -77,6 +77,8 @@ pub enum Transport {
 pub struct RunOptions {
     /// Broker address (loopback in tests).
     pub broker: SocketAddr,
+    /// TLS to the broker, verifying its certificate (per-device and pooled transports).
+    pub tls: Option<crate::tls::Tls>,
     /// Scenario.
     pub scenario: Scenario,
     /// Simulated seconds per real second.
@@ -422,10 +424,12 @@ struct Shared {
     counters: Arc<Counters>,
     seed: u64,
     radio: Option<RadioConfig>,
+    tls: Option<crate::tls::Tls>,
 }
 
 fn spawn_planned(set: &mut JoinSet<Result<DeviceReport>>, planned: Planned, shared: &Shared) {
-    let Shared { broker, clock, ref env, ref shutdown, ref counters, seed, radio } = *shared;
+    let Shared { broker, clock, ref env, ref shutdown, ref counters, seed, radio, ref tls } =
+        *shared;
     let env = env.clone();
     let id = identity(&planned);
     let radio = radio.map(|r| {
@@ -442,6 +446,7 @@ fn spawn_planned(set: &mut JoinSet<Result<DeviceReport>>, planned: Planned, shar
         planned.outages.clone(),
         Rng::derive(seed, 100, planned.record.eui.0),
     )
+    .with_tls(tls.clone())
     .counting(counters.clone());
     let password = planned.record.record.mqtt_password.clone();
     let (shutdown, counters) = (shutdown.clone(), counters.clone());
@@ -565,6 +570,11 @@ pub async fn run(
                 Transport::Fidelity(r) => Some(r),
                 _ => None,
             };
+            if radio.is_some() && options.tls.is_some() {
+                bail!(
+                    "TLS is not available with the fidelity transport (its radio bridge carries plain MQTT): use per-device or pooled"
+                );
+            }
             let shared = Shared {
                 broker: options.broker,
                 clock,
@@ -573,6 +583,7 @@ pub async fn run(
                 counters: counters.clone(),
                 seed,
                 radio,
+                tls: options.tls.clone(),
             };
             threads = spawn_threads(devices, &shared)?;
         }
@@ -580,7 +591,7 @@ pub async fn run(
             crate::pooled::spawn(
                 &mut set,
                 devices,
-                options.broker,
+                (options.broker, options.tls.as_ref()),
                 clock,
                 plan.env.clone(),
                 &shutdown,

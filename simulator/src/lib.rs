@@ -27,3 +27,4 @@ pub mod rng;
 pub mod scenario;
 pub mod stats;
 pub mod store;
+pub mod tls;

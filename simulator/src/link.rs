@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use gridsense_firmware::{Instant, session::Platform};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream},
     net::TcpStream,
 };
 
@@ -24,6 +24,10 @@ pub enum LinkError {
     /// Connecting took too long.
     #[error("connect timed out")]
     Timeout,
+    /// The TLS handshake failed (the broker's certificate did not verify, or the broker does
+    /// not speak TLS there).
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::ErrorKind),
 }
 
 impl embedded_io_async::Error for LinkError {
@@ -32,6 +36,7 @@ impl embedded_io_async::Error for LinkError {
             LinkError::Outage => embedded_io_async::ErrorKind::NotConnected,
             LinkError::Io(_) => embedded_io_async::ErrorKind::ConnectionReset,
             LinkError::Timeout => embedded_io_async::ErrorKind::TimedOut,
+            LinkError::Tls(_) => embedded_io_async::ErrorKind::PermissionDenied,
         }
     }
 }
@@ -73,6 +78,7 @@ pub struct SimPlatform {
     counters: Option<Arc<crate::stats::Counters>>,
     clock: SimClock,
     broker: SocketAddr,
+    tls: Option<crate::tls::Tls>,
     outages: Outages,
     rng: Rng,
 }
@@ -80,7 +86,14 @@ pub struct SimPlatform {
 impl SimPlatform {
     /// A platform for a device with the given outages.
     pub fn new(clock: SimClock, broker: SocketAddr, outages: Outages, rng: Rng) -> Self {
-        SimPlatform { counters: None, clock, broker, outages, rng }
+        SimPlatform { counters: None, clock, broker, tls: None, outages, rng }
+    }
+
+    /// Connects over TLS, verifying the broker's certificate.
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<crate::tls::Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Counts connections opened in `counters`.
@@ -115,6 +128,20 @@ impl Platform for SimPlatform {
         if let Some(c) = &self.counters {
             c.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let stream: Box<dyn Io> = match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let tls_stream = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    connector.connect(tls.server_name.clone(), stream),
+                )
+                .await
+                .map_err(|_| LinkError::Timeout)?
+                .map_err(|e| LinkError::Tls(e.kind()))?;
+                Box::new(tls_stream)
+            }
+        };
         // Small buffers: MQTT packets here are a few hundred bytes, and there are many devices.
         let stream = BufStream::with_capacity(1_024, 1_024, stream);
         Ok(Link { stream, clock: self.clock, outages: self.outages.clone() })
@@ -125,10 +152,14 @@ impl Platform for SimPlatform {
     }
 }
 
+/// A byte stream to the broker: plain TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> Io for T {}
+
 /// A TCP connection that breaks when the device's outage begins.
 #[derive(Debug)]
 pub struct Link {
-    stream: BufStream<TcpStream>,
+    stream: BufStream<Box<dyn Io>>,
     clock: SimClock,
     outages: Outages,
 }

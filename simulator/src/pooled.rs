@@ -184,7 +184,7 @@ pub fn slot_sizes() -> [(&'static str, usize); 4] {
 pub fn spawn(
     set: &mut JoinSet<Result<DeviceReport>>,
     devices: Vec<Planned>,
-    broker: SocketAddr,
+    (broker, tls): (SocketAddr, Option<&crate::tls::Tls>),
     clock: SimClock,
     env: Arc<Env>,
     shutdown: &watch::Receiver<bool>,
@@ -202,14 +202,22 @@ pub fn spawn(
         }
     }
     for (n, shard) in shards.into_iter().enumerate() {
+        // With TLS, rumqttc checks the certificate against this host: the name it must carry.
+        let host =
+            tls.map_or_else(|| broker.ip().to_string(), |t| t.server_name.to_str().into_owned());
         let mut options = MqttOptions::new(
             format!("gridsim-pool-{n}-{}", std::process::id()),
-            broker.ip().to_string(),
+            host,
             broker.port(),
         );
         options.set_keep_alive(Duration::from_secs(30));
         options.set_inflight(1_000);
         options.set_max_packet_size(64 * 1024, 64 * 1024);
+        if let Some(tls) = tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.config.clone()),
+            ));
+        }
         let (client, eventloop) = AsyncClient::new(options, 10_000);
         let qos = if qos1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
         set.spawn(drive(eventloop, shutdown.clone(), counters.clone()));

@@ -66,19 +66,56 @@ impl Mosquitto {
         Self::start_config("allow_anonymous true\npersistence true\nautosave_interval 1\n")
     }
 
+    /// Starts one from a shipped configuration file (`deploy/mosquitto.conf`): its one
+    /// `listener` line moves to a free loopback port, `persistence_location` to a private
+    /// folder, and each shipped path in `paths` is replaced by a test file (certificates,
+    /// password file, ACL). Everything else is used as shipped.
+    pub fn start_shipped(
+        shipped: &std::path::Path,
+        paths: &[(&str, &std::path::Path)],
+    ) -> Result<Self> {
+        let text = fs::read_to_string(shipped)
+            .with_context(|| format!("reading {}", shipped.display()))?;
+        let mut lines = Vec::new();
+        let mut listeners = 0;
+        for line in text.lines() {
+            let mut line = line.to_owned();
+            if line.starts_with("listener ") {
+                listeners += 1;
+                line = "listener {port} 127.0.0.1".to_owned();
+            } else if line.starts_with("persistence_location ") {
+                line = "persistence_location {dir}/".to_owned();
+            }
+            for (from, to) in paths {
+                line = line.replace(from, &to.display().to_string());
+            }
+            lines.push(line);
+        }
+        if listeners != 1 {
+            bail!("{}: expected one listener line, found {listeners}", shipped.display());
+        }
+        Self::start_text(&format!("user root\nlog_dest stderr\n{}\n", lines.join("\n")))
+    }
+
     fn start_config(access: &str) -> Result<Self> {
-        let port = free_port()?;
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("mosquitto.conf");
         // `user root`: started as root it would otherwise drop privileges before opening the
         // files in this private temp folder (PITFALLS.md). A later `persistence true` line
         // overrides the default off.
-        let text = format!(
-            "listener {port} 127.0.0.1\nuser root\npersistence false\npersistence_location {}/\n\
+        Self::start_text(&format!(
+            "listener {{port}} 127.0.0.1\nuser root\npersistence false\npersistence_location {{dir}}/\n\
              max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n{access}\n",
-            dir.path().display()
-        );
+             log_dest stderr\nlog_type error\nlog_type warning\n{access}\n"
+        ))
+    }
+
+    /// Starts one with `template` as its configuration, `{port}` and `{dir}` filled in.
+    fn start_text(template: &str) -> Result<Self> {
+        let port = free_port()?;
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("mosquitto.conf");
+        let text = template
+            .replace("{port}", &port.to_string())
+            .replace("{dir}", &dir.path().display().to_string());
         fs::write(&config, text)?;
         let binary = PathBuf::from("/usr/sbin/mosquitto");
         if !binary.exists() {

@@ -63,6 +63,7 @@ pub async fn run_clocked(
     let scenario = scenario::parse("test.toml", scenario_text)?;
     let plan = fleet::plan(dir, &scenario)?;
     let options = RunOptions {
+        tls: None,
         broker,
         scenario,
         speed,

@@ -12,10 +12,12 @@
 pub mod broker;
 pub mod browser;
 pub mod fixtures;
+pub mod pki;
 pub mod subscriber;
 pub mod victoria;
 
 pub use broker::{Mosquitto, free_port};
 pub use browser::Chromium;
+pub use pki::TestPki;
 pub use subscriber::{Received, Subscriber};
 pub use victoria::VictoriaMetrics;

@@ -32,6 +32,16 @@ impl Subscriber {
     /// Connects (MQTT 3.1.1, rumqttc) to `broker` and subscribes to every uplink; returns once
     /// the subscription is acknowledged.
     pub async fn start(broker: SocketAddr) -> Result<Self> {
+        Self::connect(broker, None).await
+    }
+
+    /// As [`Subscriber::start`], over TLS, trusting the CA in `ca_file` (the broker's
+    /// certificate must name 127.0.0.1).
+    pub async fn start_tls(broker: SocketAddr, ca_file: &std::path::Path) -> Result<Self> {
+        Self::connect(broker, Some(ca_file)).await
+    }
+
+    async fn connect(broker: SocketAddr, ca_file: Option<&std::path::Path>) -> Result<Self> {
         let mut options = MqttOptions::new(
             format!("test-subscriber-{}", std::process::id()),
             broker.ip().to_string(),
@@ -39,6 +49,11 @@ impl Subscriber {
         );
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(64 * 1024, 64 * 1024);
+        if let Some(ca) = ca_file {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(gridsense_simulator::tls::client_config(ca)?),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         client.subscribe(UPLINK_FILTER, QoS::AtLeastOnce).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
