@@ -426,7 +426,9 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if !state.status.connected.load(Relaxed) {
         problems.push("broker not connected".to_owned());
     }
-    if let Err(e) = state.board.with_store(|s| s.check_writable()).await {
+    if let Some(e) = state.status.store_error.lock().ok().and_then(|e| e.clone()) {
+        problems.push(format!("commits failing, nothing acknowledged until they succeed: {e}"));
+    } else if let Err(e) = state.board.with_store(|s| s.check_writable()).await {
         problems.push(format!("store not writable: {e}"));
     }
     if state.sink.as_ref().is_some_and(|s| s.failing.load(Relaxed)) {
@@ -457,6 +459,21 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             let _ = writeln!(out, "gridsense_frames_rejected_total{{reason=\"{reason}\"}} {n}");
         }
     }
+    metric(
+        &mut out,
+        "gridsense_store_failing",
+        "gauge",
+        "1 while commits fail and are retried (a full disk): nothing is acknowledged meanwhile.",
+    );
+    let failing = s.store_error.lock().map(|e| e.is_some()).unwrap_or(false);
+    let _ = writeln!(out, "gridsense_store_failing {}", u8::from(failing));
+    metric(
+        &mut out,
+        "gridsense_store_retries_total",
+        "counter",
+        "Commits retried after a failure.",
+    );
+    let _ = writeln!(out, "gridsense_store_retries_total {}", s.store_retries.load(Relaxed));
     let accepted = s.frames_accepted.load(Relaxed);
     let rejected = s.frames_rejected.load(Relaxed);
     metric(

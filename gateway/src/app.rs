@@ -236,15 +236,45 @@ fn start_delivery(
     let delivery = status.delivery.clone();
     let mut workers = Vec::new();
     for (channel, wake) in [("case", &status.outbox_wake[0]), ("alert", &status.outbox_wake[1])] {
-        workers.push(tokio::spawn(crate::delivery::run(
-            worker.clone(),
-            channel,
-            open_store(config)?,
-            clock.clone(),
-            wake.clone(),
-            delivery.clone(),
-            shutdown.clone(),
-        )));
+        let first = open_store(config)?;
+        let (worker, clock, wake, delivery, shutdown) =
+            (worker.clone(), clock.clone(), wake.clone(), delivery.clone(), shutdown.clone());
+        let path = config.clone();
+        // A store failure (a full disk) ends one run of the worker, not delivery: it starts
+        // again on a fresh connection a second later, and what is due is still in the outbox.
+        workers.push(tokio::spawn(async move {
+            let mut store = Some(first);
+            loop {
+                let s = match store.take() {
+                    Some(s) => s,
+                    None => match open_store(&path) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("{channel} delivery: {e:#}; retrying in 1 s");
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    },
+                };
+                let run = crate::delivery::run(
+                    worker.clone(),
+                    channel,
+                    s,
+                    clock.clone(),
+                    wake.clone(),
+                    delivery.clone(),
+                    shutdown.clone(),
+                );
+                match run.await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if *shutdown.borrow() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!("{channel} delivery: {e}; restarting in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }));
     }
     if let crate::delivery::Adapter::Open311(client) = adapter {
         workers.push(tokio::spawn(crate::delivery::poll_open311(

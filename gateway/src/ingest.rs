@@ -16,8 +16,10 @@
 //!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
 //!   messages back for acknowledgement in arrival order. Offline deadlines are ticked on the
 //!   same task, so health events are committed the same way. If a commit fails nothing is
-//!   acknowledged and the task stops with the error: the broker redelivers to the restarted
-//!   gateway, and every step downstream is idempotent.
+//!   acknowledged. A full disk (or another failure that may pass) holds the batch and retries
+//!   it until it is durable, saying why in the status, readiness and metrics; any other
+//!   failure stops the task with the error: the broker redelivers to the restarted gateway,
+//!   and every step downstream is idempotent.
 //!
 //! The ack channel back to the session is unbounded in type but not in fact: it never holds
 //! more than the messages received and not yet acknowledged, which the broker's in-flight
@@ -88,6 +90,11 @@ pub struct Status {
     pub last_commit_us: AtomicU64,
     /// Capacity of the channel from the session to the pipeline (the in-flight window).
     pub queue_capacity: AtomicU64,
+    /// Why the last commit failed while it is being retried (a full disk); `None` when the
+    /// store takes writes.
+    pub store_error: std::sync::Mutex<Option<String>>,
+    /// Commit attempts that failed and were retried.
+    pub store_retries: AtomicU64,
 }
 
 /// Upper bounds of [`Histogram`] buckets, ms.
@@ -457,14 +464,9 @@ async fn pipeline_task(
                 }
                 // Only when a live view listens: it allocates per changed row.
                 let changes = (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
-                if let Some(mut s) = store.take() {
-                    let (s, r) = tokio::task::spawn_blocking(move || {
-                        let r = s.commit(&batch);
-                        (s, r)
-                    })
-                    .await?;
+                if let Some(s) = store.take() {
+                    let (s, _) = commit_until_durable(s, batch, &status, &mut shutdown).await?;
                     store = Some(s);
-                    r?;
                 }
                 if let Some(changes) = changes.filter(Changes::is_visible) {
                     let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
@@ -532,18 +534,13 @@ async fn pipeline_task(
         let queued_alerts = batch.cases.alerts.len() as u64;
         let filed = batch.cases.cases.len() as u64;
         if !batch.is_empty() || !sealed.is_empty() {
-            let Some(mut s) = store.take() else { break };
+            let Some(s) = store.take() else { break };
             let started = std::time::Instant::now();
-            let (s, committed) = tokio::task::spawn_blocking(move || {
-                let r = s.commit(&batch);
-                (s, r.map(|()| batch.accepted))
-            })
-            .await?;
+            let (s, accepted) = commit_until_durable(s, batch, &status, &mut shutdown).await?;
             status
                 .last_commit_us
                 .store(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Relaxed);
             store = Some(s);
-            let accepted = committed?;
             status.frames_accepted.fetch_add(accepted, Relaxed);
             status.frames_rejected.fetch_add(rejected, Relaxed);
             status.batches.fetch_add(1, Relaxed);
@@ -600,6 +597,78 @@ async fn pipeline_task(
         }
     }
     Ok(())
+}
+
+/// Whether a failed commit may succeed later unchanged: the disk (or the file system's quota)
+/// is full, a write failed at the I/O layer, or the database was locked past the busy wait.
+fn transient(e: &StoreError) -> bool {
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure};
+    matches!(
+        e,
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, DiskFull | SystemIoFailure | DatabaseBusy | DatabaseLocked)
+    )
+}
+
+/// Commits `batch`; while the failure is [`transient`] (a full disk above all), retries the
+/// same batch every second — up to five between attempts — holding its messages
+/// unacknowledged: the session's channel fills, reading from the broker stops, and the broker
+/// keeps the rest. `status.store_error` says why meanwhile (readiness, metrics). Returns the
+/// frames accepted; any other failure, or shutdown while it waits, is returned as an error
+/// (nothing of the batch acknowledged).
+async fn commit_until_durable(
+    mut store: Store,
+    batch: Batch,
+    status: &Status,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(Store, u64), IngestError> {
+    let mut batch = batch;
+    let mut since: Option<std::time::Instant> = None;
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let (s, b, r) = tokio::task::spawn_blocking(move || {
+            let r = store.commit(&batch);
+            (store, batch, r)
+        })
+        .await?;
+        (store, batch) = (s, b);
+        match r {
+            Ok(()) => {
+                if let Some(t) = since {
+                    tracing::warn!(
+                        paused_s = t.elapsed().as_secs(),
+                        "store writable again: committed the held batch, acknowledging resumes"
+                    );
+                    if let Ok(mut e) = status.store_error.lock() {
+                        *e = None;
+                    }
+                }
+                return Ok((store, batch.accepted));
+            }
+            Err(e) if transient(&e) => {
+                if since.is_none() {
+                    tracing::error!(
+                        "commit failed: {e}; holding {} frames unacknowledged and retrying (the broker keeps the rest)",
+                        batch.accepted
+                    );
+                    since = Some(std::time::Instant::now());
+                }
+                if let Ok(mut slot) = status.store_error.lock() {
+                    *slot = Some(e.to_string());
+                }
+                status.store_retries.fetch_add(1, Relaxed);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return Err(IngestError::Store(e));
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(IngestError::Store(e)),
+        }
+    }
 }
 
 async fn sleep_or_never(d: Option<Duration>) {
