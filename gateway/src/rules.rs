@@ -15,7 +15,9 @@
 //!   thresholds too.
 //! - **repeating**: `count` upward crossings of a bound within `window_s`; clears when a whole
 //!   window passes without one.
-//! - **rate**: the rate of change between consecutive observations, per hour, above a bound.
+//! - **rate**: the rate of change per hour, above a bound, measured over at least `span_s`
+//!   (default 300 s) so that a sensor sampled every second does not turn millimetres of noise
+//!   into metres per hour.
 //! - **stuck**: the value has not moved by more than `tolerance` for `for_s` while readings keep
 //!   arriving.
 //!
@@ -285,6 +287,10 @@ pub struct Level {
     pub hold_s: u64,
 }
 
+fn default_rate_span_s() -> u64 {
+    300
+}
+
 /// What a rule tests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -305,11 +311,15 @@ pub enum Test {
         /// Severity when active.
         severity: Severity,
     },
-    /// Rate of change between consecutive observations, per hour, above `above_per_h` (use a
-    /// negative bound with `falling = true` for drops).
+    /// Rate of change per hour above `above_per_h`, between an observation and the first later
+    /// one at least `span_s` after it (use `falling = true` for drops).
     Rate {
         /// Rate that raises, signal unit per hour.
         above_per_h: f64,
+        /// Shortest span a rate is measured over, s (default 300: a drain's routine report
+        /// interval). Observations in between are not compared with each other.
+        #[serde(default = "default_rate_span_s")]
+        span_s: u64,
         /// Rate below which it clears; default half the raising rate.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         clear_per_h: Option<f64>,
@@ -478,6 +488,7 @@ impl Default for RulesConfig {
                 signal: Signal::LevelMm,
                 test: Test::Rate {
                     above_per_h: 1_500.0,
+                    span_s: default_rate_span_s(),
                     clear_per_h: Some(300.0),
                     falling: false,
                     severity: Severity::Minor,
@@ -1111,13 +1122,18 @@ fn on_observation(
             }
             None
         }
-        Test::Rate { above_per_h, clear_per_h, falling, .. } => {
-            state.last = Some((v, at));
-            let (p, pt) = previous?;
+        Test::Rate { above_per_h, clear_per_h, falling, span_s, .. } => {
+            // `last` is the reference the rate is measured from: it moves on only once the
+            // span is reached (an older, late observation leaves it alone too).
+            let Some((p, pt)) = previous else {
+                state.last = Some((v, at));
+                return None;
+            };
             let dt = at.saturating_sub(pt);
-            if dt <= 0 {
+            if dt <= 0 || dt < hold_ms(*span_s) {
                 return None;
             }
+            state.last = Some((v, at));
             let mut rate = (v - p) / secs(dt) * 3600.0;
             if *falling {
                 rate = -rate;
@@ -1510,6 +1526,25 @@ mod tests {
             [("drain_overflow", Some(Severity::Minor), Some(Severity::Major))]
         );
         assert_eq!(warn[0].onset_ms, 0, "one condition, one onset");
+    }
+
+    #[test]
+    fn noise_sampled_every_second_is_not_a_fast_rise() {
+        let mut r = engine();
+        // ±4 mm of noise every second for ten minutes: 8 mm in 1 s would be 28.8 m/h.
+        for t in 0..600 {
+            let level = 500.0 + if t % 2 == 0 { 4.0 } else { -4.0 };
+            let at = t * 1_000;
+            assert!(see(&mut r, at, DRAIN, obs(Signal::LevelMm, level, at)).is_empty(), "{t} s");
+        }
+        // A real rise is still seen, over the span: +150 mm in the next five minutes.
+        let mut changes = Vec::new();
+        for t in 600..=900 {
+            let at = t * 1_000;
+            let level = 500.0 + 0.5 * (t - 600) as f64;
+            changes.extend(see(&mut r, at, DRAIN, obs(Signal::LevelMm, level, at)));
+        }
+        assert_eq!(summary(&changes), [("drain_overflow", None, Some(Severity::Minor))]);
     }
 
     #[test]

@@ -27,12 +27,14 @@ async fn a_broker_restart_loses_nothing() {
     let scenario = "description = \"t\"\nseed = 6\n[device_config]\nreport_interval_s = 1\ndrain_deadband_mm = 0\n";
     let sim_dir = dir.path().to_owned();
     let addr = broker.addr();
+    // Down 1 s in the suite; `scripts/chaos` keeps it down longer (the run lasts as much longer).
+    let down = common::outage(1);
     let sim = tokio::spawn(async move {
-        fixtures::run(&sim_dir, scenario, addr, 1.0, Duration::from_secs(16)).await
+        fixtures::run(&sim_dir, scenario, addr, 1.0, Duration::from_secs(15) + down).await
     });
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = gateway.status.connects.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::task::block_in_place(|| broker.restart(Duration::from_secs(1))).unwrap();
+    tokio::task::block_in_place(|| broker.restart(down)).unwrap();
     let summary = sim.await.unwrap().unwrap();
     // Let the gateway catch up, then stop it.
     let mut last = u64::MAX;
@@ -53,7 +55,7 @@ async fn a_broker_restart_loses_nothing() {
     // the distinct frames are the publications less the resends.
     let sent = summary.frames() - summary.resends;
     println!(
-        "chaos: broker-restart sent={sent} stored={} lost={} duplicated=0 (gateway reconnected {reconnects}×; device reconnects {}; {} frames resent after lost PUBACKs; duplicates dropped as such: {})",
+        "chaos: broker-restart sent={sent} stored={} lost={} duplicated=0 (down {down:?}; gateway reconnected {reconnects}×; device reconnects {}; {} frames resent after lost PUBACKs; duplicates dropped as such: {})",
         totals.accepted,
         sent.saturating_sub(totals.accepted),
         summary.connects.saturating_sub(30),

@@ -161,6 +161,58 @@ async fn webhook_retries_503s_signs_and_delivers_sos_within_a_second() {
     }
 }
 
+/// The platform answers 503 for a stretch of time (seconds here, minutes under
+/// `scripts/chaos`) while thefts keep coming, then recovers: every case reaches it once.
+#[tokio::test]
+async fn a_platform_down_for_a_while_gets_every_case_once_when_back() {
+    let s = setup(33, 8, 0);
+    let platform = Platform::start().await;
+    platform.set(Fault::Unavailable);
+    let mut config = config(&s, Kind::Webhook, platform.hook_url());
+    config.cases.retry_max_ms = 2_000;
+    common::import(&config, s.dir.path());
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let down = common::outage(3);
+    let began = Instant::now();
+    // Half the thefts at the start of the outage, the rest halfway through.
+    let at = now_device_time();
+    let (first, second) = s.covers.split_at(s.covers.len() / 2);
+    publish(s.broker.addr(), first.iter().map(|e| (*e, removed(at))).collect(), &s.keys).await;
+    tokio::time::sleep(down / 2).await;
+    // Counters continue from the first publication's.
+    let n = u32::try_from(first.len()).unwrap();
+    common::publish_from(
+        s.broker.addr(),
+        second.iter().map(|e| (*e, removed(at))).collect(),
+        &s.keys,
+        n + 1,
+    )
+    .await;
+    tokio::time::sleep(down.saturating_sub(began.elapsed())).await;
+    let refused = gateway.delivery.retries.load(Relaxed);
+    platform.set(Fault::None);
+    let back = Instant::now();
+    wait_for("every case after the outage", Duration::from_secs(30), || {
+        gateway.delivery.delivered.load(Relaxed) >= 8
+    })
+    .await;
+    let caught_up = back.elapsed();
+    let retries = gateway.delivery.retries.load(Relaxed);
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let cases: Vec<_> = platform.hooks().into_iter().filter(|h| h.body["op"] == "create").collect();
+    let keys: BTreeSet<_> = cases.iter().map(|h| h.body["case_key"].to_string()).collect();
+    assert_eq!(cases.len(), 8, "one delivery per case");
+    assert_eq!(keys.len(), 8, "eight distinct cases");
+    assert!(refused >= 1, "the outage was never hit");
+    println!(
+        "chaos: platform-outage sent=8 stored={} lost={} duplicated={} (platform answered 503 for {down:?}: {refused} refused attempts, {retries} retries; all delivered {caught_up:?} after it came back)",
+        keys.len(),
+        8 - keys.len(),
+        cases.len() - keys.len()
+    );
+}
+
 #[tokio::test]
 async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     let s = setup(33, 8, 0);

@@ -140,6 +140,9 @@ async fn a_full_disk_pauses_acknowledgements_and_loses_nothing() {
     let retries = gateway.status.store_retries.load(Relaxed);
     assert!(retries >= 1);
 
+    // Full for a while longer under `scripts/chaos` (at once in the suite).
+    tokio::time::sleep(common::outage(0)).await;
+    assert_eq!(store.totals().unwrap().accepted, stuck, "a commit succeeded on a full disk");
     // Space returns: the held batch commits, the rest follows, each frame once.
     let paused = std::time::Instant::now();
     std::fs::remove_file(&filler).unwrap();

@@ -110,6 +110,14 @@ pub fn now_device_time() -> DeviceTime {
     DeviceTime::from_unix_secs(s).unwrap()
 }
 
+/// How long the chaos tests keep a component down: `default_s` in the test suite, or
+/// `GRIDSENSE_CHAOS_OUTAGE_S` seconds when `scripts/chaos` runs them with long outages.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn outage(default_s: u64) -> Duration {
+    let s = std::env::var("GRIDSENSE_CHAOS_OUTAGE_S").ok().and_then(|v| v.parse().ok());
+    Duration::from_secs(s.unwrap_or(default_s))
+}
+
 /// Publishes frames (counters from 1), as the devices would, and waits for them to go out.
 pub async fn publish(
     broker: SocketAddr,
