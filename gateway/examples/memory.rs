@@ -3,7 +3,9 @@
 //! with their object code and class), for N devices that have each sent one frame. Prints
 //! bytes per device from the process's resident memory before and after.
 //!
-//! `cargo run --release -p gridsense-gateway --example memory -- [N]` (default 1,000,000)
+//! `cargo run --release -p gridsense-gateway --example memory -- [N] [cover|drain]` (default
+//! 1,000,000 covers, each sending one status; drains carry their well's levels as attributes and
+//! send one level reading, which their rate and stuck rules keep state for).
 
 use std::sync::Arc;
 
@@ -28,27 +30,33 @@ fn rss_kib() -> u64 {
 
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let drains = std::env::args().nth(2).is_some_and(|k| k == "drain");
+    let (kind, base) = if drains {
+        (Kind::Drain, 0x2102_0202_0000_0000)
+    } else {
+        (Kind::Cover, 0x2102_0201_0000_0000)
+    };
+    let attrs = if drains {
+        Attributes { warn_mm: Some(2_000.0), alarm_mm: Some(2_500.0), well_depth_mm: Some(3_000.0) }
+    } else {
+        Attributes::default()
+    };
     let key = DeviceKey::from_bytes([7; 16]);
-    let registry: Vec<Registered> = (0..n)
-        .map(|i| Registered {
-            eui: Eui(0x2102_0202_0000_0000 + i),
-            kind: Kind::Cover,
-            key: key.clone(),
-        })
-        .collect();
+    let registry: Vec<Registered> =
+        (0..n).map(|i| Registered { eui: Eui(base + i), kind, key: key.clone() }).collect();
     let config =
         HealthConfig { offline_factor: 2.5, interval_ms: [3_600_000; 3], low_battery_mv: 3_300 };
     let before = rss_kib();
     let sites = (0..n)
         .map(|i| {
             let site = Site {
-                kind: Kind::Cover,
+                kind,
                 lat: 38.9,
                 lon: 121.6,
                 object_code: Some(format!("210202010{:07}", i % 10_000_000)),
                 minor_class: Some("0102".into()),
             };
-            (Eui(0x2102_0202_0000_0000 + i), site, Attributes::default())
+            (Eui(base + i), site, attrs.clone())
         })
         .collect();
     let cases = Cases::new(Arc::new(CaseTables::default()), 1_800_000).expect("default tables");
@@ -58,11 +66,11 @@ fn main() {
         sites,
         Vec::new(),
     );
-    let status = &examples::uplinks()[2];
+    let message = &examples::uplinks()[if drains { 1 } else { 2 }];
     let mut batch = Batch::default();
     for i in 0..n {
-        let eui = Eui(0x2102_0202_0000_0000 + i);
-        let frame = seal(eui, 1, status, &key);
+        let eui = Eui(base + i);
+        let frame = seal(eui, 1, message, &key);
         pipeline.handle(0, &topic(eui, Direction::Uplink), &frame, &mut batch);
         if i % 10_000 == 0 {
             pipeline.finish(&mut batch, 0, true);
@@ -72,7 +80,8 @@ fn main() {
     drop(batch);
     let after = rss_kib();
     println!(
-        "{n} devices: resident memory +{} KiB after registering and one status each = {:.0} bytes per device",
+        "{n} {}: resident memory +{} KiB after registering and one frame each = {:.0} bytes per device",
+        if drains { "drains" } else { "covers" },
         after - before,
         (after - before) as f64 * 1024.0 / n as f64
     );

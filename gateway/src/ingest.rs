@@ -5,8 +5,9 @@
 //!   racing it against anything (a poll dropped mid-write drops an outgoing PUBACK):
 //!   persistent session (clean session off), manual acks, subscribe and check the SUBACK on
 //!   every CONNACK, reconnect with exponential backoff. It forwards each PUBLISH into a channel
-//!   bounded by the in-flight credits (while that channel is full it waits and reads nothing
-//!   from the broker: a slow store holds back the broker instead of growing a queue).
+//!   bounded by the in-flight credits. It keeps polling while that channel is full (the
+//!   keep-alive must not lapse); a slow store holds back the broker through its in-flight
+//!   window, which no acknowledgement reopens before the commit.
 //! - the **acker** hands the acks the pipeline returns (in order) and the sealed downlinks to
 //!   the client. It awaits the client's bounded request queue, which the session task drains;
 //!   the session task itself never awaits the client, so the two cannot deadlock
@@ -294,9 +295,12 @@ pub async fn run(
 /// dropped while it writes an outgoing packet (the socket's buffer full, the broker busy) drops
 /// that packet, and a lost PUBACK holds one of the broker's in-flight slots for this session
 /// until it reconnects — enough of them and the broker stops sending altogether (seen at
-/// 50,000 frames/s offered, before this was a separate task). Acks and downlinks go to the
-/// client from [`acker`]; while the pipeline's channel is full this task waits on it and reads
-/// nothing from the broker.
+/// 50,000 frames/s offered, before this was a separate task). Nor does it ever stop polling:
+/// a session that stops reading misses its keep-alive, and the broker then drops it and
+/// redelivers everything unacknowledged (seen when a full disk held commits for a minute).
+/// When the pipeline's channel is full, messages wait in `overflow` — bounded by the broker's
+/// in-flight window, since nothing here is acknowledged before the pipeline commits it — and
+/// move on as acks (from [`acker`]) free room.
 async fn session(
     mut eventloop: EventLoop,
     client: AsyncClient,
@@ -306,7 +310,19 @@ async fn session(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut delay = min_ms;
+    let mut overflow: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     loop {
+        while let Some(publish) = overflow.pop_front() {
+            match publishes.try_send(publish) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(publish)) => {
+                    overflow.push_front(publish);
+                    break;
+                }
+                // The pipeline has ended: nothing more is handled or acknowledged.
+                Err(mpsc::error::TrySendError::Closed(_)) => overflow.clear(),
+            }
+        }
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = min_ms;
@@ -326,12 +342,7 @@ async fn session(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 status.unacked.fetch_add(1, Relaxed);
-                // Full: wait for the pipeline (it never waits for this task).
-                if publishes.send(publish).await.is_err() {
-                    // The pipeline has ended; keep polling so the last acks and the
-                    // DISCONNECT go out.
-                    status.unacked.fetch_sub(1, Relaxed);
-                }
+                overflow.push_back(publish);
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
@@ -340,6 +351,9 @@ async fn session(
                 if *shutdown.borrow() {
                     return;
                 }
+                // What waited here was not acknowledged: the broker sends it again.
+                status.unacked.fetch_sub(overflow.len() as u64, Relaxed);
+                overflow.clear();
                 tracing::warn!("broker connection: {e}; retrying in {delay} ms");
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 delay = (delay * 2).min(max_ms);

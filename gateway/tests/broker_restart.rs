@@ -27,10 +27,12 @@ async fn a_broker_restart_loses_nothing() {
     let scenario = "description = \"t\"\nseed = 6\n[device_config]\nreport_interval_s = 1\ndrain_deadband_mm = 0\n";
     let sim_dir = dir.path().to_owned();
     let addr = broker.addr();
-    // Down 1 s in the suite; `scripts/chaos` keeps it down longer (the run lasts as much longer).
+    // Down 1 s in the suite; `scripts/chaos` keeps it down longer. The devices' reconnect
+    // backoff doubles up to 5 minutes, so after an outage of D one may wait about D more before
+    // its next try: the run lasts long enough for every device to be back.
     let down = common::outage(1);
     let sim = tokio::spawn(async move {
-        fixtures::run(&sim_dir, scenario, addr, 1.0, Duration::from_secs(15) + down).await
+        fixtures::run(&sim_dir, scenario, addr, 1.0, Duration::from_secs(15) + down * 3).await
     });
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = gateway.status.connects.load(std::sync::atomic::Ordering::Relaxed);

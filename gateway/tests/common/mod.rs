@@ -111,10 +111,11 @@ pub fn now_device_time() -> DeviceTime {
 }
 
 /// How long the chaos tests keep a component down: `default_s` in the test suite, or
-/// `GRIDSENSE_CHAOS_OUTAGE_S` seconds when `scripts/chaos` runs them with long outages.
+/// `CHAOS_OUTAGE_S` seconds when `scripts/chaos` runs them with long outages. (Not a
+/// `GRIDSENSE_` name: the gateway reads those as configuration and refuses unknown ones.)
 #[allow(dead_code)] // Not every test binary that includes this module uses it.
 pub fn outage(default_s: u64) -> Duration {
-    let s = std::env::var("GRIDSENSE_CHAOS_OUTAGE_S").ok().and_then(|v| v.parse().ok());
+    let s = std::env::var("CHAOS_OUTAGE_S").ok().and_then(|v| v.parse().ok());
     Duration::from_secs(s.unwrap_or(default_s))
 }
 
