@@ -56,7 +56,7 @@ fn main() {
                 object_code: Some(format!("210202010{:07}", i % 10_000_000)),
                 minor_class: Some("0102".into()),
             };
-            (Eui(base + i), site, attrs.clone())
+            (Eui(base + i), site, attrs)
         })
         .collect();
     let cases = Cases::new(Arc::new(CaseTables::default()), 1_800_000).expect("default tables");
@@ -66,7 +66,8 @@ fn main() {
         sites,
         Vec::new(),
     );
-    let message = &examples::uplinks()[if drains { 1 } else { 2 }];
+    let uplinks = examples::uplinks();
+    let Some(message) = uplinks.get(if drains { 1 } else { 2 }) else { return };
     let mut batch = Batch::default();
     for i in 0..n {
         let eui = Eui(base + i);
