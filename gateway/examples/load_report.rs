@@ -47,7 +47,7 @@ const ALARM_RATE: f64 = 40.0;
 /// Warm-up before each window, s.
 const WARMUP_S: u64 = 4;
 
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Step {
     offered: u64,
     published: u64,
@@ -67,7 +67,7 @@ struct Step {
     decided_p99_ms: i64,
 }
 
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Million {
     devices: usize,
     rss_registered_mib: f64,
@@ -81,6 +81,8 @@ struct Args {
     seconds: u64,
     out: PathBuf,
     million: usize,
+    /// Redraw the report and plot from an earlier run's `report.json` instead of running.
+    from_json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -89,6 +91,7 @@ fn parse_args() -> Result<Args> {
         seconds: 15,
         out: PathBuf::from("bench"),
         million: 0,
+        from_json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -103,7 +106,10 @@ fn parse_args() -> Result<Args> {
             "--seconds" => args.seconds = value.parse().context("--seconds")?,
             "--out" => args.out = PathBuf::from(value),
             "--million" => args.million = value.parse().context("--million")?,
-            other => bail!("unknown option {other} (--rates, --seconds, --out, --million)"),
+            "--from-json" => args.from_json = Some(PathBuf::from(value)),
+            other => {
+                bail!("unknown option {other} (--rates, --seconds, --out, --million, --from-json)")
+            }
         }
     }
     Ok(args)
@@ -458,8 +464,11 @@ fn svg(steps: &[Step]) -> String {
             ],
         ),
         (
-            "alarm → case on the board, ms",
-            steps.iter().map(|s| s.latency_p99_ms as f64).fold(60.0, f64::max) * 1.1,
+            "alarm → case on the board, ms (log scale)",
+            // Log scale: decades from 1 ms to above the slowest p99.
+            10f64.powf(
+                steps.iter().map(|s| s.latency_p99_ms as f64).fold(100.0, f64::max).log10().ceil(),
+            ),
             Some((50.0, "goal p99 50 ms")),
             vec![
                 ("p50", "#2ca02c", Box::new(|s: &Step| s.latency_p50_ms as f64)),
@@ -482,25 +491,42 @@ fn svg(steps: &[Step]) -> String {
         ),
     ];
     for (i, (title, y_max, goal, series)) in panels.iter().enumerate() {
+        let log = i == 1;
         let x0 = M + i as f64 * (W + M);
         let px = |x: f64| x0 + x / x_max * W;
-        let py = |y: f64| M + H - y / y_max * H;
+        let py = |y: f64| {
+            if log { M + H - y.max(1.0).log10() / y_max.log10() * H } else { M + H - y / y_max * H }
+        };
         let _ = writeln!(
             out,
             "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{title}</text>\n<rect x=\"{x0}\" y=\"{M}\" width=\"{W}\" height=\"{H}\" fill=\"none\" stroke=\"#333\"/>",
             M - 24.0
         );
-        for k in 0..=4 {
-            let (xv, yv) = (x_max * f64::from(k) / 4.0, y_max * f64::from(k) / 4.0);
+        // x: the offered rates themselves; y: quarters, or decades on the log scale.
+        for s in steps {
             let _ = writeln!(
                 out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.0}</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>",
-                px(xv),
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}k</text>",
+                px(s.offered as f64),
                 M + H + 14.0,
-                xv,
+                s.offered / 1_000
+            );
+        }
+        let ticks: Vec<f64> = if log {
+            (0..=y_max.log10().round() as i32).map(|e| 10f64.powi(e)).collect()
+        } else {
+            (0..=4).map(|k| y_max * f64::from(k) / 4.0).collect()
+        };
+        for yv in ticks {
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text><line x1=\"{x0}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
                 x0 - 4.0,
                 py(yv) + 4.0,
-                yv
+                yv,
+                x0 + W,
+                py(yv),
+                py(yv)
             );
         }
         if let Some((g, label)) = goal {
@@ -547,13 +573,17 @@ fn svg(steps: &[Step]) -> String {
     out
 }
 
-fn report(steps: &[Step], million: Option<&Million>, seconds: u64, command: &str) -> String {
+fn report(
+    steps: &[Step],
+    million: Option<&Million>,
+    (seconds, command, written): (u64, &str, &str),
+) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Load report\n");
     let _ = writeln!(
         md,
         "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process (SQLite store, local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
-        chrono_like_now(),
+        written,
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         mosquitto_version()
     );
@@ -591,7 +621,7 @@ fn report(steps: &[Step], million: Option<&Million>, seconds: u64, command: &str
     if let Some(m) = million {
         let _ = writeln!(
             md,
-            "\n## Memory at {} registered devices\n\nGateway RSS after start: {:.0} MiB; after every device reported once ({} frames stored): {:.0} MiB (peak {:.0} MiB).",
+            "\n## Memory at {} registered devices\n\nGateway RSS after start: {:.0} MiB; after every device had reported (each sampled every 60 s for 62 s: {} frames stored): {:.0} MiB (peak {:.0} MiB).",
             m.devices, m.rss_registered_mib, m.reported, m.rss_reported_mib, m.hwm_mib
         );
     }
@@ -621,6 +651,30 @@ fn mosquitto_version() -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
+    if let Some(json) = &args.from_json {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            steps: Vec<Step>,
+            million: Option<Million>,
+            #[serde(default)]
+            command: String,
+            #[serde(default)]
+            seconds: u64,
+            #[serde(default)]
+            written: String,
+        }
+        let saved: Saved = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(args.out.join("load.svg"), svg(&saved.steps))?;
+        let md = report(
+            &saved.steps,
+            saved.million.as_ref(),
+            (saved.seconds, &saved.command, &saved.written),
+        );
+        std::fs::write(args.out.join("report.md"), md)?;
+        println!("redrawn from {}", json.display());
+        return Ok(());
+    }
     let broker = Mosquitto::start()?;
     let dir = tempfile::tempdir()?;
     // One registry: covers for the alarms, and a slice of drains per step (1 frame/s each at
@@ -673,21 +727,26 @@ async fn main() -> Result<()> {
         steps.push(s);
     }
     gateway.stop()?;
-    std::fs::create_dir_all(&args.out)?;
-    let _ = std::fs::copy(dir.path().join("gateway.log"), args.out.join("gateway.log"));
     let million = if args.million > 0 { Some(million(args.million, &broker).await?) } else { None };
 
     std::fs::create_dir_all(&args.out)?;
     let command =
         format!("scripts/bench {}", std::env::args().skip(1).collect::<Vec<_>>().join(" "));
+    let written = chrono_like_now();
     std::fs::write(args.out.join("load.svg"), svg(&steps))?;
     std::fs::write(
         args.out.join("report.md"),
-        report(&steps, million.as_ref(), args.seconds, command.trim()),
+        report(&steps, million.as_ref(), (args.seconds, command.trim(), &written)),
     )?;
     std::fs::write(
         args.out.join("report.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "steps": steps, "million": million }))?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "steps": steps,
+            "million": million,
+            "command": command.trim(),
+            "seconds": args.seconds,
+            "written": written,
+        }))?,
     )?;
     println!("report written to {}", args.out.join("report.md").display());
     Ok(())
