@@ -705,44 +705,123 @@ pub struct Evidence {
 
 /// One rule's state for one device; persisted as JSON, so a half-elapsed hold survives a
 /// restart.
+///
+/// Kept small, since a drain has two always-present states (its rate and stuck rules' reference
+/// readings) and a city has a million devices: 56 bytes, the rarely used parts (a running
+/// hold, a repeating rule's crossings) boxed apart. The JSON keeps the field-per-part layout
+/// ([`StoredRuleState`]), so states saved by earlier versions load unchanged.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(from = "StoredRuleState", into = "StoredRuleState")]
 pub struct RuleState {
     /// Active level: 0 clear, n = the n-th level of the ladder (1 for single-level tests).
-    #[serde(default)]
     pub level: u8,
     /// Event time the condition began.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onset_ms: Option<i64>,
-    /// A level waiting for its hold: level, event time it began, gateway deadline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending: Option<(u8, i64, i64)>,
-    /// Last observation (value, event time), for rates, crossings and stuck values.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The reference observation (value, event time): the last one for thresholds, rates and
+    /// crossings; for stuck values, the one the value has not moved from since.
     pub last: Option<(f64, i64)>,
-    /// Stuck: the reference value and since when it has not moved.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steady: Option<(f64, i64)>,
+    /// A running hold and a repeating rule's crossings, when there are any.
+    extra: Option<Box<Extra>>,
+}
+
+/// The parts of a [`RuleState`] few rules use at any time.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Extra {
+    /// A level waiting for its hold: level, event time it began, gateway deadline.
+    pending: Option<(u8, i64, i64)>,
     /// Repeating: event times of recent crossings; clears at the gateway deadline.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub crossings: Vec<i64>,
+    crossings: Vec<i64>,
     /// Repeating: gateway time at which the rule clears if no crossing comes.
+    quiet_deadline: Option<i64>,
+}
+
+/// [`RuleState`] as stored (JSON).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StoredRuleState {
+    #[serde(default)]
+    level: u8,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quiet_deadline: Option<i64>,
+    onset_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending: Option<(u8, i64, i64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last: Option<(f64, i64)>,
+    /// Written by versions that kept the stuck rule's reference apart; read into `last`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    steady: Option<(f64, i64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    crossings: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quiet_deadline: Option<i64>,
+}
+
+impl From<StoredRuleState> for RuleState {
+    fn from(s: StoredRuleState) -> Self {
+        let mut state = RuleState {
+            level: s.level,
+            onset_ms: s.onset_ms,
+            last: s.last.or(s.steady),
+            extra: None,
+        };
+        state.set_extra(|e| {
+            e.pending = s.pending;
+            e.crossings = s.crossings;
+            e.quiet_deadline = s.quiet_deadline;
+        });
+        state
+    }
+}
+
+impl From<RuleState> for StoredRuleState {
+    fn from(s: RuleState) -> Self {
+        let extra = s.extra.map(|e| *e).unwrap_or_default();
+        StoredRuleState {
+            level: s.level,
+            onset_ms: s.onset_ms,
+            pending: extra.pending,
+            last: s.last,
+            steady: None,
+            crossings: extra.crossings,
+            quiet_deadline: extra.quiet_deadline,
+        }
+    }
 }
 
 impl RuleState {
     fn is_idle(&self) -> bool {
-        self.level == 0
-            && self.pending.is_none()
-            && self.crossings.is_empty()
-            && self.last.is_none()
-            && self.steady.is_none()
+        self.level == 0 && self.extra.is_none() && self.last.is_none()
     }
 
     fn deadline(&self) -> Option<i64> {
-        match (self.pending.map(|p| p.2), self.quiet_deadline) {
+        match (self.pending().map(|p| p.2), self.quiet_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    /// A level waiting for its hold: level, event time it began, gateway deadline.
+    pub fn pending(&self) -> Option<(u8, i64, i64)> {
+        self.extra.as_ref().and_then(|e| e.pending)
+    }
+
+    fn set_pending(&mut self, pending: Option<(u8, i64, i64)>) {
+        self.set_extra(|e| e.pending = pending);
+    }
+
+    fn crossings(&self) -> &[i64] {
+        self.extra.as_ref().map_or(&[], |e| e.crossings.as_slice())
+    }
+
+    fn quiet_deadline(&self) -> Option<i64> {
+        self.extra.as_ref().and_then(|e| e.quiet_deadline)
+    }
+
+    /// Changes the boxed parts, allocating them when needed and freeing them when empty.
+    fn set_extra(&mut self, change: impl FnOnce(&mut Extra)) {
+        let mut extra = self.extra.take().unwrap_or_default();
+        change(&mut extra);
+        if *extra != Extra::default() {
+            self.extra = Some(extra);
         }
     }
 }
@@ -1098,19 +1177,21 @@ fn on_observation(
             state.last = Some((v, at));
             let was_below = previous.is_none_or(|(p, _)| p <= bound);
             if !(v > bound && was_below) {
-                if v <= bound && state.crossings.is_empty() {
+                if v <= bound && state.crossings().is_empty() {
                     state.last = None; // below and nothing counted: idle
                 }
                 return None;
             }
             let window = hold_ms(*window_s);
-            state.crossings.push(at);
-            state.crossings.retain(|t| at.saturating_sub(*t) < window);
-            state.quiet_deadline = Some(now.saturating_add(window));
-            let n = u32::try_from(state.crossings.len()).unwrap_or(u32::MAX);
+            state.set_extra(|e| {
+                e.crossings.push(at);
+                e.crossings.retain(|t| at.saturating_sub(*t) < window);
+                e.quiet_deadline = Some(now.saturating_add(window));
+            });
+            let n = u32::try_from(state.crossings().len()).unwrap_or(u32::MAX);
             if state.level == 0 && n >= *count {
                 state.level = 1;
-                state.onset_ms = state.crossings.first().copied();
+                state.onset_ms = state.crossings().first().copied();
                 return Some(Evidence {
                     rule: rule.id.clone(),
                     signal: obs.signal,
@@ -1161,9 +1242,9 @@ fn on_observation(
             }
         }
         Test::Stuck { tolerance, for_s, .. } => {
-            let (reference, since) = *state.steady.get_or_insert((v, at));
+            let (reference, since) = *state.last.get_or_insert((v, at));
             if (v - reference).abs() > *tolerance {
-                state.steady = Some((v, at));
+                state.last = Some((v, at));
                 if state.level == 1 {
                     state.level = 0;
                     state.onset_ms = None;
@@ -1206,7 +1287,7 @@ fn threshold_step(
 ) -> Option<Evidence> {
     // The last value is kept only while something is active (it is the timer's evidence).
     let result = threshold_decide(rule, levels, attrs, state, v, at, now);
-    state.last = (state.level > 0 || state.pending.is_some()).then_some((v, at));
+    state.last = (state.level > 0 || state.pending().is_some()).then_some((v, at));
     result
 }
 
@@ -1238,14 +1319,14 @@ fn threshold_decide(
     };
     if target > current {
         // Begins (or continues) a climb; the condition of every lower level holds too.
-        let since = state.pending.map_or(at, |p| p.1);
+        let since = state.pending().map_or(at, |p| p.1);
         let level = levels.get(usize::from(target) - 1)?;
         let hold = hold_ms(level.hold_s);
         if state.level == 0 && state.onset_ms.is_none() {
             state.onset_ms = Some(since);
         }
         if hold == 0 || at.saturating_sub(since) >= hold {
-            state.pending = None;
+            state.set_pending(None);
             state.level = target;
             state.onset_ms = state.onset_ms.or(Some(since));
             return evidence(target, at.saturating_sub(since));
@@ -1253,11 +1334,11 @@ fn threshold_decide(
         // Keep the earliest deadline for a pending climb; a higher target restarts the wait
         // only for its own (longer or shorter) hold, measured from the same start.
         let deadline = now.saturating_add(hold.saturating_sub(at.saturating_sub(since)));
-        let deadline = match state.pending {
+        let deadline = match state.pending() {
             Some((_, _, d)) => d.min(deadline),
             None => deadline,
         };
-        state.pending = Some((target, since, deadline));
+        state.set_pending(Some((target, since, deadline)));
         // A lower level with no hold may be entered at once while the higher one waits.
         if let Some(lower) = levels
             .iter()
@@ -1273,7 +1354,7 @@ fn threshold_decide(
     }
     // No climb: a pending one is abandoned (a spike shorter than the hold).
     if target <= current {
-        state.pending = None;
+        state.set_pending(None);
         if current == 0 {
             state.onset_ms = None;
         }
@@ -1299,11 +1380,11 @@ fn threshold_decide(
 }
 
 fn on_timer(rule: &Rule, attrs: &Attributes, state: &mut RuleState, now: i64) -> Option<Evidence> {
-    if let Some((level, since, deadline)) = state.pending
+    if let Some((level, since, deadline)) = state.pending()
         && deadline <= now
         && let Test::Threshold { levels } = &rule.spec.test
     {
-        state.pending = None;
+        state.set_pending(None);
         let l = levels.get(usize::from(level).saturating_sub(1))?;
         state.level = state.level.max(level);
         state.onset_ms = state.onset_ms.or(Some(since));
@@ -1316,11 +1397,13 @@ fn on_timer(rule: &Rule, attrs: &Attributes, state: &mut RuleState, now: i64) ->
             held_s: secs(hold_ms(l.hold_s)),
         });
     }
-    if let Some(deadline) = state.quiet_deadline
+    if let Some(deadline) = state.quiet_deadline()
         && deadline <= now
     {
-        state.quiet_deadline = None;
-        state.crossings.clear();
+        state.set_extra(|e| {
+            e.quiet_deadline = None;
+            e.crossings.clear();
+        });
         if let Test::Repeating { above, .. } = &rule.spec.test
             && let (Some((v, _)), Some(bound)) = (state.last, above.resolve(attrs))
             && v <= bound
@@ -1590,12 +1673,41 @@ mod tests {
     }
 
     #[test]
+    fn rule_states_are_small_and_load_as_earlier_versions_saved_them() {
+        assert!(size_of::<RuleState>() <= 56, "{}", size_of::<RuleState>());
+        // As written before the compact layout: a stuck rule's reference under "steady".
+        let old: RuleState =
+            serde_json::from_str(r#"{"level":1,"onset_ms":5,"steady":[321.0,7]}"#).unwrap();
+        assert_eq!(
+            (old.level, old.onset_ms, old.last, old.pending()),
+            (1, Some(5), Some((321.0, 7)), None)
+        );
+        let held: RuleState = serde_json::from_str(
+            r#"{"pending":[2,1000,12000],"crossings":[1,2],"quiet_deadline":9}"#,
+        )
+        .unwrap();
+        assert_eq!(held.pending(), Some((2, 1_000, 12_000)));
+        assert_eq!((held.crossings(), held.quiet_deadline()), (&[1, 2][..], Some(9)));
+        let again: RuleState =
+            serde_json::from_str(&serde_json::to_string(&held).unwrap()).unwrap();
+        assert_eq!(again, held);
+        // Emptied parts are freed: an idle state is idle again.
+        let mut s = held;
+        s.set_pending(None);
+        s.set_extra(|e| {
+            e.crossings.clear();
+            e.quiet_deadline = None;
+        });
+        assert!(s.is_idle());
+    }
+
+    #[test]
     fn a_half_elapsed_hold_survives_a_restart() {
         let mut r = engine();
         see(&mut r, 2_000, COVER, obs(Signal::AlarmTiltDeg, 25.0, 0));
         let saved = r.take_dirty();
         assert!(saved.iter().any(|(_, id, s)| id == "cover_displaced/alarm_tilt_deg/threshold"
-            && s.as_ref().is_some_and(|s| s.pending.is_some())));
+            && s.as_ref().is_some_and(|s| s.pending().is_some())));
         // A new engine from what was persisted (through JSON, as the store keeps it).
         let mut again = engine();
         for (eui, id, state) in saved {

@@ -406,7 +406,7 @@ async fn a_half_elapsed_hold_fires_after_a_restart() {
     assert!(
         states.iter().any(|(e, id, s)| *e == eui
             && id.starts_with("cover_displaced/")
-            && s.pending.is_some()),
+            && s.pending().is_some()),
         "{states:?}"
     );
 
