@@ -11,28 +11,20 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::{
-    collections::HashMap,
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use gridsense_gateway::{app, config::Config, store::CaseFilter};
-use gridsense_protocol::{
-    AlarmKind, AlarmRaised, DeviceTime, Direction, Uplink, seal, topic::topic,
-};
 use gridsense_simulator::{
     city::{self, Counts},
     fleet::{self, RunOptions, Transport},
     inventory::{self, Kind},
     scenario,
 };
-use gridsense_tests::Mosquitto;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
-
-fn wall_ms() -> i64 {
-    app::wall_clock()()
-}
+use gridsense_tests::{Mosquitto, alarms};
+use rumqttc::{AsyncClient, MqttOptions};
 
 fn percentiles(mut v: Vec<i64>) -> String {
     if v.is_empty() {
@@ -112,31 +104,9 @@ async fn main() -> Result<()> {
     options.set_inflight(1_000);
     let (client, mut eventloop) = AsyncClient::new(options, 1_000);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-    let mut sent: HashMap<String, i64> = HashMap::new();
     let started = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / alarm_rate);
-    let now_s = u64::try_from(wall_ms() / 1000)?;
-    let at = DeviceTime::from_unix_secs(now_s).unwrap_or_default();
-    let mut next = tokio::time::Instant::now();
-    for d in devices.iter().filter(|d| d.record.kind == Kind::Cover) {
-        tokio::time::sleep_until(next).await;
-        next += interval;
-        let alarm = Uplink::AlarmRaised(AlarmRaised {
-            kind: AlarmKind::CoverRemoved,
-            value: 1_750,
-            since: at,
-        });
-        let frame = seal(d.eui, 1_000_000, &alarm, &d.key);
-        sent.insert(d.eui.to_string(), wall_ms());
-        client
-            .publish(
-                topic(d.eui, Direction::Uplink).to_string(),
-                QoS::AtLeastOnce,
-                false,
-                frame.to_vec(),
-            )
-            .await?;
-    }
+    let lids = devices.iter().filter(|d| d.record.kind == Kind::Cover);
+    let sent = alarms::publish_paced(&client, lids, alarm_rate, None).await?;
     let publish_secs = started.elapsed().as_secs_f64();
     // Wait for every case to be on the board.
     let store = app::open_store(&config)?;

@@ -16,7 +16,6 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -28,18 +27,19 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use gridsense_gateway::{app, config::Config, store::CaseFilter};
-use gridsense_protocol::{
-    AlarmKind, AlarmRaised, DeviceTime, Direction, Uplink, seal,
-    topic::{UPLINK_FILTER, topic},
+use gridsense_gateway::{
+    app,
+    config::Config,
+    store::{CaseFilter, Store},
 };
+use gridsense_protocol::topic::UPLINK_FILTER;
 use gridsense_simulator::{
     city::{self, Counts},
     fleet::{self, Plan, RunOptions, Transport},
     inventory::{self, Kind},
     scenario,
 };
-use gridsense_tests::{Mosquitto, free_port};
+use gridsense_tests::{Mosquitto, alarms, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// Alarms per second during each step's window.
@@ -115,10 +115,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn wall_ms() -> i64 {
-    app::wall_clock()()
-}
-
 /// utime + stime of a process, seconds.
 fn cpu_s(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
@@ -180,22 +176,24 @@ fn ready(port: u16) -> bool {
 
 struct Gateway {
     child: Child,
-    config: Config,
+    /// The gateway's store, opened once here (read while it writes).
+    store: Store,
 }
 
 impl Gateway {
     fn start(dir: &Path, broker: std::net::SocketAddr, grids: &Path) -> Result<Self> {
         let http = free_port()?;
-        let store = dir.join("gridsense.db");
+        let db = dir.join("gridsense.db");
         let text = format!(
             "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"gridsense-bench\"\n\n[store]\npath = \"{}\"\n\n\
              [geo]\ngrids = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nauth = \"off\"\n",
-            store.display(),
+            db.display(),
             grids.display()
         );
         let path = dir.join("gateway.toml");
         std::fs::write(&path, &text)?;
-        let config = gridsense_gateway::config::load(Some(&path), &[])?;
+        // Registered (migrated) before the gateway starts: no schema change races it.
+        let store = app::open_store(&gridsense_gateway::config::load(Some(&path), &[])?)?;
         let log = std::fs::File::create(dir.join("gateway.log"))?;
         let child = Command::new(gateway_binary()?)
             .args(["run", "--config"])
@@ -205,7 +203,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .context("starting gridsense run")?;
-        let gateway = Gateway { child, config };
+        let gateway = Gateway { child, store };
         gateway.wait_ready(http)?;
         Ok(gateway)
     }
@@ -226,7 +224,7 @@ impl Gateway {
     }
 
     fn accepted(&self) -> Result<u64> {
-        Ok(app::open_store(&self.config)?.totals()?.accepted)
+        Ok(self.store.totals()?.accepted)
     }
 
     fn stop(mut self) -> Result<()> {
@@ -312,33 +310,8 @@ async fn step(
 
     let (t0, bare0, acc0) = (Instant::now(), bare.load(Relaxed), gateway.accepted()?);
     let (gw0, br0) = (cpu_s(gateway.pid()), cpu_s(broker.pid()));
-    let mut sent: HashMap<String, i64> = HashMap::new();
-    let interval = Duration::from_secs_f64(1.0 / ALARM_RATE);
-    let at = DeviceTime::from_unix_secs(u64::try_from(wall_ms() / 1000)?).unwrap_or_default();
-    let mut next = tokio::time::Instant::now();
-    let window_end = next + Duration::from_secs(seconds);
-    for d in covers {
-        if next >= window_end {
-            break;
-        }
-        tokio::time::sleep_until(next).await;
-        next += interval;
-        let alarm = Uplink::AlarmRaised(AlarmRaised {
-            kind: AlarmKind::CoverRemoved,
-            value: 1_750,
-            since: at,
-        });
-        let frame = seal(d.eui, 1_000_000, &alarm, &d.key);
-        sent.insert(d.eui.to_string(), wall_ms());
-        alarms_client
-            .publish(
-                topic(d.eui, Direction::Uplink).to_string(),
-                QoS::AtLeastOnce,
-                false,
-                frame.to_vec(),
-            )
-            .await?;
-    }
+    let window_end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let sent = alarms::publish_paced(&alarms_client, covers, ALARM_RATE, Some(window_end)).await?;
     tokio::time::sleep_until(window_end).await;
     let window = t0.elapsed().as_secs_f64();
     let (bare1, acc1) = (bare.load(Relaxed), gateway.accepted()?);
@@ -352,7 +325,7 @@ async fn step(
     let stored = stored_total - base;
 
     // Alarm → case on the board (committed, then delivered by the local platform adapter).
-    let store = app::open_store(&gateway.config)?;
+    let store = &gateway.store;
     let filter = CaseFilter { limit: 1_000_000, ..CaseFilter::default() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut latencies, mut decided) = (Vec::new(), Vec::new());

@@ -80,11 +80,16 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     } else {
         None
     };
-    if broker::is_tls(&config.mqtt.url) {
-        // A CA file that cannot be used stops the start, instead of every connection attempt.
-        gridsense_simulator::tls::client_config(std::path::Path::new(&config.mqtt.ca_file))
-            .context("mqtt.ca_file")?;
-    }
+    // Built once here: a CA file that cannot be used stops the start, instead of every
+    // connection attempt.
+    let tls = if broker::is_tls(&config.mqtt.url) {
+        Some(
+            gridsense_simulator::tls::client_config(std::path::Path::new(&config.mqtt.ca_file))
+                .context("mqtt.ca_file")?,
+        )
+    } else {
+        None
+    };
     let registry = store.registry()?;
     let counters = store.counters()?;
     let health = store.health()?;
@@ -159,13 +164,12 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             shutdown.clone(),
         )?)
     };
-    let checkpointer = store
-        .checkpoint_in_background(&config.store.path, std::time::Duration::from_millis(500))?;
+    let checkpointer = store.checkpoint_in_background(std::time::Duration::from_millis(500))?;
     let task = tokio::spawn({
         let (config, status) = (config.clone(), status.clone());
         async move {
             let result =
-                ingest::run(&config, broker, store, pipeline, clock, status, shutdown).await;
+                ingest::run(&config, (broker, tls), store, pipeline, clock, status, shutdown).await;
             drop(checkpointer);
             result
         }

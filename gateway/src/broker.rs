@@ -34,12 +34,6 @@ pub fn is_tls(url: &str) -> bool {
     url.starts_with("mqtts://")
 }
 
-/// The host part of a broker URL (the name its TLS certificate must carry).
-pub fn host(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']'])
-}
-
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -205,20 +205,22 @@ pub enum IngestError {
     /// A task panicked or was cancelled.
     #[error("ingest task: {0}")]
     Task(#[from] tokio::task::JoinError),
-    /// The TLS settings for the broker could not be used.
-    #[error("{0}")]
-    Tls(String),
 }
 
-fn mqtt_options(config: &Config, broker: SocketAddr) -> Result<MqttOptions, IngestError> {
+/// The session's options; `tls` (built once at start from `mqtt.ca_file`) for `mqtts://`.
+fn mqtt_options(
+    config: &Config,
+    (broker, tls): (SocketAddr, Option<Arc<rustls::ClientConfig>>),
+) -> MqttOptions {
     let m = &config.mqtt;
-    let tls = crate::broker::is_tls(&m.url);
     // With TLS, rumqttc verifies the broker's certificate against this host name.
-    let host = if tls { crate::broker::host(&m.url).to_owned() } else { broker.ip().to_string() };
+    let host = if tls.is_some() {
+        gridsense_simulator::tls::url_host(&m.url).to_owned()
+    } else {
+        broker.ip().to_string()
+    };
     let mut options = MqttOptions::new(m.client_id.clone(), host, broker.port());
-    if tls {
-        let client = gridsense_simulator::tls::client_config(std::path::Path::new(&m.ca_file))
-            .map_err(|e| IngestError::Tls(format!("mqtt.ca_file: {e}")))?;
+    if let Some(client) = tls {
         options.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(client),
         ));
@@ -231,14 +233,14 @@ fn mqtt_options(config: &Config, broker: SocketAddr) -> Result<MqttOptions, Inge
     if !m.username.is_empty() {
         options.set_credentials(m.username.clone(), m.password.clone());
     }
-    Ok(options)
+    options
 }
 
 /// Runs ingest until `shutdown` turns true (then commits and acknowledges what it holds and
 /// disconnects) or the store fails.
 pub async fn run(
     config: &Config,
-    broker: SocketAddr,
+    broker: (SocketAddr, Option<Arc<rustls::ClientConfig>>),
     store: Store,
     pipeline: Pipeline,
     clock: Clock,
@@ -246,7 +248,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let credits = usize::from(config.mqtt.inflight);
-    let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker)?, credits * 2 + 16);
+    let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
     status.queue_capacity.store(credits as u64, Relaxed);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();

@@ -396,10 +396,10 @@ impl Store {
     /// it) wait. The thread ends when the returned handle is dropped.
     pub fn checkpoint_in_background(
         &mut self,
-        path: &Path,
         every: std::time::Duration,
     ) -> Result<Checkpointer, StoreError> {
-        let conn = Connection::open(path)?;
+        let path = self.conn.path().unwrap_or_default().to_owned();
+        let conn = Connection::open(&path)?;
         conn.busy_handler(Some(wait_for_lock))?;
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -418,7 +418,7 @@ impl Store {
                     }
                 }
             })
-            .map_err(|source| StoreError::Io { path: path.display().to_string(), source })?;
+            .map_err(|source| StoreError::Io { path, source })?;
         Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
     }
 

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use gridsense_gateway::app;
 use gridsense_simulator::city::Counts;
@@ -26,15 +26,7 @@ async fn tokens_and_roles_guard_the_api() {
     std::fs::write(&path, format!("[store]\npath = \"{}\"\n", config.store.path.display()))
         .unwrap();
     common::import(&config, dir.path());
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_gridsense"))
-            .args(args)
-            .args(["--config", path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| common::cli(&path, args);
     let token_of = |out: &str| out.lines().last().unwrap().trim().to_owned();
     let reader = token_of(&cli(&["tokens", "add", "--name", "wall screen", "--role", "read"]));
     let operator =

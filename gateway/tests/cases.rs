@@ -263,16 +263,6 @@ peak_mm_h = 90
     );
 }
 
-fn cli(config: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
-        .args(args)
-        .args(["--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// A repair crew's window (set with the CLI) turns a lifted cover into a recorded incident,
 /// not a case; outside the window the same alarm files a case. The CLI lists, shows and
 /// moves it.
@@ -303,12 +293,12 @@ async fn maintenance_windows_record_without_filing_and_the_cli_shows_the_board()
     // Two covers in different streets: the crew works in the first one's street.
     let a = &devices[0];
     let b = devices.iter().find(|d| street(d) != street(a)).unwrap();
-    let out = cli(
+    let out = common::cli(
         &path,
         &["maintenance", "add", "--scope", &street(a), "--for", "2h", "--note", "crew 7, WO-1234"],
     );
     assert!(out.contains("window 1"), "{out}");
-    assert!(cli(&path, &["maintenance", "list"]).contains("WO-1234"));
+    assert!(common::cli(&path, &["maintenance", "list"]).contains("WO-1234"));
 
     let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
     let keys = fixtures::keys(dir.path()).unwrap();
@@ -332,15 +322,16 @@ async fn maintenance_windows_record_without_filing_and_the_cli_shows_the_board()
     let incidents = store.incident_counts().unwrap();
     assert_eq!(incidents.get("maintenance"), Some(&1), "{incidents:?}");
     assert_eq!(incidents.get("open"), Some(&1), "{incidents:?}");
-    let list = cli(&path, &["cases", "list"]);
+    let list = common::cli(&path, &["cases", "list"]);
     assert_eq!(list.lines().count(), 2, "a header and one case:\n{list}");
     assert!(list.contains(&b.eui) && !list.contains(&a.eui), "{list}");
-    let show = cli(&path, &["cases", "show", "1"]);
+    let show = common::cli(&path, &["cases", "show", "1"]);
     for needle in ["timers:", "deploy", "handling", "trace:", "evidence", "collected"] {
         assert!(show.contains(needle), "{needle} missing:\n{show}");
     }
     assert!(
-        cli(&path, &["cases", "move", "1", "--to", "filed", "--actor", "li"]).contains("filed")
+        common::cli(&path, &["cases", "move", "1", "--to", "filed", "--actor", "li"])
+            .contains("filed")
     );
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
         .args([

@@ -135,10 +135,15 @@ async fn a_full_disk_pauses_acknowledgements_and_loses_nothing() {
     // Nothing is acknowledged while full: what arrived is held, the rest waits at the broker.
     let held = gateway.status.unacked.load(Relaxed);
     assert!(held > 0, "nothing held unacknowledged");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Wait for the held batch's next attempt to fail too, then check nothing was stored.
+    let first = gateway.status.store_retries.load(Relaxed);
+    assert!(first >= 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gateway.status.store_retries.load(Relaxed) == first {
+        assert!(tokio::time::Instant::now() < deadline, "the held batch was not retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(store.totals().unwrap().accepted, stuck, "a commit succeeded on a full disk");
-    let retries = gateway.status.store_retries.load(Relaxed);
-    assert!(retries >= 1);
 
     // Full for a while longer under `scripts/chaos` (at once in the suite).
     tokio::time::sleep(common::outage(0)).await;

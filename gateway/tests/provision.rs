@@ -151,15 +151,7 @@ async fn rekey_and_retire_reach_a_running_gateway_and_keep_counters() {
 
     // Re-key `a` (a key given) and retire `b`, through the CLI, while the gateway runs.
     let new_key = "00112233445566778899aabbccddeeff";
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_gridsense"))
-            .args(args)
-            .args(["--config", path.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| common::cli(&path, args);
     let out = cli(&["provision", "rekey", &a.to_string(), "--key", new_key]);
     assert!(out.contains("counters are kept") && !out.contains(new_key), "{out}");
     cli(&["provision", "retire", &b.to_string()]);

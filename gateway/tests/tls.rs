@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::{path::Path, process::Command, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{path::Path, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use gridsense_gateway::app;
 use gridsense_simulator::{
@@ -31,17 +31,8 @@ fn provision(dir: &Path) -> (std::path::PathBuf, String, String) {
     )
     .unwrap();
     let out_dir = dir.join("broker");
-    for args in [
-        vec!["provision", "import", "--city", dir.to_str().unwrap()],
-        vec!["provision", "broker", "--out", out_dir.to_str().unwrap()],
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gridsense"))
-            .args(&args)
-            .args(["--config", config.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    common::cli(&config, &["provision", "import", "--city", dir.to_str().unwrap()]);
+    common::cli(&config, &["provision", "broker", "--out", out_dir.to_str().unwrap()]);
     let credentials = std::fs::read_to_string(out_dir.join("gateway.credentials")).unwrap();
     let (user, password) = credentials.trim().split_once(':').unwrap();
     (out_dir, user.to_owned(), password.to_owned())

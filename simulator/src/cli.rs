@@ -110,17 +110,16 @@ pub fn broker_tls(
     ca_file: Option<&Path>,
 ) -> Result<(SocketAddr, Option<crate::tls::Tls>)> {
     let addr = broker_addr(url)?;
-    let Some(rest) = url.strip_prefix("mqtts://") else {
+    if !url.starts_with("mqtts://") {
         if ca_file.is_some() {
             bail!("--ca-file is for TLS: use an mqtts:// broker URL");
         }
         return Ok((addr, None));
-    };
+    }
     let Some(ca) = ca_file else {
         bail!("--broker {url:?}: TLS needs --ca-file, the CA that signed the broker's certificate");
     };
-    let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']);
-    Ok((addr, Some(crate::tls::Tls::new(ca, host)?)))
+    Ok((addr, Some(crate::tls::Tls::new(ca, crate::tls::url_host(url))?)))
 }
 
 /// `mqtt://HOST:PORT`, `mqtts://HOST:PORT` (or `HOST:PORT`) to a socket address.

@@ -50,6 +50,13 @@ impl Tls {
     }
 }
 
+/// The host part of a broker URL (`mqtts://HOST:PORT`, `[v6]` unbracketed): the name its
+/// certificate must carry.
+pub fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']'])
+}
+
 /// The PEM certificates in `file` (a CA bundle, or a server's chain).
 pub fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let name = file.display().to_string();

@@ -9,6 +9,7 @@
 //! - [`Subscriber`]: records every uplink frame.
 //! - [`Chromium`]: Debian's headless `chromium`, driven over the DevTools Protocol.
 
+pub mod alarms;
 pub mod broker;
 pub mod browser;
 pub mod fixtures;

@@ -20,9 +20,7 @@ use gridsense_gateway::{
     registry::{ImportReport, Kind},
     telemetry,
 };
-use gridsense_protocol::{
-    AlarmKind, AlarmRaised, DeviceKey, DeviceTime, Direction, Eui, Uplink, seal, topic::topic,
-};
+use gridsense_protocol::{DeviceKey, DeviceTime, Direction, Eui, Uplink, seal, topic::topic};
 use gridsense_simulator::{clock::SimClock, fleet::Transport, inventory, stats::Summary};
 use gridsense_tests::{Subscriber, fixtures};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -119,6 +117,19 @@ pub fn outage(default_s: u64) -> Duration {
     Duration::from_secs(s.unwrap_or(default_s))
 }
 
+/// Runs the real `gridsense` binary with `args` and `--config CONFIG`; its stdout. Fails the
+/// test, with its stderr, when the command does.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn cli(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+        .args(args)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Publishes frames (counters from 1), as the devices would, and waits for them to go out.
 pub async fn publish(
     broker: SocketAddr,
@@ -161,7 +172,7 @@ pub async fn publish_raw(broker: SocketAddr, frames: Vec<(Eui, Vec<u8>)>) {
 
 /// A cover-removed alarm.
 pub fn removed(at: DeviceTime) -> Uplink {
-    Uplink::AlarmRaised(AlarmRaised { kind: AlarmKind::CoverRemoved, value: 1_750, since: at })
+    gridsense_tests::alarms::cover_removed(at)
 }
 
 /// A gateway configuration for a test district in `dir`: the broker, a store, the grid layer,
