@@ -19,7 +19,7 @@ use anyhow::Result;
 use gridsense_gateway::{app, config::Config, store::CaseFilter};
 use gridsense_simulator::{
     city::{self, Counts},
-    fleet::{self, RunOptions, Transport},
+    fleet::{self, RunOptions},
     inventory::{self, Kind},
     scenario,
 };
@@ -75,17 +75,8 @@ async fn main() -> Result<()> {
         city::generate(5, Counts { covers: 0, drains, beacons: 0 }).write(sim_dir.path())?;
         let scenario = scenario::load("load")?;
         let plan = fleet::plan(sim_dir.path(), &scenario)?;
-        let options = RunOptions {
-            tls: None,
-            broker: broker.addr(),
-            scenario,
-            speed: 2.0,
-            duration: Some(Duration::from_secs(alarm_secs + 6)),
-            transport: Transport::Pooled { connections: 4, qos1: true },
-            limit: None,
-            progress: false,
-            clock: None,
-        };
+        let options =
+            RunOptions::pooled(broker.addr(), scenario, 2.0, Duration::from_secs(alarm_secs + 6));
         let (_tx, sim_stop) = tokio::sync::watch::channel(false);
         Some((
             tokio::spawn(async move { fleet::run(plan, &options, sim_stop).await }),

@@ -17,7 +17,7 @@ use anyhow::Result;
 use gridsense_gateway::{app, config::Config, demo::counts_for};
 use gridsense_simulator::{
     city,
-    fleet::{self, RunOptions, Transport},
+    fleet::{self, RunOptions},
     inventory, scenario,
 };
 use gridsense_tests::{Chromium, Mosquitto};
@@ -49,17 +49,7 @@ async fn main() -> Result<()> {
     // Every device reports (the load scenario: one frame per device per simulated second).
     let scenario = scenario::load("load")?;
     let plan = fleet::plan(dir.path(), &scenario)?;
-    let options = RunOptions {
-        tls: None,
-        broker: broker.addr(),
-        scenario,
-        speed: 0.5,
-        duration: Some(Duration::from_secs(8)),
-        transport: Transport::Pooled { connections: 4, qos1: true },
-        limit: None,
-        progress: false,
-        clock: None,
-    };
+    let options = RunOptions::pooled(broker.addr(), scenario, 0.5, Duration::from_secs(8));
     let (_tx, sim_stop) = tokio::sync::watch::channel(false);
     fleet::run(plan, &options, sim_stop).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;

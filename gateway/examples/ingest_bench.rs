@@ -17,7 +17,7 @@ use anyhow::Result;
 use gridsense_gateway::{app, config::Config};
 use gridsense_simulator::{
     city::{self, Counts},
-    fleet::{self, RunOptions, Transport},
+    fleet::{self, RunOptions},
     inventory, scenario,
 };
 use gridsense_tests::Mosquitto;
@@ -62,17 +62,7 @@ async fn main() -> Result<()> {
 
     let scenario = scenario::load("load")?;
     let plan = fleet::plan(dir.path(), &scenario)?;
-    let options = RunOptions {
-        tls: None,
-        broker: broker.addr(),
-        scenario,
-        speed,
-        duration: Some(Duration::from_secs(seconds)),
-        transport: Transport::Pooled { connections: 4, qos1: true },
-        limit: None,
-        progress: false,
-        clock: None,
-    };
+    let options = RunOptions::pooled(broker.addr(), scenario, speed, Duration::from_secs(seconds));
     let (_sim_stop_tx, sim_stop) = tokio::sync::watch::channel(false);
     let sim = tokio::spawn(async move { fleet::run(plan, &options, sim_stop).await });
     // Measure the middle of the run: skip the first 3 s (connections, first boot statuses).

@@ -35,7 +35,7 @@ use gridsense_gateway::{
 use gridsense_protocol::topic::UPLINK_FILTER;
 use gridsense_simulator::{
     city::{self, Counts},
-    fleet::{self, Plan, RunOptions, Transport},
+    fleet::{self, Plan, RunOptions},
     inventory::{self, Kind},
     scenario,
 };
@@ -293,17 +293,12 @@ async fn step(
         client
     };
     let base = gateway.accepted()?;
-    let options = RunOptions {
-        tls: None,
-        broker: broker.addr(),
-        scenario: scenario::load("load")?,
-        speed: 2.0,
-        duration: Some(Duration::from_secs(WARMUP_S + seconds)),
-        transport: Transport::Pooled { connections: 4, qos1: true },
-        limit: None,
-        progress: false,
-        clock: None,
-    };
+    let options = RunOptions::pooled(
+        broker.addr(),
+        scenario::load("load")?,
+        2.0,
+        Duration::from_secs(WARMUP_S + seconds),
+    );
     let (_keep, sim_stop) = tokio::sync::watch::channel(false);
     let sim = tokio::spawn(async move { fleet::run(plan, &options, sim_stop).await });
     tokio::time::sleep(Duration::from_secs(WARMUP_S)).await;
@@ -384,17 +379,7 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     let mut scenario = scenario::load("load")?;
     scenario.device_config.report_interval_s = Some(60);
     let plan = fleet::plan(&city_dir, &scenario)?;
-    let options = RunOptions {
-        tls: None,
-        broker: broker.addr(),
-        scenario,
-        speed: 1.0,
-        duration: Some(Duration::from_secs(62)),
-        transport: Transport::Pooled { connections: 4, qos1: true },
-        limit: None,
-        progress: false,
-        clock: None,
-    };
+    let options = RunOptions::pooled(broker.addr(), scenario, 1.0, Duration::from_secs(62));
     let (_keep, stop) = tokio::sync::watch::channel(false);
     let summary = fleet::run(plan, &options, stop).await?;
     let (stored, _) = wait_stored(&gateway, summary.frames(), Duration::from_secs(300)).await?;

@@ -152,15 +152,9 @@ async fn simulate(
     transport: Transport,
 ) -> gridsense_simulator::stats::Summary {
     let options = RunOptions {
-        broker,
         tls: Some(tls.clone()),
-        scenario: scenario.clone(),
-        speed: 1.0,
-        duration: Some(Duration::from_secs(4)),
         transport,
-        limit: None,
-        progress: false,
-        clock: None,
+        ..RunOptions::pooled(broker, scenario.clone(), 1.0, Duration::from_secs(4))
     };
     let (_keep, never) = tokio::sync::watch::channel(false);
     fleet::run(fleet::plan(city, scenario).unwrap(), &options, never).await.unwrap()

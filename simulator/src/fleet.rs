@@ -96,6 +96,24 @@ pub struct RunOptions {
     pub clock: Option<SimClock>,
 }
 
+impl RunOptions {
+    /// Load generation: the pooled transport (4 connections, QoS 1) for `duration` of wall
+    /// clock on its own clock, plain MQTT, no progress bar.
+    pub fn pooled(broker: SocketAddr, scenario: Scenario, speed: f64, duration: Duration) -> Self {
+        RunOptions {
+            broker,
+            tls: None,
+            scenario,
+            speed,
+            duration: Some(duration),
+            transport: Transport::Pooled { connections: 4, qos1: true },
+            limit: None,
+            progress: false,
+            clock: None,
+        }
+    }
+}
+
 /// One device, ready to run.
 #[derive(Debug)]
 pub struct Planned {
