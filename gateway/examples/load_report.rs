@@ -137,6 +137,39 @@ fn mem_mib(pid: u32, key: &str) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// Where a process's resident memory is, MiB: the main heap, other anonymous memory (thread
+/// arenas, large allocations, stacks) and file-backed pages (the binary, libraries).
+fn mem_split(pid: u32) -> String {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return String::new();
+    };
+    let (mut heap, mut anon, mut file, mut current) = (0.0, 0.0, 0.0, 0u8);
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Rss:"), Some(kib)) => {
+                let mib = kib.parse::<f64>().unwrap_or(0.0) / 1024.0;
+                match current {
+                    0 => heap += mib,
+                    1 => anon += mib,
+                    _ => file += mib,
+                }
+            }
+            (Some(range), _) if range.contains('-') && !range.ends_with(':') => {
+                let path = line.split_whitespace().nth(5);
+                current = match path {
+                    Some("[heap]") => 0,
+                    None => 1,
+                    Some(p) if p.starts_with('[') => 1,
+                    Some(_) => 2,
+                };
+            }
+            _ => {}
+        }
+    }
+    format!("heap {heap:.0}, other anonymous {anon:.0}, file-backed {file:.0} MiB")
+}
+
 fn percentile(v: &[i64], q: f64) -> i64 {
     if v.is_empty() {
         return 0;
@@ -374,7 +407,10 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let registered = mem_mib(gateway.pid(), "VmRSS:");
-    println!("million: {n} devices registered, gateway RSS {registered:.0} MiB");
+    println!(
+        "million: {n} devices registered, gateway RSS {registered:.0} MiB ({})",
+        mem_split(gateway.pid())
+    );
     // Every device reports once: readings every 60 s, boots spread over those 60 s.
     let mut scenario = scenario::load("load")?;
     scenario.device_config.report_interval_s = Some(60);
@@ -385,7 +421,10 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     let (stored, _) = wait_stored(&gateway, summary.frames(), Duration::from_secs(300)).await?;
     let reported = mem_mib(gateway.pid(), "VmRSS:");
     let hwm = mem_mib(gateway.pid(), "VmHWM:");
-    println!("million: {stored} frames stored, gateway RSS {reported:.0} MiB (peak {hwm:.0} MiB)");
+    println!(
+        "million: {stored} frames stored, gateway RSS {reported:.0} MiB (peak {hwm:.0} MiB; {})",
+        mem_split(gateway.pid())
+    );
     gateway.stop()?;
     Ok(Million {
         devices: n,

@@ -4,8 +4,9 @@
 //! bytes per device from the process's resident memory before and after.
 //!
 //! `cargo run --release -p gridsense-gateway --example memory -- [N] [cover|drain]` (default
-//! 1,000,000 covers, each sending one status; drains carry their well's levels as attributes and
-//! send one level reading, which their rate and stuck rules keep state for).
+//! 1,000,000 covers, each sending the status a booted device sends, which is answered with a time
+//! sync; drains carry their well's levels as attributes and also send one level reading, which
+//! their rate and stuck rules keep state for).
 
 use std::sync::Arc;
 
@@ -17,7 +18,10 @@ use gridsense_gateway::{
     rules::{Attributes, Rules, RulesConfig},
     store::Batch,
 };
-use gridsense_protocol::{DeviceKey, Direction, Eui, examples, seal, topic::topic};
+use gridsense_protocol::{DeviceKey, Direction, Eui, Status, Uplink, examples, seal, topic::topic};
+
+/// Gateway time of the frames (2026-11-26).
+const NOW_MS: i64 = 1_795_650_000_000;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -67,14 +71,22 @@ fn main() {
         Vec::new(),
     );
     let uplinks = examples::uplinks();
-    let Some(message) = uplinks.get(if drains { 1 } else { 2 }) else { return };
+    // As a device reports after it boots: a status (answered with a time sync), then for a
+    // drain its level.
+    let (Some(Uplink::Status(status)), Some(level)) = (uplinks.get(2), uplinks.get(1)) else {
+        return;
+    };
+    let booted = Uplink::Status(Status { uptime_s: 5, ..*status });
+    let messages = if drains { vec![&booted, level] } else { vec![&booted] };
     let mut batch = Batch::default();
     for i in 0..n {
         let eui = Eui(base + i);
-        let frame = seal(eui, 1, message, &key);
-        pipeline.handle(0, &topic(eui, Direction::Uplink), &frame, &mut batch);
+        for (counter, message) in (1..).zip(&messages) {
+            let frame = seal(eui, counter, *message, &key);
+            pipeline.handle(NOW_MS, &topic(eui, Direction::Uplink), &frame, &mut batch);
+        }
         if i % 10_000 == 0 {
-            pipeline.finish(&mut batch, 0, true);
+            pipeline.finish(&mut batch, NOW_MS, true);
             batch = Batch::default();
         }
     }

@@ -92,11 +92,12 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     };
     let registry = store.registry()?;
     let counters = store.counters()?;
-    let health = store.health()?;
     let mut pipeline =
-        Pipeline::new(registry, counters, health, HealthConfig::from_config(&config.health))
+        Pipeline::new(registry, counters, Vec::new(), HealthConfig::from_config(&config.health))
             .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
             .with_rate_limit(config.health.max_frames_per_minute);
+    // Row by row: a million rows' strings held at once would stay behind as heap holes.
+    store.each_health(|eui, h| pipeline.restore_health(eui, h))?;
     let mut unassigned_devices = 0;
     let mut grids_geojson = None;
     if !config.geo.grids.is_empty() {
@@ -109,9 +110,13 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let text = std::fs::read_to_string(path).context("geo.grids")?;
         grids_geojson = Some(Arc::new(serde_json::from_str(&text).context("geo.grids")?));
         let locations = store.locations()?;
-        let placements = pipeline.with_grids(Arc::new(layer), &locations);
+        let layer = Arc::new(layer);
+        let placements = pipeline.with_grids(layer.clone(), &locations);
         let unassigned = locations.len() - placements.len();
-        store.write_placements(&placements)?;
+        store.write_placements(placements.iter().filter_map(|(eui, cell, distance)| {
+            let c = layer.cells().get(*cell)?;
+            Some((*eui, &*c.grid_code, &*c.community_code, &*c.street_code, *distance))
+        }))?;
         unassigned_devices = unassigned as u64;
         if !config.geo.unit_grids.is_empty() {
             let path = std::path::Path::new(&config.geo.unit_grids);
@@ -208,12 +213,10 @@ fn with_cases(
         i64::try_from(config.cases.link_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     let mut cases = crate::cases::Cases::new(tables.clone(), link_ms).context("cases.tables")?;
     cases.restore(store.sequences()?, store.open_incidents()?);
-    let pipeline = pipeline.with_cases(
-        crate::rules::Rules::new(&rules),
-        cases,
-        store.sites()?,
-        store.rule_states()?,
-    );
+    let mut pipeline = pipeline.with_case_layer(crate::rules::Rules::new(&rules), cases);
+    store.each_site(|eui, site, attrs| pipeline.add_site(eui, site, attrs))?;
+    pipeline.seal_sites();
+    store.each_rule_state(|eui, rule, state| pipeline.restore_rule_state(eui, rule, state))?;
     Ok((pipeline, tables))
 }
 

@@ -18,6 +18,8 @@ use std::collections::HashMap;
 
 use gridsense_protocol::{AckOutcome, DeviceTime, Downlink, Eui, Setting, Uplink};
 
+use crate::registry::{Device, DeviceId};
+
 /// Downlink policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DownlinkConfig {
@@ -105,14 +107,23 @@ pub enum RequestUpdate {
     },
 }
 
-/// Downlink state of every device.
+/// Downlink state of every device: its next counter and last time sync (16 bytes, indexed by
+/// [`DeviceId`]), and the few operator requests waiting.
 #[derive(Debug, Clone, Default)]
 pub struct Downlinks {
     config: DownlinkConfig,
-    next_counter: HashMap<Eui, u32>,
-    last_sync: HashMap<Eui, i64>,
+    slots: Vec<Slot>,
     pending: HashMap<Eui, Pending>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    next_counter: u32,
+    /// `i64::MIN`: never.
+    last_sync_ms: i64,
+}
+
+const NEVER: Slot = Slot { next_counter: 0, last_sync_ms: i64::MIN };
 
 /// The outcome's stable name.
 pub const fn outcome_name(o: AckOutcome) -> &'static str {
@@ -129,9 +140,18 @@ impl Downlinks {
         Downlinks { config, ..Downlinks::default() }
     }
 
+    fn slot_mut(&mut self, id: DeviceId) -> Option<&mut Slot> {
+        if id.index() >= self.slots.len() {
+            self.slots.resize(id.index() + 1, NEVER);
+        }
+        self.slots.get_mut(id.index())
+    }
+
     /// Restores a device's next downlink counter.
-    pub fn restore_counter(&mut self, eui: Eui, next: u32) {
-        self.next_counter.insert(eui, next);
+    pub fn restore_counter(&mut self, id: DeviceId, next: u32) {
+        if let Some(slot) = self.slot_mut(id) {
+            slot.next_counter = next;
+        }
     }
 
     /// Queues a request (one at a time per device; a newer one replaces an unsent older one).
@@ -144,22 +164,22 @@ impl Downlinks {
         self.pending.len()
     }
 
-    fn next(&mut self, eui: Eui) -> u32 {
-        let c = self.next_counter.entry(eui).or_insert(0);
-        let value = *c;
-        *c = c.saturating_add(1);
+    fn next(&mut self, id: DeviceId) -> u32 {
+        let Some(slot) = self.slot_mut(id) else { return u32::MAX };
+        let value = slot.next_counter;
+        slot.next_counter = value.saturating_add(1);
         value
     }
 
     /// The counter the device's next downlink will use (to persist).
-    pub fn next_counter(&self, eui: Eui) -> u32 {
-        self.next_counter.get(&eui).copied().unwrap_or(0)
+    pub fn next_counter(&self, id: DeviceId) -> u32 {
+        self.slots.get(id.index()).map_or(0, |s| s.next_counter)
     }
 
     fn send_pending(
         &mut self,
         now_ms: i64,
-        eui: Eui,
+        Device { id, eui, .. }: Device,
         out: &mut Vec<Outgoing>,
         updates: &mut Vec<RequestUpdate>,
     ) {
@@ -173,7 +193,7 @@ impl Downlinks {
             updates.push(RequestUpdate::Done { id: p.id, at_ms: now_ms, outcome: "no_answer" });
             return;
         }
-        let counter = self.next(eui);
+        let counter = self.next(id);
         let message = match &p.request {
             Request::Configure(settings) => {
                 let mut list = heapless::Vec::new();
@@ -199,31 +219,33 @@ impl Downlinks {
         }
     }
 
-    /// An accepted frame from `eui` at `now_ms`.
+    /// An accepted frame from `device` at `now_ms`.
     pub fn on_frame(
         &mut self,
         now_ms: i64,
-        eui: Eui,
+        device: Device,
         message: &Uplink,
         out: &mut Vec<Outgoing>,
         updates: &mut Vec<RequestUpdate>,
     ) {
+        let Device { id, eui, .. } = device;
         match message {
             Uplink::Status(s) => {
                 let device_ms =
                     i64::try_from(s.at.unix_secs()).unwrap_or(i64::MAX).saturating_mul(1000);
                 let drifted = (device_ms - now_ms).abs() > self.config.time_drift_ms;
                 let booted = s.uptime_s < self.config.boot_uptime_s;
-                let recently = self
-                    .last_sync
-                    .get(&eui)
-                    .is_some_and(|t| now_ms - t < self.config.sync_every_ms);
+                let last = self.slots.get(id.index()).map_or(i64::MIN, |s| s.last_sync_ms);
+                let recently =
+                    last != i64::MIN && now_ms.saturating_sub(last) < self.config.sync_every_ms;
                 if (drifted || booted) && !recently {
                     let secs = u64::try_from(now_ms.max(0) / 1000).unwrap_or(0);
                     if let Some(now) = DeviceTime::from_unix_secs(secs) {
-                        let counter = self.next(eui);
+                        let counter = self.next(id);
                         out.push(Outgoing { eui, counter, message: Downlink::TimeSync { now } });
-                        self.last_sync.insert(eui, now_ms);
+                        if let Some(slot) = self.slot_mut(id) {
+                            slot.last_sync_ms = now_ms;
+                        }
                     }
                 }
             }
@@ -242,7 +264,7 @@ impl Downlinks {
             _ => {}
         }
         // The device just spoke: it is awake, a good moment for what waits.
-        self.send_pending(now_ms, eui, out, updates);
+        self.send_pending(now_ms, device, out, updates);
     }
 
     /// Gives up on configurations whose last send timed out `max_attempts` times.
@@ -268,6 +290,7 @@ mod tests {
     use gridsense_protocol::{DownlinkAck, FirmwareVersion, ResetCause, Status};
 
     use super::*;
+    use crate::registry::Kind;
 
     const MIN: i64 = 60_000;
     const NOW: i64 = 1_800_000_000_000;
@@ -284,6 +307,11 @@ mod tests {
         })
     }
 
+    /// Test devices are numbered by their EUI.
+    fn dev(n: u32) -> Device {
+        Device { id: DeviceId(n), eui: Eui(u64::from(n)), kind: Kind::Cover }
+    }
+
     fn config() -> DownlinkConfig {
         DownlinkConfig { ack_timeout_ms: 10 * MIN, max_attempts: 3, ..DownlinkConfig::default() }
     }
@@ -292,28 +320,28 @@ mod tests {
     fn boot_and_drift_get_a_time_sync_at_most_hourly() {
         let mut d = Downlinks::new(config());
         let (mut out, mut up) = (Vec::new(), Vec::new());
-        d.on_frame(NOW, Eui(1), &status(NOW, 5), &mut out, &mut up);
+        d.on_frame(NOW, dev(1), &status(NOW, 5), &mut out, &mut up);
         assert!(matches!(
             out[..],
             [Outgoing { counter: 0, message: Downlink::TimeSync { .. }, .. }]
         ));
         out.clear();
         // Booted again ten minutes later: not yet (hourly at most).
-        d.on_frame(NOW + 10 * MIN, Eui(1), &status(NOW + 10 * MIN, 5), &mut out, &mut up);
+        d.on_frame(NOW + 10 * MIN, dev(1), &status(NOW + 10 * MIN, 5), &mut out, &mut up);
         assert!(out.is_empty());
         // An hour later its clock is 2 minutes fast: synced, counter 1.
-        d.on_frame(NOW + 70 * MIN, Eui(1), &status(NOW + 72 * MIN, 50_000), &mut out, &mut up);
+        d.on_frame(NOW + 70 * MIN, dev(1), &status(NOW + 72 * MIN, 50_000), &mut out, &mut up);
         assert!(matches!(out[..], [Outgoing { counter: 1, .. }]));
         out.clear();
         // A device whose clock is right and that did not boot gets nothing.
-        d.on_frame(NOW, Eui(2), &status(NOW + 1_000, 50_000), &mut out, &mut up);
+        d.on_frame(NOW, dev(2), &status(NOW + 1_000, 50_000), &mut out, &mut up);
         assert!(out.is_empty());
     }
 
     #[test]
     fn a_configuration_is_sent_at_the_next_frame_retried_and_closed_by_its_ack() {
         let mut d = Downlinks::new(config());
-        d.restore_counter(Eui(3), 40);
+        d.restore_counter(DeviceId(3), 40);
         let settings = vec![Setting::ReportIntervalS(60)];
         d.request(
             Eui(3),
@@ -327,16 +355,16 @@ mod tests {
         );
         let (mut out, mut up) = (Vec::new(), Vec::new());
         let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
-        d.on_frame(NOW, Eui(3), &reading, &mut out, &mut up);
+        d.on_frame(NOW, dev(3), &reading, &mut out, &mut up);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].counter, 40);
         assert_eq!(up, [RequestUpdate::Sent { id: 7, counter: 40, at_ms: NOW, attempts: 1 }]);
         out.clear();
         up.clear();
         // No ack; the next frame within the timeout sends nothing, after it a retry.
-        d.on_frame(NOW + MIN, Eui(3), &reading, &mut out, &mut up);
+        d.on_frame(NOW + MIN, dev(3), &reading, &mut out, &mut up);
         assert!(out.is_empty());
-        d.on_frame(NOW + 11 * MIN, Eui(3), &reading, &mut out, &mut up);
+        d.on_frame(NOW + 11 * MIN, dev(3), &reading, &mut out, &mut up);
         assert_eq!(
             up,
             [RequestUpdate::Sent { id: 7, counter: 41, at_ms: NOW + 11 * MIN, attempts: 2 }]
@@ -345,12 +373,12 @@ mod tests {
         // An ack for the old counter does not count; for the new one it closes the request.
         let ack =
             |counter| Uplink::DownlinkAck(DownlinkAck { counter, outcome: AckOutcome::Applied });
-        d.on_frame(NOW + 12 * MIN, Eui(3), &ack(40), &mut out, &mut up);
+        d.on_frame(NOW + 12 * MIN, dev(3), &ack(40), &mut out, &mut up);
         assert!(up.is_empty());
-        d.on_frame(NOW + 12 * MIN, Eui(3), &ack(41), &mut out, &mut up);
+        d.on_frame(NOW + 12 * MIN, dev(3), &ack(41), &mut out, &mut up);
         assert_eq!(up, [RequestUpdate::Done { id: 7, at_ms: NOW + 12 * MIN, outcome: "applied" }]);
         assert_eq!(d.pending(), 0);
-        assert_eq!(d.next_counter(Eui(3)), 42);
+        assert_eq!(d.next_counter(DeviceId(3)), 42);
     }
 
     #[test]
@@ -369,7 +397,7 @@ mod tests {
         let (mut out, mut up) = (Vec::new(), Vec::new());
         let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
         for i in 0..3 {
-            d.on_frame(NOW + i * 11 * MIN, Eui(4), &reading, &mut out, &mut up);
+            d.on_frame(NOW + i * 11 * MIN, dev(4), &reading, &mut out, &mut up);
         }
         assert_eq!(out.len(), 3);
         d.tick(NOW + 40 * MIN, &mut up);
@@ -394,8 +422,8 @@ mod tests {
         );
         let (mut out, mut up) = (Vec::new(), Vec::new());
         let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
-        d.on_frame(NOW, Eui(5), &reading, &mut out, &mut up);
-        d.on_frame(NOW + 20 * MIN, Eui(5), &reading, &mut out, &mut up);
+        d.on_frame(NOW, dev(5), &reading, &mut out, &mut up);
+        d.on_frame(NOW + 20 * MIN, dev(5), &reading, &mut out, &mut up);
         assert_eq!(out.iter().filter(|o| o.message == Downlink::StatusRequest).count(), 1);
         assert!(up.contains(&RequestUpdate::Done { id: 2, at_ms: NOW, outcome: "sent" }));
     }

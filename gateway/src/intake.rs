@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::registry::Kind;
+use crate::registry::{Device, DeviceId, Kind};
 use gridsense_protocol::{
     CounterVerdict, CounterWindow, DeviceKey, Direction, Eui, FrameError, Header, RawFrame, Uplink,
     topic::parse_topic,
@@ -65,6 +65,8 @@ impl Reject {
 /// An authentic, new uplink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
+    /// The device that sent it.
+    pub device: Device,
     /// The authenticated header.
     pub header: Header,
     /// The decoded message.
@@ -73,11 +75,23 @@ pub struct Accepted {
     pub skipped: u32,
 }
 
-/// Device keys and counter windows for the uplink check.
+/// Device keys and counter windows for the uplink check, and the dense numbering
+/// ([`DeviceId`]) the other per-device state is indexed by.
 #[derive(Debug, Default)]
 pub struct Intake {
-    keys: HashMap<Eui, (Kind, DeviceKey)>,
-    windows: HashMap<Eui, CounterWindow>,
+    index: HashMap<Eui, DeviceId>,
+    slots: Vec<Slot>,
+    registered: usize,
+}
+
+/// One device: 48 bytes (its key, its window, whether it is registered and as what).
+#[derive(Debug, Clone)]
+struct Slot {
+    eui: Eui,
+    key: DeviceKey,
+    window: CounterWindow,
+    /// `None`: not registered (retired, or only its window is known).
+    kind: Option<Kind>,
 }
 
 impl Intake {
@@ -86,40 +100,107 @@ impl Intake {
         Intake::default()
     }
 
+    /// Room for `n` more devices without growing.
+    pub fn reserve(&mut self, n: usize) {
+        self.index.reserve(n);
+        self.slots.reserve_exact(n);
+    }
+
+    /// The device's number, given now if it has none (`None` only past 4 billion devices).
+    fn slot(&mut self, eui: Eui) -> Option<(DeviceId, &mut Slot)> {
+        let next = DeviceId(u32::try_from(self.slots.len()).ok()?);
+        let id = *self.index.entry(eui).or_insert(next);
+        if id == next {
+            let key = DeviceKey::from_bytes([0; 16]);
+            self.slots.push(Slot { eui, key, window: CounterWindow::new(), kind: None });
+        }
+        Some((id, self.slots.get_mut(id.index())?))
+    }
+
+    /// The device's number, given now if it has none (registered or not; `None` only past 4
+    /// billion devices).
+    pub fn number(&mut self, eui: Eui) -> Option<DeviceId> {
+        self.slot(eui).map(|(id, _)| id)
+    }
+
+    /// The device's number, if it has one (registered or not).
+    pub fn id_of(&self, eui: Eui) -> Option<DeviceId> {
+        self.index.get(&eui).copied()
+    }
+
     /// Registers (or re-keys) a device. Its counter window is kept.
-    pub fn register(&mut self, eui: Eui, kind: Kind, key: DeviceKey) {
-        self.keys.insert(eui, (kind, key));
+    pub fn register(&mut self, eui: Eui, kind: Kind, key: DeviceKey) -> Option<DeviceId> {
+        let (id, slot) = self.slot(eui)?;
+        let was = slot.kind.replace(kind);
+        slot.key = key;
+        if was.is_none() {
+            self.registered += 1;
+        }
+        Some(id)
     }
 
     /// Stops accepting a device (retired or replaced). Its counter window is kept, so a
     /// device brought back cannot replay old frames.
     pub fn unregister(&mut self, eui: Eui) {
-        self.keys.remove(&eui);
+        if let Some(slot) = self.get_mut(eui)
+            && slot.kind.take().is_some()
+        {
+            slot.key = DeviceKey::from_bytes([0; 16]);
+            self.registered -= 1;
+        }
     }
 
     /// Restores a device's persisted counter window.
     pub fn restore_window(&mut self, eui: Eui, window: CounterWindow) {
-        self.windows.insert(eui, window);
+        if let Some((_, slot)) = self.slot(eui) {
+            slot.window = window;
+        }
+    }
+
+    fn get(&self, eui: Eui) -> Option<&Slot> {
+        self.slots.get(self.index.get(&eui)?.index())
+    }
+
+    fn get_mut(&mut self, eui: Eui) -> Option<&mut Slot> {
+        self.slots.get_mut(self.index.get(&eui)?.index())
+    }
+
+    /// A registered device.
+    pub fn device(&self, eui: Eui) -> Option<Device> {
+        let id = *self.index.get(&eui)?;
+        let kind = self.slots.get(id.index())?.kind?;
+        Some(Device { id, eui, kind })
+    }
+
+    /// A registered device by number.
+    pub fn by_id(&self, id: DeviceId) -> Option<Device> {
+        let slot = self.slots.get(id.index())?;
+        Some(Device { id, eui: slot.eui, kind: slot.kind? })
     }
 
     /// A registered device's key.
     pub fn key_of(&self, eui: Eui) -> Option<&DeviceKey> {
-        self.keys.get(&eui).map(|(_, key)| key)
+        self.get(eui).filter(|s| s.kind.is_some()).map(|s| &s.key)
     }
 
     /// A registered device's kind.
     pub fn kind_of(&self, eui: Eui) -> Option<Kind> {
-        self.keys.get(&eui).map(|(kind, _)| *kind)
+        self.get(eui)?.kind
+    }
+
+    /// Devices numbered (registered or not): every [`DeviceId`] given is below this.
+    pub fn numbered(&self) -> usize {
+        self.slots.len()
     }
 
     /// Registered devices.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.registered
     }
 
     /// Whether no device is registered.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.registered == 0
     }
 
     /// Checks one uplink. Changes nothing: call [`Self::commit`] once it is stored.
@@ -133,12 +214,15 @@ impl Intake {
         if header.eui != topic_eui {
             return Err(Reject::TopicMismatch { topic: topic_eui, frame: header.eui });
         }
-        let (_, key) = self.keys.get(&header.eui).ok_or(Reject::UnknownDevice(header.eui))?;
-        let verified = raw.verify(key).map_err(|_| Reject::BadTag(header.eui))?;
+        let unknown = Reject::UnknownDevice(header.eui);
+        let id = *self.index.get(&header.eui).ok_or_else(|| unknown.clone())?;
+        let slot = self.slots.get(id.index()).ok_or_else(|| unknown.clone())?;
+        let kind = slot.kind.ok_or(unknown)?;
+        let verified = raw.verify(&slot.key).map_err(|_| Reject::BadTag(header.eui))?;
         let message = verified.decode::<Uplink>().map_err(Reject::Malformed)?;
-        let window = self.windows.get(&header.eui).copied().unwrap_or_default();
-        match window.check(header.counter) {
-            CounterVerdict::New { skipped } => Ok(Accepted { header, message, skipped }),
+        let device = Device { id, eui: header.eui, kind };
+        match slot.window.check(header.counter) {
+            CounterVerdict::New { skipped } => Ok(Accepted { device, header, message, skipped }),
             CounterVerdict::Duplicate => Err(Reject::Duplicate(header.eui, header.counter)),
             CounterVerdict::Replay => Err(Reject::Replay(header.eui, header.counter)),
             CounterVerdict::ResetSuspect => Err(Reject::ResetSuspect(header.eui, header.counter)),
@@ -148,9 +232,11 @@ impl Intake {
     /// Records an accepted frame's counter (before the next frame is checked, so a copy in
     /// the same batch is a duplicate); returns the device's window to persist with the batch.
     pub fn commit(&mut self, accepted: &Accepted) -> CounterWindow {
-        let window = self.windows.entry(accepted.header.eui).or_default();
-        window.accept(accepted.header.counter);
-        *window
+        let Some((_, slot)) = self.slot(accepted.header.eui) else {
+            return CounterWindow::new();
+        };
+        slot.window.accept(accepted.header.counter);
+        slot.window
     }
 }
 
@@ -185,6 +271,27 @@ mod tests {
         assert!(intake.check(&up(EUI), &frame).is_ok());
         intake.commit(&accepted);
         assert_eq!(intake.check(&up(EUI), &frame), Err(Reject::Duplicate(EUI, 1)));
+    }
+
+    #[test]
+    fn a_retired_device_keeps_its_number_and_window_and_cannot_replay_when_back() {
+        let (mut intake, key) = intake();
+        let id = intake.device(EUI).unwrap().id;
+        let frame = seal(EUI, 5, &examples::uplinks()[0], &key);
+        let accepted = intake.check(&up(EUI), &frame).unwrap();
+        assert_eq!(accepted.device, Device { id, eui: EUI, kind: Kind::Cover });
+        intake.commit(&accepted);
+        intake.unregister(EUI);
+        assert_eq!((intake.len(), intake.device(EUI), intake.key_of(EUI)), (0, None, None));
+        assert_eq!(intake.check(&up(EUI), &frame), Err(Reject::UnknownDevice(EUI)));
+        // Back as a drain with a new key: same number, and the old frame is still a duplicate.
+        assert_eq!(intake.register(EUI, Kind::Drain, key.clone()), Some(id));
+        assert_eq!((intake.len(), intake.kind_of(EUI)), (1, Some(Kind::Drain)));
+        assert_eq!(intake.check(&up(EUI), &frame), Err(Reject::Duplicate(EUI, 5)));
+        // A window restored for a device never registered numbers it, unregistered.
+        intake.restore_window(Eui(9), CounterWindow::from_parts(Some(3), 1));
+        assert_eq!((intake.numbered(), intake.len(), intake.device(Eui(9))), (2, 1, None));
+        assert_eq!(intake.id_of(Eui(9)), Some(DeviceId(1)));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::{
     geo::GridLayer,
     health::{DeviceHealth, EventKind, HealthConfig, HealthEvent, HealthTracker},
     intake::{Intake, Reject},
-    registry::Registered,
+    registry::{Device, DeviceId, Registered},
     rules::{ConditionChange, Observation, Rules, Signal, device_ms, observations},
     store::{AuditRecord, Batch, MessageRecord},
     telemetry,
@@ -59,7 +59,7 @@ pub struct Pipeline {
     downlinks: Downlinks,
     log_budget: HashMap<&'static str, (i64, u32)>,
     /// Devices whose health changed since the last [`Pipeline::finish`].
-    dirty: HashSet<Eui>,
+    dirty: HashSet<DeviceId>,
     /// The grid layer and each device's place in it.
     grids: Option<Grids>,
     /// When health rows were last put into a batch.
@@ -70,28 +70,30 @@ pub struct Pipeline {
     rate: RateLimit,
 }
 
-/// Frames per device per gateway minute (fixed windows): counts only for devices heard in
-/// the current minute, so it costs nothing for quiet devices.
+/// Frames per device per gateway minute (fixed windows): per device the minute it last
+/// counted in and its count there (8 bytes, indexed by [`DeviceId`]).
 #[derive(Debug, Default)]
 struct RateLimit {
     per_minute: u32,
-    minute: i64,
-    counts: HashMap<Eui, u32>,
+    counts: Vec<(u32, u32)>,
 }
 
 impl RateLimit {
     /// Counts a frame; `Some(first)` when it is over the budget (`first`: the first refused
     /// this minute).
-    fn over(&mut self, now_ms: i64, eui: Eui) -> Option<bool> {
+    fn over(&mut self, now_ms: i64, id: DeviceId) -> Option<bool> {
         if self.per_minute == 0 {
             return None;
         }
-        let minute = now_ms.div_euclid(60_000);
-        if minute != self.minute {
-            self.minute = minute;
-            self.counts.clear();
+        // Only compared for equality, so the minute's low 32 bits are enough.
+        let minute = u32::try_from(now_ms.div_euclid(60_000) & 0xFFFF_FFFF).unwrap_or(0);
+        if id.index() >= self.counts.len() {
+            self.counts.resize(id.index() + 1, (minute, 0));
         }
-        let n = self.counts.entry(eui).or_default();
+        let (at, n) = self.counts.get_mut(id.index())?;
+        if *at != minute {
+            (*at, *n) = (minute, 0);
+        }
         *n = n.saturating_add(1);
         (*n > self.per_minute).then_some(*n == self.per_minute + 1)
     }
@@ -111,9 +113,27 @@ struct CaseLayer {
 #[derive(Debug)]
 struct Grids {
     layer: Arc<GridLayer>,
-    placed: HashMap<Eui, usize>,
+    /// Each device's cell in the layer, by [`DeviceId`] (`u32::MAX`: outside every grid).
+    placed: Vec<u32>,
     /// The optional unit-grid layer (looked up only when a case is placed).
     units: Option<Arc<GridLayer>>,
+}
+
+impl Grids {
+    fn place(&mut self, id: DeviceId, cell: Option<usize>) {
+        if id.index() >= self.placed.len() {
+            self.placed.resize(id.index() + 1, u32::MAX);
+        }
+        if let Some(p) = self.placed.get_mut(id.index()) {
+            *p = cell.and_then(|c| u32::try_from(c).ok()).unwrap_or(u32::MAX);
+        }
+    }
+
+    /// The cell a device's registered position is in.
+    fn home(&self, id: Option<DeviceId>) -> Option<&crate::geo::GridCell> {
+        let cell = *self.placed.get(id?.index())?;
+        self.layer.cells().get(usize::try_from(cell).ok()?)
+    }
 }
 
 impl Pipeline {
@@ -125,6 +145,7 @@ impl Pipeline {
         config: HealthConfig,
     ) -> Self {
         let mut intake = Intake::new();
+        intake.reserve(registry.len());
         for r in registry {
             intake.register(r.eui, r.kind, r.key);
         }
@@ -132,8 +153,11 @@ impl Pipeline {
             intake.restore_window(eui, window);
         }
         let mut tracker = HealthTracker::new(config);
+        tracker.reserve(intake.numbered());
         for (eui, h) in health {
-            tracker.restore(eui, h);
+            if let Some(id) = intake.number(eui) {
+                tracker.restore(id, eui, h);
+            }
         }
         Pipeline {
             intake,
@@ -159,32 +183,73 @@ impl Pipeline {
     /// states and open incidents persisted before a restart.
     #[must_use]
     pub fn with_cases(
-        mut self,
-        mut rules: Rules,
+        self,
+        rules: Rules,
         cases: Cases,
         sites: Vec<(Eui, Site, crate::rules::Attributes)>,
         states: Vec<(Eui, String, crate::rules::RuleState)>,
     ) -> Self {
-        let mut by_eui = Sites::default();
-        by_eui.compact.reserve_exact(sites.len());
+        let mut pipeline = self.with_case_layer(rules, cases);
         for (eui, site, attrs) in sites {
-            rules.add_device(eui, site.kind, attrs);
-            by_eui.insert(eui, site);
+            pipeline.add_site(eui, site, attrs);
         }
-        by_eui.seal();
-        for (eui, id, state) in states {
-            if let Some(site) = by_eui.get(eui) {
-                rules.restore(eui, site.kind, &id, state);
-            }
+        pipeline.seal_sites();
+        for (eui, rule, state) in states {
+            pipeline.restore_rule_state(eui, &rule, state);
         }
+        pipeline
+    }
+
+    /// Turns on rules and cases, with no site yet: then [`Pipeline::add_site`] for every
+    /// device, [`Pipeline::seal_sites`], and [`Pipeline::restore_rule_state`] for what was
+    /// persisted — row by row as the store reads them, so that a million devices' rows are
+    /// never all held at once.
+    #[must_use]
+    pub fn with_case_layer(mut self, mut rules: Rules, cases: Cases) -> Self {
+        rules.reserve(self.intake.numbered());
         self.cases = Some(CaseLayer {
             rules,
             cases,
-            sites: by_eui,
+            sites: Sites::default(),
             observations: Vec::new(),
             changes: Vec::new(),
         });
         self
+    }
+
+    /// A device's site and rule attributes (after [`Pipeline::with_case_layer`]).
+    pub fn add_site(&mut self, eui: Eui, site: Site, attrs: crate::rules::Attributes) {
+        let Some(layer) = &mut self.cases else { return };
+        if let Some(id) = self.intake.number(eui) {
+            layer.rules.add_device(Device { id, eui, kind: site.kind }, attrs);
+        }
+        if layer.sites.compact.capacity() == 0 {
+            layer.sites.compact.reserve_exact(self.intake.len());
+        }
+        layer.sites.insert(eui, site);
+    }
+
+    /// Sorts the sites for lookups, after the last [`Pipeline::add_site`].
+    pub fn seal_sites(&mut self) {
+        if let Some(layer) = &mut self.cases {
+            layer.sites.seal();
+        }
+    }
+
+    /// A rule state persisted before a restart (after [`Pipeline::seal_sites`]).
+    pub fn restore_rule_state(&mut self, eui: Eui, rule: &str, state: crate::rules::RuleState) {
+        if let Some(layer) = &mut self.cases
+            && let Some(device) = self.intake.device(eui)
+        {
+            layer.rules.restore(device, rule, state);
+        }
+    }
+
+    /// A device's health persisted before a restart.
+    pub fn restore_health(&mut self, eui: Eui, health: DeviceHealth) {
+        if let Some(id) = self.intake.number(eui) {
+            self.health.restore(id, eui, health);
+        }
     }
 
     /// Applies registry changes made while running (new keys, retirements, new or moved
@@ -197,15 +262,13 @@ impl Pipeline {
                 self.intake.unregister(eui);
                 continue;
             };
-            self.intake.register(eui, site.kind, key);
+            let Some(id) = self.intake.register(eui, site.kind, key) else { continue };
             if let Some(grids) = &mut self.grids {
-                match grids.layer.locate_index(site.lat, site.lon) {
-                    Some((i, _)) => grids.placed.insert(eui, i),
-                    None => grids.placed.remove(&eui),
-                };
+                let cell = grids.layer.locate_index(site.lat, site.lon).map(|(i, _)| i);
+                grids.place(id, cell);
             }
             if let Some(layer) = &mut self.cases {
-                layer.rules.add_device(eui, site.kind, attrs);
+                layer.rules.add_device(Device { id, eui, kind: site.kind }, attrs);
                 layer.sites.insert(eui, site);
                 moved_sites = true;
             }
@@ -239,7 +302,7 @@ impl Pipeline {
         let Some(grids) = &self.grids else { return Place::default() };
         let cell = match fix {
             Some((lat, lon)) => grids.layer.locate(lat, lon).grid(),
-            None => grids.placed.get(&eui).and_then(|i| grids.layer.cells().get(*i)),
+            None => grids.home(self.intake.id_of(eui)),
         };
         let position = fix.or(home);
         let unit = grids
@@ -255,13 +318,14 @@ impl Pipeline {
     fn evaluate(
         &mut self,
         now_ms: i64,
-        eui: Eui,
+        device: Device,
         counter: u32,
         message: &Uplink,
         events_from: usize,
         batch: &mut Batch,
     ) {
         let Some(mut layer) = self.cases.take() else { return };
+        let eui = device.eui;
         layer.observations.clear();
         observations(message, &mut layer.observations);
         online_observations(
@@ -270,9 +334,7 @@ impl Pipeline {
             &mut layer.observations,
         );
         layer.changes.clear();
-        if let Some(kind) = self.intake.kind_of(eui) {
-            layer.rules.observe(now_ms, eui, kind, &layer.observations, &mut layer.changes);
-        }
+        layer.rules.observe(now_ms, device, &layer.observations, &mut layer.changes);
         let changes = std::mem::take(&mut layer.changes);
         self.apply_changes(&mut layer, &changes, Some(counter), batch);
         layer.changes = changes;
@@ -347,7 +409,8 @@ impl Pipeline {
         for change in changes {
             let Some(site) = layer.sites.get(change.eui) else { continue };
             let place = self.place_at(change.eui, None, Some((site.lat, site.lon)));
-            let battery = self.health.get(change.eui).and_then(|h| h.battery_mv);
+            let id = self.intake.id_of(change.eui);
+            let battery = id.and_then(|id| self.health.battery_mv(id));
             layer.cases.on_change(change, &site, &place, frame, battery, &mut batch.cases);
         }
         batch.rule_states.extend(
@@ -359,30 +422,25 @@ impl Pipeline {
 
     /// Places every device in the grid layer (by its registered position); telemetry is then
     /// tagged with grid and street, patrol fixes by where each fix was taken. Returns where
-    /// each device went (grid, community, street, metres when snapped from outside); devices
-    /// outside every grid beyond the tolerance are not in it.
+    /// each device went (the index of its cell in the layer, metres when snapped from
+    /// outside); devices outside every grid beyond the tolerance are not in it.
     pub fn with_grids(
         &mut self,
         layer: Arc<GridLayer>,
         locations: &[(Eui, f64, f64)],
-    ) -> Vec<crate::store::Placement> {
-        let mut placed = HashMap::with_capacity(locations.len());
+    ) -> Vec<(Eui, usize, Option<f64>)> {
+        let mut grids = Grids { layer, placed: Vec::new(), units: None };
+        grids.placed.reserve_exact(self.intake.numbered());
         let mut placements = Vec::with_capacity(locations.len());
         for (eui, lat, lon) in locations {
-            if let Some((i, distance)) = layer.locate_index(*lat, *lon) {
-                placed.insert(*eui, i);
-                if let Some(c) = layer.cells().get(i) {
-                    placements.push((
-                        *eui,
-                        c.grid_code.to_string(),
-                        c.community_code.clone(),
-                        c.street_code.to_string(),
-                        distance,
-                    ));
-                }
+            let Some(id) = self.intake.number(*eui) else { continue };
+            let found = grids.layer.locate_index(*lat, *lon);
+            grids.place(id, found.map(|(i, _)| i));
+            if let Some((i, distance)) = found {
+                placements.push((*eui, i, distance));
             }
         }
-        self.grids = Some(Grids { layer, placed, units: None });
+        self.grids = Some(grids);
         placements
     }
 
@@ -397,7 +455,7 @@ impl Pipeline {
     /// Tags points from `start` on with their grid: the device's, or for positions the fix's.
     fn tag_grids(&self, eui: Eui, batch: &mut Batch, start: usize) {
         let Some(grids) = &self.grids else { return };
-        let home = grids.placed.get(&eui).and_then(|i| grids.layer.cells().get(*i));
+        let home = grids.home(self.intake.id_of(eui));
         let points = batch.telemetry.get_mut(start..).unwrap_or_default();
         // Positions: locate each fix (lat and lon points share their time).
         let mut fixes: HashMap<i64, (f64, f64)> = HashMap::new();
@@ -432,7 +490,9 @@ impl Pipeline {
     ) -> Self {
         self.downlinks = Downlinks::new(config);
         for (eui, next) in counters {
-            self.downlinks.restore_counter(eui, next);
+            if let Some(id) = self.intake.number(eui) {
+                self.downlinks.restore_counter(id, next);
+            }
         }
         for (eui, pending) in requests {
             self.request(eui, pending);
@@ -454,7 +514,8 @@ impl Pipeline {
                 let topic =
                     gridsense_protocol::topic::topic(o.eui, Direction::Downlink).to_string();
                 batch.downlinks.push((topic, frame.to_vec()));
-                batch.downlink_counters.insert(o.eui, self.downlinks.next_counter(o.eui));
+                let next = self.intake.id_of(o.eui).map_or(0, |id| self.downlinks.next_counter(id));
+                batch.downlink_counters.insert(o.eui, next);
             }
         }
     }
@@ -479,8 +540,8 @@ impl Pipeline {
     ) -> Outcome {
         // 0. A device over its frame budget is refused before any crypto (a flood costs little).
         if let Ok((eui, Direction::Uplink)) = parse_topic(topic)
-            && self.intake.kind_of(eui).is_some()
-            && let Some(first) = self.rate.over(now_ms, eui)
+            && let Some(device) = self.intake.device(eui)
+            && let Some(first) = self.rate.over(now_ms, device.id)
         {
             if !first {
                 // Counted only: auditing every frame of a flood would be the flood's work.
@@ -497,10 +558,8 @@ impl Pipeline {
             Err(reject) => return self.reject(now_ms, topic, payload, &reject, batch),
         };
         let header = accepted.header;
-        let eui = header.eui;
-        let Some(kind) = self.intake.kind_of(eui) else {
-            return self.reject(now_ms, topic, payload, &Reject::UnknownDevice(eui), batch);
-        };
+        let device = accepted.device;
+        let Device { eui, kind, .. } = device;
         // 2. Counter, persisted with this batch.
         let window = self.intake.commit(&accepted);
         batch.counters.insert(eui, window);
@@ -508,14 +567,14 @@ impl Pipeline {
         let events_from = batch.events.len();
         self.health.on_frame(
             now_ms,
-            kind,
+            device,
             &header,
             &accepted.message,
             accepted.skipped,
             &mut batch.events,
         );
-        if let Some(h) = self.health.get(eui) {
-            batch.health.insert(eui, h.clone());
+        if let Some((eui, h)) = self.health.get(device.id) {
+            batch.health.insert(eui, h);
         }
         // 4. Telemetry at the device's sample times.
         let first_point = batch.telemetry.len();
@@ -536,14 +595,14 @@ impl Pipeline {
         let mut outgoing = Vec::new();
         self.downlinks.on_frame(
             now_ms,
-            eui,
+            device,
             &accepted.message,
             &mut outgoing,
             &mut batch.request_updates,
         );
         self.seal_downlinks(outgoing, batch);
         // 7. Rules, incidents, cases.
-        self.evaluate(now_ms, eui, header.counter, &accepted.message, events_from, batch);
+        self.evaluate(now_ms, device, header.counter, &accepted.message, events_from, batch);
         batch.accepted += 1;
         Outcome::Accepted(name)
     }
@@ -559,11 +618,9 @@ impl Pipeline {
         let reason = reject.reason();
         *batch.rejects.entry(reason).or_default() += 1;
         let claimed = parse_topic(topic).ok().map(|(eui, _)| eui);
-        if let Some(eui) = claimed
-            && self.intake.kind_of(eui).is_some()
-        {
-            self.health.on_reject(eui);
-            self.dirty.insert(eui);
+        if let Some(device) = claimed.and_then(|eui| self.intake.device(eui)) {
+            self.health.on_reject(device.id);
+            self.dirty.insert(device.id);
         }
         batch.audit.push(AuditRecord {
             received_ms: now_ms,
@@ -598,8 +655,8 @@ impl Pipeline {
         for e in &events {
             layer.observations.clear();
             online_observations(std::slice::from_ref(e), e.eui, &mut layer.observations);
-            if let Some(kind) = self.intake.kind_of(e.eui) {
-                layer.rules.observe(now_ms, e.eui, kind, &layer.observations, &mut changes);
+            if let Some(device) = self.intake.device(e.eui) {
+                layer.rules.observe(now_ms, device, &layer.observations, &mut changes);
             }
         }
         layer.rules.tick(now_ms, &mut changes);
@@ -621,9 +678,9 @@ impl Pipeline {
             return;
         }
         self.last_health_flush = now_ms;
-        for eui in self.dirty.drain() {
-            if let Some(h) = self.health.get(eui) {
-                batch.health.insert(eui, h.clone());
+        for id in self.dirty.drain() {
+            if let Some((eui, h)) = self.health.get(id) {
+                batch.health.insert(eui, h);
             }
         }
     }

@@ -47,6 +47,31 @@ impl From<gridsense_simulator::inventory::Kind> for Kind {
     }
 }
 
+/// A device's dense number in this process: given by the [`crate::intake::Intake`] when it
+/// first hears of the EUI (registration or a restored counter window), never reused, not
+/// persisted. The per-device state of health and rules lives in vectors indexed by it, so a
+/// million devices cost one hash index, not one hash table per module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub u32);
+
+impl DeviceId {
+    /// Index into a per-device vector.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A registered device as the per-device modules are handed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device {
+    /// Dense number.
+    pub id: DeviceId,
+    /// EUI.
+    pub eui: Eui,
+    /// Kind.
+    pub kind: Kind,
+}
+
 /// A registered device as the intake needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use gridsense_protocol::{AlarmKind, DeviceTime, Eui, Sample, SwitchState, Uplink};
 use serde::{Deserialize, Serialize};
 
-use crate::registry::Kind;
+use crate::registry::{Device, DeviceId, Kind};
 
 /// How serious a condition is; ordered.
 #[derive(
@@ -840,22 +840,119 @@ struct DeviceRules {
     attrs: Attributes,
 }
 
-/// Key of one rule's state: device and rule index in its resolved list.
-type StateKey = (Eui, u16);
+/// What the engine keeps per device, indexed by [`DeviceId`]: 56 bytes, plus its non-idle
+/// rule states in one allocation (a reporting drain has two, its rate and stuck rules'
+/// reference readings; a quiet cover none).
+#[derive(Debug)]
+struct Slot {
+    eui: Eui,
+    /// Index into [`Rules::sets`]; [`NO_SET`]: not known yet (the kind's profile).
+    set: u32,
+    /// `warn_mm`, `alarm_mm`, `well_depth_mm`; NaN: not set.
+    attrs: [f64; 3],
+    states: Option<Box<[Packed]>>,
+}
 
-/// The rule engine. Per device it keeps nothing unless the device has overrides or attributes
-/// (a drain's levels) or a rule of it is active: the kind's profile is shared, and callers pass
-/// the kind (the registry knows it), so a million quiet devices cost no memory here.
+const NO_SET: u32 = u32::MAX;
+
+impl Slot {
+    fn attributes(&self) -> Attributes {
+        let get = |i: usize| self.attrs.get(i).copied().filter(|v| !v.is_nan());
+        Attributes { warn_mm: get(0), alarm_mm: get(1), well_depth_mm: get(2) }
+    }
+
+    fn states(&self) -> &[Packed] {
+        self.states.as_deref().unwrap_or_default()
+    }
+
+    fn state(&self, rule: u16) -> Option<&Packed> {
+        self.states().iter().find(|p| p.rule == rule)
+    }
+
+    /// Moves a rule's state out (its place stays until [`Slot::put`]).
+    fn take(&mut self, rule: u16) -> RuleState {
+        let states = self.states.as_deref_mut().unwrap_or_default();
+        states.iter_mut().find(|p| p.rule == rule).map(Packed::take).unwrap_or_default()
+    }
+
+    /// Puts a rule's state back: in place, or added, or removed when idle.
+    fn put(&mut self, rule: u16, state: RuleState) {
+        let states = self.states.as_deref_mut().unwrap_or_default();
+        let found = states.iter_mut().find(|p| p.rule == rule);
+        match (found, state.is_idle()) {
+            (Some(p), false) => *p = Packed::new(rule, state),
+            (None, true) => {}
+            (_, idle) => {
+                // Allocated at its exact size: a million of these should leave no slack.
+                let old: Vec<Packed> = self.states.take().map(Vec::from).unwrap_or_default();
+                let keep = old.iter().filter(|p| p.rule != rule).count();
+                let mut v = Vec::with_capacity(keep + usize::from(!idle));
+                v.extend(old.into_iter().filter(|p| p.rule != rule));
+                if !idle {
+                    v.push(Packed::new(rule, state));
+                }
+                self.states = (!v.is_empty()).then(|| v.into_boxed_slice());
+            }
+        }
+    }
+}
+
+/// A [`RuleState`] as kept in memory: 40 bytes, `i64::MIN` standing for "none".
+#[derive(Debug)]
+struct Packed {
+    rule: u16,
+    level: u8,
+    onset_ms: i64,
+    last_value: f64,
+    last_ms: i64,
+    extra: Option<Box<Extra>>,
+}
+
+impl Packed {
+    fn new(rule: u16, s: RuleState) -> Self {
+        let (last_value, last_ms) = s.last.unwrap_or((0.0, i64::MIN));
+        Packed {
+            rule,
+            level: s.level,
+            onset_ms: s.onset_ms.unwrap_or(i64::MIN),
+            last_value,
+            last_ms,
+            extra: s.extra,
+        }
+    }
+
+    fn onset(&self) -> Option<i64> {
+        (self.onset_ms != i64::MIN).then_some(self.onset_ms)
+    }
+
+    fn state(&self) -> RuleState {
+        RuleState {
+            level: self.level,
+            onset_ms: self.onset(),
+            last: (self.last_ms != i64::MIN).then_some((self.last_value, self.last_ms)),
+            extra: self.extra.clone(),
+        }
+    }
+
+    fn take(&mut self) -> RuleState {
+        let mut state = self.state();
+        state.extra = self.extra.take();
+        state
+    }
+}
+
+/// The rule engine. Per device it keeps a 56-byte slot (its rule set, attributes and EUI)
+/// and only the rule states that are not idle: the kind's profile is shared, and devices
+/// with overrides get their own set.
 #[derive(Debug)]
 pub struct Rules {
-    /// Devices whose rules or attributes differ from their kind's profile.
-    devices: HashMap<Eui, DeviceRules>,
-    states: HashMap<StateKey, RuleState>,
-    /// (gateway deadline, device, kind index, rule)
-    timers: BTreeSet<(i64, Eui, u8, u16)>,
-    /// States changed since the last [`Rules::take_dirty`]: device, kind index, rule.
-    dirty: BTreeSet<(Eui, u8, u16)>,
-    profiles: [std::sync::Arc<[Rule]>; 3],
+    slots: Vec<Slot>,
+    /// Rule sets: the three kinds' profiles, then one per device with overrides.
+    sets: Vec<std::sync::Arc<[Rule]>>,
+    /// (gateway deadline, device, rule)
+    timers: BTreeSet<(i64, DeviceId, u16)>,
+    /// States changed since the last [`Rules::take_dirty`]: device, rule.
+    dirty: BTreeSet<(DeviceId, u16)>,
     overrides: HashMap<Eui, Vec<Override>>,
 }
 
@@ -863,19 +960,11 @@ fn resolve(specs: &[RuleSpec]) -> std::sync::Arc<[Rule]> {
     specs.iter().map(|s| Rule { id: s.id(), spec: s.clone() }).collect()
 }
 
-const fn kind_index(kind: Kind) -> u8 {
+const fn kind_index(kind: Kind) -> u32 {
     match kind {
         Kind::Cover => 0,
         Kind::Drain => 1,
         Kind::Beacon => 2,
-    }
-}
-
-const fn kind_of(index: u8) -> Kind {
-    match index {
-        0 => Kind::Cover,
-        1 => Kind::Drain,
-        _ => Kind::Beacon,
     }
 }
 
@@ -891,75 +980,117 @@ impl Rules {
             }
         }
         Rules {
-            devices: HashMap::new(),
-            states: HashMap::new(),
+            slots: Vec::new(),
+            sets: [Kind::Cover, Kind::Drain, Kind::Beacon]
+                .map(|k| resolve(config.profile(k)))
+                .into(),
             timers: BTreeSet::new(),
             dirty: BTreeSet::new(),
-            profiles: [Kind::Cover, Kind::Drain, Kind::Beacon].map(|k| resolve(config.profile(k))),
             overrides,
         }
     }
 
-    /// Registers a device with its kind and attributes; its rules are its kind's profile with
-    /// its overrides applied.
-    pub fn add_device(&mut self, eui: Eui, kind: Kind, attrs: Attributes) {
-        let profile = self.profile(kind);
-        if attrs == Attributes::default() && !self.overrides.contains_key(&eui) {
-            self.devices.remove(&eui);
-            return;
-        }
-        let rules = match self.overrides.get(&eui) {
-            None => profile,
-            Some(overrides) => {
-                let mut specs: Vec<RuleSpec> = profile.iter().map(|r| r.spec.clone()).collect();
-                for o in overrides {
-                    let id = o.rule.id();
-                    specs.retain(|s| s.id() != id);
-                    if !o.disabled {
-                        specs.push(o.rule.clone());
-                    }
-                }
-                resolve(&specs)
-            }
-        };
-        self.devices.insert(eui, DeviceRules { rules, attrs });
+    /// Room for devices numbered below `n` without growing.
+    pub fn reserve(&mut self, n: usize) {
+        self.slots.reserve_exact(n.saturating_sub(self.slots.len()));
     }
 
-    fn profile(&self, kind: Kind) -> std::sync::Arc<[Rule]> {
-        self.profiles.get(usize::from(kind_index(kind))).cloned().unwrap_or_else(|| resolve(&[]))
+    /// The device's slot, made when it has none; a slot without a set gets its kind's.
+    fn slot_mut(&mut self, device: Device) -> Option<&mut Slot> {
+        let i = device.id.index();
+        if i >= self.slots.len() {
+            self.slots.resize_with(i + 1, || Slot {
+                eui: Eui(0),
+                set: NO_SET,
+                attrs: [f64::NAN; 3],
+                states: None,
+            });
+        }
+        let slot = self.slots.get_mut(i)?;
+        slot.eui = device.eui;
+        if slot.set == NO_SET {
+            slot.set = kind_index(device.kind);
+        }
+        Some(slot)
+    }
+
+    /// Registers a device with its kind and attributes; its rules are its kind's profile with
+    /// its overrides applied.
+    pub fn add_device(&mut self, device: Device, attrs: Attributes) {
+        let custom = self.overrides.get(&device.eui).map(|overrides| {
+            let profile = self.profile(kind_index(device.kind));
+            let mut specs: Vec<RuleSpec> = profile.iter().map(|r| r.spec.clone()).collect();
+            for o in overrides {
+                let id = o.rule.id();
+                specs.retain(|s| s.id() != id);
+                if !o.disabled {
+                    specs.push(o.rule.clone());
+                }
+            }
+            resolve(&specs)
+        });
+        let next = u32::try_from(self.sets.len()).unwrap_or(NO_SET);
+        let Some(slot) = self.slot_mut(device) else { return };
+        let own = slot.set >= 3 && slot.set != NO_SET;
+        slot.attrs =
+            [attrs.warn_mm, attrs.alarm_mm, attrs.well_depth_mm].map(|v| v.unwrap_or(f64::NAN));
+        match custom {
+            None => slot.set = kind_index(device.kind),
+            // A device re-added keeps its place in `sets`.
+            Some(rules) if own => {
+                let set = slot.set;
+                if let Some(s) = usize::try_from(set).ok().and_then(|s| self.sets.get_mut(s)) {
+                    *s = rules;
+                }
+            }
+            Some(rules) => {
+                slot.set = next;
+                self.sets.push(rules);
+            }
+        }
+    }
+
+    fn profile(&self, set: u32) -> std::sync::Arc<[Rule]> {
+        let set = usize::try_from(set).ok().and_then(|s| self.sets.get(s));
+        set.cloned().unwrap_or_else(|| resolve(&[]))
     }
 
     /// A device's rules and attributes.
-    fn device(&self, eui: Eui, kind: Kind) -> DeviceRules {
-        self.devices.get(&eui).cloned().unwrap_or_else(|| DeviceRules {
-            rules: self.profile(kind),
-            attrs: Attributes::default(),
-        })
+    fn device(&self, device: Device) -> DeviceRules {
+        match self.slots.get(device.id.index()).filter(|s| s.set != NO_SET) {
+            Some(slot) => DeviceRules { rules: self.profile(slot.set), attrs: slot.attributes() },
+            None => DeviceRules {
+                rules: self.profile(kind_index(device.kind)),
+                attrs: Attributes::default(),
+            },
+        }
     }
 
     /// Restores a persisted state (rule ids no longer configured are ignored).
-    pub fn restore(&mut self, eui: Eui, kind: Kind, rule_id: &str, state: RuleState) {
-        let Some(index) = self.device(eui, kind).rules.iter().position(|r| r.id == rule_id) else {
+    pub fn restore(&mut self, device: Device, rule_id: &str, state: RuleState) {
+        let Some(index) = self.device(device).rules.iter().position(|r| r.id == rule_id) else {
             return;
         };
         let Ok(index) = u16::try_from(index) else { return };
         if let Some(d) = state.deadline() {
-            self.timers.insert((d, eui, kind_index(kind), index));
+            self.timers.insert((d, device.id, index));
         }
-        self.states.insert((eui, index), state);
+        if let Some(slot) = self.slot_mut(device) {
+            slot.put(index, state);
+        }
     }
 
     /// The current severity of each of a device's active conditions.
-    pub fn active(&self, eui: Eui, kind: Kind) -> BTreeMap<String, Severity> {
+    pub fn active(&self, device: Device) -> BTreeMap<String, Severity> {
         let mut out = BTreeMap::new();
-        {
-            let device = self.device(eui, kind);
-            for (i, rule) in device.rules.iter().enumerate() {
-                let Ok(i) = u16::try_from(i) else { continue };
-                if let Some(s) = self.states.get(&(eui, i)).and_then(|s| severity_of(rule, s)) {
-                    let e = out.entry(rule.spec.condition.clone()).or_insert(s);
-                    *e = (*e).max(s);
-                }
+        let rules = self.device(device);
+        let Some(slot) = self.slots.get(device.id.index()) else { return out };
+        for p in slot.states() {
+            if let Some(rule) = rules.rules.get(usize::from(p.rule))
+                && let Some(s) = severity_of(rule, p.level)
+            {
+                let e = out.entry(rule.spec.condition.clone()).or_insert(s);
+                *e = (*e).max(s);
             }
         }
         out
@@ -969,23 +1100,21 @@ impl Rules {
     pub fn observe(
         &mut self,
         now: i64,
-        eui: Eui,
-        kind: Kind,
+        device: Device,
         observations: &[Observation],
         out: &mut Vec<ConditionChange>,
     ) {
         if observations.is_empty() {
             return;
         }
-        let device = self.device(eui, kind);
-        let k = kind_index(kind);
+        let rules = self.device(device);
         for obs in observations {
-            for (i, rule) in device.rules.iter().enumerate() {
+            for (i, rule) in rules.rules.iter().enumerate() {
                 if rule.spec.signal != obs.signal {
                     continue;
                 }
                 let Ok(i) = u16::try_from(i) else { continue };
-                self.step(now, (eui, k), &device, i, out, |state, rule, attrs| {
+                self.step(now, device, &rules, i, out, |state, rule, attrs| {
                     on_observation(rule, attrs, state, obs, now)
                 });
             }
@@ -994,13 +1123,16 @@ impl Rules {
 
     /// Fires the holds and windows that elapsed by `now`.
     pub fn tick(&mut self, now: i64, out: &mut Vec<ConditionChange>) {
-        while let Some(&(deadline, eui, k, i)) = self.timers.first() {
+        while let Some(&(deadline, id, i)) = self.timers.first() {
             if deadline > now {
                 break;
             }
             self.timers.pop_first();
-            let device = self.device(eui, kind_of(k));
-            self.step(now, (eui, k), &device, i, out, |state, rule, attrs| {
+            let Some(slot) = self.slots.get(id.index()) else { continue };
+            // The slot has its set: it was given one when the timer's state was stored.
+            let device = Device { id, eui: slot.eui, kind: Kind::Cover };
+            let rules = self.device(device);
+            self.step(now, device, &rules, i, out, |state, rule, attrs| {
                 on_timer(rule, attrs, state, now)
             });
         }
@@ -1016,9 +1148,10 @@ impl Rules {
         let dirty = std::mem::take(&mut self.dirty);
         dirty
             .into_iter()
-            .filter_map(|(eui, k, i)| {
-                let rule = self.device(eui, kind_of(k)).rules.get(usize::from(i))?.id.clone();
-                Some((eui, rule, self.states.get(&(eui, i)).cloned()))
+            .filter_map(|(id, i)| {
+                let slot = self.slots.get(id.index())?;
+                let rule = self.profile(slot.set).get(usize::from(i))?.id.clone();
+                Some((slot.eui, rule, slot.state(i).map(Packed::state)))
             })
             .collect()
     }
@@ -1027,46 +1160,46 @@ impl Rules {
     fn step(
         &mut self,
         now: i64,
-        (eui, k): (Eui, u8),
-        device: &DeviceRules,
+        device: Device,
+        rules: &DeviceRules,
         i: u16,
         out: &mut Vec<ConditionChange>,
         f: impl FnOnce(&mut RuleState, &Rule, &Attributes) -> Option<Evidence>,
     ) {
-        let Some(rule) = device.rules.get(usize::from(i)) else { return };
+        let Some(rule) = rules.rules.get(usize::from(i)) else { return };
         let condition = &rule.spec.condition;
-        let before = self.condition_severity(eui, device, condition);
-        let mut state = self.states.remove(&(eui, i)).unwrap_or_default();
+        let before = self.condition(device.id, rules, condition).0;
+        let Some(slot) = self.slot_mut(device) else { return };
+        let mut state = slot.take(i);
         let old_deadline = state.deadline();
         let snapshot = state.clone();
-        let evidence = f(&mut state, rule, &device.attrs);
+        let evidence = f(&mut state, rule, &rules.attrs);
         let onset = state.onset_ms;
         let new_deadline = state.deadline();
+        let changed = state != snapshot;
+        slot.put(i, state);
         if old_deadline != new_deadline {
             if let Some(d) = old_deadline {
-                self.timers.remove(&(d, eui, k, i));
+                self.timers.remove(&(d, device.id, i));
             }
             if let Some(d) = new_deadline {
-                self.timers.insert((d, eui, k, i));
+                self.timers.insert((d, device.id, i));
             }
         }
-        if state != snapshot {
-            self.dirty.insert((eui, k, i));
+        if changed {
+            self.dirty.insert((device.id, i));
         }
-        if !state.is_idle() {
-            self.states.insert((eui, i), state);
-        }
-        let after = self.condition_severity(eui, device, condition);
+        let (after, condition_onset) = self.condition(device.id, rules, condition);
         if before != after
             && let Some(evidence) = evidence
         {
             let at_ms = evidence_time(&evidence, onset, now);
             out.push(ConditionChange {
-                eui,
+                eui: device.eui,
                 condition: condition.clone(),
                 from: before,
                 to: after,
-                onset_ms: self.condition_onset(eui, device, condition).or(onset).unwrap_or(at_ms),
+                onset_ms: condition_onset.or(onset).unwrap_or(at_ms),
                 at_ms,
                 decided_ms: now,
                 evidence,
@@ -1074,36 +1207,29 @@ impl Rules {
         }
     }
 
-    fn condition_severity(
+    /// A condition's severity (the highest of its active rules) and onset (the earliest).
+    fn condition(
         &self,
-        eui: Eui,
-        device: &DeviceRules,
+        id: DeviceId,
+        rules: &DeviceRules,
         condition: &str,
-    ) -> Option<Severity> {
-        device
-            .rules
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.spec.condition == condition)
-            .filter_map(|(i, r)| {
-                let s = self.states.get(&(eui, u16::try_from(i).ok()?))?;
-                severity_of(r, s)
-            })
-            .max()
-    }
-
-    /// The earliest onset among the condition's active rules.
-    fn condition_onset(&self, eui: Eui, device: &DeviceRules, condition: &str) -> Option<i64> {
-        device
-            .rules
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.spec.condition == condition)
-            .filter_map(|(i, _)| {
-                let s = self.states.get(&(eui, u16::try_from(i).ok()?))?;
-                (s.level > 0).then_some(s.onset_ms).flatten()
-            })
-            .min()
+    ) -> (Option<Severity>, Option<i64>) {
+        let Some(slot) = self.slots.get(id.index()) else { return (None, None) };
+        let mut severity = None;
+        let mut onset: Option<i64> = None;
+        for p in slot.states() {
+            let Some(rule) = rules.rules.get(usize::from(p.rule)) else { continue };
+            if rule.spec.condition != condition {
+                continue;
+            }
+            severity = severity.max(severity_of(rule, p.level));
+            if p.level > 0
+                && let Some(o) = p.onset()
+            {
+                onset = Some(onset.map_or(o, |m| m.min(o)));
+            }
+        }
+        (severity, onset)
     }
 }
 
@@ -1113,13 +1239,13 @@ fn evidence_time(e: &Evidence, onset: Option<i64>, now: i64) -> i64 {
     onset.map_or(now, |o| o.saturating_add((e.held_s * 1000.0) as i64))
 }
 
-fn severity_of(rule: &Rule, state: &RuleState) -> Option<Severity> {
-    if state.level == 0 {
+fn severity_of(rule: &Rule, level: u8) -> Option<Severity> {
+    if level == 0 {
         return None;
     }
     match &rule.spec.test {
         Test::Threshold { levels } => {
-            levels.get(usize::from(state.level).saturating_sub(1)).map(|l| l.severity)
+            levels.get(usize::from(level).saturating_sub(1)).map(|l| l.severity)
         }
         Test::Repeating { severity, .. }
         | Test::Rate { severity, .. }
@@ -1440,13 +1566,13 @@ mod tests {
 
     fn engine() -> Rules {
         let mut r = Rules::new(&RulesConfig::default());
-        r.add_device(COVER, Kind::Cover, Attributes::default());
+        r.add_device(dev(COVER), Attributes::default());
         let well = Attributes {
             warn_mm: Some(2_000.0),
             alarm_mm: Some(2_600.0),
             well_depth_mm: Some(3_000.0),
         };
-        r.add_device(DRAIN, Kind::Drain, well);
+        r.add_device(dev(DRAIN), well);
         r
     }
 
@@ -1455,13 +1581,18 @@ mod tests {
         if eui == COVER { Kind::Cover } else { Kind::Drain }
     }
 
+    /// Test devices are numbered by their EUI.
+    fn dev(eui: Eui) -> Device {
+        Device { id: DeviceId(u32::try_from(eui.0).unwrap()), eui, kind: kind(eui) }
+    }
+
     fn obs(signal: Signal, value: f64, at_ms: i64) -> Observation {
         Observation { signal, value, at_ms }
     }
 
     fn see(r: &mut Rules, now: i64, eui: Eui, o: Observation) -> Vec<ConditionChange> {
         let mut out = Vec::new();
-        r.observe(now, eui, kind(eui), &[o], &mut out);
+        r.observe(now, dev(eui), &[o], &mut out);
         out
     }
 
@@ -1509,7 +1640,7 @@ mod tests {
         assert_eq!(r.next_deadline(), Some(3_602_000));
         assert!(tick(&mut r, 60_000).is_empty());
         assert!(tick(&mut r, 3_602_000).is_empty());
-        assert!(r.active(COVER, Kind::Cover).is_empty());
+        assert!(r.active(dev(COVER)).is_empty());
         assert!(r.take_dirty().iter().all(|(_, _, s)| s.is_none()), "idle states are deleted");
     }
 
@@ -1535,7 +1666,7 @@ mod tests {
         assert!(see(&mut r, 23_000, COVER, obs(Signal::AlarmTiltDeg, 9.0, 23_000)).is_empty());
         let clear = see(&mut r, 24_000, COVER, obs(Signal::AlarmTiltDeg, 2.0, 24_000));
         assert_eq!(summary(&clear), [("cover_displaced", Some(Severity::Major), None)]);
-        assert!(r.active(COVER, Kind::Cover).is_empty());
+        assert!(r.active(dev(COVER)).is_empty());
     }
 
     #[test]
@@ -1566,7 +1697,7 @@ mod tests {
             obs(Signal::AlarmTiltDeg, 31.0, 1_020_000),
         ];
         let mut out = Vec::new();
-        r.observe(4_600_000, COVER, Kind::Cover, &batch, &mut out);
+        r.observe(4_600_000, dev(COVER), &batch, &mut out);
         assert_eq!(summary(&out), [("cover_displaced", None, Some(Severity::Major))]);
         assert_eq!(out[0].onset_ms, 1_000_000);
         assert_eq!(out[0].decided_ms, 4_600_000);
@@ -1675,6 +1806,8 @@ mod tests {
     #[test]
     fn rule_states_are_small_and_load_as_earlier_versions_saved_them() {
         assert!(size_of::<RuleState>() <= 56, "{}", size_of::<RuleState>());
+        assert!(size_of::<Packed>() <= 40, "{}", size_of::<Packed>());
+        assert!(size_of::<Slot>() <= 56, "{}", size_of::<Slot>());
         // As written before the compact layout: a stuck rule's reference under "steady".
         let old: RuleState =
             serde_json::from_str(r#"{"level":1,"onset_ms":5,"steady":[321.0,7]}"#).unwrap();
@@ -1702,6 +1835,40 @@ mod tests {
     }
 
     #[test]
+    fn only_states_that_are_not_idle_are_kept() {
+        let mut r = engine();
+        let stored = |r: &Rules, eui: Eui| r.slots[dev(eui).id.index()].states().len();
+        // A tilt raised and cleared leaves nothing behind once its crossing is out of the
+        // loose-cover window (the hold and the crossing are two rules' states).
+        see(&mut r, 0, COVER, obs(Signal::AlarmTiltDeg, 25.0, 0));
+        assert_eq!(stored(&r, COVER), 2);
+        assert_eq!(summary(&tick(&mut r, 10_000)).len(), 1);
+        see(&mut r, 20_000, COVER, obs(Signal::AlarmTiltDeg, 0.0, 20_000));
+        assert_eq!(stored(&r, COVER), 1);
+        tick(&mut r, 4_000_000);
+        assert_eq!(stored(&r, COVER), 0);
+        assert!(r.slots[dev(COVER).id.index()].states.is_none());
+        // A drain's level reading: its rate and stuck rules keep their reference readings,
+        // each restored as it was.
+        let cover = r.take_dirty();
+        assert!(cover.iter().all(|(eui, _, state)| *eui == COVER && state.is_none()));
+        see(&mut r, 0, DRAIN, obs(Signal::LevelMm, 600.0, 0));
+        assert_eq!(stored(&r, DRAIN), 2);
+        let saved = r.take_dirty();
+        assert_eq!(saved.len(), 2);
+        let mut again = engine();
+        for (eui, id, state) in &saved {
+            again.restore(dev(*eui), id, state.clone().unwrap());
+        }
+        assert_eq!(again.take_dirty(), []);
+        for (eui, id, state) in saved {
+            let slot = &again.slots[dev(eui).id.index()];
+            let i = again.sets[slot.set as usize].iter().position(|r| r.id == id).unwrap();
+            assert_eq!(slot.state(u16::try_from(i).unwrap()).map(Packed::state), state);
+        }
+    }
+
+    #[test]
     fn a_half_elapsed_hold_survives_a_restart() {
         let mut r = engine();
         see(&mut r, 2_000, COVER, obs(Signal::AlarmTiltDeg, 25.0, 0));
@@ -1712,7 +1879,7 @@ mod tests {
         let mut again = engine();
         for (eui, id, state) in saved {
             let json = serde_json::to_string(&state.unwrap()).unwrap();
-            again.restore(eui, Kind::Cover, &id, serde_json::from_str(&json).unwrap());
+            again.restore(dev(eui), &id, serde_json::from_str(&json).unwrap());
         }
         assert_eq!(again.next_deadline(), Some(12_000));
         let fired = tick(&mut again, 12_500);
@@ -1748,7 +1915,7 @@ mod tests {
         let mut r = Rules::new(&config);
         let attrs = Attributes { warn_mm: Some(2_000.0), ..Attributes::default() };
         for eui in [Eui(2), Eui(3), Eui(4)] {
-            r.add_device(eui, Kind::Drain, attrs);
+            r.add_device(dev(eui), attrs);
         }
         assert!(see(&mut r, 0, Eui(2), obs(Signal::LevelMm, 600.0, 0)).is_empty());
         assert_eq!(

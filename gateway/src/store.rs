@@ -363,6 +363,16 @@ impl Drop for Checkpointer {
     }
 }
 
+/// A device kind stored by name in column `i` of a row of `table`.
+pub(crate) fn kind_column(
+    row: &rusqlite::Row<'_>,
+    i: usize,
+    table: &'static str,
+) -> Result<Kind, StoreError> {
+    let name = row.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?;
+    Kind::parse(name).ok_or_else(|| StoreError::BadRow { table, what: format!("kind {name:?}") })
+}
+
 impl Store {
     /// Opens (creating) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path, synchronous: Synchronous, audit_max: u64) -> Result<Self, StoreError> {
@@ -856,42 +866,38 @@ impl Store {
 
     /// Persisted health rows.
     pub fn health(&self) -> Result<Vec<(Eui, DeviceHealth)>, StoreError> {
+        let mut out = Vec::new();
+        self.each_health(|eui, h| out.push((eui, h)))?;
+        Ok(out)
+    }
+
+    /// [`Store::health`] one at a time, for loading a million without holding them all.
+    pub fn each_health(&self, mut f: impl FnMut(Eui, DeviceHealth)) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm, temperature_dc, firmware,
                     uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms FROM health",
         )?;
-        let rows = stmt.query_map([], |row| {
-            let kind: String = row.get(1)?;
-            Ok((
-                Eui(row.get::<_, i64>(0)? as u64),
-                kind,
-                DeviceHealth {
-                    kind: Kind::Cover,
-                    last_seen_ms: row.get(2)?,
-                    last_counter: row.get(3)?,
-                    battery_mv: row.get(4)?,
-                    rssi_dbm: row.get(5)?,
-                    temperature_dc: row.get(6)?,
-                    firmware: row.get(7)?,
-                    uptime_s: row.get(8)?,
-                    frames: row.get::<_, i64>(9)? as u64,
-                    rejects: row.get::<_, i64>(10)? as u64,
-                    skipped: row.get::<_, i64>(11)? as u64,
-                    online: row.get(12)?,
-                    low_battery: row.get(13)?,
-                    deadline_ms: row.get(14)?,
-                },
-            ))
-        })?;
-        rows.map(|row| {
-            let (eui, kind, mut h) = row?;
-            h.kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
-                table: "health",
-                what: format!("kind {kind:?}"),
-            })?;
-            Ok((eui, h))
-        })
-        .collect()
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let health = DeviceHealth {
+                kind: kind_column(row, 1, "health")?,
+                last_seen_ms: row.get(2)?,
+                last_counter: row.get(3)?,
+                battery_mv: row.get(4)?,
+                rssi_dbm: row.get(5)?,
+                temperature_dc: row.get(6)?,
+                firmware: row.get(7)?,
+                uptime_s: row.get(8)?,
+                frames: row.get::<_, i64>(9)? as u64,
+                rejects: row.get::<_, i64>(10)? as u64,
+                skipped: row.get::<_, i64>(11)? as u64,
+                online: row.get(12)?,
+                low_battery: row.get(13)?,
+                deadline_ms: row.get(14)?,
+            };
+            f(Eui(row.get::<_, i64>(0)? as u64), health);
+        }
+        Ok(())
     }
 
     /// Writes a batch in one transaction.

@@ -9,10 +9,9 @@ use gridsense_protocol::Eui;
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, kind_column};
 use crate::{
     cases::{CaseState, Effects, LifecycleError, MaintenanceWindow, OpenIncident, Sequences, Site},
-    registry::Kind,
     rules::{Attributes, RuleState, Severity},
 };
 
@@ -460,7 +459,14 @@ pub struct AlertView {
 impl Store {
     /// Registered devices as the rules and cases see them: site, kind and rule attributes.
     pub fn sites(&self) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
-        self.sites_where("", i64::MAX)
+        let mut out = Vec::new();
+        self.sites_where("", i64::MAX, |eui, site, attrs| out.push((eui, site, attrs)))?;
+        Ok(out)
+    }
+
+    /// [`Store::sites`] one at a time, for loading a million without holding them all.
+    pub fn each_site(&self, f: impl FnMut(Eui, Site, Attributes)) -> Result<(), StoreError> {
+        self.sites_where("", i64::MAX, f)
     }
 
     /// Sites of the active devices changed after registry position `after`.
@@ -468,64 +474,66 @@ impl Store {
         &self,
         after: i64,
     ) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
-        self.sites_where(" AND eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > ?1)", after)
+        let mut out = Vec::new();
+        self.sites_where(
+            " AND eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > ?1)",
+            after,
+            |eui, site, attrs| out.push((eui, site, attrs)),
+        )?;
+        Ok(out)
     }
 
     fn sites_where(
         &self,
         filter: &str,
         after: i64,
-    ) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
+        mut f: impl FnMut(Eui, Site, Attributes),
+    ) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT eui, kind, lat, lon, component_code, minor_class, warn_mm, alarm_mm, well_depth_mm
              FROM devices WHERE status = 'active'{filter}"
         ))?;
         let params: &[&dyn rusqlite::ToSql] = if filter.is_empty() { &[] } else { &[&after] };
-        let rows = stmt.query_map(params, |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, f64>(2)?,
-                r.get::<_, f64>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                [
-                    r.get::<_, Option<f64>>(6)?,
-                    r.get::<_, Option<f64>>(7)?,
-                    r.get::<_, Option<f64>>(8)?,
-                ],
-            ))
-        })?;
-        rows.map(|row| {
-            let (eui, kind, lat, lon, object_code, minor_class, [warn, alarm, depth]) = row?;
-            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
-                table: "devices",
-                what: format!("kind {kind:?}"),
-            })?;
-            Ok((
-                Eui(eui as u64),
-                Site { kind, lat, lon, object_code, minor_class },
-                Attributes { warn_mm: warn, alarm_mm: alarm, well_depth_mm: depth },
-            ))
-        })
-        .collect()
+        let mut rows = stmt.query(params)?;
+        while let Some(r) = rows.next()? {
+            let site = Site {
+                kind: kind_column(r, 1, "devices")?,
+                lat: r.get(2)?,
+                lon: r.get(3)?,
+                object_code: r.get(4)?,
+                minor_class: r.get(5)?,
+            };
+            let attrs =
+                Attributes { warn_mm: r.get(6)?, alarm_mm: r.get(7)?, well_depth_mm: r.get(8)? };
+            f(Eui(r.get::<_, i64>(0)? as u64), site, attrs);
+        }
+        Ok(())
     }
 
     /// Persisted rule states.
     pub fn rule_states(&self) -> Result<Vec<(Eui, String, RuleState)>, StoreError> {
+        let mut out = Vec::new();
+        self.each_rule_state(|eui, rule, state| out.push((eui, rule.to_owned(), state)))?;
+        Ok(out)
+    }
+
+    /// [`Store::rule_states`] one at a time; the first row that does not parse is the error.
+    pub fn each_rule_state(
+        &self,
+        mut f: impl FnMut(Eui, &str, RuleState),
+    ) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare("SELECT eui, rule, state FROM rule_state")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
-        })?;
-        rows.map(|row| {
-            let (eui, rule, json) = row?;
-            let state = serde_json::from_str(&json).map_err(|e| StoreError::BadRow {
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let rule = r.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+            let json = r.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+            let state = serde_json::from_str(json).map_err(|e| StoreError::BadRow {
                 table: "rule_state",
                 what: format!("{rule}: {e}"),
             })?;
-            Ok((Eui(eui as u64), rule, state))
-        })
-        .collect()
+            f(Eui(r.get::<_, i64>(0)? as u64), rule, state);
+        }
+        Ok(())
     }
 
     /// The highest ids used, to continue from.

@@ -22,7 +22,7 @@ CREATE INDEX audit_eui ON audit (eui, id);
 CREATE INDEX messages_eui_time ON messages (eui, received_ms);";
 
 /// Where a device was placed: grid, community, street, metres outside the grid (snapped).
-pub type Placement = (Eui, String, String, String, Option<f64>);
+pub type Placement<'a> = (Eui, &'a str, &'a str, &'a str, Option<f64>);
 
 /// A beacon's last fix: latitude, longitude, time, grid.
 pub type Fix = (f64, f64, i64, Option<String>);
@@ -291,7 +291,10 @@ fn ratio(num: u64, den: u64) -> Option<f64> {
 
 impl Store {
     /// Records where each device was placed (replacing earlier placements).
-    pub fn write_placements(&mut self, placements: &[Placement]) -> Result<(), StoreError> {
+    pub fn write_placements<'a>(
+        &mut self,
+        placements: impl IntoIterator<Item = Placement<'a>>,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM placements", [])?;
         {
