@@ -492,6 +492,21 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     let _ = writeln!(out, "gridsense_queue_unacked {}", s.unacked.load(Relaxed));
     metric(
         &mut out,
+        "gridsense_mqtt_publishes_received_total",
+        "counter",
+        "PUBLISH packets received from the broker (their difference from PUBACKs written is what the broker has in flight to the gateway).",
+    );
+    let _ =
+        writeln!(out, "gridsense_mqtt_publishes_received_total {}", s.mqtt_received.load(Relaxed));
+    metric(
+        &mut out,
+        "gridsense_mqtt_pubacks_sent_total",
+        "counter",
+        "PUBACK packets written to the broker.",
+    );
+    let _ = writeln!(out, "gridsense_mqtt_pubacks_sent_total {}", s.mqtt_acked.load(Relaxed));
+    metric(
+        &mut out,
         "gridsense_queue_capacity",
         "gauge",
         "In-flight window between the MQTT session and the pipeline.",

@@ -69,6 +69,10 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Messages received but not yet acknowledged.
     pub unacked: AtomicU64,
+    /// PUBLISH packets received from the broker since start.
+    pub mqtt_received: AtomicU64,
+    /// PUBACK packets written to the broker since start.
+    pub mqtt_acked: AtomicU64,
     /// Cases filed since start.
     pub cases_filed: AtomicU64,
     /// Incidents open after the last commit.
@@ -300,9 +304,13 @@ pub async fn run(
 /// 50,000 frames/s offered, before this was a separate task). Nor does it ever stop polling:
 /// a session that stops reading misses its keep-alive, and the broker then drops it and
 /// redelivers everything unacknowledged (seen when a full disk held commits for a minute).
-/// When the pipeline's channel is full, messages wait in `overflow` — bounded by the broker's
-/// in-flight window, since nothing here is acknowledged before the pipeline commits it — and
-/// move on as acks (from [`acker`]) free room.
+/// When the pipeline's channel is full, messages wait in `overflow` and move on as acks (from
+/// [`acker`]) free room. Nothing is acknowledged before the pipeline commits it, but that does
+/// not bound `overflow` by Mosquitto's `max_inflight_messages` as one would expect: with commits
+/// held by a full disk, the broker (set to 1,000) had 10,011 messages out to this session
+/// (`gridsense_mqtt_publishes_received_total` − `gridsense_mqtt_pubacks_sent_total`). While
+/// commits fail, this holds what the broker sends; an MQTT v5 session's Receive Maximum would
+/// make the broker hold it instead.
 async fn session(
     mut eventloop: EventLoop,
     client: AsyncClient,
@@ -343,8 +351,12 @@ async fn session(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                status.mqtt_received.fetch_add(1, Relaxed);
                 status.unacked.fetch_add(1, Relaxed);
                 overflow.push_back(publish);
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => {
+                status.mqtt_acked.fetch_add(1, Relaxed);
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}

@@ -203,6 +203,8 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
         "gridsense_case_latency_seconds_count 1",
         "gridsense_outbox_entries{state=\"pending\"}",
         "gridsense_queue_unacked",
+        "gridsense_mqtt_publishes_received_total",
+        "gridsense_mqtt_pubacks_sent_total",
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
