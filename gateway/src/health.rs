@@ -38,12 +38,7 @@ impl HealthConfig {
     }
 
     fn grace_ms(&self, kind: Kind) -> i64 {
-        let i = match kind {
-            Kind::Cover => 0,
-            Kind::Drain => 1,
-            Kind::Beacon => 2,
-        };
-        let base = self.interval_ms.get(i).copied().unwrap_or(3_600_000);
+        let base = self.interval_ms.get(kind.index()).copied().unwrap_or(3_600_000);
         // The factor is validated to 1..=100, so this stays far inside i64.
         #[allow(clippy::cast_possible_truncation)]
         let grace = (base as f64 * self.offline_factor) as i64;
@@ -307,7 +302,6 @@ impl HealthTracker {
             kind: h.kind,
             flags: flag::KNOWN,
         };
-        slot.set(flag::ONLINE, h.online);
         slot.set(flag::LOW_BATTERY, h.low_battery);
         slot.set(flag::COUNTER, h.last_counter.is_some());
         slot.set(flag::BATTERY, h.battery_mv.is_some());
@@ -459,7 +453,7 @@ impl HealthTracker {
 
     /// The online device with the earliest deadline, and that deadline.
     fn earliest(&self) -> Option<(i64, DeviceId)> {
-        KINDS
+        Kind::ALL
             .iter()
             .filter_map(|&kind| {
                 let id = self.queue.first(kind, &self.slots)?;
@@ -473,8 +467,6 @@ impl HealthTracker {
         self.earliest().map(|(d, _)| d)
     }
 }
-
-const KINDS: [Kind; 3] = [Kind::Cover, Kind::Drain, Kind::Beacon];
 
 /// No device (a list end).
 const NIL: u32 = u32::MAX;
@@ -500,14 +492,6 @@ impl Default for Queue {
     }
 }
 
-fn k(kind: Kind) -> usize {
-    match kind {
-        Kind::Cover => 0,
-        Kind::Drain => 1,
-        Kind::Beacon => 2,
-    }
-}
-
 fn seen(slots: &[Slot], id: u32) -> i64 {
     slots.get(id as usize).map_or(i64::MIN, |s| s.last_seen_ms)
 }
@@ -530,7 +514,7 @@ impl Queue {
     }
 
     fn end(&mut self, kind: Kind, which: usize) -> Option<&mut u32> {
-        self.ends.get_mut(k(kind))?.get_mut(which)
+        self.ends.get_mut(kind.index())?.get_mut(which)
     }
 
     /// Makes `b` follow `a` in a kind's list (`a` `NIL`: `b` is first; `b` `NIL`: `a` is last).
@@ -547,8 +531,7 @@ impl Queue {
 
     /// Puts `id` after `prev` (`NIL`: first) in its kind's list.
     fn link_after(&mut self, id: u32, prev: u32, kind: Kind) {
-        let head = self.ends.get(k(kind)).map_or(NIL, |e| e[0]);
-        let next = if prev == NIL { head } else { self.link(prev)[1] };
+        let next = if prev == NIL { self.head(kind) } else { self.link(prev)[1] };
         self.join(kind, prev, id);
         self.join(kind, id, next);
     }
@@ -560,8 +543,29 @@ impl Queue {
         self.set(id.0, 1, NIL);
     }
 
+    fn head(&self, kind: Kind) -> u32 {
+        self.ends.get(kind.index()).map_or(NIL, |e| e[0])
+    }
+
     fn tail(&self, kind: Kind) -> u32 {
-        self.ends.get(k(kind)).map_or(NIL, |e| e[1])
+        self.ends.get(kind.index()).map_or(NIL, |e| e[1])
+    }
+
+    fn is_unsorted(&self, kind: Kind) -> bool {
+        self.unsorted.get(kind.index()).copied().unwrap_or(false)
+    }
+
+    fn mark_unsorted(&mut self, kind: Kind, unsorted: bool) {
+        if let Some(u) = self.unsorted.get_mut(kind.index()) {
+            *u = unsorted;
+        }
+    }
+
+    /// A kind's list, first to last.
+    fn walk(&self, kind: Kind) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors(Some(self.head(kind)).filter(|&h| h != NIL), |&at| {
+            Some(self.link(at)[1]).filter(|&n| n != NIL)
+        })
     }
 
     /// In order of the last frame, walking back from the end (a frame is almost always the
@@ -578,57 +582,41 @@ impl Queue {
     /// At the end, to be sorted later if out of order.
     fn push_restored(&mut self, id: DeviceId, kind: Kind, slots: &[Slot]) {
         let tail = self.tail(kind);
-        if tail != NIL
-            && seen(slots, tail) > seen(slots, id.0)
-            && let Some(u) = self.unsorted.get_mut(k(kind))
-        {
-            *u = true;
+        if tail != NIL && seen(slots, tail) > seen(slots, id.0) {
+            self.mark_unsorted(kind, true);
         }
         self.link_after(id.0, tail, kind);
     }
 
     /// Sorts the lists restored out of order.
     fn sort(&mut self, slots: &[Slot]) {
-        for kind in KINDS {
-            if !self.unsorted.get(k(kind)).copied().unwrap_or(false) {
+        for kind in Kind::ALL {
+            if !self.is_unsorted(kind) {
                 continue;
             }
-            let mut ids = Vec::new();
-            let mut at = self.ends.get(k(kind)).map_or(NIL, |e| e[0]);
-            while at != NIL {
-                ids.push(at);
-                at = self.link(at)[1];
-            }
+            let mut ids: Vec<u32> = self.walk(kind).collect();
             ids.sort_by_key(|id| seen(slots, *id));
-            if let Some(e) = self.ends.get_mut(k(kind)) {
+            if let Some(e) = self.ends.get_mut(kind.index()) {
                 *e = [NIL, NIL];
             }
+            let mut prev = NIL;
             for id in ids {
-                let tail = self.tail(kind);
-                self.link_after(id, tail, kind);
+                self.link_after(id, prev, kind);
+                prev = id;
             }
-            if let Some(u) = self.unsorted.get_mut(k(kind)) {
-                *u = false;
-            }
+            self.mark_unsorted(kind, false);
         }
     }
 
-    /// The first device of a kind's list (the earliest deadline once sorted).
+    /// The first device of a kind's list (the earliest deadline once sorted; before the
+    /// restored lists are sorted, found by looking at them all).
     fn first(&self, kind: Kind, slots: &[Slot]) -> Option<DeviceId> {
-        if self.unsorted.get(k(kind)).copied().unwrap_or(false) {
-            // Not sorted yet (restored, not polled since): look at them all.
-            let mut best: Option<u32> = None;
-            let mut at = self.ends.get(k(kind)).map_or(NIL, |e| e[0]);
-            while at != NIL {
-                if best.is_none_or(|b| seen(slots, at) < seen(slots, b)) {
-                    best = Some(at);
-                }
-                at = self.link(at)[1];
-            }
-            return best.map(DeviceId);
-        }
-        let head = self.ends.get(k(kind)).map_or(NIL, |e| e[0]);
-        (head != NIL).then_some(DeviceId(head))
+        let first = if self.is_unsorted(kind) {
+            self.walk(kind).min_by_key(|id| seen(slots, *id))
+        } else {
+            Some(self.head(kind)).filter(|&h| h != NIL)
+        };
+        first.map(DeviceId)
     }
 }
 

@@ -84,10 +84,9 @@ pub struct Intake {
     registered: usize,
 }
 
-/// One device: 48 bytes (its key, its window, whether it is registered and as what).
+/// One device: 40 bytes (its key, its window, whether it is registered and as what).
 #[derive(Debug, Clone)]
 struct Slot {
-    eui: Eui,
     key: DeviceKey,
     window: CounterWindow,
     /// `None`: not registered (retired, or only its window is known).
@@ -112,7 +111,7 @@ impl Intake {
         let id = *self.index.entry(eui).or_insert(next);
         if id == next {
             let key = DeviceKey::from_bytes([0; 16]);
-            self.slots.push(Slot { eui, key, window: CounterWindow::new(), kind: None });
+            self.slots.push(Slot { key, window: CounterWindow::new(), kind: None });
         }
         Some((id, self.slots.get_mut(id.index())?))
     }
@@ -172,12 +171,6 @@ impl Intake {
         Some(Device { id, eui, kind })
     }
 
-    /// A registered device by number.
-    pub fn by_id(&self, id: DeviceId) -> Option<Device> {
-        let slot = self.slots.get(id.index())?;
-        Some(Device { id, eui: slot.eui, kind: slot.kind? })
-    }
-
     /// A registered device's key.
     pub fn key_of(&self, eui: Eui) -> Option<&DeviceKey> {
         self.get(eui).filter(|s| s.kind.is_some()).map(|s| &s.key)
@@ -232,7 +225,8 @@ impl Intake {
     /// Records an accepted frame's counter (before the next frame is checked, so a copy in
     /// the same batch is a duplicate); returns the device's window to persist with the batch.
     pub fn commit(&mut self, accepted: &Accepted) -> CounterWindow {
-        let Some((_, slot)) = self.slot(accepted.header.eui) else {
+        // Checked, so numbered: its slot by number, no second lookup by EUI.
+        let Some(slot) = self.slots.get_mut(accepted.device.id.index()) else {
             return CounterWindow::new();
         };
         slot.window.accept(accepted.header.counter);
@@ -275,6 +269,7 @@ mod tests {
 
     #[test]
     fn a_retired_device_keeps_its_number_and_window_and_cannot_replay_when_back() {
+        assert!(size_of::<Slot>() <= 40, "{}", size_of::<Slot>());
         let (mut intake, key) = intake();
         let id = intake.device(EUI).unwrap().id;
         let frame = seal(EUI, 5, &examples::uplinks()[0], &key);

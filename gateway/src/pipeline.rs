@@ -453,9 +453,9 @@ impl Pipeline {
     }
 
     /// Tags points from `start` on with their grid: the device's, or for positions the fix's.
-    fn tag_grids(&self, eui: Eui, batch: &mut Batch, start: usize) {
+    fn tag_grids(&self, id: DeviceId, batch: &mut Batch, start: usize) {
         let Some(grids) = &self.grids else { return };
-        let home = grids.home(self.intake.id_of(eui));
+        let home = grids.home(Some(id));
         let points = batch.telemetry.get_mut(start..).unwrap_or_default();
         // Positions: locate each fix (lat and lon points share their time).
         let mut fixes: HashMap<i64, (f64, f64)> = HashMap::new();
@@ -539,7 +539,8 @@ impl Pipeline {
         batch: &mut Batch,
     ) -> Outcome {
         // 0. A device over its frame budget is refused before any crypto (a flood costs little).
-        if let Ok((eui, Direction::Uplink)) = parse_topic(topic)
+        if self.rate.per_minute > 0
+            && let Ok((eui, Direction::Uplink)) = parse_topic(topic)
             && let Some(device) = self.intake.device(eui)
             && let Some(first) = self.rate.over(now_ms, device.id)
         {
@@ -579,7 +580,7 @@ impl Pipeline {
         // 4. Telemetry at the device's sample times.
         let first_point = batch.telemetry.len();
         let telemetry_only = telemetry::points(eui, kind, &accepted.message, &mut batch.telemetry);
-        self.tag_grids(eui, batch, first_point);
+        self.tag_grids(device.id, batch, first_point);
         // 5. Everything else is kept for the trace (and the rules of the next issue).
         let name = accepted.message.kind_name();
         if !telemetry_only {

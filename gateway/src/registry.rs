@@ -16,6 +16,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in [`Kind::index`] order.
+    pub const ALL: [Kind; 3] = [Kind::Cover, Kind::Drain, Kind::Beacon];
+
+    /// Position in [`Kind::ALL`], for per-kind arrays.
+    pub const fn index(self) -> usize {
+        match self {
+            Kind::Cover => 0,
+            Kind::Drain => 1,
+            Kind::Beacon => 2,
+        }
+    }
+
     /// Stable lowercase name.
     pub const fn as_str(self) -> &'static str {
         match self {

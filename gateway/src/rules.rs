@@ -925,19 +925,24 @@ impl Packed {
         (self.onset_ms != i64::MIN).then_some(self.onset_ms)
     }
 
-    fn state(&self) -> RuleState {
+    /// The state, with its boxed parts as given.
+    fn with_extra(&self, extra: Option<Box<Extra>>) -> RuleState {
         RuleState {
             level: self.level,
             onset_ms: self.onset(),
             last: (self.last_ms != i64::MIN).then_some((self.last_value, self.last_ms)),
-            extra: self.extra.clone(),
+            extra,
         }
     }
 
+    fn state(&self) -> RuleState {
+        self.with_extra(self.extra.clone())
+    }
+
+    /// The state, its boxed parts moved out rather than copied.
     fn take(&mut self) -> RuleState {
-        let mut state = self.state();
-        state.extra = self.extra.take();
-        state
+        let extra = self.extra.take();
+        self.with_extra(extra)
     }
 }
 
@@ -960,12 +965,14 @@ fn resolve(specs: &[RuleSpec]) -> std::sync::Arc<[Rule]> {
     specs.iter().map(|s| Rule { id: s.id(), spec: s.clone() }).collect()
 }
 
-const fn kind_index(kind: Kind) -> u32 {
-    match kind {
-        Kind::Cover => 0,
-        Kind::Drain => 1,
-        Kind::Beacon => 2,
-    }
+/// The set of a kind's profile: the first [`Kind::ALL`]`.len()` sets are the profiles.
+fn kind_index(kind: Kind) -> u32 {
+    u32::try_from(kind.index()).unwrap_or(NO_SET)
+}
+
+/// Whether a set is a device's own (with overrides), not a kind's profile.
+fn is_own(set: u32) -> bool {
+    set != NO_SET && usize::try_from(set).is_ok_and(|s| s >= Kind::ALL.len())
 }
 
 impl Rules {
@@ -981,9 +988,7 @@ impl Rules {
         }
         Rules {
             slots: Vec::new(),
-            sets: [Kind::Cover, Kind::Drain, Kind::Beacon]
-                .map(|k| resolve(config.profile(k)))
-                .into(),
+            sets: Kind::ALL.map(|k| resolve(config.profile(k))).into(),
             timers: BTreeSet::new(),
             dirty: BTreeSet::new(),
             overrides,
@@ -1031,7 +1036,7 @@ impl Rules {
         });
         let next = u32::try_from(self.sets.len()).unwrap_or(NO_SET);
         let Some(slot) = self.slot_mut(device) else { return };
-        let own = slot.set >= 3 && slot.set != NO_SET;
+        let own = is_own(slot.set);
         slot.attrs =
             [attrs.warn_mm, attrs.alarm_mm, attrs.well_depth_mm].map(|v| v.unwrap_or(f64::NAN));
         match custom {

@@ -457,14 +457,8 @@ pub struct AlertView {
 }
 
 impl Store {
-    /// Registered devices as the rules and cases see them: site, kind and rule attributes.
-    pub fn sites(&self) -> Result<Vec<(Eui, Site, Attributes)>, StoreError> {
-        let mut out = Vec::new();
-        self.sites_where("", i64::MAX, |eui, site, attrs| out.push((eui, site, attrs)))?;
-        Ok(out)
-    }
-
-    /// [`Store::sites`] one at a time, for loading a million without holding them all.
+    /// Registered devices as the rules and cases see them (site, kind and rule attributes),
+    /// one at a time, for loading a million without holding them all.
     pub fn each_site(&self, f: impl FnMut(Eui, Site, Attributes)) -> Result<(), StoreError> {
         self.sites_where("", i64::MAX, f)
     }
