@@ -421,10 +421,25 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
+/// How long readiness fails after another client took the gateway's session over.
+const TAKEOVER_NOT_READY_MS: i64 = 60_000;
+
 async fn readyz(State(state): State<ApiState>) -> Response {
     let mut problems = Vec::new();
     if !state.status.connected.load(Relaxed) {
-        problems.push("broker not connected".to_owned());
+        let last = state.status.last_disconnect.lock().ok().and_then(|l| l.clone());
+        problems.push(match last {
+            Some((reason, detail, _)) => format!("broker not connected (last: {reason}: {detail})"),
+            None => "broker not connected".to_owned(),
+        });
+    }
+    let trouble = state.status.session_trouble_ms.load(Relaxed);
+    let now = crate::app::wall_clock()();
+    if trouble > 0 && now.saturating_sub(trouble) < TAKEOVER_NOT_READY_MS {
+        problems.push(format!(
+            "broker session taken over or lost {} s ago: another client connected with this gateway's client id, or the broker lost its state; messages queued for the gateway may be gone (bind client ids to accounts: use_username_as_clientid)",
+            now.saturating_sub(trouble) / 1000
+        ));
     }
     if let Some(e) = state.status.store_error.lock().ok().and_then(|e| e.clone()) {
         problems.push(format!("commits failing, nothing acknowledged until they succeed: {e}"));
@@ -459,6 +474,24 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             let _ = writeln!(out, "gridsense_frames_rejected_total{{reason=\"{reason}\"}} {n}");
         }
     }
+    metric(
+        &mut out,
+        "gridsense_mqtt_disconnects_total",
+        "counter",
+        "Broker connections lost or refused, by reason (session_taken_over: another client used this client id).",
+    );
+    if let Ok(d) = s.disconnects.lock() {
+        for (reason, n) in d.iter() {
+            let _ = writeln!(out, "gridsense_mqtt_disconnects_total{{reason=\"{reason}\"}} {n}");
+        }
+    }
+    metric(
+        &mut out,
+        "gridsense_mqtt_sessions_lost_total",
+        "counter",
+        "Reconnections on which the broker had kept no session for the gateway's client id (taken over with a clean start, or broker state lost): what was queued is gone.",
+    );
+    let _ = writeln!(out, "gridsense_mqtt_sessions_lost_total {}", s.sessions_lost.load(Relaxed));
     metric(
         &mut out,
         "gridsense_store_failing",

@@ -21,7 +21,8 @@ use crate::{
 pub struct Gateway {
     /// Live counters.
     pub status: Arc<Status>,
-    /// Where the gateway's own MQTT client connects.
+    /// Where MQTT tools connect: the configured broker, or the embedded broker's MQTT 3.1.1
+    /// listener for tools (the gateway's own session has a listener of its own there).
     pub broker: SocketAddr,
     /// The embedded broker's device listener, when the embedded broker runs.
     pub device_listener: Option<SocketAddr>,
@@ -135,13 +136,28 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         tracing::info!(grids, "grid layer loaded");
     }
     let (pipeline, tables) = with_cases(config, &store, pipeline)?;
-    let (broker, device_listener) = if config.mqtt.url.is_empty() {
+    let (target, device_listener, tool_listener) = if config.mqtt.url.is_empty() {
         let embedded =
             broker::start_embedded(config.broker.device_port, config.broker.client_port)?;
-        (embedded.clients, Some(embedded.devices))
+        let (client_id, user, password) = embedded.gateway_login;
+        let target = ingest::Target {
+            addr: embedded.gateway,
+            tls: None,
+            client_id,
+            credentials: Some((user, password)),
+        };
+        (target, Some(embedded.devices), Some(embedded.clients))
     } else {
-        (broker::parse_url(&config.mqtt.url)?, None)
+        let m = &config.mqtt;
+        let target = ingest::Target {
+            addr: broker::parse_url(&m.url)?,
+            tls,
+            client_id: m.client_id.clone(),
+            credentials: (!m.username.is_empty()).then(|| (m.username.clone(), m.password.clone())),
+        };
+        (target, None, None)
     };
+    let broker = tool_listener.unwrap_or(target.addr);
     let status = Arc::new(Status::default());
     status.devices_unassigned.store(unassigned_devices, std::sync::atomic::Ordering::Relaxed);
     status
@@ -174,7 +190,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let (config, status) = (config.clone(), status.clone());
         async move {
             let result =
-                ingest::run(&config, (broker, tls), store, pipeline, clock, status, shutdown).await;
+                ingest::run(&config, target, store, pipeline, clock, status, shutdown).await;
             drop(checkpointer);
             result
         }

@@ -291,7 +291,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let gateway = app::start(&config, app::wall_clock(), ctrl_c())?;
             if let Some(devices) = gateway.device_listener {
                 eprintln!(
-                    "gridsense: embedded broker: devices on {devices}, gateway on {}",
+                    "gridsense: embedded broker: devices on {devices} (MQTT 5, client id = user name = EUI), tools on {} (MQTT 3.1.1)",
                     gateway.broker
                 );
             }

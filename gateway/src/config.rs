@@ -262,7 +262,7 @@ impl Default for Telemetry {
     }
 }
 
-/// Broker connection (rumqttc, MQTT 3.1.1).
+/// Broker connection (rumqttc, MQTT 5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
@@ -280,8 +280,14 @@ pub struct Mqtt {
     pub password: String,
     /// Keep-alive, seconds.
     pub keep_alive_s: u64,
-    /// Most un-acked QoS 1 messages held at once (in-flight credits).
+    /// Most un-acked QoS 1 messages held at once (in-flight credits), announced to the broker
+    /// as the session's Receive Maximum: the broker holds back the rest.
     pub inflight: u16,
+    /// Maximum Packet Size announced to the broker, bytes: it must not send this session
+    /// anything larger (MQTT 5 §3.1.2.11.4; it drops such a message for this client), so no
+    /// message can stall the session. Keep it above the broker's own limit on what devices
+    /// may publish (`message_size_limit` in deploy/mosquitto.conf: 4096).
+    pub max_packet_bytes: u32,
     /// First reconnect delay, ms; doubles to `reconnect_max_ms`.
     pub reconnect_min_ms: u64,
     /// Longest reconnect delay, ms.
@@ -298,6 +304,7 @@ impl Default for Mqtt {
             password: String::new(),
             keep_alive_s: 30,
             inflight: 1_000,
+            max_packet_bytes: 65_536,
             reconnect_min_ms: 200,
             reconnect_max_ms: 30_000,
         }
@@ -508,6 +515,11 @@ impl Config {
         }
         if self.mqtt.inflight == 0 {
             return Err(("mqtt.inflight", "must be at least 1".into()));
+        }
+        // Room for the largest frame, its topic and the packet's headers and properties; at
+        // most MQTT's own limit (a four-byte remaining length).
+        if !(1_024..=268_435_455).contains(&self.mqtt.max_packet_bytes) {
+            return Err(("mqtt.max_packet_bytes", "must be between 1024 and 268435455".into()));
         }
         if self.mqtt.reconnect_min_ms == 0
             || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms

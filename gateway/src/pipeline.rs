@@ -22,7 +22,9 @@ use std::{
     sync::Arc,
 };
 
-use gridsense_protocol::{Direction, Eui, Message, PositionFix, Uplink, seal, topic::parse_topic};
+use gridsense_protocol::{
+    Direction, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal, topic::parse_topic,
+};
 
 use crate::{
     cases::{Cases, MaintenanceWindow, Place, Site},
@@ -50,6 +52,9 @@ pub const HEALTH_FLUSH_MS: i64 = 2_000;
 
 /// Logs at most this many rejects per reason per second; the rest are only counted.
 const REJECT_LOGS_PER_SECOND: u32 = 5;
+
+/// Characters of a rejected message's topic kept in the audit log (a device topic has 29).
+const AUDIT_TOPIC_CHARS: usize = 128;
 
 /// The pipeline's state: registry keys and counter windows, and health.
 #[derive(Debug)]
@@ -623,12 +628,16 @@ impl Pipeline {
             self.health.on_reject(device.id);
             self.dirty.insert(device.id);
         }
+        // Bounded: at most the largest frame's bytes and a topic's worth of text are kept, so
+        // oversized messages cannot fill the audit log.
+        let topic_kept =
+            topic.char_indices().nth(AUDIT_TOPIC_CHARS).map_or(topic, |(i, _)| &topic[..i]);
         batch.audit.push(AuditRecord {
             received_ms: now_ms,
-            topic: topic.to_owned(),
+            topic: topic_kept.to_owned(),
             reason,
             eui: claimed,
-            raw: payload.to_vec(),
+            raw: payload.get(..MAX_UPLINK_FRAME_LEN).unwrap_or(payload).to_vec(),
         });
         let second = now_ms.div_euclid(1000);
         let budget = self.log_budget.entry(reason).or_insert((second, 0));

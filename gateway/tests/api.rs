@@ -263,7 +263,7 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert!(seen.contains(&covers[5].to_string()), "{seen}");
-    println!(
+    gridsense_tests::evidence!(
         "api: a theft reached the event stream {:?} after publishing began",
         started.elapsed()
     );

@@ -60,7 +60,7 @@ async fn a_late_backlog_files_its_case_with_the_onset_it_shows() {
     assert_eq!(case.onset_ms, crossed, "onset is the sample that crossed the warning level");
     let late = (case.detected_ms - case.onset_ms) / 60_000;
     assert!(late >= 119, "filed when the backlog arrived, {late} min after its onset");
-    println!(
+    gridsense_tests::evidence!(
         "chaos: backlog-storm sent=24 stored={stored} lost=0 duplicated=0 (one case, onset {late} min before it was filed: the crossing sample's time)"
     );
 }

@@ -56,7 +56,7 @@ async fn a_broker_restart_loses_nothing() {
     // Frames whose PUBACK was lost in the restart are resent byte for byte (same counter):
     // the distinct frames are the publications less the resends.
     let sent = summary.frames() - summary.resends;
-    println!(
+    gridsense_tests::evidence!(
         "chaos: broker-restart sent={sent} stored={} lost={} duplicated=0 (down {down:?}; gateway reconnected {reconnects}×; device reconnects {}; {} frames resent after lost PUBACKs; duplicates dropped as such: {})",
         totals.accepted,
         sent.saturating_sub(totals.accepted),

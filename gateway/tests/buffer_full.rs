@@ -60,7 +60,7 @@ async fn a_full_buffer_drops_the_oldest_telemetry_never_a_case() {
     assert_eq!(dropped, 60, "the oldest dropped and counted");
     assert!(metrics.contains("gridsense_sink_dropped_points_total 60"), "{metrics}");
     assert!(metrics.contains("gridsense_sink_failures_total"), "{metrics}");
-    println!(
+    gridsense_tests::evidence!(
         "chaos: buffer-full sent=81 stored={} lost=0 duplicated=0 (telemetry server unreachable; buffer bound 100 points; {dropped} oldest points dropped and counted; 1 case filed)",
         totals.accepted
     );

@@ -255,7 +255,7 @@ peak_mm_h = 90
             assert_eq!(w[0].1 == w[1].1, same, "grid {grid}: {members:?}");
         }
     }
-    println!(
+    gridsense_tests::evidence!(
         "rainstorm: {} drain cases in {} grids, {} clusters with more than one drain",
         cases.len(),
         by_grid.len(),

@@ -142,7 +142,7 @@ async fn kill_9_loses_nothing_and_duplicates_nothing() {
     assert_eq!(stolen.len(), 5, "five covers stolen");
     assert_eq!(case_devices, stolen, "one case per stolen cover");
     assert_eq!(cases.len(), stolen.len(), "no duplicate case");
-    println!(
+    gridsense_tests::evidence!(
         "chaos: kill9 sent={} stored={} lost=0 duplicated=0 (10 kills; samples in VictoriaMetrics {raw}; duplicate frames dropped as such: {}; cases {} for {} stolen covers)",
         distinct.len(),
         totals.accepted,

@@ -117,7 +117,7 @@ async fn the_dashboard_shows_grids_devices_and_a_theft_live() {
         markers.iter().filter(|m| m[1] == "alarm").map(|m| m[0].as_str().unwrap()).collect();
     assert_eq!(map_alarms, api_alarms, "alarm markers");
     let low: Vec<&Value> = markers.iter().filter(|m| m[1] == "low").collect();
-    println!(
+    gridsense_tests::evidence!(
         "dashboard: {} markers in alarm, {} low battery before the theft",
         map_alarms.len(),
         low.len()
@@ -171,7 +171,7 @@ async fn the_dashboard_shows_grids_devices_and_a_theft_live() {
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     std::fs::create_dir_all(&target).unwrap();
     std::fs::write(target.join("dashboard.png"), &png).unwrap();
-    println!(
+    gridsense_tests::evidence!(
         "dashboard: first load {first_load:?} ({} devices, 239 grids); theft on the map {lag:.0} ms after its commit (visible {took:?} after waiting began); screenshot {} bytes in target/dashboard.png",
         devices.len(),
         png.len()

@@ -112,7 +112,7 @@ async fn open311_outage_and_timeouts_then_each_case_delivered_once() {
         assert!(r.form.contains_key("attribute[object_code]"));
         assert!(r.form["description"].contains("[gridsense:"));
     }
-    println!(
+    gridsense_tests::evidence!(
         "delivery: open311 6 cases, {} POSTs seen by the platform, {} retries, 0 duplicates",
         platform.inner.lock().unwrap().posts,
         gateway.delivery.retries.load(Relaxed)
@@ -151,7 +151,7 @@ async fn webhook_retries_503s_signs_and_delivers_sos_within_a_second() {
     let sos_latency = sos[0].received.duration_since(sent);
     // The 503s hit the case channel only: alerts have their own worker and queue.
     assert!(sos_latency < Duration::from_secs(1), "SOS took {sos_latency:?}");
-    println!(
+    gridsense_tests::evidence!(
         "delivery: webhook 3 cases after 3 503s, SOS delivered {sos_latency:?} after publishing"
     );
     for h in &cases {
@@ -205,7 +205,7 @@ async fn a_platform_down_for_a_while_gets_every_case_once_when_back() {
     assert_eq!(cases.len(), 8, "one delivery per case");
     assert_eq!(keys.len(), 8, "eight distinct cases");
     assert!(refused >= 1, "the outage was never hit");
-    println!(
+    gridsense_tests::evidence!(
         "chaos: platform-outage sent=8 stored={} lost={} duplicated={} (platform answered 503 for {down:?}: {refused} refused attempts, {retries} retries; all delivered {caught_up:?} after it came back)",
         keys.len(),
         8 - keys.len(),
@@ -273,7 +273,7 @@ async fn kill_9_between_alarm_and_delivery_still_delivers_exactly_once() {
     let requests = platform.requests();
     let keys: BTreeSet<_> =
         requests.iter().map(|r| r.form["attribute[idempotency_key]"].clone()).collect();
-    println!(
+    gridsense_tests::evidence!(
         "chaos: kill9-delivery sent=8 stored={} lost={} duplicated={} (platform took {in_flight} requests during a kill)",
         keys.len(),
         8 - keys.len(),

@@ -171,7 +171,7 @@ async fn a_full_disk_pauses_acknowledgements_and_loses_nothing() {
     let retries = gateway.status.store_retries.load(Relaxed);
     stop_tx.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();
-    println!(
+    gridsense_tests::evidence!(
         "chaos: sqlite-disk-full sent={sent} stored={} lost={} duplicated={duplicated} (disk filled with {} KiB; {stuck} stored when the first commit failed, {held} held unacknowledged, {retries} commit retries, the broker session kept throughout; resumed {} ms after space returned; the theft's case filed once)",
         totals.accepted,
         sent - totals.accepted,

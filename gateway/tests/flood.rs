@@ -66,7 +66,7 @@ async fn a_flooding_device_is_throttled_and_flagged_and_others_still_get_cases()
     let events = store.events_of(flooder).unwrap();
     assert_eq!(events.iter().filter(|(_, e)| e == "flooding").count(), 1, "{events:?}");
     assert!(store.audit_len().unwrap() <= 2, "a flood is counted, not audited frame by frame");
-    println!(
+    gridsense_tests::evidence!(
         "flood: 2001 frames sent, {} accepted (300 of the flooder's, the alarm), 1700 throttled; the other device's case was in the store {seen:?} after publishing began (the publisher itself takes 500 ms)",
         totals.accepted
     );

@@ -21,23 +21,6 @@ use gridsense_simulator::{
 use gridsense_tests::{Mosquitto, TestPki, fixtures};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 
-/// `gridsense provision import` and `provision broker`: the password file, the ACL and the
-/// gateway's account.
-fn provision(dir: &Path) -> (std::path::PathBuf, String, String) {
-    let config = dir.join("provision.toml");
-    std::fs::write(
-        &config,
-        format!("[store]\npath = \"{}\"\n", dir.join("gridsense.db").display()),
-    )
-    .unwrap();
-    let out_dir = dir.join("broker");
-    common::cli(&config, &["provision", "import", "--city", dir.to_str().unwrap()]);
-    common::cli(&config, &["provision", "broker", "--out", out_dir.to_str().unwrap()]);
-    let credentials = std::fs::read_to_string(out_dir.join("gateway.credentials")).unwrap();
-    let (user, password) = credentials.trim().split_once(':').unwrap();
-    (out_dir, user.to_owned(), password.to_owned())
-}
-
 /// What a client trusting `ca` gets from the broker's TLS port: the CONNACK or the error.
 async fn first_event(host: &str, port: u16, ca: Option<&Path>) -> Result<(), String> {
     let mut options = MqttOptions::new("probe", host, port);
@@ -61,19 +44,8 @@ async fn gateway_devices_and_api_speak_tls_and_verify_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::generate(dir.path()).unwrap();
     fixtures::city(dir.path(), 61, Counts { covers: 3, drains: 4, beacons: 0 }).unwrap();
-    let (accounts, user, password) = provision(dir.path());
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto.conf");
-    let broker = Mosquitto::start_shipped(
-        &shipped,
-        &[
-            ("/etc/mosquitto/ca_certificates/gridsense-ca.crt", &pki.ca),
-            ("/etc/mosquitto/certs/gridsense-broker.crt", &pki.cert),
-            ("/etc/mosquitto/certs/gridsense-broker.key", &pki.key),
-            ("/etc/mosquitto/gridsense/passwd", &accounts.join("passwd")),
-            ("/etc/mosquitto/gridsense/acl", &accounts.join("acl")),
-        ],
-    )
-    .unwrap();
+    let (accounts, user, password) = common::provision(dir.path());
+    let broker = common::shipped_mosquitto(&pki, &accounts);
     let port = broker.addr().port();
 
     // Clients that must not get in: another CA (by IP and by name), and plain MQTT.

@@ -102,7 +102,7 @@ async fn every_sample_reaches_victoria_metrics_once_across_an_outage() {
             assert_eq!(*grid, home.grid_code, "{labels:?}");
         }
     }
-    println!(
+    gridsense_tests::evidence!(
         "chaos: telemetry-outage sent={} stored={} lost=0 duplicated={} (samples; the telemetry server down {down:?}; {} points buffered during the outage; {} failed writes retried)",
         expected.len(),
         stored.len(),

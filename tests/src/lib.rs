@@ -22,3 +22,25 @@ pub use browser::Chromium;
 pub use pki::TestPki;
 pub use subscriber::{Received, Subscriber};
 pub use victoria::VictoriaMetrics;
+
+/// Prints a line of evidence (what a test measured: `chaos: …`, `edge: …`) and, when
+/// `TEST_EVIDENCE` names a file, appends it there too: `cargo test` captures what passing tests
+/// print, so `scripts/test` collects the lines in that file and shows them in CI's log.
+pub fn evidence(line: &str) {
+    println!("{line}");
+    if let Some(path) = std::env::var_os("TEST_EVIDENCE") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            // One write per line: lines of tests running in parallel do not interleave.
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+/// [`evidence`] with `format!` arguments.
+#[macro_export]
+macro_rules! evidence {
+    ($($arg:tt)*) => {
+        $crate::evidence(&format!($($arg)*))
+    };
+}

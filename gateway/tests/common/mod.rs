@@ -198,3 +198,42 @@ pub fn gateway_process(config: &Path) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+/// `gridsense provision import` and `provision broker` for the district in `dir`: the folder
+/// with the password file and the ACL, and the gateway's user name and password.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn provision(dir: &Path) -> (std::path::PathBuf, String, String) {
+    let config = dir.join("provision.toml");
+    std::fs::write(
+        &config,
+        format!("[store]\npath = \"{}\"\n", dir.join("gridsense.db").display()),
+    )
+    .unwrap();
+    let out_dir = dir.join("broker");
+    cli(&config, &["provision", "import", "--city", dir.to_str().unwrap()]);
+    cli(&config, &["provision", "broker", "--out", out_dir.to_str().unwrap()]);
+    let credentials = std::fs::read_to_string(out_dir.join("gateway.credentials")).unwrap();
+    let (user, password) = credentials.trim().split_once(':').unwrap();
+    (out_dir, user.to_owned(), password.to_owned())
+}
+
+/// Mosquitto from the shipped `deploy/mosquitto.conf`, with the test's certificates and the
+/// accounts `provision` wrote.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+pub fn shipped_mosquitto(
+    pki: &gridsense_tests::TestPki,
+    accounts: &Path,
+) -> gridsense_tests::Mosquitto {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto.conf");
+    gridsense_tests::Mosquitto::start_shipped(
+        &shipped,
+        &[
+            ("/etc/mosquitto/ca_certificates/gridsense-ca.crt", &pki.ca),
+            ("/etc/mosquitto/certs/gridsense-broker.crt", &pki.cert),
+            ("/etc/mosquitto/certs/gridsense-broker.key", &pki.key),
+            ("/etc/mosquitto/gridsense/passwd", &accounts.join("passwd")),
+            ("/etc/mosquitto/gridsense/acl", &accounts.join("acl")),
+        ],
+    )
+    .unwrap()
+}

@@ -1,17 +1,18 @@
-//! The ingest shell: rumqttc in, SQLite out, acknowledgements only after the commit.
+//! The ingest shell: MQTT 5 in, SQLite out, acknowledgements only after the commit.
 //!
 //! Three tasks:
-//! - the **session task** owns the rumqttc event loop and only drives `EventLoop::poll`, never
-//!   racing it against anything (a poll dropped mid-write drops an outgoing PUBACK):
-//!   persistent session (clean session off), manual acks, subscribe and check the SUBACK on
-//!   every CONNACK, reconnect with exponential backoff. It forwards each PUBLISH into a channel
-//!   bounded by the in-flight credits. It keeps polling while that channel is full (the
-//!   keep-alive must not lapse); a slow store holds back the broker through its in-flight
-//!   window, which no acknowledgement reopens before the commit.
-//! - the **acker** hands the acks the pipeline returns (in order) and the sealed downlinks to
-//!   the client. It awaits the client's bounded request queue, which the session task drains;
-//!   the session task itself never awaits the client, so the two cannot deadlock
-//!   (PITFALLS.md).
+//! - the **session task** ([`session::run`]) owns the rumqttc (`v5`) event loop and only
+//!   drives `EventLoop::poll`, never racing it against anything (a poll dropped mid-write drops
+//!   an outgoing PUBACK): persistent session (clean start off, a session that never expires),
+//!   manual acks, a Maximum Packet Size and a Receive Maximum announced in CONNECT, subscribe
+//!   and check the SUBACK on every CONNACK, reconnect with a backoff that a connection dropped
+//!   right after its CONNACK does not reset. It forwards each PUBLISH into a channel bounded by
+//!   the in-flight credits, and keeps polling while that channel is full (the keep-alive must
+//!   not lapse); the broker holds back the rest (Receive Maximum).
+//! - the **acker** ([`session::acker`]) hands the acks the pipeline returns (in order) and the
+//!   sealed downlinks to the client. It awaits the client's bounded request queue, which the
+//!   session task drains; the session task itself never awaits the client, so the two cannot
+//!   deadlock (PITFALLS.md).
 //! - the **pipeline task** runs each message through [`Pipeline::handle`] as it arrives,
 //!   collecting up to `batch_max` messages or `batch_max_ms` (less when a message queued a case
 //!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
@@ -20,11 +21,13 @@
 //!   acknowledged. A full disk (or another failure that may pass) holds the batch and retries
 //!   it until it is durable, saying why in the status, readiness and metrics; any other
 //!   failure stops the task with the error: the broker redelivers to the restarted gateway,
-//!   and every step downstream is idempotent.
+//!   and every step downstream is idempotent. Every message is acknowledged once handled —
+//!   accepted or rejected — so no message can hold the session.
 //!
 //! The ack channel back to the session is unbounded in type but not in fact: it never holds
-//! more than the messages received and not yet acknowledged, which the broker's in-flight
-//! window bounds.
+//! more than the messages received and not yet acknowledged, which the Receive Maximum bounds.
+
+pub mod session;
 
 use std::{
     net::SocketAddr,
@@ -36,9 +39,7 @@ use std::{
 };
 
 use gridsense_protocol::topic::UPLINK_FILTER;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
-};
+use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -100,6 +101,37 @@ pub struct Status {
     pub store_error: std::sync::Mutex<Option<String>>,
     /// Commit attempts that failed and were retried.
     pub store_retries: AtomicU64,
+    /// Broker connections lost (or attempts failed), by reason.
+    pub disconnects: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// The last lost connection: reason, what the client said, wall-clock Unix ms.
+    pub last_disconnect: std::sync::Mutex<Option<(&'static str, String, i64)>>,
+    /// When another client last took this gateway's session over, or the broker last had no
+    /// session for it on reconnecting (wall-clock Unix ms; 0: never). Readiness fails for a
+    /// minute after it.
+    pub session_trouble_ms: std::sync::atomic::AtomicI64,
+    /// Reconnections on which the broker had kept no session for this client id.
+    pub sessions_lost: AtomicU64,
+}
+
+impl Status {
+    /// Records a lost broker connection.
+    pub fn disconnected(&self, reason: session::DisconnectReason, detail: &str, now_ms: i64) {
+        if let Ok(mut d) = self.disconnects.lock() {
+            *d.entry(reason.as_str()).or_default() += 1;
+        }
+        if let Ok(mut last) = self.last_disconnect.lock() {
+            *last = Some((reason.as_str(), detail.to_owned(), now_ms));
+        }
+        if reason == session::DisconnectReason::SessionTakenOver {
+            self.session_trouble_ms.store(now_ms, Relaxed);
+        }
+    }
+
+    /// Records a reconnection on which the broker had kept no session for this client id.
+    pub fn session_lost(&self, now_ms: i64) {
+        self.sessions_lost.fetch_add(1, Relaxed);
+        self.session_trouble_ms.store(now_ms, Relaxed);
+    }
 }
 
 /// Upper bounds of [`Histogram`] buckets, ms.
@@ -211,40 +243,46 @@ pub enum IngestError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// The session's options; `tls` (built once at start from `mqtt.ca_file`) for `mqtts://`.
-fn mqtt_options(
-    config: &Config,
-    (broker, tls): (SocketAddr, Option<Arc<rustls::ClientConfig>>),
-) -> MqttOptions {
+/// Where, and as which client, the session connects.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The broker's address.
+    pub addr: SocketAddr,
+    /// TLS (built once at start from `mqtt.ca_file`) for `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The client id: `mqtt.client_id`, or the embedded broker's own for the gateway.
+    pub client_id: String,
+    /// User name and password: `mqtt.username` and `mqtt.password` (none when the user name
+    /// is empty), or the embedded broker's own for the gateway.
+    pub credentials: Option<(String, String)>,
+}
+
+/// The session's options from the configuration.
+fn session_options(config: &Config, target: &Target) -> session::SessionOptions {
     let m = &config.mqtt;
     // With TLS, rumqttc verifies the broker's certificate against this host name.
-    let host = if tls.is_some() {
+    let host = if target.tls.is_some() {
         gridsense_simulator::tls::url_host(&m.url).to_owned()
     } else {
-        broker.ip().to_string()
+        target.addr.ip().to_string()
     };
-    let mut options = MqttOptions::new(m.client_id.clone(), host, broker.port());
-    if let Some(client) = tls {
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(client),
-        ));
+    session::SessionOptions {
+        client_id: target.client_id.clone(),
+        host,
+        port: target.addr.port(),
+        tls: target.tls.clone(),
+        keep_alive_s: m.keep_alive_s,
+        inflight: m.inflight,
+        max_packet_bytes: m.max_packet_bytes,
+        credentials: target.credentials.clone(),
     }
-    options.set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)));
-    options.set_clean_session(false);
-    options.set_manual_acks(true);
-    options.set_inflight(m.inflight);
-    options.set_max_packet_size(64 * 1024, 64 * 1024);
-    if !m.username.is_empty() {
-        options.set_credentials(m.username.clone(), m.password.clone());
-    }
-    options
 }
 
 /// Runs ingest until `shutdown` turns true (then commits and acknowledges what it holds and
 /// disconnects) or the store fails.
 pub async fn run(
     config: &Config,
-    broker: (SocketAddr, Option<Arc<rustls::ClientConfig>>),
+    target: Target,
     store: Store,
     pipeline: Pipeline,
     clock: Clock,
@@ -252,21 +290,23 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let credits = usize::from(config.mqtt.inflight);
-    let (client, eventloop) = AsyncClient::new(mqtt_options(config, broker), credits * 2 + 16);
+    let options = session::mqtt_options(&session_options(config, &target));
+    let (client, eventloop) = AsyncClient::new(options, credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
     status.queue_capacity.store(credits as u64, Relaxed);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
     let (down_tx, down_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
-    let session = tokio::spawn(session(
+    let session = tokio::spawn(session::run(
         eventloop,
         client.clone(),
+        UPLINK_FILTER,
         tx,
         status.clone(),
-        (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
+        session::Reconnect::new(config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
         shutdown.clone(),
     ));
-    let acker = tokio::spawn(acker(client, ack_rx, down_rx));
+    let acker = tokio::spawn(session::acker(client, ack_rx, down_rx));
     let retention_ms = (config.telemetry.sink == crate::config::Sink::Sqlite)
         .then(|| i64::from(config.store.telemetry_retention_days) * 86_400_000);
     let batching = Batching {
@@ -295,118 +335,6 @@ pub async fn run(
     .await;
     status.connected.store(false, Relaxed);
     result
-}
-
-/// Drives the event loop. `EventLoop::poll` is never raced against anything else: a poll
-/// dropped while it writes an outgoing packet (the socket's buffer full, the broker busy) drops
-/// that packet, and a lost PUBACK holds one of the broker's in-flight slots for this session
-/// until it reconnects — enough of them and the broker stops sending altogether (seen at
-/// 50,000 frames/s offered, before this was a separate task). Nor does it ever stop polling:
-/// a session that stops reading misses its keep-alive, and the broker then drops it and
-/// redelivers everything unacknowledged (seen when a full disk held commits for a minute).
-/// When the pipeline's channel is full, messages wait in `overflow` and move on as acks (from
-/// [`acker`]) free room. Nothing is acknowledged before the pipeline commits it, but that does
-/// not bound `overflow` by Mosquitto's `max_inflight_messages` as one would expect: with commits
-/// held by a full disk, the broker (set to 1,000) had 10,011 messages out to this session
-/// (`gridsense_mqtt_publishes_received_total` − `gridsense_mqtt_pubacks_sent_total`). While
-/// commits fail, this holds what the broker sends; an MQTT v5 session's Receive Maximum would
-/// make the broker hold it instead.
-async fn session(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    publishes: mpsc::Sender<Publish>,
-    status: Arc<Status>,
-    (min_ms, max_ms): (u64, u64),
-    shutdown: watch::Receiver<bool>,
-) {
-    let mut delay = min_ms;
-    let mut overflow: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
-    loop {
-        while let Some(publish) = overflow.pop_front() {
-            match publishes.try_send(publish) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(publish)) => {
-                    overflow.push_front(publish);
-                    break;
-                }
-                // The pipeline has ended: nothing more is handled or acknowledged.
-                Err(mpsc::error::TrySendError::Closed(_)) => overflow.clear(),
-            }
-        }
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = min_ms;
-                status.connects.fetch_add(1, Relaxed);
-                // Subscribe on every CONNACK.
-                if let Err(e) = client.try_subscribe(UPLINK_FILTER, QoS::AtLeastOnce) {
-                    tracing::error!("subscribe request not queued: {e}");
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted =
-                    ack.return_codes.iter().all(|c| !matches!(c, SubscribeReasonCode::Failure));
-                status.connected.store(granted, Relaxed);
-                if !granted {
-                    tracing::error!("broker refused the subscription to {UPLINK_FILTER}");
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                status.mqtt_received.fetch_add(1, Relaxed);
-                status.unacked.fetch_add(1, Relaxed);
-                overflow.push_back(publish);
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => {
-                status.mqtt_acked.fetch_add(1, Relaxed);
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                status.connected.store(false, Relaxed);
-                if *shutdown.borrow() {
-                    return;
-                }
-                // What waited here was not acknowledged: the broker sends it again.
-                status.unacked.fetch_sub(overflow.len() as u64, Relaxed);
-                overflow.clear();
-                tracing::warn!("broker connection: {e}; retrying in {delay} ms");
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                delay = (delay * 2).min(max_ms);
-            }
-        }
-    }
-}
-
-/// Hands acknowledgements (in order) and downlinks to the client, waiting for room in its
-/// request queue (the session task keeps draining it); when the pipeline has ended and every
-/// ack is queued, asks for a DISCONNECT.
-async fn acker(
-    client: AsyncClient,
-    mut acks: mpsc::UnboundedReceiver<Publish>,
-    mut downlinks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-) {
-    let mut downlinks_open = true;
-    loop {
-        tokio::select! {
-            biased;
-            ack = acks.recv() => match ack {
-                Some(publish) => {
-                    if let Err(e) = client.ack(&publish).await {
-                        tracing::warn!("ack not queued: {e}");
-                    }
-                }
-                None => break,
-            },
-            downlink = downlinks.recv(), if downlinks_open => match downlink {
-                Some((topic, frame)) => {
-                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, frame).await {
-                        tracing::warn!("downlink not queued: {e}");
-                    }
-                }
-                None => downlinks_open = false,
-            },
-        }
-    }
-    let _ = client.disconnect().await;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -533,8 +461,9 @@ async fn pipeline_task(
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
                 now = clock();
-                if let Outcome::Rejected(_) =
-                    pipeline.handle(now, &msg.topic, &msg.payload, &mut batch)
+                // A topic that is not UTF-8 is no device's: rejected as `bad_topic`.
+                let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
+                if let Outcome::Rejected(_) = pipeline.handle(now, topic, &msg.payload, &mut batch)
                 {
                     rejected += 1;
                 }

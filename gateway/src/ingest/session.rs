@@ -1,0 +1,417 @@
+//! The broker session: an MQTT 5 client (rumqttc `v5`) with a persistent session, manual acks,
+//! a Maximum Packet Size and a Receive Maximum, and the reconnect policy.
+//!
+//! Why MQTT 5: an MQTT 3.1.1 client can only refuse a packet larger than its buffer by
+//! dropping the connection, and with a persistent session the broker then redelivers the same
+//! packet on every reconnect — one oversized publish on any device's topic stopped all
+//! ingestion (a poison message). An MQTT 5 client announces its Maximum Packet Size in CONNECT
+//! (MQTT 5 §3.1.2.11.4) and the broker must not send it anything larger: it drops such a
+//! message for this client instead (Mosquitto counts it). So whatever reaches the session fits,
+//! and is processed or rejected (`oversize` above the protocol's 484 bytes), counted and
+//! acknowledged like any other frame. Receive Maximum (§3.1.2.11.3) is the in-flight window:
+//! the broker holds back the rest, so what waits here is bounded by `mqtt.inflight`.
+//!
+//! [`Reconnect`] is the pure part: how long to wait after a lost connection, and whether the
+//! same failure repeats. A connection that breaks soon after its CONNACK does not reset the
+//! backoff (a broker that accepts the session and then drops it must not be hammered every
+//! 200 ms); one that lasted [`STABLE_MS`] does.
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use rumqttc::v5::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError,
+    mqttbytes::{
+        QoS,
+        v5::{DisconnectReasonCode, Packet, Publish, SubscribeReasonCode},
+    },
+};
+use tokio::sync::{mpsc, watch};
+
+pub use super::Status;
+
+/// A connection that lasted this long counts as stable: the backoff starts again from the
+/// shortest delay after it breaks.
+pub const STABLE_MS: i64 = 10_000;
+
+/// Why the broker connection ended, as counted in `gridsense_mqtt_disconnects_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DisconnectReason {
+    /// Another client connected with our client id and the broker said so (MQTT 5 reason
+    /// 0x8E). Mosquitto 2.0 does not say so: it only closes the connection
+    /// ([`DisconnectReason::ClosedByBroker`]), and a takeover with clean start shows as the
+    /// session missing at the next CONNACK ([`Status::session_lost`]). Client ids must be bound
+    /// to accounts (`use_username_as_clientid`).
+    SessionTakenOver,
+    /// The broker closed the connection without a DISCONNECT (Mosquitto does so when another
+    /// client connects with the same id, when it shuts down, or when it drops a client).
+    ClosedByBroker,
+    /// A packet larger than our Maximum Packet Size arrived anyway (a broker that ignores it).
+    PacketTooLarge,
+    /// The broker refused the connection (credentials, client id, server unavailable).
+    Refused,
+    /// The broker sent DISCONNECT with another reason.
+    ServerDisconnect,
+    /// No answer in time (CONNACK, PINGRESP).
+    Timeout,
+    /// The TLS handshake or certificate check failed.
+    Tls,
+    /// The connection failed or was reset (broker down, network).
+    Io,
+    /// Anything else the client reports (a protocol violation).
+    Protocol,
+}
+
+impl DisconnectReason {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::SessionTakenOver => "session_taken_over",
+            DisconnectReason::ClosedByBroker => "closed_by_broker",
+            DisconnectReason::PacketTooLarge => "packet_too_large",
+            DisconnectReason::Refused => "refused",
+            DisconnectReason::ServerDisconnect => "server_disconnect",
+            DisconnectReason::Timeout => "timeout",
+            DisconnectReason::Tls => "tls",
+            DisconnectReason::Io => "io",
+            DisconnectReason::Protocol => "protocol",
+        }
+    }
+
+    /// Classifies a connection error of the client.
+    pub fn of(e: &ConnectionError) -> Self {
+        match e {
+            ConnectionError::MqttState(s) => match s {
+                StateError::ServerDisconnect { reason_code, .. } => match reason_code {
+                    DisconnectReasonCode::SessionTakenOver => DisconnectReason::SessionTakenOver,
+                    DisconnectReasonCode::PacketTooLarge => DisconnectReason::PacketTooLarge,
+                    DisconnectReasonCode::KeepAliveTimeout => DisconnectReason::Timeout,
+                    _ => DisconnectReason::ServerDisconnect,
+                },
+                StateError::IncomingPacketTooLarge { .. } => DisconnectReason::PacketTooLarge,
+                StateError::Deserialization(
+                    rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. },
+                ) => DisconnectReason::PacketTooLarge,
+                StateError::AwaitPingResp => DisconnectReason::Timeout,
+                StateError::ConnectionAborted => DisconnectReason::ClosedByBroker,
+                StateError::Io(_) => DisconnectReason::Io,
+                StateError::ConnFail { .. } => DisconnectReason::Refused,
+                _ => DisconnectReason::Protocol,
+            },
+            ConnectionError::Timeout(_) => DisconnectReason::Timeout,
+            ConnectionError::Tls(_) => DisconnectReason::Tls,
+            ConnectionError::Io(_) => DisconnectReason::Io,
+            ConnectionError::ConnectionRefused(_) => DisconnectReason::Refused,
+            _ => DisconnectReason::Protocol,
+        }
+    }
+}
+
+/// The reconnect policy (pure: time passed in).
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    min_ms: u64,
+    max_ms: u64,
+    delay_ms: u64,
+    connected_at: Option<i64>,
+    last: Option<DisconnectReason>,
+    repeats: u32,
+}
+
+/// What to do after a lost connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Wait this long before connecting again.
+    pub delay_ms: u64,
+    /// How many losses in a row had this reason (1: the first).
+    pub repeats: u32,
+}
+
+impl Reconnect {
+    /// Delays from `min_ms`, doubling up to `max_ms`.
+    pub fn new(min_ms: u64, max_ms: u64) -> Self {
+        Reconnect { min_ms, max_ms, delay_ms: min_ms, connected_at: None, last: None, repeats: 0 }
+    }
+
+    /// The broker accepted the connection (CONNACK) at `now_ms`.
+    pub fn connected(&mut self, now_ms: i64) {
+        self.connected_at = Some(now_ms);
+    }
+
+    /// The connection (or the attempt) failed at `now_ms` for `reason`.
+    pub fn lost(&mut self, now_ms: i64, reason: DisconnectReason) -> Retry {
+        let stable =
+            self.connected_at.take().is_some_and(|at| now_ms.saturating_sub(at) >= STABLE_MS);
+        if stable {
+            self.delay_ms = self.min_ms;
+            self.repeats = 0;
+        }
+        self.repeats = if self.last == Some(reason) { self.repeats.saturating_add(1) } else { 1 };
+        self.last = Some(reason);
+        let delay_ms = self.delay_ms;
+        self.delay_ms = self.delay_ms.saturating_mul(2).min(self.max_ms);
+        Retry { delay_ms, repeats: self.repeats }
+    }
+}
+
+/// The session's options. `host` is what TLS verifies the certificate against.
+pub struct SessionOptions {
+    /// Client id (the session is persistent under it).
+    pub client_id: String,
+    /// Broker host (a name with TLS) and port.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS client configuration, for `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Keep-alive, s.
+    pub keep_alive_s: u64,
+    /// Receive Maximum: the most unacknowledged QoS 1 messages the broker may send.
+    pub inflight: u16,
+    /// Maximum Packet Size announced to the broker, bytes.
+    pub max_packet_bytes: u32,
+    /// User name and password (none when the user name is empty).
+    pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for SessionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No password in logs.
+        f.debug_struct("SessionOptions")
+            .field("client_id", &self.client_id)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Session expiry: the broker keeps the session (subscription, queued and unacknowledged
+/// messages) while the gateway is away, however long (MQTT 5 §3.1.2.11.2: `0xFFFFFFFF` never
+/// expires), as a 3.1.1 persistent session does.
+const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
+
+/// The rumqttc options for `o`.
+pub fn mqtt_options(o: &SessionOptions) -> MqttOptions {
+    let mut options = MqttOptions::new(o.client_id.clone(), o.host.clone(), o.port);
+    if let Some(client) = &o.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(client.clone()),
+        ));
+    }
+    options.set_keep_alive(Duration::from_secs(o.keep_alive_s.max(5)));
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(SESSION_NEVER_EXPIRES));
+    options.set_manual_acks(true);
+    options.set_receive_maximum(Some(o.inflight));
+    // Announced in CONNECT and also the client's own read limit.
+    options.set_max_packet_size(Some(o.max_packet_bytes));
+    if let Some((user, password)) = &o.credentials {
+        options.set_credentials(user.clone(), password.clone());
+    }
+    options
+}
+
+/// Wall-clock Unix ms (the reconnect policy and the takeover time; never the pipeline's clock,
+/// which may be simulated).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Drives the event loop. `EventLoop::poll` is never raced against anything else: a poll
+/// dropped while it writes an outgoing packet (the socket's buffer full, the broker busy) drops
+/// that packet, and a lost PUBACK holds one of the broker's in-flight slots for this session
+/// until it reconnects — enough of them and the broker stops sending altogether (seen at
+/// 50,000 frames/s offered, before this was a separate task). Nor does it ever stop polling:
+/// a session that stops reading misses its keep-alive, and the broker then drops it and
+/// redelivers everything unacknowledged (seen when a full disk held commits for a minute).
+/// When the pipeline's channel is full, messages wait in `overflow` and move on as acks (from
+/// [`acker`]) free room; the Receive Maximum bounds `overflow` by `mqtt.inflight` (with MQTT
+/// 3.1.1, commits held by a full disk had let 10,011 messages pile up here at Mosquitto's
+/// `max_inflight_messages 1000`).
+pub async fn run(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filter: &'static str,
+    publishes: mpsc::Sender<Publish>,
+    status: Arc<Status>,
+    mut policy: Reconnect,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut overflow: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
+    loop {
+        while let Some(publish) = overflow.pop_front() {
+            match publishes.try_send(publish) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(publish)) => {
+                    overflow.push_front(publish);
+                    break;
+                }
+                // The pipeline has ended: nothing more is handled or acknowledged.
+                Err(mpsc::error::TrySendError::Closed(_)) => overflow.clear(),
+            }
+        }
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let now = wall_ms();
+                policy.connected(now);
+                let reconnect = status.connects.fetch_add(1, Relaxed) > 0;
+                if reconnect && !ack.session_present {
+                    // The broker kept no session for this id between two connections of ours:
+                    // another client connected with it and a clean start (Mosquitto closes
+                    // ours and discards the session), or the broker lost its state.
+                    status.session_lost(now);
+                    tracing::error!(
+                        "the broker had no session for this gateway's client id on reconnecting: another client took the id with a clean start, or the broker lost its state — messages queued for the gateway meanwhile are gone; bind client ids to accounts (use_username_as_clientid)"
+                    );
+                }
+                // Subscribe on every CONNACK.
+                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                    tracing::error!("subscribe request not queued: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted =
+                    ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
+                status.connected.store(granted, Relaxed);
+                if !granted {
+                    tracing::error!(codes = ?ack.return_codes, "broker refused the subscription to {filter}");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                status.mqtt_received.fetch_add(1, Relaxed);
+                status.unacked.fetch_add(1, Relaxed);
+                overflow.push_back(publish);
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => {
+                status.mqtt_acked.fetch_add(1, Relaxed);
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                status.connected.store(false, Relaxed);
+                if *shutdown.borrow() {
+                    return;
+                }
+                // What waited here was not acknowledged: the broker sends it again.
+                status.unacked.fetch_sub(overflow.len() as u64, Relaxed);
+                overflow.clear();
+                let now = wall_ms();
+                let reason = DisconnectReason::of(&e);
+                let retry = policy.lost(now, reason);
+                status.disconnected(reason, &e.to_string(), now);
+                if reason == DisconnectReason::SessionTakenOver {
+                    tracing::error!(
+                        repeats = retry.repeats,
+                        "broker session taken over: another client connected with this gateway's client id ({e}); bind client ids to accounts (use_username_as_clientid) — retrying in {} ms",
+                        retry.delay_ms
+                    );
+                } else if retry.repeats > 1 {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        repeats = retry.repeats,
+                        "broker connection lost again, {} times in a row: {e}; retrying in {} ms",
+                        retry.repeats,
+                        retry.delay_ms
+                    );
+                } else {
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        "broker connection: {e}; retrying in {} ms",
+                        retry.delay_ms
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(retry.delay_ms)).await;
+            }
+        }
+    }
+}
+
+/// Hands acknowledgements (in order) and downlinks to the client, waiting for room in its
+/// request queue (the session task keeps draining it); when the pipeline has ended and every
+/// ack is queued, asks for a DISCONNECT. The session task itself never awaits the client, so
+/// the two cannot deadlock (PITFALLS.md).
+pub async fn acker(
+    client: AsyncClient,
+    mut acks: mpsc::UnboundedReceiver<Publish>,
+    mut downlinks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    let mut downlinks_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            ack = acks.recv() => match ack {
+                Some(publish) => {
+                    if let Err(e) = client.ack(&publish).await {
+                        tracing::warn!("ack not queued: {e}");
+                    }
+                }
+                None => break,
+            },
+            downlink = downlinks.recv(), if downlinks_open => match downlink {
+                Some((topic, frame)) => {
+                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, frame).await {
+                        tracing::warn!("downlink not queued: {e}");
+                    }
+                }
+                None => downlinks_open = false,
+            },
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_dropped_right_after_its_connack_backs_off_instead_of_spinning() {
+        let mut r = Reconnect::new(200, 30_000);
+        let mut now = 0;
+        let mut delays = Vec::new();
+        // A poison message: connected, then dropped 50 ms later, over and over.
+        for _ in 0..10 {
+            r.connected(now);
+            now += 50;
+            let retry = r.lost(now, DisconnectReason::PacketTooLarge);
+            delays.push(retry.delay_ms);
+            now += i64::try_from(retry.delay_ms).unwrap_or(0);
+        }
+        assert_eq!(delays, [200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 30_000, 30_000]);
+        assert_eq!(r.lost(now, DisconnectReason::PacketTooLarge).repeats, 11);
+    }
+
+    #[test]
+    fn a_stable_connection_resets_the_backoff_and_the_repeat_count() {
+        let mut r = Reconnect::new(200, 30_000);
+        for t in 0..4 {
+            r.lost(t, DisconnectReason::Io);
+        }
+        r.connected(10);
+        let retry = r.lost(10 + STABLE_MS, DisconnectReason::Io);
+        assert_eq!(retry, Retry { delay_ms: 200, repeats: 1 });
+        // A different reason starts its own count, the delay keeps growing.
+        let retry = r.lost(20 + STABLE_MS, DisconnectReason::Refused);
+        assert_eq!(retry, Retry { delay_ms: 400, repeats: 1 });
+    }
+
+    #[test]
+    fn errors_are_classified_by_reason() {
+        let taken = ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code: DisconnectReasonCode::SessionTakenOver,
+            reason_string: None,
+        });
+        assert_eq!(DisconnectReason::of(&taken), DisconnectReason::SessionTakenOver);
+        let large = ConnectionError::MqttState(StateError::IncomingPacketTooLarge {
+            pkt_size: 100_000,
+            max: 65_536,
+        });
+        assert_eq!(DisconnectReason::of(&large).as_str(), "packet_too_large");
+        let io = ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(DisconnectReason::of(&io), DisconnectReason::Io);
+    }
+}
