@@ -449,10 +449,40 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if state.sink.as_ref().is_some_and(|s| s.failing.load(Relaxed)) {
         problems.push("telemetry sink failing".into());
     }
-    if problems.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
+    // Warnings: worth an operator's attention, but ingestion and delivery work.
+    let mut warnings = Vec::new();
+    let d = &state.status.delivery;
+    if let Some(e) = d.catalogue_error.lock().ok().and_then(|e| e.clone()) {
+        warnings.push(format!("the platform's services.json could not be read: {e}"));
+    }
+    let dead =
+        state.board.with_store(|s| s.outbox(None, Some("dead"), 10_000)).await.unwrap_or_default();
+    let mut unsupported: std::collections::BTreeMap<String, u64> =
+        std::collections::BTreeMap::new();
+    for e in &dead {
+        if let Some(what) =
+            e.last_error.as_deref().and_then(|t| t.strip_prefix("the platform does not offer "))
+        {
+            *unsupported.entry(what.to_owned()).or_default() += 1;
+        }
+    }
+    if !unsupported.is_empty() {
+        let list: Vec<String> =
+            unsupported.iter().map(|(what, n)| format!("{what}: {n} dead-lettered")).collect();
+        warnings.push(format!(
+            "the platform does not offer what some cases need — {}; fix the platform's catalogue or cases.tables, then `gridsense cases redeliver --dead`",
+            list.join("; ")
+        ));
+    }
+    let warned = if warnings.is_empty() {
+        String::new()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")))
+        format!(" (warnings: {})", warnings.join("; "))
+    };
+    if problems.is_empty() {
+        (StatusCode::OK, format!("ready{warned}\n")).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}{warned}\n", problems.join("; ")))
             .into_response()
     }
 }
@@ -615,6 +645,52 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         "gridsense_delivery_total{{outcome=\"dead_letter\"}} {}",
         d.dead.load(Relaxed)
     );
+    for (name, kind, help, value) in [
+        (
+            "gridsense_delivery_in_flight",
+            "gauge",
+            "Requests to the platform under way now (at most cases.concurrency per channel).",
+            d.in_flight.load(Relaxed),
+        ),
+        (
+            "gridsense_delivery_lookups_failed_total",
+            "counter",
+            "Open311 look-ups after an uncertain attempt that could not answer (retried).",
+            d.lookups_failed.load(Relaxed),
+        ),
+        (
+            "gridsense_delivery_resent_unverified_total",
+            "counter",
+            "Cases posted again although no look-up could tell whether an earlier attempt arrived (marked; possible duplicates).",
+            d.resent_unverified.load(Relaxed),
+        ),
+    ] {
+        metric(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    metric(
+        &mut out,
+        "gridsense_delivery_unsupported_total",
+        "counter",
+        "Cases dead-lettered because the platform does not offer what they need (service code, required attribute).",
+    );
+    if let Ok(u) = d.unsupported.lock() {
+        for (what, n) in u.iter() {
+            let what = what.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "gridsense_delivery_unsupported_total{{what=\"{what}\"}} {n}");
+        }
+    }
+    if let Ok(c) = d.catalogue.lock()
+        && let Some(codes) = c.as_ref()
+    {
+        metric(
+            &mut out,
+            "gridsense_platform_services",
+            "gauge",
+            "Service codes the platform's services.json offers.",
+        );
+        let _ = writeln!(out, "gridsense_platform_services {}", codes.len());
+    }
     metric(
         &mut out,
         "gridsense_case_latency_seconds",

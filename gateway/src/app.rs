@@ -255,6 +255,7 @@ fn start_delivery(
         alert_url: c.alert_url.clone(),
         alert_secret: c.secret.clone(),
         calendar: crate::calendar::Calendar::new(&tables.calendar).context("cases.tables")?,
+        concurrency: c.concurrency,
     });
     let delivery = status.delivery.clone();
     let mut workers = Vec::new();
@@ -300,6 +301,12 @@ fn start_delivery(
         }));
     }
     if let crate::delivery::Adapter::Open311(client) = adapter {
+        workers.push(tokio::spawn(crate::delivery::watch_catalogue(
+            client.clone(),
+            std::time::Duration::from_secs(c.services_refresh_s),
+            delivery.clone(),
+            shutdown.clone(),
+        )));
         workers.push(tokio::spawn(crate::delivery::poll_open311(
             client,
             open_store(config)?,

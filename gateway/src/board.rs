@@ -631,16 +631,33 @@ async fn get_case(State(board): State<Arc<Board>>, Path(id): Path<String>) -> Re
 pub struct TransitionBody {
     /// The state to move to.
     pub to: String,
-    /// Who (operator name).
+    /// Who (operator name). With tokens the trace names the token instead, and this only
+    /// when it differs ("token wall-screen for zhang"); without tokens it is required.
+    #[serde(default)]
     pub actor: String,
     /// Why.
     #[serde(default)]
     pub note: String,
 }
 
+/// Who the trace records for a request: the authenticated token, with the name the body
+/// gives when it differs; without tokens, the name the body gives (`None` when it gives none).
+fn actor_of(caller: Option<&crate::auth::Caller>, claimed: &str) -> Option<String> {
+    let claimed = claimed.trim();
+    match caller {
+        Some(crate::auth::Caller(token)) if claimed.is_empty() || claimed == token => {
+            Some(format!("operator:{token}"))
+        }
+        Some(crate::auth::Caller(token)) => Some(format!("operator:{token} for {claimed}")),
+        None if claimed.is_empty() => None,
+        None => Some(format!("operator:{claimed}")),
+    }
+}
+
 async fn move_case(
     State(board): State<Arc<Board>>,
     Path(id): Path<String>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     body: Result<Json<TransitionBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(id) = id.parse::<i64>() else {
@@ -653,10 +670,10 @@ async fn move_case(
     let Some(to) = CaseState::parse(&body.to) else {
         return api(StatusCode::BAD_REQUEST, format!("to: {:?} is not a lifecycle state", body.to));
     };
-    if body.actor.trim().is_empty() {
+    let Some(actor) = actor_of(caller.as_deref(), &body.actor) else {
         return api(StatusCode::BAD_REQUEST, "actor: who moves the case must be named");
-    }
-    apply_transition(&board, id, to, format!("operator:{}", body.actor.trim()), body.note).await
+    };
+    apply_transition(&board, id, to, actor, body.note).await
 }
 
 async fn apply_transition(
@@ -736,6 +753,68 @@ async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Byt
     }
 }
 
+/// Query of `GET /api/v1/outbox`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxQuery {
+    /// `pending`, `done` or `dead`.
+    pub state: Option<String>,
+    /// One case's entries.
+    pub case: Option<i64>,
+    /// Most rows (default 100, at most 1000).
+    pub limit: Option<u32>,
+}
+
+async fn list_outbox(
+    State(board): State<Arc<Board>>,
+    query: Result<Query<OutboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return api(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if let Some(s) = q.state.as_deref()
+        && !matches!(s, "pending" | "done" | "dead")
+    {
+        return api(StatusCode::BAD_REQUEST, format!("state: {s:?} is not pending, done or dead"));
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+    match board.with_store(move |s| s.outbox(q.case, q.state.as_deref(), limit)).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `POST /api/v1/outbox/{id}/retry` (operators): a dead-lettered entry back in the queue.
+async fn retry_outbox(
+    State(board): State<Arc<Board>>,
+    Path(id): Path<String>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return api(StatusCode::BAD_REQUEST, format!("id: {id:?} is not an outbox entry id"));
+    };
+    let actor = actor_of(caller.as_deref(), "").unwrap_or_else(|| "operator:api".into());
+    let now = (board.clock)();
+    let found = board
+        .with_store(move |s| {
+            let requeued = s.outbox_retry(Some(id), &actor, now)?;
+            let exists = s.outbox_state(id)?.is_some();
+            Ok((requeued, exists))
+        })
+        .await;
+    match found {
+        Ok((requeued, _)) if !requeued.is_empty() => {
+            Json(serde_json::json!({ "id": id, "state": "pending" })).into_response()
+        }
+        Ok((_, true)) => {
+            api(StatusCode::CONFLICT, format!("outbox entry {id} is not dead-lettered"))
+        }
+        Ok((_, false)) => api(StatusCode::NOT_FOUND, format!("outbox entry {id} not found")),
+        Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
 /// Query of `GET /api/v1/patrols`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct PatrolQuery {
@@ -792,6 +871,8 @@ pub fn routes(board: Arc<Board>) -> Router {
         .route("/api/v1/cases/{id}", get(get_case))
         .route("/api/v1/cases/{id}/transition", post(move_case))
         .route("/api/v1/platform/callback", post(callback))
+        .route("/api/v1/outbox", get(list_outbox))
+        .route("/api/v1/outbox/{id}/retry", post(retry_outbox))
         .route("/api/v1/patrols", get(patrols))
         .with_state(board)
 }

@@ -69,6 +69,24 @@ pub enum CasesCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Put a dead-lettered delivery back in the queue (after fixing what made the platform
+    /// refuse it): outbox entry ID (`gridsense cases show` lists a case's entries), or every
+    /// dead entry with `--dead`. A running gateway sends it within a second; a case that may
+    /// have reached the platform is looked for before it is posted again.
+    Redeliver {
+        /// Outbox entry id.
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        id: Option<i64>,
+        /// Every dead-lettered entry.
+        #[arg(long)]
+        dead: bool,
+        /// Who asks (recorded in each case's trace).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print the built-in rules or case tables as TOML, to start a file from.
     Defaults {
         /// `rules` or `tables`.
@@ -240,6 +258,18 @@ pub async fn cases(
                     t.done.map(|d| format!("  (done {d})")).unwrap_or_default()
                 );
             }
+            out.push_str("delivery:\n");
+            for e in store.outbox(Some(id), None, 100)?.into_iter().rev() {
+                let _ = writeln!(
+                    out,
+                    "  entry {:<5} {:<9} {:<7} attempts {}{}",
+                    e.id,
+                    e.op,
+                    e.state,
+                    e.attempts,
+                    e.last_error.map(|t| format!("  last error: {t}")).unwrap_or_default()
+                );
+            }
             out.push_str("trace:\n");
             for e in store.trace(id)? {
                 let _ = writeln!(
@@ -274,6 +304,30 @@ pub async fn cases(
             match moved {
                 Ok(s) => Ok(format!("gridsense cases move: case {id} is now {s}\n")),
                 Err(e) => bail!("{e}"),
+            }
+        }
+        CasesCommand::Redeliver { id, dead, actor, config } => {
+            let config = load(config.as_deref())?;
+            let mut store = app::open_store(&config)?;
+            let who = format!("operator:{}", actor.trim());
+            let requeued = store.outbox_retry(id.filter(|_| !dead), &who, app::wall_clock()())?;
+            match (id, requeued.len()) {
+                (Some(id), 0) if !dead => match store.outbox_state(id)? {
+                    Some(state) => bail!("outbox entry {id} is {state}, not dead-lettered"),
+                    None => bail!("no outbox entry {id}"),
+                },
+                (_, n) => Ok(format!(
+                    "gridsense cases redeliver: {n} entr{} back in the queue{}\n",
+                    if n == 1 { "y" } else { "ies" },
+                    if n == 0 {
+                        String::new()
+                    } else {
+                        format!(
+                            " ({})",
+                            requeued.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                )),
             }
         }
         CasesCommand::Defaults { what } => match what.as_str() {

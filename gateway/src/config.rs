@@ -75,6 +75,12 @@ pub struct CasesSettings {
     pub retry_max_ms: u64,
     /// How often the open311 adapter asks the platform for status changes, s.
     pub poll_status_s: u64,
+    /// Most deliveries in flight at once (each for a different case; one case's entries go
+    /// in order), so one hanging request does not hold back every later case.
+    pub concurrency: usize,
+    /// How often the open311 adapter rereads the platform's `services.json`, s (also at
+    /// start; a case whose service code it does not list is dead-lettered with that reason).
+    pub services_refresh_s: u64,
     /// URL the SOS alerts are posted to (JSON, signed like the webhook); empty: alerts are
     /// only recorded and logged.
     pub alert_url: String,
@@ -96,6 +102,8 @@ impl Default for CasesSettings {
             retry_min_ms: 500,
             retry_max_ms: 60_000,
             poll_status_s: 60,
+            concurrency: 4,
+            services_refresh_s: 3_600,
             alert_url: String::new(),
         }
     }
@@ -569,6 +577,12 @@ impl Config {
                 "cases.retry_min_ms",
                 "timeout_ms > 0 and 0 < retry_min_ms ≤ retry_max_ms".into(),
             ));
+        }
+        if !(1..=64).contains(&c.concurrency) {
+            return Err(("cases.concurrency", "must be between 1 and 64".into()));
+        }
+        if c.services_refresh_s == 0 {
+            return Err(("cases.services_refresh_s", "must be at least 1".into()));
         }
         if self.downlink.max_attempts == 0 || self.downlink.poll_ms == 0 {
             return Err(("downlink.max_attempts", "max_attempts and poll_ms must be > 0".into()));

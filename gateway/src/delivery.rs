@@ -44,6 +44,19 @@ pub struct DeliveryStatus {
     pub dead: AtomicU64,
     /// Alerts delivered.
     pub alerts: AtomicU64,
+    /// Requests being sent now.
+    pub in_flight: AtomicU64,
+    /// Open311 look-ups (after an uncertain attempt) that could not answer.
+    pub lookups_failed: AtomicU64,
+    /// Cases posted again without a look-up that answered (possible duplicates, marked).
+    pub resent_unverified: AtomicU64,
+    /// Cases dead-lettered because the platform does not offer what they need, by what.
+    pub unsupported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Why the platform's catalogue (`services.json`) could not be read, while it cannot.
+    pub catalogue_error: std::sync::Mutex<Option<String>>,
+    /// Service codes the platform offers, once read (`None`: not read, or not an Open311
+    /// platform).
+    pub catalogue: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 /// How an attempt failed.
@@ -55,6 +68,10 @@ pub enum DeliveryError {
     /// Will not succeed by retrying (4xx, a malformed answer).
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The platform does not offer what the case needs (its service code, a required
+    /// attribute): dead-lettered before it is sent, and reported.
+    #[error("the platform does not offer {0}")]
+    Unsupported(String),
 }
 
 /// Classifies an HTTP status.
@@ -183,6 +200,9 @@ pub struct CasePayload {
     pub onset: String,
     /// ISO 8601 +08:00.
     pub detected: String,
+    /// Detected, Unix ms (for the Open311 look-up's search window; not sent).
+    #[serde(skip)]
+    pub detected_ms: i64,
     /// Handling deadline, ISO 8601.
     pub handling_due: String,
     /// Handling limit (`6h`, `4wh`).
@@ -230,6 +250,7 @@ pub fn payload(
         urgency: c.urgency.clone(),
         onset: iso(c.onset_ms),
         detected: iso(c.detected_ms),
+        detected_ms: c.detected_ms,
         handling_due: iso(c.handling_due_ms),
         handling_limit: c.handling_limit.clone(),
         deploy_due: iso(c.deploy_due_ms),
@@ -283,16 +304,19 @@ impl Adapter {
         }
     }
 
-    /// Sends one entry; returns the platform's case id when it gave one.
+    /// Sends one entry at `now_ms`; returns the platform's case id when it gave one. `notes`
+    /// collects what the case's trace should say about the attempt.
     pub async fn deliver(
         &self,
         entry: &OutboxEntry,
         p: &CasePayload,
-        now_s: i64,
+        now_ms: i64,
+        notes: &mut Vec<String>,
     ) -> Result<Option<String>, DeliveryError> {
+        let now_s = now_ms / 1000;
         match self {
             Adapter::Local => Ok(Some(p.case_id.to_string())),
-            Adapter::Open311(client) => client.deliver(entry, p).await,
+            Adapter::Open311(client) => client.deliver(entry, p, now_ms, notes).await,
             Adapter::Webhook { http, url, secret } => {
                 let body =
                     serde_json::to_vec(p).map_err(|e| DeliveryError::Permanent(e.to_string()))?;
@@ -345,51 +369,105 @@ pub struct Worker {
     pub alert_secret: String,
     /// The working calendar, for ISO times.
     pub calendar: crate::calendar::Calendar,
+    /// Most entries sent at once (`cases.concurrency`): one hanging request does not hold the
+    /// others back.
+    pub concurrency: usize,
 }
+
+/// A worker's store connection, shared by its concurrent deliveries (each call is short and
+/// runs on a blocking thread; the requests themselves run without it).
+type Shared = Arc<std::sync::Mutex<Store>>;
+
+async fn with_store<T: Send + 'static>(
+    store: &Shared,
+    f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = store.lock().map_err(|_| StoreError::Task("store lock poisoned".into()))?;
+        f(&mut s)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// Entries looked at per round.
+const DUE_PER_ROUND: u32 = 64;
 
 /// Runs the delivery of one channel (`case` or `alert`) until shutdown. `wake` is notified
 /// after every commit that queued something.
+///
+/// Up to `worker.concurrency` entries are in flight at once, each for a different subject (a
+/// case or an alert): entries of one subject go out one at a time, in the order they were
+/// queued (a case's creation before its updates), while a request that hangs until
+/// `cases.timeout_ms` holds back only its own subject.
 pub async fn run(
     worker: Arc<Worker>,
     channel: &'static str,
-    mut store: Store,
+    store: Store,
     clock: Clock,
     wake: Arc<Notify>,
     status: Arc<DeliveryStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
+    let store: Shared = Arc::new(std::sync::Mutex::new(store));
+    let mut in_flight: tokio::task::JoinSet<(i64, Result<(), StoreError>)> =
+        tokio::task::JoinSet::new();
+    let mut busy = std::collections::HashSet::new();
     loop {
         if *shutdown.borrow() {
+            // Requests under way finish (bounded by the request timeout) and are recorded.
+            while let Some(done) = in_flight.join_next().await {
+                if let Ok((_, r)) = done {
+                    r?;
+                }
+            }
             return Ok(());
         }
-        let now = clock();
-        let (s, due) = tokio::task::spawn_blocking(move || {
-            let r = store.outbox_due(channel, now, 64);
-            (store, r)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?;
-        store = s;
-        let due = due?;
-        for entry in &due {
-            store = deliver_one(&worker, store, entry, &clock, &status).await?;
+        let mut started = 0;
+        if in_flight.len() < worker.concurrency.max(1) {
+            let now = clock();
+            let due =
+                with_store(&store, move |s| s.outbox_due(channel, now, DUE_PER_ROUND)).await?;
+            for entry in due {
+                if in_flight.len() >= worker.concurrency.max(1) {
+                    break;
+                }
+                // One at a time per subject, in queue order: a later entry of a busy
+                // subject waits for the earlier one.
+                if !busy.insert(entry.subject) {
+                    continue;
+                }
+                let (worker, store, clock, status) =
+                    (worker.clone(), store.clone(), clock.clone(), status.clone());
+                started += 1;
+                in_flight.spawn(async move {
+                    status.in_flight.fetch_add(1, Relaxed);
+                    let r = deliver_one(&worker, &store, &entry, &clock, &status).await;
+                    status.in_flight.fetch_sub(1, Relaxed);
+                    (entry.subject, r)
+                });
+            }
         }
-        if due.len() == 64 {
-            continue;
-        }
-        let (s, next) = tokio::task::spawn_blocking(move || {
-            let r = store.outbox_next_due(channel);
-            (store, r)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?;
-        store = s;
-        // Sleep until the next retry is due (bounded, in case the clock is simulated), a
-        // commit wakes us, or shutdown.
-        let wait = next?.map_or(1_000, |n| n.saturating_sub(clock()).clamp(0, 1_000));
+        // Sleep until a request finishes, the next retry is due (bounded, in case the clock is
+        // simulated), a commit wakes us, or shutdown. While requests are in flight and nothing
+        // new could start, what is due belongs to a busy subject: wait for a request instead.
+        let wait = if in_flight.is_empty() || started > 0 {
+            let next = with_store(&store, move |s| s.outbox_next_due(channel)).await?;
+            next.map_or(1_000, |n| n.saturating_sub(clock()).clamp(0, 1_000))
+        } else {
+            1_000
+        };
+        let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
         tokio::select! {
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                let (subject, r) = done.map_err(|e| StoreError::Task(e.to_string()))?;
+                busy.remove(&subject);
+                r?;
+            }
             () = wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => {}
+            () = tokio::time::sleep(wait), if in_flight.is_empty() || started > 0 => {}
+            () = tokio::time::sleep(Duration::from_secs(1)), if !(in_flight.is_empty() || started > 0) => {}
             _ = shutdown.changed() => {}
         }
     }
@@ -397,38 +475,36 @@ pub async fn run(
 
 async fn deliver_one(
     worker: &Worker,
-    mut store: Store,
+    store: &Shared,
     entry: &OutboxEntry,
     clock: &Clock,
     status: &DeliveryStatus,
-) -> Result<Store, StoreError> {
+) -> Result<(), StoreError> {
     // Record the attempt before sending (see the module docs), and read what to send. The
     // local board is this store: "sending" there is the one UPDATE that records it done, which
     // cannot half-happen, so it needs no attempt record (one write transaction instead of two,
     // each waiting for the ingest commit in progress).
     let record = !(matches!(worker.adapter, Adapter::Local) && entry.channel == "case");
     let e = entry.clone();
-    let (s, loaded) = tokio::task::spawn_blocking(move || {
-        let begun = if record { store.outbox_begin(&e) } else { Ok(()) };
-        let r = begun.and_then(|()| {
-            Ok(match e.channel.as_str() {
-                "case" => (store.case(e.subject)?, None),
-                _ => (None, store.alert(e.subject)?),
-            })
-        });
-        (store, r)
+    let loaded = with_store(store, move |store| {
+        if record {
+            store.outbox_begin(&e)?;
+        }
+        Ok(match e.channel.as_str() {
+            "case" => (store.case(e.subject)?, None),
+            _ => (None, store.alert(e.subject)?),
+        })
     })
-    .await
-    .map_err(|e| StoreError::Task(e.to_string()))?;
-    store = s;
+    .await?;
     let now = clock();
-    let result = match loaded? {
+    let mut notes = Vec::new();
+    let result = match loaded {
         (Some(case), _) => {
             let iso = |ms| worker.calendar.iso(ms);
             let p = payload(&entry.op, &case, worker.gcj02, &iso);
             worker
                 .adapter
-                .deliver(entry, &p, now / 1000)
+                .deliver(entry, &p, now, &mut notes)
                 .await
                 .map(|id| (worker.adapter.name(), id))
         }
@@ -440,44 +516,90 @@ async fn deliver_one(
         }
     };
     let now = clock();
+    if !notes.is_empty() {
+        status.resent_unverified.fetch_add(1, Relaxed);
+        let (subject, actor) = (entry.subject, format!("delivery:{}", worker.adapter.name()));
+        with_store(store, move |s| {
+            notes.iter().try_for_each(|n| s.case_note(subject, &actor, n, now))
+        })
+        .await?;
+    }
     let e = entry.clone();
-    let (s, r) = match result {
+    match result {
         Ok((platform, id)) => {
             if e.channel == "alert" {
                 status.alerts.fetch_add(1, Relaxed);
             }
             status.delivered.fetch_add(1, Relaxed);
-            tokio::task::spawn_blocking(move || {
-                let r = store.outbox_done(&e, platform, id.as_deref(), now);
-                (store, r)
-            })
-            .await
+            with_store(store, move |s| s.outbox_done(&e, platform, id.as_deref(), now)).await
         }
         Err(err) => {
             let next = match &err {
-                DeliveryError::Retry(_) => {
+                DeliveryError::Retry(why) => {
                     status.retries.fetch_add(1, Relaxed);
-                    let wait = backoff_ms(e.attempts, worker.retry_min_ms, worker.retry_max_ms, random_unit());
+                    if why.starts_with("look-up") {
+                        status.lookups_failed.fetch_add(1, Relaxed);
+                    }
+                    let wait = backoff_ms(
+                        e.attempts,
+                        worker.retry_min_ms,
+                        worker.retry_max_ms,
+                        random_unit(),
+                    );
                     Some(now.saturating_add(i64::try_from(wait).unwrap_or(i64::MAX)))
                 }
-                DeliveryError::Permanent(_) => {
+                DeliveryError::Permanent(_) | DeliveryError::Unsupported(_) => {
                     status.dead.fetch_add(1, Relaxed);
-                    tracing::error!(entry = e.id, channel = %e.channel, subject = e.subject, "delivery failed permanently: {err}");
+                    if let DeliveryError::Unsupported(what) = &err
+                        && let Ok(mut u) = status.unsupported.lock()
+                    {
+                        *u.entry(what.clone()).or_default() += 1;
+                    }
+                    tracing::error!(entry = e.id, channel = %e.channel, subject = e.subject, "delivery given up (dead letter; `gridsense cases redeliver {}` after fixing): {err}", e.id);
                     None
                 }
             };
             tracing::warn!(entry = e.id, attempts = e.attempts + 1, "delivery failed: {err}");
             let text = err.to_string();
-            tokio::task::spawn_blocking(move || {
-                let r = store.outbox_failed(&e, &text, next, now);
-                (store, r)
-            })
-            .await
+            with_store(store, move |s| s.outbox_failed(&e, &text, next, now)).await
         }
     }
-    .map_err(|e| StoreError::Task(e.to_string()))?;
-    r?;
-    Ok(s)
+}
+
+/// Reads an Open311 platform's catalogue at start and every `every`, keeping what the status
+/// says about it current (readiness, metrics).
+pub async fn watch_catalogue(
+    client: crate::open311_client::Client,
+    every: Duration,
+    status: Arc<DeliveryStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    loop {
+        match client.refresh_catalogue().await {
+            Ok(c) => {
+                tracing::info!(services = c.services.len(), "platform catalogue read");
+                if let Ok(mut e) = status.catalogue_error.lock() {
+                    *e = None;
+                }
+                if let Ok(mut codes) = status.catalogue.lock() {
+                    *codes = Some(c.services.keys().cloned().collect());
+                }
+            }
+            Err(e) => {
+                tracing::warn!("platform catalogue (services.json) not read: {e}");
+                if let Ok(mut slot) = status.catalogue_error.lock() {
+                    *slot = Some(e.to_string());
+                }
+            }
+        }
+        // A catalogue that could not be read is tried again sooner.
+        let failing = status.catalogue_error.lock().map(|e| e.is_some()).unwrap_or(false);
+        let wait = if failing { every.min(Duration::from_secs(60)) } else { every };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
 }
 
 /// The SOS alert as posted to the alert channel.

@@ -13,7 +13,8 @@ mod ops;
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 pub use cases::{
-    AlertView, CaseFilter, CaseView, ClusterMember, OutboxEntry, TraceEntry, TransitionError,
+    AlertView, CaseFilter, CaseView, ClusterMember, OutboxEntry, OutboxView, TraceEntry,
+    TransitionError,
 };
 pub use ops::{
     DeviceDetail, DeviceFilter, DevicePage, DeviceRow, Fix, FrameVerdict, GridCounts, IncidentView,
@@ -700,13 +701,13 @@ impl Store {
     }
 
     /// The role of a live token, by hash.
-    pub fn token_role(&self, hash: &str) -> Result<Option<String>, StoreError> {
+    pub fn token_role(&self, hash: &str) -> Result<Option<(String, String)>, StoreError> {
         Ok(self
             .conn
             .query_row(
-                "SELECT role FROM api_tokens WHERE hash = ?1 AND revoked_ms IS NULL",
+                "SELECT name, role FROM api_tokens WHERE hash = ?1 AND revoked_ms IS NULL",
                 [hash],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
     }

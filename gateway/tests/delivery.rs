@@ -19,7 +19,7 @@ use std::{
 
 use common::{
     now_device_time,
-    platform::{API_KEY, Fault, Platform, SECRET},
+    platform::{self, API_KEY, Fault, Platform, SECRET},
     publish, removed,
 };
 use gridsense_gateway::{
@@ -373,4 +373,234 @@ async fn webhook_status_callbacks_must_be_signed_and_fresh() {
     let case = store.case(1).unwrap().unwrap();
     assert_eq!(case.state, "dispatched");
     assert!(case.dispatched_ms.is_some(), "the handling clock started");
+}
+
+/// The requests the platform holds, grouped by the case key they carry.
+fn by_key(platform: &Platform) -> HashMap<String, usize> {
+    let mut keys = HashMap::new();
+    for r in platform.requests() {
+        *keys.entry(r.form["attribute[idempotency_key]"].clone()).or_default() += 1;
+    }
+    keys
+}
+
+/// A platform without search (404 on `GET /requests.json`): after a burst of 503s every
+/// attempt was uncertain, and no look-up can answer — the cases are posted again with their
+/// marker instead of being dead-lettered.
+#[tokio::test]
+async fn a_platform_without_search_still_gets_every_case_after_a_503_burst() {
+    let s = setup(36, 7, 0);
+    let platform = Platform::start().await;
+    platform.inner.lock().unwrap().search = platform::Search::Unsupported;
+    platform.then(&[Fault::Unavailable; 7]);
+    let config = config(&s, Kind::Open311, platform.open311_url());
+    common::import(&config, s.dir.path());
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let at = now_device_time();
+    publish(s.broker.addr(), s.covers.iter().map(|e| (*e, removed(at))).collect(), &s.keys).await;
+    wait_for("seven cases on the platform", Duration::from_secs(20), || {
+        gateway.delivery.delivered.load(Relaxed) >= 7
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let keys = by_key(&platform);
+    let inner = platform.inner.lock().unwrap();
+    assert_eq!(keys.len(), 7, "every case arrived: {keys:?}");
+    assert!(keys.values().all(|n| *n == 1), "none twice (503s were never stored): {keys:?}");
+    assert_eq!(gateway.delivery.dead.load(Relaxed), 0, "nothing dead-lettered");
+    assert!(gateway.delivery.resent_unverified.load(Relaxed) >= 1);
+    gridsense_tests::evidence!(
+        "delivery: open311 without search after 7×503: 7 of 7 cases arrived once, {} POSTs, {} searches refused, {} re-sent without a look-up, 0 dead letters",
+        inner.posts,
+        inner.searches,
+        gateway.delivery.resent_unverified.load(Relaxed)
+    );
+    // The trace says why the case was posted again.
+    let store = app::open_store(&config).unwrap();
+    let noted = (1..=7).any(|id| {
+        store.trace(id).unwrap().iter().any(|t| t.detail.contains("re-sent without a look-up"))
+    });
+    assert!(noted, "no trace note for the unverified re-send");
+}
+
+/// A platform whose clock is behind ours stores a request "before" the case was detected; the
+/// look-up after an uncertain attempt must still find it (its window opens an hour early), so
+/// the case is not posted twice.
+#[tokio::test]
+async fn a_platform_clock_behind_ours_does_not_duplicate_a_case() {
+    for skew_s in [1, 5, 60] {
+        let s = setup(37, 4, 0);
+        let platform = Platform::start().await;
+        platform.inner.lock().unwrap().skew_ms = -skew_s * 1_000;
+        // The first two POSTs are taken but answered too late: uncertain, looked up.
+        let slow = Fault::Slow(Duration::from_millis(1_500));
+        platform.then(&[slow, slow]);
+        let config = config(&s, Kind::Open311, platform.open311_url());
+        common::import(&config, s.dir.path());
+        let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+        let at = now_device_time();
+        publish(s.broker.addr(), s.covers.iter().map(|e| (*e, removed(at))).collect(), &s.keys)
+            .await;
+        wait_for("four cases delivered", Duration::from_secs(20), || {
+            gateway.delivery.delivered.load(Relaxed) >= 4
+        })
+        .await;
+        stop_tx.send(true).unwrap();
+        gateway.task.await.unwrap().unwrap();
+        let keys = by_key(&platform);
+        let posts = platform.inner.lock().unwrap().posts;
+        assert_eq!(keys.len(), 4, "skew {skew_s} s: {keys:?}");
+        assert!(keys.values().all(|n| *n == 1), "skew {skew_s} s: a case posted twice: {keys:?}");
+        gridsense_tests::evidence!(
+            "delivery: open311 clock {skew_s} s behind, 2 answers too late: 4 of 4 cases once, {posts} POSTs"
+        );
+    }
+}
+
+/// One request that hangs holds back only its own case: the others are delivered meanwhile,
+/// and one case's entries still go out in order (its creation before its recovery).
+#[tokio::test]
+async fn a_hanging_request_does_not_hold_back_other_cases() {
+    let s = setup(38, 6, 0);
+    let platform = Platform::start().await;
+    platform.then(&[Fault::Slow(Duration::from_secs(4))]);
+    let mut config = config(&s, Kind::Webhook, platform.hook_url());
+    config.cases.timeout_ms = 10_000;
+    common::import(&config, s.dir.path());
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let at = now_device_time();
+    // The first cover is stolen and put back: its case's creation, then its recovery.
+    publish(s.broker.addr(), vec![(s.covers[0], removed(at))], &s.keys).await;
+    wait_for("the first request hanging", Duration::from_secs(10), || {
+        platform.inner.lock().unwrap().posts >= 1
+    })
+    .await;
+    let hung = Instant::now();
+    let cleared = Uplink::AlarmCleared(gridsense_protocol::AlarmCleared {
+        kind: gridsense_protocol::AlarmKind::CoverRemoved,
+        value: 0,
+        since: at,
+        at: now_device_time(),
+    });
+    common::publish_from(s.broker.addr(), vec![(s.covers[0], cleared)], &s.keys, 2).await;
+    publish(s.broker.addr(), s.covers[1..].iter().map(|e| (*e, removed(at))).collect(), &s.keys)
+        .await;
+    wait_for("the other five cases", Duration::from_secs(3), || {
+        platform.hooks().iter().filter(|h| h.body["op"] == "create").count() >= 5
+    })
+    .await;
+    assert!(hung.elapsed() < Duration::from_secs(4), "the others waited for the hanging request");
+    wait_for("the first case and its recovery", Duration::from_secs(15), || {
+        platform.hooks().iter().filter(|h| h.body["case_id"] == 1).count() >= 2
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let first: Vec<String> = platform
+        .hooks()
+        .iter()
+        .filter(|h| h.body["case_id"] == 1)
+        .map(|h| h.body["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(first, ["create", "recovered"], "one case's entries in order");
+    // Detection to delivery of the other cases, while the first request hung.
+    let store = app::open_store(&config).unwrap();
+    let all = gridsense_gateway::store::CaseFilter { limit: 10, ..Default::default() };
+    let worst = store
+        .cases(&all)
+        .unwrap()
+        .iter()
+        .filter(|c| c.id != 1)
+        .map(|c| c.delivered_ms.unwrap() - c.detected_ms)
+        .max()
+        .unwrap();
+    gridsense_tests::evidence!(
+        "delivery: one request hanging 4 s: the other 5 cases delivered at most {worst} ms after detection meanwhile; its own recovery waited for it"
+    );
+}
+
+/// A catalogue without the cover class: the case is dead-lettered before it is posted, with
+/// the reason, counted and shown in /readyz; once the platform offers the service an operator
+/// puts it back (API, then CLI for the rest) and it is delivered.
+#[tokio::test]
+async fn cases_the_platform_does_not_offer_are_dead_lettered_with_the_reason_and_redelivered() {
+    let s = setup(39, 3, 0);
+    let platform = Platform::start().await;
+    let service = |code: &str, attributes: Option<Vec<(String, bool)>>| platform::Service {
+        code: code.into(),
+        attributes,
+    };
+    platform.inner.lock().unwrap().services =
+        Some(vec![service("E0404", None), service("E0406", Some(vec![("photo".into(), true)]))]);
+    let mut config = config(&s, Kind::Open311, platform.open311_url());
+    config.cases.services_refresh_s = 1;
+    config.http.listen = "127.0.0.1:0".into();
+    config.http.auth = "off".into();
+    common::import(&config, s.dir.path());
+    let (gateway, stop_tx) = common::start(&config, app::wall_clock()).await;
+    let http = gateway.http.unwrap();
+    let at = now_device_time();
+    publish(s.broker.addr(), s.covers.iter().map(|e| (*e, removed(at))).collect(), &s.keys).await;
+    wait_for("three dead letters", Duration::from_secs(10), || {
+        gateway.delivery.dead.load(Relaxed) >= 3
+    })
+    .await;
+    assert_eq!(platform.inner.lock().unwrap().posts, 0, "nothing posted that it cannot take");
+    let store = app::open_store(&config).unwrap();
+    let dead = store.outbox(None, Some("dead"), 10).unwrap();
+    assert_eq!(dead.len(), 3);
+    let why = dead[0].last_error.clone().unwrap();
+    assert!(why.contains("does not offer service_code C01"), "{why}");
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap().text().await.unwrap();
+    assert!(ready.starts_with("ready (warnings: the platform does not offer"), "{ready}");
+    assert!(ready.contains("dead-lettered") && ready.contains("C01"), "{ready}");
+    let metrics =
+        reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains("gridsense_delivery_unsupported_total{what=\"service_code C01"),
+        "{metrics}"
+    );
+    // The platform now offers the class; an operator retries one entry by the API …
+    let class = store.case(dead[0].subject).unwrap().unwrap().class_code;
+    platform.inner.lock().unwrap().services.as_mut().unwrap().push(service(&class, None));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let client = reqwest::Client::new();
+    let retried = client
+        .post(format!("http://{http}/api/v1/outbox/{}/retry", dead[0].id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    let again = client
+        .post(format!("http://{http}/api/v1/outbox/{}/retry", dead[0].id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "a pending entry is not dead-lettered");
+    wait_for("the retried case", Duration::from_secs(10), || platform.requests().len() == 1).await;
+    // … and the rest by the CLI (those of another class stay dead if still unoffered).
+    for d in &dead[1..] {
+        let c = store.case(d.subject).unwrap().unwrap().class_code;
+        let mut inner = platform.inner.lock().unwrap();
+        let list = inner.services.as_mut().unwrap();
+        if !list.iter().any(|x| x.code == c) {
+            list.push(service(&c, None));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let config_path = s.dir.path().join("gridsense.toml");
+    std::fs::write(&config_path, format!("[store]\npath = \"{}\"\n", config.store.path.display()))
+        .unwrap();
+    let out = common::cli(&config_path, &["cases", "redeliver", "--dead"]);
+    assert!(out.contains("2 entries back in the queue"), "{out}");
+    wait_for("every case delivered", Duration::from_secs(10), || platform.requests().len() == 3)
+        .await;
+    let trace = store.trace(dead[0].subject).unwrap();
+    assert!(trace.iter().any(|t| t.detail.contains("requeued")), "{trace:?}");
+    stop_tx.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    gridsense_tests::evidence!(
+        "delivery: open311 catalogue without {class}: 3 dead-lettered before any POST (reason in /readyz and metrics), redelivered by API and CLI: 3 POSTs, 3 cases"
+    );
 }

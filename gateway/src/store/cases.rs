@@ -435,6 +435,31 @@ pub struct OutboxEntry {
     pub created_ms: i64,
 }
 
+/// An outbox entry as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxView {
+    /// Entry id (`gridsense cases redeliver ID`, `POST /api/v1/outbox/{id}/retry`).
+    pub id: i64,
+    /// `case` or `alert`.
+    pub channel: String,
+    /// Case or alert id.
+    pub subject: i64,
+    /// `create`, `update`, `recovered`.
+    pub op: String,
+    /// `pending`, `done` or `dead`.
+    pub state: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Queued at, Unix ms.
+    pub created_ms: i64,
+    /// Next attempt at (pending), Unix ms.
+    pub next_ms: i64,
+    /// Delivered or given up at, Unix ms.
+    pub done_ms: Option<i64>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
 /// An SOS alert row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlertView {
@@ -892,6 +917,102 @@ impl Store {
                 params![entry.id, now_ms, error],
             )?,
         };
+        Ok(())
+    }
+
+    /// Outbox entries, newest first: of one case (`case`), or in one state (`state`), or all.
+    pub fn outbox(
+        &self,
+        case: Option<i64>,
+        state: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<OutboxView>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, channel, subject, op, state, attempts, created_ms, next_ms, done_ms, last_error
+             FROM outbox WHERE (?1 IS NULL OR (channel = 'case' AND subject = ?1))
+             AND (?2 IS NULL OR state = ?2) ORDER BY id DESC LIMIT ?3",
+        )?;
+        Ok(stmt
+            .query_map(params![case, state, limit], |r| {
+                Ok(OutboxView {
+                    id: r.get(0)?,
+                    channel: r.get(1)?,
+                    subject: r.get(2)?,
+                    op: r.get(3)?,
+                    state: r.get(4)?,
+                    attempts: r.get(5)?,
+                    created_ms: r.get(6)?,
+                    next_ms: r.get(7)?,
+                    done_ms: r.get(8)?,
+                    last_error: r.get(9)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The state of one outbox entry, if it exists.
+    pub fn outbox_state(&self, id: i64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Puts dead-lettered entries back in the queue, due now: entry `id`, or every dead entry
+    /// when `id` is `None`. Attempts are kept, so a case that may have reached the platform
+    /// is looked for before it is posted again. Each case's trace notes who asked. Returns
+    /// the entries requeued (none: `id` is not dead, or does not exist).
+    pub fn outbox_retry(
+        &mut self,
+        id: Option<i64>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let dead: Vec<(i64, String, i64, Option<String>)> = {
+            let mut stmt = tx.prepare(
+                "SELECT id, channel, subject, last_error FROM outbox
+                 WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) ORDER BY id",
+            )?;
+            stmt.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        for (entry, channel, subject, error) in &dead {
+            tx.execute(
+                "UPDATE outbox SET state = 'pending', next_ms = ?2, done_ms = NULL WHERE id = ?1",
+                params![entry, now_ms],
+            )?;
+            if channel == "case" {
+                tx.execute(
+                    "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, NULL, NULL, ?3, ?4)",
+                    params![
+                        subject,
+                        now_ms,
+                        actor,
+                        format!(
+                            "delivery entry {entry} requeued after it was given up ({})",
+                            error.as_deref().unwrap_or("no error recorded")
+                        )
+                    ],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(dead.into_iter().map(|(entry, ..)| entry).collect())
+    }
+
+    /// Adds a note (no state change) to a case's trace.
+    pub fn case_note(
+        &mut self,
+        case_id: i64,
+        actor: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, NULL, NULL, ?3, ?4)",
+            params![case_id, now_ms, actor, note],
+        )?;
         Ok(())
     }
 
