@@ -517,6 +517,13 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     }
     metric(
         &mut out,
+        "gridsense_http_connections",
+        "gauge",
+        "HTTP connections open now (at most http.max_connections).",
+    );
+    let _ = writeln!(out, "gridsense_http_connections {}", s.http_connections.load(Relaxed));
+    metric(
+        &mut out,
         "gridsense_mqtt_sessions_lost_total",
         "counter",
         "Reconnections on which the broker had kept no session for the gateway's client id (taken over with a clean start, or broker state lost): what was queued is gone.",

@@ -175,7 +175,8 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             clock.clone(),
             config.cases.secret.clone(),
         )
-        .context("cases.tables")?;
+        .context("cases.tables")?
+        .with_jurisdiction(config.http.jurisdiction_id.clone());
         Some(serve_http(
             listener,
             &status,
@@ -362,11 +363,16 @@ pub fn serve_http(
             .context("http.tls_cert / http.tls_key")?,
         )
     };
+    let limits = crate::http::Limits {
+        max_connections: http.max_connections,
+        header_timeout: std::time::Duration::from_millis(http.header_timeout_ms),
+    };
+    let open = status.http_connections.clone();
     tokio::spawn(async move {
         let served = match tls {
-            None => crate::http::serve(listener, router, shutdown).await,
+            None => crate::http::serve(listener, router, limits, open, shutdown).await,
             Some(config) => match crate::tls::TlsListener::new(listener, config) {
-                Ok(listener) => crate::http::serve(listener, router, shutdown).await,
+                Ok(listener) => crate::http::serve(listener, router, limits, open, shutdown).await,
                 Err(e) => Err(e),
             },
         };

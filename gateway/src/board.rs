@@ -37,6 +37,8 @@ pub struct Board {
     clock: Clock,
     /// Key that signs webhook status callbacks (empty: callbacks refused).
     secret: String,
+    /// The Open311 jurisdiction this board serves (`http.jurisdiction_id`; empty: none named).
+    jurisdiction: String,
 }
 
 impl std::fmt::Debug for Board {
@@ -59,7 +61,15 @@ impl Board {
             tables,
             clock,
             secret,
+            jurisdiction: String::new(),
         })
+    }
+
+    /// Serves the Open311 jurisdiction `id` (requests naming another are refused).
+    #[must_use]
+    pub fn with_jurisdiction(mut self, id: String) -> Self {
+        self.jurisdiction = id;
+        self
     }
 
     /// Runs `f` on the board's store connection on a blocking thread.
@@ -309,39 +319,20 @@ fn request_of(c: &CaseView, cal: &Calendar) -> ServiceRequest {
     }
 }
 
+/// The XML of a request list: the same fields as the JSON, from the same serialisation.
 fn requests_xml(list: &[ServiceRequest]) -> String {
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"utf-8\"?><service_requests>");
     for r in list {
         out.push_str("<request>");
-        let fields: [(&str, String); 25] = [
-            ("service_request_id", r.service_request_id.clone()),
-            ("status", r.status.into()),
-            ("status_notes", r.status_notes.clone()),
-            ("service_name", r.service_name.clone()),
-            ("service_code", r.service_code.clone()),
-            ("description", r.description.clone()),
-            ("agency_responsible", r.agency_responsible.clone()),
-            ("service_notice", r.service_notice.clone()),
-            ("requested_datetime", r.requested_datetime.clone()),
-            ("updated_datetime", r.updated_datetime.clone()),
-            ("expected_datetime", r.expected_datetime.clone()),
-            ("address", r.address.clone()),
-            ("address_id", r.address_id.clone()),
-            ("zipcode", r.zipcode.clone()),
-            ("lat", format!("{:.6}", r.lat)),
-            ("long", format!("{:.6}", r.long)),
-            ("media_url", r.media_url.clone()),
-            ("device_id", r.device_id.clone()),
-            ("object_code", r.object_code.clone()),
-            ("crs", r.crs.clone()),
-            ("grid_code", r.grid_code.clone()),
-            ("community_code", r.community_code.clone()),
-            ("street_code", r.street_code.clone()),
-            ("urgency", r.urgency.clone()),
-            ("state", r.state.clone()),
-        ];
-        for (k, v) in fields {
-            out.push_str(&format!("<{k}>{}</{k}>", escape(&v)));
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(r) {
+            for (k, v) in fields {
+                let text = match v {
+                    serde_json::Value::String(t) => t,
+                    serde_json::Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                out.push_str(&format!("<{k}>{}</{k}>", escape(&text)));
+            }
         }
         out.push_str("</request>");
     }
@@ -376,8 +367,111 @@ fn split(v: Option<&String>) -> impl Iterator<Item = &str> {
     v.into_iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// Parses the query into a filter; the error names the parameter.
-pub fn filter_of(q: &RequestsQuery) -> Result<CaseFilter, String> {
+/// A W3C date-time (the profile of ISO 8601 in the W3C's NOTE-datetime, which Open311 cites):
+/// `YYYY`, `YYYY-MM`, `YYYY-MM-DD`, or a date with `Thh:mm`, `Thh:mm:ss` or `Thh:mm:ss.s…` and
+/// a zone (`Z` or `±hh:mm`; a time without one is read at the board's `offset`). A form without
+/// a time denotes its whole year, month or day at `offset`: as a start its first instant, as an
+/// end (`end`) its last millisecond. Unix ms.
+pub fn parse_w3c(s: &str, end: bool, offset: chrono::FixedOffset) -> Result<i64, String> {
+    use chrono::{NaiveDate, NaiveTime, TimeZone};
+    let bad =
+        || format!("{s:?} is not a W3C date-time such as 2026-12-01T10:45+08:00 or 2026-12-01");
+    let at = |date: NaiveDate, time: NaiveTime, zone: chrono::FixedOffset| {
+        zone.from_local_datetime(&date.and_time(time)).single().map(|d| d.timestamp_millis())
+    };
+    if let Some((date, time)) = s.split_once('T') {
+        let date = NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| bad())?;
+        let (clock, zone) = if let Some(c) =
+            time.strip_suffix('Z').or_else(|| time.strip_suffix('z'))
+        {
+            (c, chrono::FixedOffset::east_opt(0).ok_or_else(bad)?)
+        } else if let Some(i) = time.rfind(['+', '-']) {
+            let (c, z) = time.split_at(i);
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let (h, m) = z.get(1..).and_then(|hm| hm.split_once(':')).ok_or_else(bad)?;
+            let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if h.to_string().len() > 2 || !(0..24).contains(&h) || !(0..60).contains(&m) {
+                return Err(bad());
+            }
+            (c, chrono::FixedOffset::east_opt(sign * (h * 3_600 + m * 60)).ok_or_else(bad)?)
+        } else {
+            (time, offset)
+        };
+        let time = ["%H:%M", "%H:%M:%S", "%H:%M:%S%.f"]
+            .iter()
+            .find_map(|f| NaiveTime::parse_from_str(clock, f).ok())
+            .ok_or_else(bad)?;
+        return at(date, time, zone).ok_or_else(bad);
+    }
+    let parts: Vec<&str> = s.split('-').collect();
+    let number = |p: &str, len: usize| -> Result<u32, String> {
+        if p.len() == len && p.bytes().all(|b| b.is_ascii_digit()) {
+            p.parse().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let year = i32::try_from(number(parts.first().ok_or_else(bad)?, 4)?).map_err(|_| bad())?;
+    let (first, next) = match parts.as_slice() {
+        [_] => (NaiveDate::from_ymd_opt(year, 1, 1), NaiveDate::from_ymd_opt(year + 1, 1, 1)),
+        [_, m] => {
+            let m = number(m, 2)?;
+            let next = if m == 12 { (year + 1, 1) } else { (year, m + 1) };
+            (NaiveDate::from_ymd_opt(year, m, 1), NaiveDate::from_ymd_opt(next.0, next.1, 1))
+        }
+        [_, m, d] => {
+            let day = NaiveDate::from_ymd_opt(year, number(m, 2)?, number(d, 2)?);
+            (day, day.and_then(|d| d.succ_opt()))
+        }
+        _ => (None, None),
+    };
+    let (Some(first), Some(next)) = (first, next) else { return Err(bad()) };
+    let day = if end { next } else { first };
+    let ms = at(day, NaiveTime::MIN, offset).ok_or_else(bad)?;
+    Ok(if end { ms - 1 } else { ms })
+}
+
+/// The span Open311 allows a request search (and its default: the last 90 days).
+pub const OPEN311_SPAN_MS: i64 = 90 * 86_400_000;
+
+/// An Open311 search: `service_request_id` overrides every other parameter (GeoReport v2);
+/// otherwise the filters, over `start_date`..`end_date` — by default the 90 days up to `now`,
+/// and never more than 90 days.
+pub fn open311_filter(
+    q: &RequestsQuery,
+    now_ms: i64,
+    offset: chrono::FixedOffset,
+) -> Result<CaseFilter, String> {
+    let mut f =
+        CaseFilter { limit: q.limit.unwrap_or(1_000).clamp(1, 1_000), ..CaseFilter::default() };
+    for id in split(q.service_request_id.as_ref()) {
+        f.ids.push(
+            id.parse().map_err(|_| format!("service_request_id: {id:?} is not a request id"))?,
+        );
+    }
+    if !f.ids.is_empty() {
+        return Ok(f);
+    }
+    let mut f = filter_of(q, offset)?;
+    let (start, end) = match (f.start_ms, f.end_ms) {
+        (None, None) => (now_ms - OPEN311_SPAN_MS, now_ms),
+        (Some(s), None) => (s, now_ms.min(s.saturating_add(OPEN311_SPAN_MS))),
+        (None, Some(e)) => (e.saturating_sub(OPEN311_SPAN_MS), e),
+        (Some(s), Some(e)) => (s, e),
+    };
+    if end < start {
+        return Err("end_date: before start_date".into());
+    }
+    if end - start > OPEN311_SPAN_MS {
+        return Err("start_date, end_date: a search may not span more than 90 days".into());
+    }
+    (f.start_ms, f.end_ms) = (Some(start), Some(end));
+    Ok(f)
+}
+
+/// Parses the query into a filter; the error names the parameter. Dates are W3C date-times
+/// ([`parse_w3c`]) read at `offset` where they carry no zone.
+pub fn filter_of(q: &RequestsQuery, offset: chrono::FixedOffset) -> Result<CaseFilter, String> {
     let mut f =
         CaseFilter { limit: q.limit.unwrap_or(1_000).clamp(1, 1_000), ..CaseFilter::default() };
     for id in split(q.service_request_id.as_ref()) {
@@ -391,17 +485,13 @@ pub fn filter_of(q: &RequestsQuery) -> Result<CaseFilter, String> {
         }
         f.class_codes.push(code.to_owned());
     }
-    let date = |name: &str, v: &Option<String>| -> Result<Option<i64>, String> {
+    let date = |name: &str, v: &Option<String>, end: bool| -> Result<Option<i64>, String> {
         v.as_deref()
-            .map(|s| {
-                chrono::DateTime::parse_from_rfc3339(s)
-                    .map(|d| d.timestamp_millis())
-                    .map_err(|e| format!("{name}: {s:?} is not a W3C date-time such as 2026-11-26T08:00:00+08:00 ({e})"))
-            })
+            .map(|s| parse_w3c(s, end, offset).map_err(|e| format!("{name}: {e}")))
             .transpose()
     };
-    f.start_ms = date("start_date", &q.start_date)?;
-    f.end_ms = date("end_date", &q.end_date)?;
+    f.start_ms = date("start_date", &q.start_date, false)?;
+    f.end_ms = date("end_date", &q.end_date, true)?;
     let mut states = Vec::new();
     for s in split(q.status.as_ref()) {
         match s {
@@ -439,7 +529,7 @@ async fn get_requests(
         Ok(Query(q)) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), xml),
     };
-    let f = match filter_of(&q) {
+    let f = match open311_filter(&q, (board.clock)(), board.calendar.offset()) {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e, xml),
     };
@@ -573,7 +663,7 @@ async fn list_cases(
         Ok(Query(q)) => q,
         Err(e) => return api(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let f = match filter_of(&q) {
+    let f = match filter_of(&q, board.calendar.offset()) {
         Ok(f) => f,
         Err(e) => return api(StatusCode::BAD_REQUEST, e),
     };
@@ -719,7 +809,16 @@ pub struct Callback {
 /// Seconds a callback's signature timestamp may differ from now.
 pub const CALLBACK_TOLERANCE_S: i64 = 300;
 
-async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn callback(
+    State(board): State<Arc<Board>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Too large (413) and the like, in the API's error envelope.
+        Err(e) => return api(e.status(), e.body_text()),
+    };
     if board.secret.is_empty() {
         return api(StatusCode::NOT_FOUND, "callbacks are not configured (cases.secret)");
     }
@@ -743,12 +842,36 @@ async fn callback(State(board): State<Arc<Board>>, headers: HeaderMap, body: Byt
         );
     };
     let now = (board.clock)();
-    let r = board.with_store(move |s| s.platform_state(cb.case_id, to, &cb.note, now)).await;
+    let cal = board.calendar.clone();
+    let signature = sig.trim().to_owned();
+    let (case_id, note) = (cb.case_id, cb.note);
+    let r = board
+        .with_store(move |s| {
+            // Remembered a little longer than a signature is valid on either side of now.
+            s.platform_callback(
+                &signature,
+                3 * CALLBACK_TOLERANCE_S * 1000,
+                case_id,
+                to,
+                &note,
+                now,
+                |limit, from| limit.parse::<Limit>().ok().map(|l| cal.deadline(from, l)),
+            )
+        })
+        .await;
+    use crate::store::CallbackOutcome as O;
     match r {
-        Ok(true) => {
-            Json(serde_json::json!({ "id": cb.case_id, "state": to.as_str() })).into_response()
+        Ok(Ok(O::Moved | O::Unchanged)) => {
+            Json(serde_json::json!({ "id": case_id, "state": to.as_str() })).into_response()
         }
-        Ok(false) => api(StatusCode::NOT_FOUND, format!("case {} not found", cb.case_id)),
+        Ok(Ok(O::Replayed)) => api(
+            StatusCode::CONFLICT,
+            "this signed callback was taken before (a replay): sign each callback afresh",
+        ),
+        Ok(Err(crate::store::TransitionError::NotFound(_))) => {
+            api(StatusCode::NOT_FOUND, format!("case {case_id} not found"))
+        }
+        Ok(Err(e)) => api(StatusCode::CONFLICT, e.to_string()),
         Err(e) => api(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
@@ -861,12 +984,68 @@ async fn patrols(
     }
 }
 
+/// Open311's error for anything under `/open311/v2` that is not one of its resources.
+async fn open311_not_found(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    error(StatusCode::NOT_FOUND, format!("no such resource {path}"), path.ends_with(".xml"))
+}
+
+/// Open311's error for a method the resource does not take (everything here is read-only).
+async fn open311_method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {path}: this board's Open311 endpoints are read-only (GET)"
+        ),
+        path.ends_with(".xml"),
+    );
+    r.headers_mut().insert(header::ALLOW, axum::http::HeaderValue::from_static("GET, HEAD"));
+    r
+}
+
+/// Refuses a `jurisdiction_id` this board does not serve (an empty one is the same as none).
+async fn jurisdiction(
+    State(board): State<Arc<Board>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let asked = req.uri().query().and_then(|q| {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(q)
+            .ok()?
+            .into_iter()
+            .find_map(|(k, v)| (k == "jurisdiction_id").then_some(v))
+    });
+    if let Some(asked) = asked.filter(|a| !a.is_empty() && *a != board.jurisdiction) {
+        let serves = if board.jurisdiction.is_empty() {
+            "this board names no jurisdiction: leave jurisdiction_id out".to_owned()
+        } else {
+            format!("this board serves jurisdiction_id {:?}", board.jurisdiction)
+        };
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("jurisdiction_id {asked:?} is not served here ({serves})"),
+            req.uri().path().ends_with(".xml"),
+        );
+    }
+    next.run(req).await
+}
+
+/// The Open311 GeoReport v2 read endpoints, under `/open311/v2`.
+fn open311_routes(board: Arc<Board>) -> Router<Arc<Board>> {
+    Router::new()
+        .route("/{name}", get(get_services_or_requests))
+        .route("/services/{name}", get(get_service))
+        .route("/requests/{name}", get(get_request))
+        .fallback(open311_not_found)
+        .method_not_allowed_fallback(open311_method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(board, jurisdiction))
+}
+
 /// The board's routes.
 pub fn routes(board: Arc<Board>) -> Router {
     Router::new()
-        .route("/open311/v2/{name}", get(get_services_or_requests))
-        .route("/open311/v2/services/{name}", get(get_service))
-        .route("/open311/v2/requests/{name}", get(get_request))
+        .nest("/open311/v2", open311_routes(board.clone()))
         .route("/api/v1/cases", get(list_cases))
         .route("/api/v1/cases/{id}", get(get_case))
         .route("/api/v1/cases/{id}/transition", post(move_case))
@@ -946,12 +1125,70 @@ mod tests {
         assert!(t[0].done.is_some());
     }
 
+    fn plus8() -> chrono::FixedOffset {
+        chrono::FixedOffset::east_opt(8 * 3_600).unwrap()
+    }
+
+    fn ms(rfc3339: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis()
+    }
+
+    #[test]
+    fn every_w3c_date_time_form_is_read() {
+        let p = |s: &str, end: bool| parse_w3c(s, end, plus8());
+        assert_eq!(p("2026-12-01T10:45+08:00", false), Ok(ms("2026-12-01T10:45:00+08:00")));
+        assert_eq!(p("2026-12-01T02:45Z", false), Ok(ms("2026-12-01T10:45:00+08:00")));
+        assert_eq!(p("2026-12-01T10:45:30+08:00", false), Ok(ms("2026-12-01T10:45:30+08:00")));
+        assert_eq!(
+            p("2026-12-01T10:45:30.25-05:00", false),
+            Ok(ms("2026-12-01T10:45:30.25-05:00"))
+        );
+        assert_eq!(
+            p("2026-12-01T10:45", false),
+            Ok(ms("2026-12-01T10:45:00+08:00")),
+            "no zone: +08:00"
+        );
+        // Dates denote their whole period: a start its first instant, an end its last.
+        assert_eq!(p("2026-12-01", false), Ok(ms("2026-12-01T00:00:00+08:00")));
+        assert_eq!(p("2026-12-01", true), Ok(ms("2026-12-02T00:00:00+08:00") - 1));
+        assert_eq!(p("2026-12", false), Ok(ms("2026-12-01T00:00:00+08:00")));
+        assert_eq!(p("2026-12", true), Ok(ms("2027-01-01T00:00:00+08:00") - 1));
+        assert_eq!(p("2026", true), Ok(ms("2027-01-01T00:00:00+08:00") - 1));
+        for bad in
+            ["2026-13-01", "2026-1-01", "26", "2026-12-01T25:00Z", "2026-12-01T10:45+8", "now", ""]
+        {
+            assert!(p(bad, false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_open311_search_spans_the_last_90_days_and_ids_override_everything() {
+        let now = ms("2026-12-01T12:00:00+08:00");
+        let f = open311_filter(&RequestsQuery::default(), now, plus8()).unwrap();
+        assert_eq!((f.start_ms, f.end_ms), (Some(now - OPEN311_SPAN_MS), Some(now)));
+        let q = RequestsQuery {
+            service_request_id: Some("7".into()),
+            status: Some("closed".into()),
+            start_date: Some("garbage".into()),
+            ..RequestsQuery::default()
+        };
+        let f = open311_filter(&q, now, plus8()).unwrap();
+        assert_eq!(f.ids, [7]);
+        assert!(f.states.is_empty() && f.start_ms.is_none() && f.end_ms.is_none());
+        let too_long = RequestsQuery {
+            start_date: Some("2026-01-01".into()),
+            end_date: Some("2026-12-01".into()),
+            ..RequestsQuery::default()
+        };
+        assert!(open311_filter(&too_long, now, plus8()).unwrap_err().contains("90 days"));
+    }
+
     #[test]
     fn bad_query_parameters_name_the_parameter() {
         let q = |f: fn(&mut RequestsQuery)| {
             let mut q = RequestsQuery::default();
             f(&mut q);
-            filter_of(&q).unwrap_err()
+            filter_of(&q, plus8()).unwrap_err()
         };
         assert!(q(|q| q.service_request_id = Some("1,x".into())).starts_with("service_request_id"));
         assert!(q(|q| q.service_code = Some("C01".into())).starts_with("service_code"));
@@ -960,12 +1197,15 @@ mod tests {
         assert!(q(|q| q.status = Some("pending".into())).starts_with("status"));
         assert!(q(|q| q.state = Some("done".into())).starts_with("state"));
         assert!(q(|q| q.area = Some("21a".into())).starts_with("area"));
-        let ok = filter_of(&RequestsQuery {
-            status: Some("open".into()),
-            service_code: Some("C0102,E0406".into()),
-            start_date: Some("2026-11-26T00:00:00+08:00".into()),
-            ..RequestsQuery::default()
-        })
+        let ok = filter_of(
+            &RequestsQuery {
+                status: Some("open".into()),
+                service_code: Some("C0102,E0406".into()),
+                start_date: Some("2026-11-26T00:00:00+08:00".into()),
+                ..RequestsQuery::default()
+            },
+            plus8(),
+        )
         .unwrap();
         assert_eq!(ok.class_codes.len(), 2);
         assert_eq!(ok.states.len(), 8, "every state but closed and voided");

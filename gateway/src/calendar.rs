@@ -228,6 +228,12 @@ impl Calendar {
     }
 
     /// Local time of a Unix ms instant.
+    /// The platform's fixed offset.
+    pub fn offset(&self) -> FixedOffset {
+        self.offset
+    }
+
+    /// The instant `ms` at the platform's offset.
     pub fn local(&self, ms: i64) -> DateTime<FixedOffset> {
         self.offset.timestamp_millis_opt(ms).single().unwrap_or_else(|| {
             self.offset

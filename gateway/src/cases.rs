@@ -533,6 +533,9 @@ pub struct CaseRow {
     pub description: String,
     /// `urgent`, `high`, `normal`.
     pub urgency: &'static str,
+    /// Who reported it: [`SOURCE_IOT`] (detected from device frames) or [`SOURCE_WORKER`]
+    /// (a grid worker's report from a beacon).
+    pub source: &'static str,
     /// Onset, Unix ms.
     pub onset_ms: i64,
     /// Detection, Unix ms.
@@ -576,6 +579,12 @@ pub struct OutboxRow {
     /// Queued at, Unix ms.
     pub at_ms: i64,
 }
+
+/// A case's source when the gateway detected it from device frames (物联网感知).
+pub const SOURCE_IOT: &str = "IoT";
+
+/// A case's source when a grid worker reported it from a beacon (网格员上报).
+pub const SOURCE_WORKER: &str = "grid_worker";
 
 /// A grid worker's SOS.
 #[derive(Debug, Clone, PartialEq)]
@@ -988,6 +997,7 @@ impl Cases {
             lon = site.lon,
         ));
         Some(CaseRow {
+            source: SOURCE_IOT,
             id: self.seq.case,
             incident_id: Some(open.id),
             key: format!("{}:{}:{}", change.eui, change.condition, open.onset_ms),
@@ -1039,6 +1049,7 @@ impl Cases {
         self.seq.case += 1;
         let c = &self.calendar;
         let case = CaseRow {
+            source: SOURCE_WORKER,
             id: self.seq.case,
             incident_id: None,
             key: format!("{eui}:report:{counter}"),

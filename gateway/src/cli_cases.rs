@@ -140,7 +140,8 @@ pub async fn cases(
                 limit: Some(limit),
                 ..RequestsQuery::default()
             };
-            let filter = filter_of(&q).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let filter = filter_of(&q, Calendar::default().offset())
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
             let (list, cal) = match api {
                 Some(base) => {
                     let mut params = vec![format!("limit={limit}")];

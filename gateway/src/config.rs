@@ -189,10 +189,19 @@ pub struct Http {
     pub auth: String,
     /// Serve the Open311 read endpoints without credentials (public case boards).
     pub open311_public: bool,
+    /// The Open311 `jurisdiction_id` the board serves; a request naming another is refused
+    /// with an Open311 error. Empty: the board names none (only an empty or absent
+    /// `jurisdiction_id` is served).
+    pub jurisdiction_id: String,
     /// Largest request body, bytes.
     pub body_limit: usize,
     /// Longest a request may take, ms.
     pub timeout_ms: u64,
+    /// Longest a client may take to send a request's headers, ms — also how long a
+    /// kept-alive connection may sit idle; then it is closed (slow or silent clients).
+    pub header_timeout_ms: u64,
+    /// Most connections open at once (event streams included); more wait in the listen queue.
+    pub max_connections: usize,
     /// PEM certificate chain: with `tls_key`, the API is served over HTTPS only.
     pub tls_cert: String,
     /// PEM private key of `tls_cert`.
@@ -205,8 +214,11 @@ impl Default for Http {
             listen: String::new(),
             auth: "tokens".into(),
             open311_public: false,
+            jurisdiction_id: String::new(),
             body_limit: 64 * 1024,
             timeout_ms: 10_000,
+            header_timeout_ms: 10_000,
+            max_connections: 512,
             tls_cert: String::new(),
             tls_key: String::new(),
         }
@@ -551,6 +563,12 @@ impl Config {
         }
         if self.http.body_limit == 0 || self.http.timeout_ms == 0 {
             return Err(("http.body_limit", "body_limit and timeout_ms must be > 0".into()));
+        }
+        if self.http.header_timeout_ms == 0 {
+            return Err(("http.header_timeout_ms", "must be > 0".into()));
+        }
+        if !(1..=1_000_000).contains(&self.http.max_connections) {
+            return Err(("http.max_connections", "must be between 1 and 1000000".into()));
         }
         let c = &self.cases;
         if !matches!(c.coordinates.as_str(), "wgs84" | "gcj02") {

@@ -112,25 +112,102 @@ pub fn router(status: Arc<Status>, sink: Option<Arc<SinkStatus>>) -> Router {
         .with_state(AppState { status, sink })
 }
 
-/// Serves until `shutdown` turns true (plain TCP or [`crate::tls::TlsListener`]).
+/// Limits on the connections the HTTP server takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most connections open at once; beyond it new ones wait in the listen queue until one
+    /// closes.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers (also while a kept-alive
+    /// connection sits idle before its next request); then the connection is closed.
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 512, header_timeout: std::time::Duration::from_secs(10) }
+    }
+}
+
+/// Counts an open connection while it lives.
+struct Open(Arc<std::sync::atomic::AtomicU64>);
+
+impl Open {
+    fn new(gauge: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serves until `shutdown` turns true (plain TCP or [`crate::tls::TlsListener`]), HTTP/1.1,
+/// within `limits`: a connection that sends nothing, or its headers a byte a second, is closed
+/// after `header_timeout`; at most `max_connections` are open (the permit is taken before
+/// accepting, so the rest wait in the kernel's queue). On shutdown, connections finish the
+/// request under way (at most five seconds).
 pub async fn serve<L>(
-    listener: L,
+    mut listener: L,
     router: Router,
+    limits: Limits,
+    open: Arc<std::sync::atomic::AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => continue,
+        };
+        let (io, peer) = tokio::select! {
+            c = listener.accept() => c,
+            _ = shutdown.changed() => continue,
+        };
+        // Finished connections' results, so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let connection = builder.serve_connection(TokioIo::new(io), service.clone());
+        let mut stop = shutdown.clone();
+        let counted = Open::new(&open);
+        connections.spawn(async move {
+            let _permit = (permit, counted);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                r = connection.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(?peer, "http connection: {e}");
+                    }
+                }
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), connection).await;
                 }
             }
-        })
-        .await
+        });
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(6), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -145,7 +222,13 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, router(status, None), stop));
+        let server = tokio::spawn(serve(
+            listener,
+            router(status, None),
+            Limits::default(),
+            Arc::default(),
+            stop,
+        ));
         let body: serde_json::Value = reqwest::get(format!("http://{addr}/api/v1/status"))
             .await
             .unwrap()

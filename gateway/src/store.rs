@@ -13,8 +13,8 @@ mod ops;
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 pub use cases::{
-    AlertView, CaseFilter, CaseView, ClusterMember, OutboxEntry, OutboxView, TraceEntry,
-    TransitionError,
+    AlertView, CallbackOutcome, CaseFilter, CaseView, ClusterMember, OutboxEntry, OutboxView,
+    TraceEntry, TransitionError,
 };
 pub use ops::{
     DeviceDetail, DeviceFilter, DevicePage, DeviceRow, Fix, FrameVerdict, GridCounts, IncidentView,
@@ -171,6 +171,9 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE api_tokens (
         name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_ms INTEGER NOT NULL, revoked_ms INTEGER
     );",
+    // 10: signatures of the platform callbacks taken, so a replay within the signature's
+    // validity is refused (kept a little longer than that validity, then pruned).
+    "CREATE TABLE callback_signatures (signature TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL);",
 ];
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -374,13 +377,47 @@ pub(crate) fn kind_column(
     Kind::parse(name).ok_or_else(|| StoreError::BadRow { table, what: format!("kind {name:?}") })
 }
 
+/// The store holds every device's frame key and MQTT password: its file is created readable by
+/// its owner only (0600), and an existing one (with its `-wal` and `-shm`, which SQLite creates
+/// with the database's mode) is tightened to that.
+fn private_files(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let io = |p: &Path, source| StoreError::Io { path: p.display().to_string(), source };
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| io(path, e))?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = std::path::PathBuf::from(name);
+            if let Ok(meta) = std::fs::metadata(&file)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| io(&file, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Opens (creating) the database at `path` and brings its schema up to date.
+    /// Opens (creating) the database at `path` and brings its schema up to date. The file is
+    /// private to its owner ([`private_files`]).
     pub fn open(path: &Path, synchronous: Synchronous, audit_max: u64) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
         }
+        private_files(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(
@@ -1187,6 +1224,35 @@ mod tests {
         );
         let text = serde_json::to_string(&city.devices).unwrap();
         gridsense_simulator::inventory::parse("devices.json", &text).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_store_and_its_journal_files_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mut store = Store::open(&path, Synchronous::Normal, 10).unwrap();
+        store.import(&inventory(), 1).unwrap();
+        let wal = dir.path().join("g.db-wal");
+        let shm = dir.path().join("g.db-shm");
+        for p in [&path, &wal, &shm] {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // A store made world-readable (by an older gateway) is tightened on open.
+        for p in [&path, &wal, &shm] {
+            if p.exists() {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let _store = Store::open(&path, Synchronous::Normal, 10).unwrap();
+        for p in [&path, &wal, &shm] {
+            if p.exists() {
+                assert_eq!(mode(p), 0o600, "{}", p.display());
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 /// Longest a client may take to complete its handshake.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
+/// Most handshakes under way at once; more connections wait in the listen queue.
+const HANDSHAKES_AT_ONCE: usize = 256;
+
 /// A server configuration for the certificate chain in `cert_file` and the private key in
 /// `key_file` (PEM; PKCS#8, PKCS#1 or SEC1). HTTP/1.1 only, TLS 1.2 and 1.3.
 pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
@@ -55,8 +58,10 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, accepted) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_AT_ONCE));
         tokio::spawn(async move {
             while !tx.is_closed() {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { break };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -68,6 +73,7 @@ impl TlsListener {
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;

@@ -483,6 +483,7 @@ async fn worker_reports_become_cases_and_check_ins_patrol_records() {
     assert_eq!(case.grid_code.as_deref(), Some(&*cell.grid_code));
     assert!((case.lat - centre.y()).abs() < 1e-5 && (case.lon - centre.x()).abs() < 1e-5);
     assert!(case.description.contains("路口积水没过脚踝"));
+    assert_eq!(case.source, "grid_worker", "a worker's report is not the IoT's");
     let day = store.patrol_coverage(&day).unwrap();
     assert_eq!(day, vec![(Some(cell.grid_code.to_string()), 1, 1)]);
 }

@@ -111,6 +111,8 @@ pub struct Status {
     pub session_trouble_ms: std::sync::atomic::AtomicI64,
     /// Reconnections on which the broker had kept no session for this client id.
     pub sessions_lost: AtomicU64,
+    /// HTTP connections open now.
+    pub http_connections: Arc<AtomicU64>,
 }
 
 impl Status {

@@ -109,9 +109,9 @@ pub(super) fn write(
             "INSERT INTO cases (id, incident_id, idempotency_key, eui, class_code, class_name, title,
                 object_code, lat, lon, address, unit_grid_code, grid_code, community_code, street_code,
                 district_code, description, urgency, onset_ms, detected_ms, handling_limit,
-                handling_due_ms, deploy_due_ms, feedback_due_ms, state, updated_ms)
+                handling_due_ms, deploy_due_ms, feedback_due_ms, state, updated_ms, source)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19, ?20, ?21, ?22, ?23, ?24, 'collected', ?20)",
+                ?19, ?20, ?21, ?22, ?23, ?24, 'collected', ?20, ?25)",
             params![
                 c.id,
                 c.incident_id,
@@ -136,7 +136,8 @@ pub(super) fn write(
                 c.limit.to_string(),
                 c.handling_due_ms,
                 c.deploy_due_ms,
-                c.feedback_due_ms
+                c.feedback_due_ms,
+                c.source
             ],
         )?;
     }
@@ -1090,8 +1091,52 @@ impl Store {
             .flatten())
     }
 
+    /// A signed platform callback that moves a case: refused when its signature was taken
+    /// before (a replay; signatures are remembered for `keep_ms`), then the same lifecycle
+    /// rules as an operator's move ([`Store::transition`]); the same state again changes
+    /// nothing. Every signature is remembered, taken or refused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn platform_callback(
+        &mut self,
+        signature: &str,
+        keep_ms: i64,
+        case_id: i64,
+        to: CaseState,
+        note: &str,
+        now_ms: i64,
+        deadline: impl FnOnce(&str, i64) -> Option<i64>,
+    ) -> Result<Result<CallbackOutcome, TransitionError>, StoreError> {
+        self.conn.execute(
+            "DELETE FROM callback_signatures WHERE seen_ms < ?1",
+            [now_ms.saturating_sub(keep_ms)],
+        )?;
+        // Remembered first: a crash after the move cannot let the same callback in again.
+        let fresh = self.conn.execute(
+            "INSERT OR IGNORE INTO callback_signatures (signature, seen_ms) VALUES (?1, ?2)",
+            params![signature, now_ms],
+        )?;
+        if fresh == 0 {
+            return Ok(Ok(CallbackOutcome::Replayed));
+        }
+        let state: Option<String> = self
+            .conn
+            .query_row("SELECT state FROM cases WHERE id = ?1", [case_id], |r| r.get(0))
+            .optional()?;
+        let Some(state) = state else { return Ok(Err(TransitionError::NotFound(case_id))) };
+        let outcome = if state == to.as_str() {
+            CallbackOutcome::Unchanged
+        } else {
+            match self.transition(case_id, to, "platform", note, now_ms, deadline)? {
+                Ok(_) => CallbackOutcome::Moved,
+                Err(e) => return Ok(Err(e)),
+            }
+        };
+        Ok(Ok(outcome))
+    }
+
     /// Records a state the platform reports (the platform is authoritative: no lifecycle
-    /// check; an unchanged state records nothing). Returns whether the case exists.
+    /// check; an unchanged state records nothing). Returns whether the case exists. The Open311
+    /// status poller uses it for closures, the only state GeoReport v2 reports.
     pub fn platform_state(
         &mut self,
         case_id: i64,
@@ -1166,6 +1211,17 @@ pub struct ClusterMember {
     pub state: String,
     /// Its case.
     pub case_id: Option<i64>,
+}
+
+/// What a platform callback did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// The case moved.
+    Moved,
+    /// It was in that state already.
+    Unchanged,
+    /// The same signed callback was taken before: refused.
+    Replayed,
 }
 
 /// Why a lifecycle move was refused.
