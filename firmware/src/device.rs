@@ -192,6 +192,12 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
         self.clock.at(now)
     }
 
+    /// Sets the wall clock to `time` at `now` (an RTC reading, or a board's mapping of a time
+    /// sync, [`crate::session::Board::map_time_sync`]).
+    pub fn set_time(&mut self, now: Instant, time: gridsense_protocol::DeviceTime) {
+        self.clock.sync(now, time);
+    }
+
     fn context_parts(&mut self, now: Instant) -> (&mut S, Context<'_>) {
         let time = self.clock.at(now);
         (&mut self.sensing, Context { config: &self.config, time, sink: &mut self.outbox })

@@ -13,7 +13,7 @@
 use core::{fmt::Write as _, num::NonZero};
 
 use embassy_futures::select::{Either3, select3};
-use gridsense_protocol::{Direction, MAX_DOWNLINK_FRAME_LEN, topic::topic};
+use gridsense_protocol::{DeviceTime, Direction, MAX_DOWNLINK_FRAME_LEN, topic::topic};
 use heapless::String;
 use rust_mqtt::{
     Bytes,
@@ -66,6 +66,13 @@ pub trait Board<S: Sensing> {
     /// A frame was handed to the broker (for a send LED, or the simulator's counts).
     fn sent(&mut self, frame: &[u8]) {
         let _ = frame;
+    }
+    /// The wall-clock time to set from a gateway's time sync received at `now` (default: the
+    /// gateway's time as it came). A board whose device clock runs on another timeline maps
+    /// it there (the simulator at a speed other than 1 against a gateway on the wall clock).
+    fn map_time_sync(&mut self, now: Instant, gateway: DeviceTime) -> DeviceTime {
+        let _ = now;
+        gateway
     }
 }
 
@@ -389,7 +396,14 @@ where
             }
             Ok(Event::Publish(publish)) => {
                 stats.downlinks = stats.downlinks.saturating_add(1);
-                let _ = device.handle_downlink(now, &publish.message);
+                if let Ok(gridsense_protocol::Downlink::TimeSync { now: gateway }) =
+                    device.handle_downlink(now, &publish.message)
+                {
+                    let time = board.map_time_sync(now, gateway);
+                    if time != gateway {
+                        device.set_time(now, time);
+                    }
+                }
             }
             Ok(_) => {}
             Err(_) => return Ended::Broken,

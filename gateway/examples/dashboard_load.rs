@@ -39,6 +39,9 @@ async fn main() -> Result<()> {
     config.store.path = dir.path().join("gridsense.db");
     config.geo.grids = dir.path().join("grids.geojson").display().to_string();
     config.http.listen = "127.0.0.1:0".into();
+    // Loopback only, as the demo: the page opens without a token (with the default
+    // `http.auth = "tokens"` it would wait for one).
+    config.http.auth = "off".into();
     app::open_store(&config)?.import(&inventory::load(&dir.path().join("devices.json"))?, 0)?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let gateway = app::start(&config, app::wall_clock(), stop)?;

@@ -49,8 +49,12 @@ fn main() {
         .iter()
         .map(|(eui, kind, key)| Registered { eui: *eui, kind: *kind, key: key.clone() })
         .collect();
-    let config =
-        HealthConfig { offline_factor: 2.5, interval_ms: [3_600_000; 3], low_battery_mv: 3_300 };
+    let config = HealthConfig {
+        offline_factor: 2.5,
+        interval_ms: [3_600_000; 3],
+        low_battery_mv: 3_300,
+        max_ahead_ms: 120_000,
+    };
     let sites = devices
         .iter()
         .map(|(eui, kind, _)| {

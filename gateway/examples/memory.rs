@@ -48,8 +48,12 @@ fn main() {
     let key = DeviceKey::from_bytes([7; 16]);
     let registry: Vec<Registered> =
         (0..n).map(|i| Registered { eui: Eui(base + i), kind, key: key.clone() }).collect();
-    let config =
-        HealthConfig { offline_factor: 2.5, interval_ms: [3_600_000; 3], low_battery_mv: 3_300 };
+    let config = HealthConfig {
+        offline_factor: 2.5,
+        interval_ms: [3_600_000; 3],
+        low_battery_mv: 3_300,
+        max_ahead_ms: 120_000,
+    };
     let before = rss_kib();
     let sites = (0..n)
         .map(|i| {

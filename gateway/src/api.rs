@@ -517,6 +517,13 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     }
     metric(
         &mut out,
+        "gridsense_samples_future_total",
+        "counter",
+        "Sample times (and alarm onsets, reports) more than health.max_ahead_s ahead of the receive time, clamped to it.",
+    );
+    let _ = writeln!(out, "gridsense_samples_future_total {}", s.samples_future.load(Relaxed));
+    metric(
+        &mut out,
         "gridsense_http_connections",
         "gauge",
         "HTTP connections open now (at most http.max_connections).",

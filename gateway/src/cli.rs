@@ -36,12 +36,18 @@ pub enum Command {
         /// How long, like `30s` or `5m` (default: until Ctrl-C).
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
-        /// Data folder (SQLite store, generated district).
-        #[arg(long, default_value = "gridsense-data")]
-        data: PathBuf,
-        /// Where to serve the status API and page (loopback).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: String,
+        /// Data folder (generated district; the SQLite store unless store.path is set by
+        /// --config or GRIDSENSE_STORE_PATH — given here, it wins) [default: gridsense-data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Where to serve the API and the dashboard, loopback only (http.listen)
+        /// [default: 127.0.0.1:8080].
+        #[arg(long)]
+        http: Option<String>,
+        /// Configuration file over the demo's defaults; GRIDSENSE_… variables override it, and
+        /// the flags given here override those.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run the gateway.
     Run {
@@ -188,8 +194,9 @@ pub enum ProvisionCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Give a device a new frame key; its counters are kept. A running gateway applies it
-    /// within `downlink.poll_ms`.
+    /// Give a device a new frame key. Counters are per key, so the device's counter window
+    /// is reset: a device whose counter was exhausted or lost comes back with its new key.
+    /// A running gateway applies it within `downlink.poll_ms`.
     Rekey {
         /// The device EUI.
         eui: String,
@@ -280,8 +287,10 @@ fn ctrl_c() -> watch::Receiver<bool> {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { devices, scenario, speed, duration, data, http } => {
-            let options = demo::DemoOptions { devices, scenario, speed, duration, data, http };
+        Command::Demo { devices, scenario, speed, duration, data, http, config } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            let options =
+                demo::DemoOptions { devices, scenario, speed, duration, data, http, config, env };
             let report = demo::run(options, ctrl_c()).await?;
             print!("{}", report.render());
             Ok(())
@@ -341,7 +350,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             if !store.rekey(eui, &key, app::wall_clock()())? {
                 bail!("{eui} is not an active device");
             }
-            println!("gridsense provision rekey: {eui} has a new key; its counters are kept");
+            println!(
+                "gridsense provision rekey: {eui} has a new key and a new counter space: its first frame under the new key may use any counter (SPEC §4); frames under the old key are refused"
+            );
             if generated {
                 // Shown once, for loading into the device; the registry never prints it again.
                 println!("new key (load it into the device): {}", hex::encode(key.expose_bytes()));
@@ -385,10 +396,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             let files =
                 crate::provision::write_broker_files(&out, &gateway_user, &store.credentials()?)
                     .with_context(|| format!("writing {}", out.display()))?;
+            let dir = out.display();
             println!(
-                "gridsense provision broker: {} device accounts and `{gateway_user}` written to {}/passwd and {0}/acl                  (gateway password in {0}/gateway.credentials). In mosquitto.conf: password_file, acl_file,                  allow_anonymous false; reload with: kill -HUP $(pidof mosquitto)",
-                files.devices,
-                out.display()
+                "gridsense provision broker: {n} device accounts and `{gateway_user}` written to \
+                 {dir}/passwd and {dir}/acl (gateway password in {dir}/gateway.credentials). In \
+                 mosquitto.conf: password_file {dir}/passwd, acl_file {dir}/acl, allow_anonymous \
+                 false, use_username_as_clientid true (deploy/mosquitto.conf); reload with: kill \
+                 -HUP $(pidof mosquitto)",
+                n = files.devices,
             );
             Ok(())
         }

@@ -396,6 +396,11 @@ pub struct Health {
     pub beacon_interval_s: u64,
     /// Battery below this is low, mV.
     pub low_battery_mv: u16,
+    /// A sample time (or alarm onset) more than this many seconds ahead of the gateway's
+    /// receive time is clamped to the receive time and counted
+    /// (`gridsense_samples_future_total`): a device clock running ahead cannot date readings,
+    /// cases or deadlines in the future.
+    pub max_ahead_s: u64,
     /// Frames a device may send per minute; beyond it the rest are refused unchecked and the
     /// device is flagged as flooding (0: no limit).
     pub max_frames_per_minute: u32,
@@ -409,6 +414,7 @@ impl Default for Health {
             drain_interval_s: 3_600,
             beacon_interval_s: 3_600,
             low_battery_mv: 3_300,
+            max_ahead_s: 120,
             max_frames_per_minute: 300,
         }
     }
@@ -441,17 +447,37 @@ const ENV_PREFIX: &str = "GRIDSENSE_";
 
 /// Loads `file` (or only defaults when `None`), applies the environment, validates.
 pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    load_over(toml::Table::new(), file, env)
+}
+
+/// As [`load`], over `base`: settings of a command's own defaults (`gridsense demo`'s), which
+/// the file overrides key by key, and the environment the file. Precedence, lowest first: the
+/// built-in defaults, `base`, the file, `GRIDSENSE_*`.
+pub fn load_over(
+    base: toml::Table,
+    file: Option<&Path>,
+    env: &[(String, String)],
+) -> Result<Config, ConfigError> {
     let name = file.map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
     let text = match file {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Io { file: name.clone(), source })?,
         None => String::new(),
     };
-    let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+    let from_file: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
         file: name.clone(),
         key: "(document)".into(),
         message: e.message().to_owned(),
     })?;
+    let mut table = base;
+    for (section, value) in from_file {
+        match (table.get_mut(&section), value) {
+            (Some(toml::Value::Table(under)), toml::Value::Table(over)) => under.extend(over),
+            (_, value) => {
+                table.insert(section, value);
+            }
+        }
+    }
     apply_env(&mut table, env)?;
     let config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {

@@ -33,10 +33,61 @@ pub struct DemoOptions {
     pub speed: Option<f64>,
     /// How long to run (default: until Ctrl-C).
     pub duration: Option<Duration>,
-    /// Data folder.
-    pub data: PathBuf,
-    /// Where to serve `/api/v1/status` and the status page (loopback; a free port if taken).
-    pub http: String,
+    /// Data folder (the generated district; and the store, `store.path`, when given):
+    /// `gridsense-data` when `None`.
+    pub data: Option<PathBuf>,
+    /// Where to serve the API and the dashboard (loopback; a free port if taken), when given:
+    /// sets `http.listen`.
+    pub http: Option<String>,
+    /// A configuration file over the demo's own defaults.
+    pub config: Option<PathBuf>,
+    /// The environment (`GRIDSENSE_*` overrides).
+    pub env: Vec<(String, String)>,
+}
+
+/// The demo's data folder when `--data` is not given.
+pub const DEFAULT_DATA: &str = "gridsense-data";
+
+/// The demo's own defaults, under the configuration file and the environment: the store in
+/// the data folder, the generated district's grid layer, the API on 127.0.0.1:8080 without
+/// credentials (loopback only).
+fn demo_defaults(data: &std::path::Path) -> toml::Table {
+    let mut t = toml::Table::new();
+    let section = |pairs: &[(&str, String)]| {
+        toml::Value::Table(
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), toml::Value::String(v.clone()))).collect(),
+        )
+    };
+    t.insert("store".into(), section(&[("path", data.join("gridsense.db").display().to_string())]));
+    t.insert(
+        "geo".into(),
+        section(&[("grids", data.join("city").join("grids.geojson").display().to_string())]),
+    );
+    t.insert(
+        "http".into(),
+        section(&[("listen", "127.0.0.1:8080".into()), ("auth", "off".into())]),
+    );
+    t
+}
+
+/// The demo's configuration: its defaults < `--config` < `GRIDSENSE_*` < the flags given.
+pub fn demo_config(options: &DemoOptions) -> Result<Config> {
+    let data = options.data.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
+    let mut config =
+        crate::config::load_over(demo_defaults(&data), options.config.as_deref(), &options.env)?;
+    if options.data.is_some() {
+        config.store.path = data.join("gridsense.db");
+    }
+    if let Some(http) = &options.http {
+        config.http.listen.clone_from(http);
+    }
+    if !config.mqtt.url.is_empty() {
+        anyhow::bail!(
+            "mqtt.url = {:?}: the demo runs its own embedded broker (use `gridsense run` for another)",
+            config.mqtt.url
+        );
+    }
+    Ok(config)
 }
 
 /// Device counts for `n` devices in the default district's proportions (2000:300:239).
@@ -113,21 +164,19 @@ fn progress_line(status: &Status, sim: &SimClock, last: &mut (u64, std::time::In
 /// Runs the demo until its duration passes or `stop` turns true.
 pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Result<DemoReport> {
     let scenario = scenario::load(&options.scenario)?;
-    let city_dir = options.data.join("city");
+    let data = options.data.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA));
+    let city_dir = data.join("city");
     if !city_dir.join("devices.json").exists() {
         city::generate(1, counts_for(options.devices.max(1))).write(&city_dir)?;
     }
-    let mut config = Config::default();
-    config.store.path = options.data.join("gridsense.db");
-    config.geo.grids = city_dir.join("grids.geojson").display().to_string();
-    // The demo stays on loopback: a taken port falls back to a free one.
+    let mut config = demo_config(&options)?;
+    // The demo stays on loopback (so its default is no credentials, which `gridsense run`
+    // requires): a taken port falls back to a free one.
     let http_addr: std::net::SocketAddr =
-        options.http.parse().context("--http: expected IP:PORT")?;
+        config.http.listen.parse().context("http.listen (--http): expected IP:PORT")?;
     if !http_addr.ip().is_loopback() {
-        anyhow::bail!("--http {http_addr}: the demo serves on loopback only");
+        anyhow::bail!("http.listen {http_addr}: the demo serves on loopback only");
     }
-    // Loopback only (checked above), so no credentials: `gridsense run` requires them.
-    config.http.auth = "off".into();
     config.http.listen = match std::net::TcpListener::bind(http_addr) {
         Ok(probe) => probe.local_addr()?.to_string(),
         Err(_) => {
@@ -138,7 +187,11 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
         let mut store = app::open_store(&config)?;
         let devices = inventory::load(&city_dir.join("devices.json"))?;
         let report = store.import(&devices, app::wall_clock()())?;
-        eprintln!("gridsense demo: registry {report}; data in {}", options.data.display());
+        eprintln!(
+            "gridsense demo: registry {report}; district in {}, store {}",
+            city_dir.display(),
+            config.store.path.display()
+        );
     }
     let speed = options.speed.unwrap_or(scenario.speed);
     let horizon = options.duration.unwrap_or(Duration::from_secs(3_600));
@@ -219,6 +272,54 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(config: Option<PathBuf>, env: &[(&str, &str)]) -> DemoOptions {
+        DemoOptions {
+            devices: 10,
+            scenario: "showcase".into(),
+            speed: None,
+            duration: None,
+            data: None,
+            http: None,
+            config,
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn the_demo_takes_its_defaults_then_the_file_then_the_environment_then_the_flags() {
+        let c = demo_config(&options(None, &[])).unwrap();
+        assert_eq!(c.store.path, PathBuf::from("gridsense-data/gridsense.db"));
+        assert_eq!((c.http.listen.as_str(), c.http.auth.as_str()), ("127.0.0.1:8080", "off"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("demo.toml");
+        std::fs::write(&file, "[store]\nbatch_max = 7\n[http]\nlisten = \"127.0.0.1:9090\"\n")
+            .unwrap();
+        let c = demo_config(&options(Some(file.clone()), &[])).unwrap();
+        assert_eq!(c.store.batch_max, 7);
+        assert_eq!(c.http.listen, "127.0.0.1:9090", "the file over the demo's default");
+        assert_eq!(c.http.auth, "off", "a key the file leaves alone keeps the demo's default");
+        assert_eq!(c.store.path, PathBuf::from("gridsense-data/gridsense.db"));
+        let env = [("GRIDSENSE_STORE_BATCH_MAX", "9"), ("GRIDSENSE_STORE_PATH", "/tmp/x.db")];
+        let c = demo_config(&options(Some(file.clone()), &env)).unwrap();
+        assert_eq!(c.store.batch_max, 9, "the environment over the file");
+        assert_eq!(
+            c.store.path,
+            PathBuf::from("/tmp/x.db"),
+            "--data not given: the variable holds"
+        );
+        let mut flags = options(Some(file), &env);
+        flags.data = Some(PathBuf::from("elsewhere"));
+        flags.http = Some("127.0.0.1:7070".into());
+        let c = demo_config(&flags).unwrap();
+        assert_eq!(c.store.path, PathBuf::from("elsewhere/gridsense.db"), "a flag given wins");
+        assert_eq!(c.http.listen, "127.0.0.1:7070");
+        let e = demo_config(&options(None, &[("GRIDSENSE_MQTT_URL", "mqtt://127.0.0.1:1")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("embedded broker"), "{e}");
+        let e = demo_config(&options(None, &[("GRIDSENSE_STORE_BATCH_MAX", "many")])).unwrap_err();
+        assert!(format!("{e:#}").contains("store.batch_max"), "{e:#}");
+    }
 
     #[test]
     fn counts_keep_the_district_proportions() {

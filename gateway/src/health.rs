@@ -24,6 +24,8 @@ pub struct HealthConfig {
     pub interval_ms: [i64; 3],
     /// Low battery level, mV.
     pub low_battery_mv: u16,
+    /// A sample time more than this ahead of the receive time is clamped to it, ms.
+    pub max_ahead_ms: i64,
 }
 
 impl HealthConfig {
@@ -34,6 +36,7 @@ impl HealthConfig {
             offline_factor: c.offline_factor,
             interval_ms: [ms(c.cover_interval_s), ms(c.drain_interval_s), ms(c.beacon_interval_s)],
             low_battery_mv: c.low_battery_mv,
+            max_ahead_ms: ms(c.max_ahead_s),
         }
     }
 
@@ -633,6 +636,7 @@ mod tests {
             offline_factor: 2.0,
             interval_ms: [60 * MIN, 5 * MIN, 10 * MIN],
             low_battery_mv: 3_300,
+            max_ahead_ms: 120_000,
         }
     }
 

@@ -127,10 +127,16 @@ impl Intake {
         self.index.get(&eui).copied()
     }
 
-    /// Registers (or re-keys) a device. Its counter window is kept.
+    /// Registers (or re-keys) a device. Counters are per key (SPEC §4): a registered device
+    /// given a different key starts a new counter space, so its window is forgotten (frames
+    /// under the old key no longer verify, so none can be replayed); the same key, or a device
+    /// brought back after retirement, keeps the window.
     pub fn register(&mut self, eui: Eui, kind: Kind, key: DeviceKey) -> Option<DeviceId> {
         let (id, slot) = self.slot(eui)?;
         let was = slot.kind.replace(kind);
+        if was.is_some() && slot.key != key {
+            slot.window = CounterWindow::new();
+        }
         slot.key = key;
         if was.is_none() {
             self.registered += 1;
@@ -287,6 +293,30 @@ mod tests {
         intake.restore_window(Eui(9), CounterWindow::from_parts(Some(3), 1));
         assert_eq!((intake.numbered(), intake.len(), intake.device(Eui(9))), (2, 1, None));
         assert_eq!(intake.id_of(Eui(9)), Some(DeviceId(1)));
+    }
+
+    #[test]
+    fn a_new_key_starts_a_new_counter_space_and_the_same_key_keeps_the_window() {
+        let (mut intake, key) = intake();
+        let msg = examples::uplinks()[0].clone();
+        // The counter is exhausted under the old key.
+        let last = seal(EUI, u32::MAX, &msg, &key);
+        let accepted = intake.check(&up(EUI), &last).unwrap();
+        intake.commit(&accepted);
+        // Re-registered with the same key (an import): the window holds, counter 1 is old.
+        intake.register(EUI, Kind::Cover, key.clone());
+        let first = seal(EUI, 1, &msg, &key);
+        assert_eq!(intake.check(&up(EUI), &first), Err(Reject::ResetSuspect(EUI, 1)));
+        // Re-keyed: the device starts again at 1; the old key no longer verifies.
+        let new_key = DeviceKey::from_bytes([6; 16]);
+        intake.register(EUI, Kind::Cover, new_key.clone());
+        let again = intake.check(&up(EUI), &seal(EUI, 1, &msg, &new_key)).unwrap();
+        intake.commit(&again);
+        assert_eq!(
+            intake.check(&up(EUI), &seal(EUI, 1, &msg, &new_key)),
+            Err(Reject::Duplicate(EUI, 1))
+        );
+        assert_eq!(intake.check(&up(EUI), &last), Err(Reject::BadTag(EUI)));
     }
 
     #[test]

@@ -23,7 +23,8 @@ use std::{
 };
 
 use gridsense_protocol::{
-    Direction, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal, topic::parse_topic,
+    DeviceTime, Direction, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal,
+    topic::parse_topic,
 };
 
 use crate::{
@@ -56,6 +57,64 @@ const REJECT_LOGS_PER_SECOND: u32 = 5;
 /// Characters of a rejected message's topic kept in the audit log (a device topic has 29).
 const AUDIT_TOPIC_CHARS: usize = 128;
 
+/// Clamps every time in `message` later than `limit` to `now` (a sample, an alarm's onset or
+/// end, a report): a device clock running ahead must not date readings, incidents or cases in
+/// the future. A backlog's samples keep their order: one that would land before the sample
+/// ahead of it goes to that sample's time instead. Returns how many times were clamped.
+pub fn clamp_future(message: &mut Uplink, now: DeviceTime, limit: DeviceTime) -> u32 {
+    let mut n = 0;
+    let mut fix = |t: &mut DeviceTime| {
+        if *t > limit {
+            *t = now;
+            n += 1;
+        }
+    };
+    match message {
+        Uplink::CoverReading { at, .. }
+        | Uplink::DrainReading { at, .. }
+        | Uplink::PatrolFix { at, .. } => fix(at),
+        Uplink::Status(s) => fix(&mut s.at),
+        Uplink::AlarmRaised(a) => fix(&mut a.since),
+        Uplink::AlarmCleared(a) => {
+            fix(&mut a.since);
+            fix(&mut a.at);
+        }
+        Uplink::CheckIn(c) => fix(&mut c.at),
+        Uplink::IncidentReport(r) => fix(&mut r.at),
+        Uplink::Sos(s) => fix(&mut s.at),
+        Uplink::Backlog(b) => {
+            if b.base <= limit && b.timed().all(|(t, _)| t <= limit) {
+                return 0;
+            }
+            // Each sample's time, clamped, and never before the one ahead of it.
+            let mut previous = DeviceTime(0);
+            let times: Vec<DeviceTime> = b
+                .timed()
+                .map(|(t, _)| {
+                    let t = if t > limit {
+                        n += 1;
+                        now
+                    } else {
+                        t
+                    };
+                    previous = previous.max(t);
+                    previous
+                })
+                .collect();
+            let base = if b.base > limit { now } else { b.base };
+            let base = times.first().map_or(base, |first| base.min(*first));
+            let mut last = base;
+            for (sample, t) in b.samples.iter_mut().zip(times) {
+                sample.delta_s = t.secs_since(last).unwrap_or(0);
+                last = t;
+            }
+            b.base = base;
+        }
+        Uplink::DownlinkAck(_) => {}
+    }
+    n
+}
+
 /// The pipeline's state: registry keys and counter windows, and health.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -73,6 +132,8 @@ pub struct Pipeline {
     cases: Option<CaseLayer>,
     /// Per-device frame budget.
     rate: RateLimit,
+    /// Sample times more than this ahead of the receive time are clamped to it, ms.
+    max_ahead_ms: i64,
 }
 
 /// Frames per device per gateway minute (fixed windows): per device the minute it last
@@ -157,6 +218,7 @@ impl Pipeline {
         for (eui, window) in counters {
             intake.restore_window(eui, window);
         }
+        let max_ahead_ms = config.max_ahead_ms;
         let mut tracker = HealthTracker::new(config);
         tracker.reserve(intake.numbered());
         for (eui, h) in health {
@@ -165,6 +227,7 @@ impl Pipeline {
             }
         }
         Pipeline {
+            max_ahead_ms,
             intake,
             health: tracker,
             downlinks: Downlinks::new(DownlinkConfig::default()),
@@ -559,10 +622,14 @@ impl Pipeline {
             return self.reject(now_ms, topic, payload, &Reject::RateLimited(eui), batch);
         }
         // 1. Decode, look up, verify, counter window.
-        let accepted = match self.intake.check(topic, payload) {
+        let mut accepted = match self.intake.check(topic, payload) {
             Ok(accepted) => accepted,
             Err(reject) => return self.reject(now_ms, topic, payload, &reject, batch),
         };
+        // 1b. Times too far ahead of the receive time are clamped to it (a device clock
+        // running ahead), before anything dates readings, incidents or cases by them; the
+        // time sync below still sees the device's own clock.
+        let device_clock = self.clamp_future(now_ms, &mut accepted.message, batch);
         let header = accepted.header;
         let device = accepted.device;
         let Device { eui, kind, .. } = device;
@@ -602,7 +669,7 @@ impl Pipeline {
         self.downlinks.on_frame(
             now_ms,
             device,
-            &accepted.message,
+            device_clock.as_ref().unwrap_or(&accepted.message),
             &mut outgoing,
             &mut batch.request_updates,
         );
@@ -611,6 +678,28 @@ impl Pipeline {
         self.evaluate(now_ms, device, header.counter, &accepted.message, events_from, batch);
         batch.accepted += 1;
         Outcome::Accepted(name)
+    }
+
+    /// Clamps the message's times that are more than `max_ahead_ms` ahead of `now_ms`
+    /// ([`clamp_future`]), counting them in the batch; the message as the device sent it when
+    /// something was clamped.
+    fn clamp_future(
+        &mut self,
+        now_ms: i64,
+        message: &mut Uplink,
+        batch: &mut Batch,
+    ) -> Option<Uplink> {
+        let now = DeviceTime::from_unix_secs(u64::try_from(now_ms.div_euclid(1000)).ok()?)?;
+        let limit = DeviceTime::from_unix_secs(
+            u64::try_from(now_ms.saturating_add(self.max_ahead_ms).div_euclid(1000)).ok()?,
+        )?;
+        let original = message.clone();
+        let clamped = clamp_future(message, now, limit);
+        if clamped == 0 {
+            return None;
+        }
+        batch.future_samples += u64::from(clamped);
+        Some(original)
     }
 
     fn reject(
@@ -799,8 +888,65 @@ mod tests {
             offline_factor: 2.0,
             interval_ms: [1, 60_000, 1],
             low_battery_mv: 3_300,
+            max_ahead_ms: 120_000,
         };
         (Pipeline::new(registry, vec![], vec![], config), key)
+    }
+
+    #[test]
+    fn times_far_ahead_are_clamped_to_the_receive_time_and_a_backlog_keeps_its_order() {
+        use gridsense_protocol::{
+            AlarmCleared, AlarmKind, Backlog, DrainSample, Sample, TimedSample,
+        };
+        let now = DeviceTime(1_000_000);
+        let limit = DeviceTime(1_000_120);
+        let drain =
+            |at| Uplink::DrainReading { at, sample: DrainSample { level_mm: 1, rate_mm_h: 0 } };
+        let mut m = drain(DeviceTime(1_000_100));
+        assert_eq!(clamp_future(&mut m, now, limit), 0, "within max_ahead: kept");
+        let mut m = drain(DeviceTime(u32::MAX));
+        assert_eq!(clamp_future(&mut m, now, limit), 1);
+        assert_eq!(m, drain(now));
+        let mut m = Uplink::AlarmCleared(AlarmCleared {
+            kind: AlarmKind::CoverOpen,
+            value: 1,
+            since: DeviceTime(999_000),
+            at: DeviceTime(2_000_000),
+        });
+        assert_eq!(clamp_future(&mut m, now, limit), 1);
+        let Uplink::AlarmCleared(a) = m else { panic!() };
+        assert_eq!((a.since, a.at), (DeviceTime(999_000), now));
+        // A backlog: 999,900, then 1,000,110 (kept), then 5,000,000 (clamped: but not before
+        // the sample ahead of it), 5,000,300.
+        let s = Sample::Drain(DrainSample { level_mm: 1, rate_mm_h: 0 });
+        let deltas = [0, 210, 3_999_890, 300];
+        let samples = deltas.iter().map(|d| TimedSample { delta_s: *d, sample: s }).collect();
+        let mut m = Uplink::Backlog(Backlog { base: DeviceTime(999_900), samples });
+        assert_eq!(clamp_future(&mut m, now, limit), 2);
+        let Uplink::Backlog(b) = m else { panic!() };
+        let times: Vec<u32> = b.timed().map(|(t, _)| t.secs()).collect();
+        assert_eq!(times, [999_900, 1_000_110, 1_000_110, 1_000_110]);
+    }
+
+    #[test]
+    fn a_reading_dated_in_the_future_is_stored_at_its_receive_time_and_counted() {
+        let (mut p, key) = pipeline();
+        let up = topic(Eui(1), Direction::Uplink);
+        let now_ms: i64 = 1_796_000_000_000;
+        let ahead =
+            |s: i64| DeviceTime::from_unix_secs(u64::try_from(now_ms / 1000 + s).unwrap()).unwrap();
+        let reading = |at| Uplink::DrainReading {
+            at,
+            sample: gridsense_protocol::DrainSample { level_mm: 900, rate_mm_h: 0 },
+        };
+        let mut batch = Batch::default();
+        p.handle(now_ms, &up, &seal(Eui(1), 1, &reading(ahead(60)), &key), &mut batch);
+        p.handle(now_ms, &up, &seal(Eui(1), 2, &reading(ahead(3_600)), &key), &mut batch);
+        assert_eq!(batch.future_samples, 1, "only the one over 120 s ahead");
+        let times: Vec<i64> = batch.telemetry.iter().map(|t| t.at_ms).collect();
+        assert!(times.contains(&(now_ms + 60_000)), "{times:?}");
+        assert!(times.contains(&now_ms), "clamped to the receive time: {times:?}");
+        assert!(times.iter().all(|t| *t <= now_ms + 60_000), "{times:?}");
     }
 
     #[test]

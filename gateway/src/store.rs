@@ -282,6 +282,8 @@ pub struct Batch {
     pub cases: crate::cases::Effects,
     /// Beacons' newest fixes.
     pub fixes: BTreeMap<Eui, Fix>,
+    /// Sample times clamped to the receive time (more than `health.max_ahead_s` ahead).
+    pub future_samples: u64,
 }
 
 impl Batch {
@@ -714,10 +716,16 @@ impl Store {
     /// Gives an active device a new key; its counters are kept (a device re-keyed in the field
     /// continues its frame counter). Returns whether it was active.
     pub fn rekey(&mut self, eui: Eui, key: &DeviceKey, now_ms: i64) -> Result<bool, StoreError> {
-        let n = self.conn.execute(
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
             "UPDATE devices SET key = ?2, updated_ms = ?3 WHERE eui = ?1 AND status = 'active'",
             params![eui.0 as i64, key.expose_bytes().to_vec(), now_ms],
         )?;
+        // Counters are per key (SPEC §4): the new key starts a new counter space.
+        if n == 1 {
+            tx.execute("DELETE FROM counters WHERE eui = ?1", [eui.0 as i64])?;
+        }
+        tx.commit()?;
         Ok(n == 1)
     }
 
@@ -1253,6 +1261,23 @@ mod tests {
                 assert_eq!(mode(p), 0o600, "{}", p.display());
             }
         }
+    }
+
+    #[test]
+    fn a_new_key_forgets_the_counter_window_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("g.db"), Synchronous::Normal, 10).unwrap();
+        let devices = inventory();
+        store.import(&devices, 1).unwrap();
+        let eui = devices[0].eui;
+        let mut window = CounterWindow::new();
+        window.accept(u32::MAX);
+        let mut batch = Batch::default();
+        batch.counters.insert(eui, window);
+        store.commit(&batch).unwrap();
+        assert!(store.counters().unwrap().iter().any(|(e, _)| *e == eui));
+        assert!(store.rekey(eui, &DeviceKey::from_bytes([9; 16]), 2).unwrap());
+        assert!(!store.counters().unwrap().iter().any(|(e, _)| *e == eui), "a fresh counter space");
     }
 
     #[test]

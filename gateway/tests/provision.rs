@@ -64,6 +64,11 @@ async fn devices_get_their_own_topics_and_nothing_else() {
         config.to_str().unwrap(),
     ]);
     assert!(said.contains("3 device accounts") && said.contains("kill -HUP"), "{said}");
+    let shown = out_dir.display();
+    for file in ["passwd", "acl", "gateway.credentials"] {
+        assert!(said.contains(&format!("{shown}/{file}")), "{file} not at its path: {said}");
+    }
+    assert!(!said.contains("  "), "no runs of spaces from a wrapped string: {said}");
     let credentials = std::fs::read_to_string(out_dir.join("gateway.credentials")).unwrap();
     let (gw_user, gw_password) = credentials.trim().split_once(':').unwrap();
 
@@ -114,11 +119,12 @@ async fn devices_get_their_own_topics_and_nothing_else() {
     assert_eq!(received, vec![(format!("gridsense/{}/up", a.eui), b"own".to_vec())]);
 }
 
-/// A running gateway applies registry changes without a restart: a re-keyed device is
-/// accepted under its new key with its counters kept (its old frames stay duplicates, its old
-/// key no longer verifies), and a retired device is refused.
+/// A running gateway applies registry changes without a restart: a re-keyed device starts a
+/// new counter space (counters are per key, SPEC §4) — a device whose counter was exhausted
+/// comes back at 1, its new key's frames are de-duplicated as before, its old key no longer
+/// verifies — and a retired device is refused.
 #[tokio::test]
-async fn rekey_and_retire_reach_a_running_gateway_and_keep_counters() {
+async fn rekey_and_retire_reach_a_running_gateway_and_a_new_key_resets_the_counters() {
     use gridsense_protocol::DeviceKey;
 
     let broker = Mosquitto::start().unwrap();
@@ -146,14 +152,16 @@ async fn rekey_and_retire_reach_a_running_gateway_and_keep_counters() {
             ..*s
         })
     };
-    common::publish_from(broker.addr(), vec![(a, status(3_600)), (b, status(3_600))], &keys, 10)
-        .await;
+    // `a`'s counter is exhausted (0xFFFFFFFF): under this key it can never send again.
+    let exhausted = gridsense_protocol::seal(a, u32::MAX, &status(3_600), &keys[&a]).to_vec();
+    common::publish_raw(broker.addr(), vec![(a, exhausted)]).await;
+    common::publish_from(broker.addr(), vec![(b, status(3_600))], &keys, 10).await;
 
     // Re-key `a` (a key given) and retire `b`, through the CLI, while the gateway runs.
     let new_key = "00112233445566778899aabbccddeeff";
     let cli = |args: &[&str]| common::cli(&path, args);
     let out = cli(&["provision", "rekey", &a.to_string(), "--key", new_key]);
-    assert!(out.contains("counters are kept") && !out.contains(new_key), "{out}");
+    assert!(out.contains("new counter space") && !out.contains(new_key), "{out}");
     cli(&["provision", "retire", &b.to_string()]);
     let generated = cli(&["provision", "rekey", &devices[2].to_string()]);
     assert!(generated.contains("new key"), "a generated key is shown once: {generated}");
@@ -169,10 +177,11 @@ async fn rekey_and_retire_reach_a_running_gateway_and_keep_counters() {
 
     let old_key = keys[&a].clone();
     keys.insert(a, DeviceKey::from_hex(new_key).unwrap());
-    // New key, next counter: accepted. New key, an old counter: a duplicate, not a new frame.
-    common::publish_from(broker.addr(), vec![(a, status(3_500)), (b, status(3_500))], &keys, 11)
+    // New key, counter 1 (it starts again): accepted. New key, the same counter again: a
+    // duplicate. Old key: refused.
+    common::publish_from(broker.addr(), vec![(a, status(3_500)), (b, status(3_500))], &keys, 1)
         .await;
-    common::publish_from(broker.addr(), vec![(a, status(3_400))], &keys, 10).await;
+    common::publish_from(broker.addr(), vec![(a, status(3_400))], &keys, 1).await;
     keys.insert(a, old_key);
     common::publish_from(broker.addr(), vec![(a, status(3_300))], &keys, 12).await;
     stop_tx.send(true).unwrap();
@@ -182,6 +191,6 @@ async fn rekey_and_retire_reach_a_running_gateway_and_keep_counters() {
     let totals = store.totals().unwrap();
     assert_eq!(totals.accepted, 3, "a and b before, a after the re-key: {totals:?}");
     assert_eq!(totals.rejects.get("unknown_device"), Some(&1), "b is retired: {totals:?}");
-    assert_eq!(totals.rejects.get("duplicate"), Some(&1), "the counter survived: {totals:?}");
+    assert_eq!(totals.rejects.get("duplicate"), Some(&1), "the new window works: {totals:?}");
     assert_eq!(totals.rejects.get("bad_tag"), Some(&1), "the old key is refused: {totals:?}");
 }

@@ -30,6 +30,9 @@ pub struct SimClock {
     sim_start_unix_ms: u64,
     speed: f64,
     horizon: Duration,
+    /// The gateway reads this same clock (`gridsense demo`): its time syncs are on this
+    /// timeline already.
+    shared: bool,
 }
 
 impl SimClock {
@@ -55,7 +58,46 @@ impl SimClock {
             sim_start_unix_ms: real_start_unix_ms.saturating_sub(lead_ms),
             speed,
             horizon,
+            shared: false,
         }
+    }
+
+    /// The same clock, read by the gateway too: its time syncs apply as they come.
+    #[must_use]
+    pub fn shared_with_gateway(self) -> Self {
+        SimClock { shared: true, ..self }
+    }
+
+    /// The device time to set from a gateway's time sync `gateway` received at real instant
+    /// `t` when the wall clock reads `wall_unix_ms`. A gateway on this clock (shared), or a run
+    /// at speed 1: the sync as it came. Otherwise the gateway is on the wall clock while
+    /// devices run on the anchored, faster timeline, which is behind the wall clock until the
+    /// horizon ends: setting a device to the wall clock would let it run `speed` times faster
+    /// from there, ahead of every sink and of the gateway. So the sync is mapped onto this
+    /// timeline — the gateway's time less how far this clock is behind the wall clock — and
+    /// never past the wall clock.
+    pub fn map_time_sync_at(
+        &self,
+        gateway: DeviceTime,
+        t: RealInstant,
+        wall_unix_ms: u64,
+    ) -> DeviceTime {
+        if self.shared || (self.speed - 1.0).abs() < 1e-9 {
+            return gateway;
+        }
+        let sim_unix_s = self.unix_ms(self.sim_ms_at(t)) / 1000;
+        let wall_s = wall_unix_ms / 1000;
+        let behind = wall_s.saturating_sub(sim_unix_s);
+        let mapped = gateway.unix_secs().saturating_sub(behind).min(wall_s);
+        DeviceTime::from_unix_secs(mapped).unwrap_or(gateway)
+    }
+
+    /// [`SimClock::map_time_sync_at`] now.
+    pub fn map_time_sync(&self, gateway: DeviceTime) -> DeviceTime {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.map_time_sync_at(gateway, RealInstant::now(), wall)
     }
 
     /// Simulated milliseconds since the run started, at real instant `t`.
@@ -126,6 +168,34 @@ mod tests {
             let back = clock.sim_ms_at(clock.real_at(sim_ms));
             assert!(back.abs_diff(sim_ms) <= 1, "{sim_ms} -> {back}");
         }
+    }
+
+    #[test]
+    fn a_time_sync_from_a_wall_clock_gateway_is_mapped_onto_the_anchored_clock() {
+        let real = RealInstant::now();
+        let unix: u64 = 1_800_000_000_000;
+        let clock = SimClock::with_anchor(real, unix, 60.0, Duration::from_secs(600));
+        // 100 s in: the simulated clock reads 90 min after its start, 490 min behind the wall.
+        let t = real + Duration::from_secs(100);
+        let wall = unix + 100_000;
+        let sim_s = clock.unix_ms(clock.sim_ms_at(t)) / 1000;
+        let gateway = DeviceTime::from_unix_secs(wall / 1000).unwrap();
+        assert_eq!(
+            clock.map_time_sync_at(gateway, t, wall).unix_secs(),
+            sim_s,
+            "an exact gateway: no change"
+        );
+        // A gateway 10 s ahead of true time moves the device 10 s on its own timeline.
+        let ahead = DeviceTime::from_unix_secs(wall / 1000 + 10).unwrap();
+        assert_eq!(clock.map_time_sync_at(ahead, t, wall).unix_secs(), sim_s + 10);
+        // Never past the wall clock, however far ahead the gateway is.
+        let far = DeviceTime::from_unix_secs(wall / 1000 + 1_000_000).unwrap();
+        assert!(clock.map_time_sync_at(far, t, wall).unix_secs() <= wall / 1000);
+        // A shared clock (the demo) and speed 1 take the sync as it comes.
+        let shared = clock.shared_with_gateway();
+        assert_eq!(shared.map_time_sync_at(gateway, t, wall), gateway);
+        let real_speed = SimClock::with_anchor(real, unix, 1.0, Duration::from_secs(600));
+        assert_eq!(real_speed.map_time_sync_at(gateway, t, wall), gateway);
     }
 
     #[test]

@@ -571,7 +571,12 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<Summary> {
     let horizon = options.duration.unwrap_or(Duration::from_secs(3_600));
-    let clock = options.clock.unwrap_or_else(|| SimClock::start(options.speed, horizon));
+    // A clock the caller passes is the gateway's too (`gridsense demo`): its time syncs are on
+    // the devices' timeline. Otherwise the gateway keeps the wall clock (SimClock::map_time_sync).
+    let clock = options
+        .clock
+        .map(SimClock::shared_with_gateway)
+        .unwrap_or_else(|| SimClock::start(options.speed, horizon));
     let counters = Arc::new(Counters::default());
     let (shutdown_tx, shutdown) = watch::channel(false);
     let seed = options.scenario.seed;

@@ -203,4 +203,12 @@ where
     fn sent(&mut self, frame: &[u8]) {
         self.counters.frame_sent(frame);
     }
+
+    fn map_time_sync(
+        &mut self,
+        _now: Instant,
+        gateway: gridsense_protocol::DeviceTime,
+    ) -> gridsense_protocol::DeviceTime {
+        self.clock.map_time_sync(gateway)
+    }
 }

@@ -46,7 +46,8 @@ pub async fn run_with(
     real: Duration,
     transport: Transport,
 ) -> Result<Summary> {
-    run_clocked(dir, scenario_text, broker, SimClock::start(speed, real), real, transport).await
+    // The fleet's own clock: a gateway under test keeps the wall clock.
+    run_on(dir, scenario_text, broker, (speed, None), real, transport).await
 }
 
 /// As [`run`], on a clock the caller shares (with a gateway under test, so its time syncs and
@@ -59,7 +60,17 @@ pub async fn run_clocked(
     real: Duration,
     transport: Transport,
 ) -> Result<Summary> {
-    let speed = clock.speed();
+    run_on(dir, scenario_text, broker, (clock.speed(), Some(clock)), real, transport).await
+}
+
+async fn run_on(
+    dir: &Path,
+    scenario_text: &str,
+    broker: SocketAddr,
+    (speed, clock): (f64, Option<SimClock>),
+    real: Duration,
+    transport: Transport,
+) -> Result<Summary> {
     let scenario = scenario::parse("test.toml", scenario_text)?;
     let plan = fleet::plan(dir, &scenario)?;
     let options = RunOptions {
@@ -71,7 +82,7 @@ pub async fn run_clocked(
         transport,
         limit: None,
         progress: false,
-        clock: Some(clock),
+        clock,
     };
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     fleet::run(plan, &options, stop).await

@@ -111,6 +111,9 @@ pub struct Status {
     pub session_trouble_ms: std::sync::atomic::AtomicI64,
     /// Reconnections on which the broker had kept no session for this client id.
     pub sessions_lost: AtomicU64,
+    /// Sample times clamped to the receive time since start (more than `health.max_ahead_s`
+    /// ahead of it).
+    pub samples_future: AtomicU64,
     /// HTTP connections open now.
     pub http_connections: Arc<AtomicU64>,
 }
@@ -492,6 +495,7 @@ async fn pipeline_task(
         let queued_cases = batch.cases.outbox.iter().any(|o| o.channel == "case");
         let queued_alerts = batch.cases.alerts.len() as u64;
         let filed = batch.cases.cases.len() as u64;
+        let future = batch.future_samples;
         if !batch.is_empty() || !sealed.is_empty() {
             let Some(s) = store.take() else { break };
             let started = std::time::Instant::now();
@@ -506,6 +510,7 @@ async fn pipeline_task(
             status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
             status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
             status.cases_filed.fetch_add(filed, Relaxed);
+            status.samples_future.fetch_add(future, Relaxed);
             status.alerts.fetch_add(queued_alerts, Relaxed);
             let durable = clock();
             for d in decided {
