@@ -655,7 +655,19 @@ impl Pipeline {
         self.tag_grids(device.id, batch, first_point);
         // 5. Everything else is kept for the trace (and the rules of the next issue).
         let name = accepted.message.kind_name();
-        if !telemetry_only {
+        if telemetry_only {
+            let samples = match &accepted.message {
+                Uplink::Backlog(b) => u16::try_from(b.samples.len()).unwrap_or(u16::MAX),
+                _ => 1,
+            };
+            batch.recent.push(crate::store::RecentFrame {
+                eui,
+                counter: header.counter,
+                received_ms: now_ms,
+                kind: name,
+                samples,
+            });
+        } else {
             batch.messages.push(MessageRecord {
                 eui,
                 counter: header.counter,

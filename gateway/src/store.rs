@@ -174,7 +174,18 @@ const MIGRATIONS: &[&str] = &[
     // 10: signatures of the platform callbacks taken, so a replay within the signature's
     // validity is refused (kept a little longer than that validity, then pruned).
     "CREATE TABLE callback_signatures (signature TEXT PRIMARY KEY, seen_ms INTEGER NOT NULL);",
+    // 11: the last telemetry frames of each device (readings, fixes, backlogs, whose values
+    // are telemetry and are not kept as messages): a ring of 16 slots per device, by counter,
+    // so an operator sees every recent frame with its verdict.
+    "CREATE TABLE recent_frames (
+        eui INTEGER NOT NULL, slot INTEGER NOT NULL, counter INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL, kind TEXT NOT NULL, samples INTEGER NOT NULL,
+        PRIMARY KEY (eui, slot)
+    ) WITHOUT ROWID;",
 ];
+
+/// Slots of a device's ring of recent telemetry frames.
+pub const RECENT_FRAME_SLOTS: u32 = 16;
 
 /// A telemetry point waiting in the buffer for the external sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -251,6 +262,22 @@ pub struct MessageRecord {
     pub body: String,
 }
 
+/// An accepted telemetry frame (a reading, a fix, a backlog), remembered in its device's ring
+/// of recent frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecentFrame {
+    /// Device.
+    pub eui: Eui,
+    /// Frame counter.
+    pub counter: u32,
+    /// When it arrived, Unix ms.
+    pub received_ms: i64,
+    /// Message kind name.
+    pub kind: &'static str,
+    /// Samples it carried.
+    pub samples: u16,
+}
+
 /// Everything one group commit writes.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -284,6 +311,8 @@ pub struct Batch {
     pub fixes: BTreeMap<Eui, Fix>,
     /// Sample times clamped to the receive time (more than `health.max_ahead_s` ahead).
     pub future_samples: u64,
+    /// Accepted telemetry frames, for their devices' rings of recent frames.
+    pub recent: Vec<RecentFrame>,
 }
 
 impl Batch {
@@ -1001,6 +1030,22 @@ impl Store {
                     m.received_ms,
                     m.kind,
                     m.body
+                ])?;
+            }
+            let mut recent = tx.prepare_cached(
+                "INSERT INTO recent_frames (eui, slot, counter, received_ms, kind, samples)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (eui, slot) DO UPDATE SET counter = excluded.counter,
+                 received_ms = excluded.received_ms, kind = excluded.kind, samples = excluded.samples",
+            )?;
+            for r in &batch.recent {
+                recent.execute(params![
+                    r.eui.0 as i64,
+                    r.counter % RECENT_FRAME_SLOTS,
+                    r.counter,
+                    r.received_ms,
+                    r.kind,
+                    r.samples
                 ])?;
             }
             if let Some(max) = self.buffer_max {

@@ -75,6 +75,12 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
         &DeviceKey::from_bytes([9; 16]),
     );
     common::publish_raw(broker.addr(), vec![(drains[0], forged.to_vec())]).await;
+    // And a plain drain reading (telemetry only: its values go to telemetry, not messages).
+    let reading = Uplink::DrainReading {
+        at,
+        sample: gridsense_protocol::DrainSample { level_mm: 420, rate_mm_h: 0 },
+    };
+    common::publish_from(broker.addr(), vec![(drains[0], reading)], &keys, 1_000).await;
     let store = app::open_store(&config).unwrap();
     for _ in 0..50 {
         if store.case(1).unwrap().is_some() && store.audit_len().unwrap() > 0 {
@@ -144,7 +150,15 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
         .map(|f| f["verdict"].as_str().unwrap())
         .collect();
     assert!(verdicts.contains(&"accepted") && verdicts.contains(&"rejected"), "{drain:#}");
-    assert!(drain["frames"].as_array().unwrap().iter().any(|f| f["detail"] == "bad_tag"));
+    let frames = drain["frames"].as_array().unwrap();
+    let forged = frames.iter().find(|f| f["detail"] == "bad_tag").unwrap();
+    assert_eq!(forged["counter"], 999, "a rejected frame's counter, from its header");
+    let reading = frames.iter().find(|f| f["detail"] == "drain_reading");
+    assert_eq!(
+        reading.map(|f| (&f["verdict"], &f["counter"])),
+        Some((&"accepted".into(), &1_000.into())),
+        "{drain:#}"
+    );
     assert_eq!(drain["health_events"][0][1], "online");
     assert!(drain["telemetry"]["status_battery_mv"].is_array(), "{drain:#}");
     bad(&format!("{base}/api/v1/devices/xyz"), "eui").await;
@@ -197,7 +211,7 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
     assert_eq!((ready, text.trim()), (200, "ready"));
     let (_, metrics) = get(&format!("{base}/metrics")).await;
     for needle in [
-        "gridsense_frames_accepted_total 35",
+        "gridsense_frames_accepted_total 36",
         "gridsense_frames_rejected_total{reason=\"bad_tag\"} 1",
         "gridsense_devices{state=\"online\"} 33",
         "gridsense_case_latency_seconds_count 1",

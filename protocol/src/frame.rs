@@ -130,9 +130,14 @@ pub enum FrameError {
         /// How many.
         count: usize,
     },
-    /// A field does not decode: a bad varint, bool, option tag, UTF-8, an unknown nested
-    /// variant, or a list or text over its bound.
+    /// A field does not decode: a bad varint (or one longer than its shortest form), bool,
+    /// option tag, UTF-8, an unknown nested variant, or a list or text over its bound.
     InvalidBody,
+    /// The body decodes, but a field is outside the range SPEC.md §6 gives it.
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+    },
 }
 
 impl FrameError {
@@ -149,6 +154,7 @@ impl FrameError {
             FrameError::BodyTruncated => "body_truncated",
             FrameError::TrailingBytes { .. } => "trailing_bytes",
             FrameError::InvalidBody => "invalid_body",
+            FrameError::OutOfRange { .. } => "out_of_range",
         }
     }
 }
@@ -182,7 +188,10 @@ impl fmt::Display for FrameError {
             FrameError::TrailingBytes { count } => {
                 write!(f, "{count} bytes left over after the message")
             }
-            FrameError::InvalidBody => f.write_str("frame body has a field that does not decode"),
+            FrameError::InvalidBody => f.write_str(
+                "frame body has a field that does not decode (or is not in its shortest form)",
+            ),
+            FrameError::OutOfRange { field } => write!(f, "field {field} is out of its range"),
         }
     }
 }
@@ -348,20 +357,38 @@ impl<'a> VerifiedFrame<'a> {
     }
 }
 
-/// Decodes one message body, requiring it to use every byte.
+/// Decodes one message body, requiring it to use every byte (SPEC.md §5, §8 steps 10–11):
+/// the leading message index first (a complete, shortest-form `u32` naming a known message),
+/// then the message, which must be in its canonical encoding — every varint in its shortest
+/// form, as a sender must write it — then no bytes left over, then every field in its range.
 pub fn decode_body<M: Message>(body: &[u8]) -> Result<M, FrameError> {
-    if let Some(index) = leading_varint(body)
-        && index >= M::KNOWN_VARIANTS
-    {
+    let index = leading_varint(body)?;
+    if index >= M::KNOWN_VARIANTS {
         return Err(FrameError::UnknownMessage { index });
     }
-    match postcard::take_from_bytes::<M>(body) {
-        Ok((msg, [])) => Ok(msg),
-        Ok((_, rest)) => Err(FrameError::TrailingBytes { count: rest.len() }),
-        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(FrameError::BodyTruncated),
-        Err(_) => Err(FrameError::InvalidBody),
+    let (msg, rest) = match postcard::take_from_bytes::<M>(body) {
+        Ok(decoded) => decoded,
+        Err(postcard::Error::DeserializeUnexpectedEnd) => return Err(FrameError::BodyTruncated),
+        Err(_) => return Err(FrameError::InvalidBody),
+    };
+    // Canonical: encoding the message again gives exactly the bytes it was read from (the
+    // encoding is deterministic and writes shortest varints), so a longer varint anywhere —
+    // an integer, an enum index, a length — is refused, and two receivers never disagree.
+    let consumed = body.get(..body.len() - rest.len()).unwrap_or(body);
+    let mut again = [0u8; MAX_BODY_LEN];
+    match postcard::to_slice(&msg, &mut again) {
+        Ok(bytes) if *bytes == *consumed => {}
+        _ => return Err(FrameError::InvalidBody),
     }
+    if !rest.is_empty() {
+        return Err(FrameError::TrailingBytes { count: rest.len() });
+    }
+    msg.check_ranges().map_err(|field| FrameError::OutOfRange { field })?;
+    Ok(msg)
 }
+
+/// Room for the largest body of either direction.
+const MAX_BODY_LEN: usize = 512;
 
 /// Parses, verifies and decodes in one call.
 pub fn open<M: Message>(bytes: &[u8], key: &DeviceKey) -> Result<(Header, M), FrameError> {
@@ -370,21 +397,24 @@ pub fn open<M: Message>(bytes: &[u8], key: &DeviceKey) -> Result<(Header, M), Fr
     Ok((verified.header(), msg))
 }
 
-/// The postcard varint (u32) at the start of `bytes`, if it is complete and in range.
-fn leading_varint(bytes: &[u8]) -> Option<u32> {
+/// The postcard varint (`u32`) at the start of `bytes`: `body_truncated` when the body ends
+/// inside it, `invalid_body` when it runs past five bytes, past `u32`, or is longer than its
+/// shortest form.
+fn leading_varint(bytes: &[u8]) -> Result<u32, FrameError> {
     let mut value: u32 = 0;
-    for (i, b) in bytes.iter().take(5).enumerate() {
+    for (i, b) in bytes.iter().enumerate() {
         let low = u32::from(b & 0x7f);
-        // The fifth byte carries only the top four bits of a u32.
-        if i == 4 && low > 0x0f {
-            return None;
+        // The fifth byte carries only the top four bits of a u32, and is the last.
+        if i == 4 && (low > 0x0f || b & 0x80 != 0) {
+            return Err(FrameError::InvalidBody);
         }
         value |= low << (7 * i);
         if b & 0x80 == 0 {
-            return Some(value);
+            // Shortest form: a final byte of zero adds nothing (but a lone zero is 0).
+            return if i > 0 && *b == 0 { Err(FrameError::InvalidBody) } else { Ok(value) };
         }
     }
-    None
+    Err(FrameError::BodyTruncated)
 }
 
 #[cfg(test)]
@@ -501,13 +531,41 @@ mod tests {
     }
 
     #[test]
-    fn leading_varint_reads_postcard_varints() {
-        assert_eq!(leading_varint(&[0]), Some(0));
-        assert_eq!(leading_varint(&[0x7f]), Some(127));
-        assert_eq!(leading_varint(&[0x80, 0x01]), Some(128));
-        assert_eq!(leading_varint(&[0xff, 0xff, 0xff, 0xff, 0x0f]), Some(u32::MAX));
-        assert_eq!(leading_varint(&[0x80]), None);
-        assert_eq!(leading_varint(&[]), None);
-        assert_eq!(leading_varint(&[0xff, 0xff, 0xff, 0xff, 0x7f]), None);
+    fn leading_varint_reads_postcard_varints_in_their_shortest_form() {
+        assert_eq!(leading_varint(&[0]), Ok(0));
+        assert_eq!(leading_varint(&[0x7f]), Ok(127));
+        assert_eq!(leading_varint(&[0x80, 0x01]), Ok(128));
+        assert_eq!(leading_varint(&[0xff, 0xff, 0xff, 0xff, 0x0f]), Ok(u32::MAX));
+        assert_eq!(leading_varint(&[0x80]), Err(FrameError::BodyTruncated));
+        assert_eq!(leading_varint(&[]), Err(FrameError::BodyTruncated));
+        assert_eq!(leading_varint(&[0xff, 0xff, 0xff, 0xff, 0x7f]), Err(FrameError::InvalidBody));
+        assert_eq!(
+            leading_varint(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x01]),
+            Err(FrameError::InvalidBody)
+        );
+        // 0 and 11 written longer than they need: not their shortest form.
+        assert_eq!(leading_varint(&[0x80, 0x00]), Err(FrameError::InvalidBody));
+        assert_eq!(leading_varint(&[0x8b, 0x80, 0x00]), Err(FrameError::InvalidBody));
+    }
+
+    #[test]
+    fn a_body_not_in_its_shortest_form_and_a_field_out_of_range_are_refused() {
+        // A cover reading with `at` = 12 written in two bytes (8c 00) instead of one (0c).
+        assert_eq!(decode_body::<Uplink>(&[0, 0x0c, 0x0c, 1, 0]).map(|_| ()), Ok(()));
+        assert_eq!(
+            decode_body::<Uplink>(&[0, 0x8c, 0x00, 0x0c, 1, 0]),
+            Err(FrameError::InvalidBody)
+        );
+        // tilt_ddeg 5000 (of 0..=1800).
+        let tilt = [0, 0x0c, 0x88, 0x27, 1, 0];
+        assert_eq!(
+            decode_body::<Uplink>(&tilt),
+            Err(FrameError::OutOfRange { field: "tilt_ddeg" })
+        );
+        // Not canonical wins over trailing bytes: it is found while reading.
+        assert_eq!(
+            decode_body::<Uplink>(&[0, 0x8c, 0x00, 0x0c, 1, 0, 9]),
+            Err(FrameError::InvalidBody)
+        );
     }
 }

@@ -47,6 +47,39 @@ pub trait Message: Serialize + for<'de> Deserialize<'de> + MaxSize {
     const KNOWN_VARIANTS: u32;
     /// The snake_case name of this message's kind, as used in logs, metrics and SPEC.md.
     fn kind_name(&self) -> &'static str;
+    /// The first field outside the range SPEC.md §6 gives it, by name (`Ok` when every field
+    /// is in range). Checked after decoding; a frame that fails it is `out_of_range`.
+    fn check_ranges(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+}
+
+/// The largest cover tilt, 0.1° (180°).
+pub const MAX_TILT_DDEG: u16 = 1_800;
+
+impl CoverSample {
+    /// Its fields outside their ranges (§6), by name.
+    pub const fn check_ranges(&self) -> Result<(), &'static str> {
+        if self.tilt_ddeg > MAX_TILT_DDEG { Err("tilt_ddeg") } else { Ok(()) }
+    }
+}
+
+impl PositionFix {
+    /// Its fields outside their ranges (§6), by name: latitude within ±90°, longitude
+    /// within ±180°.
+    pub const fn check_ranges(&self) -> Result<(), &'static str> {
+        if self.lat_udeg < -90_000_000 || self.lat_udeg > 90_000_000 {
+            Err("lat_udeg")
+        } else if self.lon_udeg < -180_000_000 || self.lon_udeg > 180_000_000 {
+            Err("lon_udeg")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn fix_in_range(fix: Option<&PositionFix>) -> Result<(), &'static str> {
+    fix.map_or(Ok(()), PositionFix::check_ranges)
 }
 
 /// Manhole-cover switch state (magnet/Hall or reed switch), where one is fitted.
@@ -366,6 +399,29 @@ impl Message for Uplink {
             Uplink::IncidentReport(_) => "incident_report",
             Uplink::Sos(_) => "sos",
             Uplink::DownlinkAck(_) => "downlink_ack",
+        }
+    }
+
+    fn check_ranges(&self) -> Result<(), &'static str> {
+        match self {
+            Uplink::CoverReading { sample, .. } => sample.check_ranges(),
+            Uplink::PatrolFix { fix, .. } => fix.check_ranges(),
+            Uplink::CheckIn(c) => fix_in_range(c.fix.as_ref()),
+            Uplink::IncidentReport(r) => fix_in_range(r.fix.as_ref()),
+            Uplink::Sos(s) => fix_in_range(s.fix.as_ref()),
+            Uplink::AlarmRaised(AlarmRaised { kind, value, .. })
+            | Uplink::AlarmCleared(AlarmCleared { kind, value, .. })
+                if matches!(kind, AlarmKind::CoverTilt | AlarmKind::CoverRemoved)
+                    && !(0..=i32::from(MAX_TILT_DDEG)).contains(value) =>
+            {
+                Err("value")
+            }
+            Uplink::Backlog(b) => b.samples.iter().try_for_each(|s| match &s.sample {
+                Sample::Cover(c) => c.check_ranges(),
+                Sample::Fix(f) => f.check_ranges(),
+                Sample::Drain(_) => Ok(()),
+            }),
+            _ => Ok(()),
         }
     }
 }

@@ -34,7 +34,8 @@ fn switch() -> impl Strategy<Value = SwitchState> {
 }
 
 fn cover_sample() -> impl Strategy<Value = CoverSample> {
-    (any::<u16>(), switch(), option::of(any::<u16>()))
+    // In range (§6): a tilt of at most 180°.
+    (0..=crate::MAX_TILT_DDEG, switch(), option::of(any::<u16>()))
         .prop_map(|(tilt_ddeg, switch, water_mm)| CoverSample { tilt_ddeg, switch, water_mm })
 }
 
@@ -44,7 +45,8 @@ fn drain_sample() -> impl Strategy<Value = DrainSample> {
 }
 
 fn fix() -> impl Strategy<Value = PositionFix> {
-    (any::<i32>(), any::<i32>(), any::<u16>())
+    // In range (§6): ±90° and ±180°.
+    (-90_000_000..=90_000_000i32, -180_000_000..=180_000_000i32, any::<u16>())
         .prop_map(|(lat_udeg, lon_udeg, accuracy_m)| PositionFix { lat_udeg, lon_udeg, accuracy_m })
 }
 
@@ -106,6 +108,15 @@ fn alarm_kind() -> impl Strategy<Value = AlarmKind> {
     ]
 }
 
+/// A tilt alarm's value is a tilt, in range (§6); other kinds' values are anything.
+fn alarm_value(kind: AlarmKind, value: i32) -> i32 {
+    if matches!(kind, AlarmKind::CoverTilt | AlarmKind::CoverRemoved) {
+        value.rem_euclid(i32::from(crate::MAX_TILT_DDEG) + 1)
+    } else {
+        value
+    }
+}
+
 fn sample() -> impl Strategy<Value = Sample> {
     prop_oneof![
         cover_sample().prop_map(Sample::Cover),
@@ -145,7 +156,7 @@ fn case_class() -> impl Strategy<Value = CaseClass> {
         .prop_map(|(kind, major, minor)| CaseClass { kind, major, minor })
 }
 
-/// Any uplink message.
+/// Any uplink message whose fields are in their ranges (SPEC.md §6).
 pub fn uplink() -> impl Strategy<Value = Uplink> {
     prop_oneof![
         (device_time(), cover_sample())
@@ -154,12 +165,13 @@ pub fn uplink() -> impl Strategy<Value = Uplink> {
             .prop_map(|(at, sample)| Uplink::DrainReading { at, sample }),
         status().prop_map(Uplink::Status),
         (alarm_kind(), any::<i32>(), device_time()).prop_map(|(kind, value, since)| {
+            let value = alarm_value(kind, value);
             Uplink::AlarmRaised(AlarmRaised { kind, value, since })
         }),
         (alarm_kind(), any::<i32>(), device_time(), device_time()).prop_map(
             |(kind, value, since, at)| Uplink::AlarmCleared(AlarmCleared {
+                value: alarm_value(kind, value),
                 kind,
-                value,
                 since,
                 at
             })

@@ -191,7 +191,7 @@ pub struct FrameVerdict {
     pub verdict: &'static str,
     /// Message kind (accepted) or the reject reason.
     pub detail: String,
-    /// Frame counter (accepted messages).
+    /// Frame counter (from the header of a rejected frame, where it has one).
     pub counter: Option<i64>,
 }
 
@@ -414,15 +414,35 @@ impl Store {
         })? {
             frames.push(row?);
         }
+        // Readings, fixes and backlogs: their device's ring of recent telemetry frames.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT received_ms, reason FROM audit WHERE eui = ?1 ORDER BY id DESC LIMIT 30",
+            "SELECT received_ms, kind, counter, samples FROM recent_frames WHERE eui = ?1",
         )?;
         for row in stmt.query_map([e], |r| {
+            let (kind, samples): (String, i64) = (r.get(1)?, r.get(3)?);
+            Ok(FrameVerdict {
+                received_ms: r.get(0)?,
+                verdict: "accepted",
+                detail: if samples == 1 { kind } else { format!("{kind} ({samples} samples)") },
+                counter: r.get(2)?,
+            })
+        })? {
+            frames.push(row?);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT received_ms, reason, raw FROM audit WHERE eui = ?1 ORDER BY id DESC LIMIT 30",
+        )?;
+        for row in stmt.query_map([e], |r| {
+            let raw: Vec<u8> = r.get(2)?;
             Ok(FrameVerdict {
                 received_ms: r.get(0)?,
                 verdict: "rejected",
                 detail: r.get(1)?,
-                counter: None,
+                // The header's counter, where the frame is long enough to have one.
+                counter: raw
+                    .get(9..13)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(|b| i64::from(u32::from_be_bytes(b))),
             })
         })? {
             frames.push(row?);
