@@ -3,16 +3,18 @@
 //!
 //! - [`pipeline`] (pure, `now` passed in): intake check → counter → health → telemetry →
 //!   messages; [`health`] with durable offline deadlines; [`telemetry`] points.
-//! - [`ingest`]: the rumqttc shell, group commit into [`store`] (SQLite), acks after commit;
-//!   [`sink`]: the InfluxDB 2 writer draining the store's on-disk telemetry buffer.
+//! - [`ingest`]: the MQTT 5 session (rumqttc `v5`, [`ingest::session`]: Maximum Packet Size,
+//!   Receive Maximum, reconnect policy, disconnect reasons), group commit into [`store`]
+//!   (SQLite), acks after commit; [`sink`]: the InfluxDB 2 writer draining the store's on-disk
+//!   telemetry buffer.
 //! - [`geo`]: the grid layer (GeoJSON, R-tree, point-in-polygon, nearest within a tolerance).
 //! - [`rules`] (pure): alarm rules on observations and timers, persisted state;
 //!   [`cases`] (pure): incidents, cases with codes, deadlines and the 130 milestones on the
 //!   [`calendar`], maintenance windows, the lifecycle; [`delivery`]: the outbox workers and
 //!   platform adapters ([`open311_client`], webhook); [`board`]: Open311 read endpoints and the
 //!   operator lifecycle API; [`api`]: devices, grids, incidents, statistics, live events,
-//!   `/readyz`, `/metrics`; [`http`]: the dashboard page; [`cli_cases`]: the same from a
-//!   terminal.
+//!   `/readyz`, `/metrics`; [`http`]: the dashboard page and the HTTP/1 server (header
+//!   timeout, connection cap); [`auth`]: tokens; [`cli_cases`]: the same from a terminal.
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 

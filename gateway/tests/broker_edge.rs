@@ -274,7 +274,29 @@ async fn a_poison_message_cannot_stall_the_session_on_mosquitto_without_a_limit(
     good_frame_through(&link, &d, &gateway.status, &mut counter, "after the restart").await;
     assert_eq!(gateway.status.connects.load(Relaxed), 1, "the restarted session dropped");
     assert_eq!(disconnects(&gateway.status), 0, "{:?}", gateway.status.disconnects.lock().unwrap());
-    // What reaches an MQTT 5 session announcing 65,536 bytes.
+    // What reaches an MQTT 5 session announcing 65,536 bytes: the largest payload the broker
+    // delivers to it (then counted as `oversize`), by bisection.
+    let (mut delivered, mut dropped) = (485usize, 1usize << 20);
+    while dropped - delivered > 1 {
+        let probe = delivered + (dropped - delivered) / 2;
+        let before = rejects(&gateway.status, "oversize");
+        publish_one(&link, "rogue", &up(*poisoned), vec![0x10; probe], QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        // A frame behind it: once it is stored, the probe was handled or dropped.
+        good_frame_through(&link, &d, &gateway.status, &mut counter, "behind a probe").await;
+        if rejects(&gateway.status, "oversize") > before {
+            delivered = probe;
+        } else {
+            dropped = probe;
+        }
+    }
+    gridsense_tests::evidence!(
+        "edge: mosquitto (no limit) delivers to the gateway's MQTT 5 session payloads up to {delivered} bytes (Maximum Packet Size {}), drops larger ones for it",
+        config.mqtt.max_packet_bytes
+    );
+    assert!(delivered < 65_536 && delivered > 65_000, "{delivered}");
+    assert_eq!(gateway.status.connects.load(Relaxed), 1, "a probe dropped the session");
     stop.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();
 }

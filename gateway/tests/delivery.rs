@@ -366,7 +366,11 @@ async fn webhook_status_callbacks_must_be_signed_and_fresh() {
     assert_eq!(status(send(body, "t=1".into()).await.unwrap()), 401);
     let bad = r#"{"case_id":1,"state":"fixed"}"#;
     assert_eq!(status(send(bad, sign(SECRET, now, bad.as_bytes())).await.unwrap()), 400);
-    assert_eq!(status(send(body, sign(SECRET, now, body.as_bytes())).await.unwrap()), 200);
+    // The lifecycle is the operator API's: a collected case is filed before it is dispatched.
+    assert_eq!(status(send(body, sign(SECRET, now, body.as_bytes())).await.unwrap()), 409);
+    let filed = r#"{"case_id":1,"state":"filed","note":"accepted by the platform"}"#;
+    assert_eq!(status(send(filed, sign(SECRET, now, filed.as_bytes())).await.unwrap()), 200);
+    assert_eq!(status(send(body, sign(SECRET, now + 1, body.as_bytes())).await.unwrap()), 200);
     stop_tx.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();
     let store = app::open_store(&config).unwrap();
