@@ -414,20 +414,22 @@ impl Store {
         })? {
             frames.push(row?);
         }
-        // Readings, fixes and backlogs: their device's ring of recent telemetry frames.
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT received_ms, kind, counter, samples FROM recent_frames WHERE eui = ?1",
-        )?;
-        for row in stmt.query_map([e], |r| {
-            let (kind, samples): (String, i64) = (r.get(1)?, r.get(3)?);
-            Ok(FrameVerdict {
-                received_ms: r.get(0)?,
+        // Readings, fixes and backlogs: the device's list of recent telemetry frames.
+        let recent: Option<String> = self
+            .conn
+            .query_row("SELECT list FROM recent_frames WHERE eui = ?1", [e], |r| r.get(0))
+            .optional()?;
+        for r in crate::store::RecentFrame::parse_list(eui, recent.as_deref().unwrap_or("")) {
+            frames.push(FrameVerdict {
+                received_ms: r.received_ms,
                 verdict: "accepted",
-                detail: if samples == 1 { kind } else { format!("{kind} ({samples} samples)") },
-                counter: r.get(2)?,
-            })
-        })? {
-            frames.push(row?);
+                detail: if r.samples == 1 {
+                    r.kind.to_owned()
+                } else {
+                    format!("{} ({} samples)", r.kind, r.samples)
+                },
+                counter: Some(i64::from(r.counter)),
+            });
         }
         let mut stmt = self.conn.prepare_cached(
             "SELECT received_ms, reason, raw FROM audit WHERE eui = ?1 ORDER BY id DESC LIMIT 30",
