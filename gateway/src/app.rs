@@ -9,7 +9,6 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     broker,
     config::{Config, Sink},
-    health::HealthConfig,
     ingest::{self, Clock, IngestError, Status},
     pipeline::Pipeline,
     sink::{self, SinkError, SinkStatus},
@@ -93,10 +92,9 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     };
     let registry = store.registry()?;
     let counters = store.counters()?;
-    let mut pipeline =
-        Pipeline::new(registry, counters, Vec::new(), HealthConfig::from_config(&config.health))
-            .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
-            .with_rate_limit(config.health.max_frames_per_minute);
+    let mut pipeline = Pipeline::new(registry, counters, Vec::new(), config.health.policy())
+        .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
+        .with_rate_limit(config.health.max_frames_per_minute);
     // Row by row: a million rows' strings held at once would stay behind as heap holes.
     store.each_health(|eui, h| pipeline.restore_health(eui, h))?;
     let mut unassigned_devices = 0;

@@ -420,6 +420,23 @@ impl Default for Health {
     }
 }
 
+impl Health {
+    /// The pure core's health policy.
+    pub fn policy(&self) -> crate::health::HealthConfig {
+        let ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        crate::health::HealthConfig {
+            offline_factor: self.offline_factor,
+            interval_ms: [
+                ms(self.cover_interval_s),
+                ms(self.drain_interval_s),
+                ms(self.beacon_interval_s),
+            ],
+            low_battery_mv: self.low_battery_mv,
+            max_ahead_ms: ms(self.max_ahead_s),
+        }
+    }
+}
+
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

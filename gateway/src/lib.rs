@@ -1,8 +1,11 @@
 //! The gridsense gateway: ingests device frames from MQTT, authenticates and de-duplicates
-//! them, and turns what they report into device health, telemetry and cases.
+//! them, and turns what they report into device health, telemetry and cases. This crate is the
+//! shell (MQTT, SQLite, HTTP, delivery); everything that decides is in `gridsense-core`,
+//! re-exported here under the module names below.
 //!
-//! - [`pipeline`] (pure, `now` passed in): intake check → counter → health → telemetry →
-//!   messages; [`health`] with durable offline deadlines; [`telemetry`] points.
+//! - [`pipeline`] (core, `now` passed in): intake check → counter → health → telemetry →
+//!   messages, into a [`batch::Batch`]; [`health`] with durable offline deadlines;
+//!   [`telemetry`] points.
 //! - [`ingest`]: the MQTT 5 session (rumqttc `v5`, [`ingest::session`]: Maximum Packet Size,
 //!   Receive Maximum, reconnect policy, disconnect reasons), group commit into [`store`]
 //!   (SQLite), acks after commit; [`sink`]: the InfluxDB 2 writer draining the store's on-disk
@@ -18,31 +21,26 @@
 //! - [`app`], [`demo`], [`cli`]: starting it all; [`broker`]: URLs and the embedded broker.
 //! - [`walkthrough`]: the wire protocol as the gateway sees it (`gridsense frame walkthrough`).
 
+// The core's modules, under the names the gateway has always had.
+pub use gridsense_core::{
+    batch, calendar, cases, downlink, geo, health, intake, pipeline, registry, rules, telemetry,
+};
+
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod board;
 pub mod broker;
-pub mod calendar;
-pub mod cases;
 pub mod cli;
 pub mod cli_cases;
 pub mod config;
 pub mod delivery;
 pub mod demo;
-pub mod downlink;
-pub mod geo;
-pub mod health;
 pub mod http;
 pub mod ingest;
-pub mod intake;
 pub mod open311_client;
-pub mod pipeline;
 pub mod provision;
-pub mod registry;
-pub mod rules;
 pub mod sink;
 pub mod store;
-pub mod telemetry;
 pub mod tls;
 pub mod walkthrough;

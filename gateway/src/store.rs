@@ -10,7 +10,7 @@
 mod cases;
 mod ops;
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{collections::BTreeMap, path::Path};
 
 pub use cases::{
     AlertView, CallbackOutcome, CaseFilter, CaseView, ClusterMember, OutboxEntry, OutboxView,
@@ -25,12 +25,26 @@ use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
 use gridsense_simulator::inventory::Device as InventoryDevice;
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use gridsense_core::batch::{
+    AuditRecord, Batch, MessageRecord, Point, RECENT_FRAME_SLOTS, RecentFrame, RegistryChange,
+};
+
 use crate::{
     config::Synchronous,
     downlink::{Pending, Request, RequestUpdate},
-    health::{DeviceHealth, HealthEvent},
+    health::DeviceHealth,
     registry::{ImportReport, Kind, Registered},
 };
+
+/// The registry's kind of an inventory record's kind.
+pub fn kind_of(k: gridsense_simulator::inventory::Kind) -> Kind {
+    use gridsense_simulator::inventory::Kind as K;
+    match k {
+        K::Cover => Kind::Cover,
+        K::Drain => Kind::Drain,
+        K::Beacon => Kind::Beacon,
+    }
+}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -181,9 +195,6 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE recent_frames (eui INTEGER PRIMARY KEY, list TEXT NOT NULL);",
 ];
 
-/// Entries in a device's list of recent telemetry frames.
-pub const RECENT_FRAME_SLOTS: usize = 16;
-
 /// Hex digits per entry: counter (8), arrival in Unix ms (12), message kind (2), samples (2).
 pub const RECENT_ENTRY_HEX: usize = 24;
 
@@ -202,35 +213,33 @@ const RECENT_KINDS: [&str; 11] = [
     "downlink_ack",
 ];
 
-impl RecentFrame {
-    /// Appends the entry's hex digits to `out`.
-    fn write_hex(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let kind = RECENT_KINDS.iter().position(|k| *k == self.kind).unwrap_or(0xff);
-        let ms = u64::try_from(self.received_ms).unwrap_or(0) & 0xffff_ffff_ffff;
-        let _ =
-            write!(out, "{:08x}{ms:012x}{kind:02x}{:02x}", self.counter, self.samples.min(0xff));
-    }
+/// Appends a recent frame's entry (its hex digits) to `out`.
+fn write_recent_hex(r: &RecentFrame, out: &mut String) {
+    use std::fmt::Write as _;
+    let kind = RECENT_KINDS.iter().position(|k| *k == r.kind).unwrap_or(0xff);
+    let ms = u64::try_from(r.received_ms).unwrap_or(0) & 0xffff_ffff_ffff;
+    let _ = write!(out, "{:08x}{ms:012x}{kind:02x}{:02x}", r.counter, r.samples.min(0xff));
+}
 
-    /// The entries of a stored list, newest first (what does not parse is left out).
-    pub fn parse_list(eui: Eui, text: &str) -> Vec<RecentFrame> {
-        let field = |t: &str, range: std::ops::Range<usize>| {
-            t.get(range).and_then(|h| u64::from_str_radix(h, 16).ok())
-        };
-        text.as_bytes()
-            .chunks(RECENT_ENTRY_HEX)
-            .filter_map(|c| std::str::from_utf8(c).ok())
-            .filter_map(|t| {
-                Some(RecentFrame {
-                    eui,
-                    counter: u32::try_from(field(t, 0..8)?).ok()?,
-                    received_ms: i64::try_from(field(t, 8..20)?).ok()?,
-                    kind: RECENT_KINDS.get(usize::try_from(field(t, 20..22)?).ok()?)?,
-                    samples: u16::try_from(field(t, 22..24)?).ok()?,
-                })
+/// The entries of a stored list of recent frames, newest first (what does not parse is left
+/// out).
+pub fn parse_recent_list(eui: Eui, text: &str) -> Vec<RecentFrame> {
+    let field = |t: &str, range: std::ops::Range<usize>| {
+        t.get(range).and_then(|h| u64::from_str_radix(h, 16).ok())
+    };
+    text.as_bytes()
+        .chunks(RECENT_ENTRY_HEX)
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .filter_map(|t| {
+            Some(RecentFrame {
+                eui,
+                counter: u32::try_from(field(t, 0..8)?).ok()?,
+                received_ms: i64::try_from(field(t, 8..20)?).ok()?,
+                kind: RECENT_KINDS.get(usize::try_from(field(t, 20..22)?).ok()?)?,
+                samples: u16::try_from(field(t, 22..24)?).ok()?,
             })
-            .collect()
-    }
+        })
+        .collect()
 }
 
 /// A telemetry point waiting in the buffer for the external sink.
@@ -256,142 +265,8 @@ pub struct BufferedPoint {
     pub street: Option<String>,
 }
 
-/// One telemetry value with its explicit time.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Point {
-    /// Device.
-    pub eui: Eui,
-    /// Its kind (a tag in the time-series store).
-    pub kind: Kind,
-    /// Measurement (`cover`, `drain`, `position`, `status`).
-    pub measurement: &'static str,
-    /// Field.
-    pub field: &'static str,
-    /// Sample time, Unix ms.
-    pub at_ms: i64,
-    /// Value.
-    pub value: f64,
-    /// The responsibility grid it was measured in, when the grid layer is loaded.
-    pub grid: Option<Arc<str>>,
-    /// That grid's street.
-    pub street: Option<Arc<str>>,
-}
-
-/// A rejected frame for the audit log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditRecord {
-    /// When it arrived, Unix ms.
-    pub received_ms: i64,
-    /// Its topic.
-    pub topic: String,
-    /// Reject reason code.
-    pub reason: &'static str,
-    /// The EUI it claimed, if readable.
-    pub eui: Option<Eui>,
-    /// The raw payload (bounded by the broker's packet limit).
-    pub raw: Vec<u8>,
-}
-
-/// An accepted message other than plain telemetry (alarms, reports, SOS, check-ins, acks,
-/// status), kept for rules, cases and the trace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessageRecord {
-    /// Device.
-    pub eui: Eui,
-    /// Frame counter.
-    pub counter: u32,
-    /// When it arrived, Unix ms.
-    pub received_ms: i64,
-    /// Message kind name.
-    pub kind: &'static str,
-    /// The message, readable (`Debug` form).
-    pub body: String,
-}
-
-/// An accepted telemetry frame (a reading, a fix, a backlog), remembered in its device's ring
-/// of recent frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecentFrame {
-    /// Device.
-    pub eui: Eui,
-    /// Frame counter.
-    pub counter: u32,
-    /// When it arrived, Unix ms.
-    pub received_ms: i64,
-    /// Message kind name.
-    pub kind: &'static str,
-    /// Samples it carried.
-    pub samples: u16,
-}
-
-/// Everything one group commit writes.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Final counter windows of the devices touched.
-    pub counters: BTreeMap<Eui, CounterWindow>,
-    /// Final health rows of the devices touched.
-    pub health: BTreeMap<Eui, DeviceHealth>,
-    /// Health transitions.
-    pub events: Vec<HealthEvent>,
-    /// Accepted non-telemetry messages.
-    pub messages: Vec<MessageRecord>,
-    /// Telemetry.
-    pub telemetry: Vec<Point>,
-    /// Rejected frames.
-    pub audit: Vec<AuditRecord>,
-    /// Rejects by reason.
-    pub rejects: BTreeMap<&'static str, u64>,
-    /// Frames accepted.
-    pub accepted: u64,
-    /// Next downlink counter of the devices a downlink went to.
-    pub downlink_counters: BTreeMap<Eui, u32>,
-    /// Sealed downlinks to publish after the commit: topic and frame.
-    pub downlinks: Vec<(String, Vec<u8>)>,
-    /// Changes to operators' requests.
-    pub request_updates: Vec<RequestUpdate>,
-    /// Rule states changed: device, rule id, state JSON (`None`: delete).
-    pub rule_states: Vec<(Eui, String, Option<String>)>,
-    /// Incidents, cases, outbox, alerts and patrol records.
-    pub cases: crate::cases::Effects,
-    /// Beacons' newest fixes.
-    pub fixes: BTreeMap<Eui, Fix>,
-    /// Sample times clamped to the receive time (more than `health.max_ahead_s` ahead).
-    pub future_samples: u64,
-    /// Accepted telemetry frames, for their devices' rings of recent frames.
-    pub recent: Vec<RecentFrame>,
-}
-
-impl Batch {
-    /// Whether nothing is to be written.
-    pub fn is_empty(&self) -> bool {
-        self.counters.is_empty()
-            && self.health.is_empty()
-            && self.events.is_empty()
-            && self.messages.is_empty()
-            && self.telemetry.is_empty()
-            && self.audit.is_empty()
-            && self.rejects.is_empty()
-            && self.accepted == 0
-            && self.downlink_counters.is_empty()
-            && self.downlinks.is_empty()
-            && self.request_updates.is_empty()
-            && self.rule_states.is_empty()
-            && self.cases.is_empty()
-            && self.fixes.is_empty()
-    }
-}
-
 /// An API token as listed: name, role, created, revoked (Unix ms).
 pub type TokenRow = (String, String, i64, Option<i64>);
-
-/// A device as it is after a registry change.
-#[derive(Debug, Clone)]
-pub struct RegistryChange {
-    /// Device.
-    pub eui: Eui,
-    /// Its key, site and attributes when active; `None`: no longer accepted.
-    pub active: Option<(DeviceKey, crate::cases::Site, crate::rules::Attributes)>,
-}
 
 /// Totals kept in the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -609,7 +484,7 @@ impl Store {
             );
             for d in devices {
                 let r = &d.record;
-                let kind = Kind::from(r.kind).as_str().to_owned();
+                let kind = kind_of(r.kind).as_str().to_owned();
                 let key = d.key.expose_bytes().to_vec();
                 let wanted: Row = (
                     kind.clone(),
@@ -1075,7 +950,7 @@ impl Store {
             for group in recent.chunk_by(|a, b| a.eui == b.eui) {
                 entries.clear();
                 for r in group {
-                    r.write_hex(&mut entries);
+                    write_recent_hex(r, &mut entries);
                 }
                 if let Some(first) = group.first() {
                     lists.execute(params![first.eui.0 as i64, entries, keep])?;
@@ -1096,7 +971,8 @@ impl Store {
                     m.counter,
                     m.received_ms,
                     m.kind,
-                    m.body
+                    // The trace's form of a message: SPEC.md §11's JSON notation.
+                    serde_json::to_string(&m.message).unwrap_or_default()
                 ])?;
             }
             if let Some(max) = self.buffer_max {
@@ -1388,12 +1264,12 @@ mod tests {
                 r.get(0)
             })
             .unwrap();
-        let list = RecentFrame::parse_list(eui, &text);
+        let list = parse_recent_list(eui, &text);
         let counters: Vec<u32> = list.iter().map(|r| r.counter).collect();
         assert_eq!(counters, (8..24).rev().collect::<Vec<_>>(), "the newest 16, newest first");
         assert_eq!((list[0].kind, list[0].samples), ("backlog_batch", 24));
         assert_eq!(list[0].received_ms, 1_796_000_000_023);
-        assert!(RecentFrame::parse_list(eui, "zz").is_empty(), "junk is left out");
+        assert!(parse_recent_list(eui, "zz").is_empty(), "junk is left out");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 use gridsense_gateway::{
     config::{self, Synchronous},
-    health::HealthConfig,
     pipeline::{Outcome, Pipeline},
     registry::{Kind, Registered},
     store::{Batch, Store},
@@ -21,7 +20,7 @@ fn pipeline(store: &Store, config: &config::Health) -> Pipeline {
         store.registry().unwrap(),
         store.counters().unwrap(),
         store.health().unwrap(),
-        HealthConfig::from_config(config),
+        config.policy(),
     )
 }
 

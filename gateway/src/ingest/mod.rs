@@ -43,9 +43,10 @@ use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
+    batch::Batch,
     config::Config,
     pipeline::{Outcome, Pipeline},
-    store::{Batch, Store, StoreError},
+    store::{Store, StoreError},
 };
 
 /// The current time in Unix ms (the wall clock, or the demo's simulated clock).

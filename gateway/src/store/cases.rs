@@ -86,7 +86,7 @@ fn eui_i(eui: Eui) -> i64 {
 /// Writes rule states and a batch's case-layer effects inside the batch's transaction.
 pub(super) fn write(
     tx: &Transaction<'_>,
-    rule_states: &[(Eui, String, Option<String>)],
+    rule_states: &[(Eui, String, Option<RuleState>)],
     fx: &Effects,
 ) -> Result<(), StoreError> {
     if !rule_states.is_empty() {
@@ -96,7 +96,11 @@ pub(super) fn write(
         let mut del = tx.prepare_cached("DELETE FROM rule_state WHERE eui = ?1 AND rule = ?2")?;
         for (eui, rule, state) in rule_states {
             match state {
-                Some(json) => put.execute(params![eui_i(*eui), rule, json])?,
+                Some(state) => put.execute(params![
+                    eui_i(*eui),
+                    rule,
+                    serde_json::to_string(state).unwrap_or_default()
+                ])?,
                 None => del.execute(params![eui_i(*eui), rule])?,
             };
         }
@@ -172,7 +176,7 @@ pub(super) fn write(
             e.change,
             e.severity.map(Severity::as_str),
             e.frame,
-            e.evidence
+            serde_json::to_string(&e.evidence).unwrap_or_default()
         ])?;
     }
     for (case_id, urgency) in &fx.urgency {

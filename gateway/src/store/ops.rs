@@ -419,7 +419,7 @@ impl Store {
             .conn
             .query_row("SELECT list FROM recent_frames WHERE eui = ?1", [e], |r| r.get(0))
             .optional()?;
-        for r in crate::store::RecentFrame::parse_list(eui, recent.as_deref().unwrap_or("")) {
+        for r in crate::store::parse_recent_list(eui, recent.as_deref().unwrap_or("")) {
             frames.push(FrameVerdict {
                 received_ms: r.received_ms,
                 verdict: "accepted",

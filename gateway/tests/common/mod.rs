@@ -82,7 +82,7 @@ pub struct Expected {
 pub fn expected(subscriber: &Subscriber, dir: &Path) -> Expected {
     let devices = inventory::load(&dir.join("devices.json")).unwrap();
     let kinds: HashMap<Eui, Kind> =
-        devices.iter().map(|d| (d.eui, Kind::from(d.record.kind))).collect();
+        devices.iter().map(|d| (d.eui, gridsense_gateway::store::kind_of(d.record.kind))).collect();
     let keys = fixtures::keys(dir).unwrap();
     let mut out = Expected::default();
     for (header, msg) in subscriber.decoded(&keys) {

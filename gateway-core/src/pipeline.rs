@@ -28,6 +28,7 @@ use gridsense_protocol::{
 };
 
 use crate::{
+    batch::{AuditRecord, Batch, MessageRecord},
     cases::{Cases, MaintenanceWindow, Place, Site},
     downlink::{DownlinkConfig, Downlinks, Outgoing, Pending},
     geo::GridLayer,
@@ -35,7 +36,6 @@ use crate::{
     intake::{Intake, Reject},
     registry::{Device, DeviceId, Registered},
     rules::{ConditionChange, Observation, Rules, Signal, device_ms, observations},
-    store::{AuditRecord, Batch, MessageRecord},
     telemetry,
 };
 
@@ -179,7 +179,7 @@ pub const RECENT_EVERY_MS: i64 = 30_000;
 /// frames collected since (only fast senders are here; the map is swept every second).
 #[derive(Debug, Default)]
 struct RecentWrites {
-    devices: HashMap<DeviceId, (i64, Vec<crate::store::RecentFrame>)>,
+    devices: HashMap<DeviceId, (i64, Vec<crate::batch::RecentFrame>)>,
     last_sweep: i64,
 }
 
@@ -190,12 +190,12 @@ impl RecentWrites {
         &mut self,
         now_ms: i64,
         id: DeviceId,
-        frame: crate::store::RecentFrame,
-        out: &mut Vec<crate::store::RecentFrame>,
+        frame: crate::batch::RecentFrame,
+        out: &mut Vec<crate::batch::RecentFrame>,
     ) {
         match self.devices.get_mut(&id) {
             Some((written, held)) if now_ms.saturating_sub(*written) < RECENT_EVERY_MS => {
-                if held.len() == crate::store::RECENT_FRAME_SLOTS {
+                if held.len() == crate::batch::RECENT_FRAME_SLOTS {
                     held.remove(0);
                 }
                 held.push(frame);
@@ -215,7 +215,7 @@ impl RecentWrites {
     /// Frames held longer than the interval (every frame held, with `all`: at shutdown) go
     /// into `out`; devices with nothing held and an interval passed are forgotten. At most
     /// once a second unless `all`.
-    fn sweep(&mut self, now_ms: i64, all: bool, out: &mut Vec<crate::store::RecentFrame>) {
+    fn sweep(&mut self, now_ms: i64, all: bool, out: &mut Vec<crate::batch::RecentFrame>) {
         if !all && now_ms.saturating_sub(self.last_sweep) < 1_000 {
             return;
         }
@@ -392,7 +392,7 @@ impl Pipeline {
 
     /// Applies registry changes made while running (new keys, retirements, new or moved
     /// devices): keys at once, and the device's grid, site and rules with them.
-    pub fn apply_registry(&mut self, changes: Vec<crate::store::RegistryChange>) {
+    pub fn apply_registry(&mut self, changes: Vec<crate::batch::RegistryChange>) {
         let mut moved_sites = false;
         for change in changes {
             let eui = change.eui;
@@ -551,11 +551,7 @@ impl Pipeline {
             let battery = id.and_then(|id| self.health.battery_mv(id));
             layer.cases.on_change(change, &site, &place, frame, battery, &mut batch.cases);
         }
-        batch.rule_states.extend(
-            layer.rules.take_dirty().into_iter().map(|(eui, id, state)| {
-                (eui, id, state.and_then(|s| serde_json::to_string(&s).ok()))
-            }),
-        );
+        batch.rule_states.extend(layer.rules.take_dirty());
     }
 
     /// Places every device in the grid layer (by its registered position); telemetry is then
@@ -730,7 +726,7 @@ impl Pipeline {
                 Uplink::Backlog(b) => u16::try_from(b.samples.len()).unwrap_or(u16::MAX),
                 _ => 1,
             };
-            let frame = crate::store::RecentFrame {
+            let frame = crate::batch::RecentFrame {
                 eui,
                 counter: header.counter,
                 received_ms: now_ms,
@@ -744,7 +740,7 @@ impl Pipeline {
                 counter: header.counter,
                 received_ms: now_ms,
                 kind: name,
-                body: format!("{:?}", accepted.message),
+                message: accepted.message.clone(),
             });
         }
         // 6. Downlinks this frame makes due.
@@ -1038,7 +1034,7 @@ mod tests {
     fn a_fast_senders_recent_frames_are_written_together_once_an_interval() {
         let mut w = RecentWrites::default();
         let id = DeviceId(3);
-        let frame = |counter: u32, at: i64| crate::store::RecentFrame {
+        let frame = |counter: u32, at: i64| crate::batch::RecentFrame {
             eui: Eui(7),
             counter,
             received_ms: at,

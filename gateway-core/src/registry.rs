@@ -1,6 +1,6 @@
-//! The device registry: who may send, with which key, where they are and what they watch.
-//! Stored in SQLite ([`crate::store`]); imported from a `gridsim city` folder (or a city's own
-//! inventory in the same format).
+//! The device registry as the core sees it: kinds, dense device numbers, what the intake
+//! needs of a registered device. The gateway's store keeps the registry and imports it from a
+//! `gridsim city` folder (or a city's own inventory in the same format).
 
 use gridsense_protocol::{DeviceKey, Eui};
 
@@ -44,17 +44,6 @@ impl Kind {
             "drain" => Some(Kind::Drain),
             "beacon" => Some(Kind::Beacon),
             _ => None,
-        }
-    }
-}
-
-impl From<gridsense_simulator::inventory::Kind> for Kind {
-    fn from(k: gridsense_simulator::inventory::Kind) -> Self {
-        use gridsense_simulator::inventory::Kind as K;
-        match k {
-            K::Cover => Kind::Cover,
-            K::Drain => Kind::Drain,
-            K::Beacon => Kind::Beacon,
         }
     }
 }

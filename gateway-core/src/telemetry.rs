@@ -5,7 +5,7 @@ use gridsense_protocol::{
     CoverSample, DeviceTime, DrainSample, Eui, PositionFix, Sample, SwitchState, Uplink,
 };
 
-use crate::{registry::Kind, store::Point};
+use crate::{batch::Point, registry::Kind};
 
 fn ms(at: DeviceTime) -> i64 {
     i64::try_from(at.unix_secs().saturating_mul(1000)).unwrap_or(i64::MAX)

@@ -500,8 +500,8 @@ pub struct EvidenceRow {
     pub severity: Option<Severity>,
     /// The frame that decided it (device counter); `None` when a timer decided.
     pub frame: Option<u32>,
-    /// What the rule saw, JSON.
-    pub evidence: String,
+    /// What the rule saw (the store writes it as JSON).
+    pub evidence: Evidence,
 }
 
 /// A new case.
@@ -830,7 +830,6 @@ impl Cases {
         let now = change.decided_ms;
         let key = (change.eui, change.condition.clone());
         let condition = self.tables.conditions.get(&change.condition).cloned();
-        let evidence_json = serde_json::to_string(&change.evidence).unwrap_or_default();
         let name = change_name(change);
         if let Some(severity) = change.to
             && !self.open.contains_key(&key)
@@ -878,7 +877,7 @@ impl Cases {
             change: name,
             severity: change.to,
             frame,
-            evidence: evidence_json,
+            evidence: change.evidence.clone(),
         });
         match change.to {
             Some(s) => {

@@ -29,17 +29,6 @@ pub struct HealthConfig {
 }
 
 impl HealthConfig {
-    /// From the gateway configuration.
-    pub fn from_config(c: &crate::config::Health) -> Self {
-        let ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
-        HealthConfig {
-            offline_factor: c.offline_factor,
-            interval_ms: [ms(c.cover_interval_s), ms(c.drain_interval_s), ms(c.beacon_interval_s)],
-            low_battery_mv: c.low_battery_mv,
-            max_ahead_ms: ms(c.max_ahead_s),
-        }
-    }
-
     fn grace_ms(&self, kind: Kind) -> i64 {
         let base = self.interval_ms.get(kind.index()).copied().unwrap_or(3_600_000);
         // The factor is validated to 1..=100, so this stays far inside i64.
