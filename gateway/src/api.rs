@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     board::Board,
-    ingest::{LATENCY_BUCKETS_MS, Status},
     sink::SinkStatus,
+    status::{LATENCY_BUCKETS_MS, Status},
     store::DeviceFilter,
 };
 

@@ -9,9 +9,10 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     broker,
     config::{Config, Sink},
-    ingest::{self, Clock, IngestError, Status},
+    ingest::{self, IngestError},
     pipeline::Pipeline,
     sink::{self, SinkError, SinkStatus},
+    status::{Clock, Status},
     store::Store,
 };
 
@@ -32,7 +33,7 @@ pub struct Gateway {
     /// Where the HTTP API listens, when it does.
     pub http: Option<SocketAddr>,
     /// Delivery counters.
-    pub delivery: Arc<crate::delivery::DeliveryStatus>,
+    pub delivery: Arc<crate::status::DeliveryStatus>,
     /// The delivery workers (cases, alerts, and the open311 status poller when configured).
     pub workers: Workers,
 }
@@ -243,7 +244,7 @@ fn start_delivery(
     clock: &Clock,
     status: &Arc<Status>,
     shutdown: &watch::Receiver<bool>,
-) -> Result<(Arc<crate::delivery::DeliveryStatus>, Workers)> {
+) -> Result<(Arc<crate::status::DeliveryStatus>, Workers)> {
     let c = &config.cases;
     let adapter = crate::delivery::Adapter::from_config(c).context("cases: HTTP client")?;
     let worker = Arc::new(crate::delivery::Worker {

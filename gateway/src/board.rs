@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     calendar::{Calendar, Colour, Limit},
     cases::{CaseState, CaseTables},
-    ingest::Clock,
+    status::Clock,
     store::{CaseFilter, CaseView, Store, TraceEntry},
 };
 

@@ -14,10 +14,7 @@
 //! Retry classification is separate from the backoff policy (as in Vector's `retries.rs`).
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -29,35 +26,9 @@ use tokio::sync::{Notify, watch};
 use crate::{
     cases::wgs84_to_gcj02,
     config::{CasesSettings, Platform},
-    ingest::Clock,
+    status::{Clock, DeliveryStatus},
     store::{AlertView, CaseView, OutboxEntry, Store, StoreError},
 };
-
-/// Delivery counters, for the status page and metrics.
-#[derive(Debug, Default)]
-pub struct DeliveryStatus {
-    /// Entries delivered.
-    pub delivered: AtomicU64,
-    /// Attempts that failed and will be retried.
-    pub retries: AtomicU64,
-    /// Entries dead-lettered (permanent failures).
-    pub dead: AtomicU64,
-    /// Alerts delivered.
-    pub alerts: AtomicU64,
-    /// Requests being sent now.
-    pub in_flight: AtomicU64,
-    /// Open311 look-ups (after an uncertain attempt) that could not answer.
-    pub lookups_failed: AtomicU64,
-    /// Cases posted again without a look-up that answered (possible duplicates, marked).
-    pub resent_unverified: AtomicU64,
-    /// Cases dead-lettered because the platform does not offer what they need, by what.
-    pub unsupported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
-    /// Why the platform's catalogue (`services.json`) could not be read, while it cannot.
-    pub catalogue_error: std::sync::Mutex<Option<String>>,
-    /// Service codes the platform offers, once read (`None`: not read, or not an Open311
-    /// platform).
-    pub catalogue: std::sync::Mutex<Option<Vec<String>>>,
-}
 
 /// How an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

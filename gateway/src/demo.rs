@@ -20,7 +20,7 @@ use gridsense_simulator::{
 };
 use tokio::sync::watch;
 
-use crate::{app, config::Config, ingest::Status, store::Totals};
+use crate::{app, config::Config, status::Status, store::Totals};
 
 /// `gridsense demo` options.
 #[derive(Debug, Clone)]
@@ -196,7 +196,7 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     let speed = options.speed.unwrap_or(scenario.speed);
     let horizon = options.duration.unwrap_or(Duration::from_secs(3_600));
     let sim = SimClock::start(speed, horizon);
-    let clock: crate::ingest::Clock =
+    let clock: crate::status::Clock =
         Arc::new(move || i64::try_from(sim.unix_ms(sim.sim_ms())).unwrap_or(i64::MAX));
     let (gateway_stop_tx, gateway_stop) = watch::channel(false);
     let gateway = app::start(&config, clock, gateway_stop)?;

@@ -8,7 +8,7 @@ use axum::{Json, Router, extract::State, response::Html, routing::get};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{ingest::Status, sink::SinkStatus};
+use crate::{sink::SinkStatus, status::Status};
 
 #[derive(Clone)]
 struct AppState {

@@ -41,6 +41,7 @@ pub mod ingest;
 pub mod open311_client;
 pub mod provision;
 pub mod sink;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod walkthrough;

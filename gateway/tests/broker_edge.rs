@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gridsense_gateway::{app, ingest::Status};
+use gridsense_gateway::{app, status::Status};
 use gridsense_protocol::{DeviceKey, Direction, Eui, seal, topic::topic};
 use gridsense_simulator::{city::Counts, tls::client_config};
 use gridsense_tests::{Mosquitto, TestPki, fixtures};

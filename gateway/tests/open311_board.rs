@@ -62,7 +62,7 @@ async fn the_board_speaks_open311_as_the_standard_says() {
     // The gateway's clock starts 100 days ago: the first case is older than the default span.
     let now = app::wall_clock()();
     let offset = Arc::new(AtomicI64::new(-100 * DAY_MS));
-    let clock: gridsense_gateway::ingest::Clock = {
+    let clock: gridsense_gateway::status::Clock = {
         let offset = offset.clone();
         Arc::new(move || app::wall_clock()() + offset.load(Relaxed))
     };

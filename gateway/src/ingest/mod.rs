@@ -16,7 +16,10 @@
 //! - the **pipeline task** runs each message through [`Pipeline::handle`] as it arrives,
 //!   collecting up to `batch_max` messages or `batch_max_ms` (less when a message queued a case
 //!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
-//!   messages back for acknowledgement in arrival order. Offline deadlines are ticked on the
+//!   messages back for acknowledgement in arrival order. What it decides — when a batch
+//!   closes, what is held for acknowledgement, how long to wait before retrying a commit, when
+//!   the periodic work is due — is [`batcher`]'s, plain state tested in virtual time; the task
+//!   only waits, reads, commits and sends. Offline deadlines are ticked on the
 //!   same task, so health events are committed the same way. If a commit fails nothing is
 //!   acknowledged. A full disk (or another failure that may pass) holds the batch and retries
 //!   it until it is durable, saying why in the status, readiness and metrics; any other
@@ -27,14 +30,12 @@
 //! The ack channel back to the session is unbounded in type but not in fact: it never holds
 //! more than the messages received and not yet acknowledged, which the Receive Maximum bounds.
 
+pub mod batcher;
 pub mod session;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -46,197 +47,9 @@ use crate::{
     batch::Batch,
     config::Config,
     pipeline::{Outcome, Pipeline},
+    status::{Changes, Clock, Status},
     store::{Store, StoreError},
 };
-
-/// The current time in Unix ms (the wall clock, or the demo's simulated clock).
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
-/// Live counters, read by the status endpoint and the demo's progress line.
-#[derive(Debug, Default)]
-pub struct Status {
-    /// Frames accepted since start.
-    pub frames_accepted: AtomicU64,
-    /// Frames rejected since start.
-    pub frames_rejected: AtomicU64,
-    /// Devices online after the last commit.
-    pub devices_online: AtomicU64,
-    /// Devices registered.
-    pub devices_registered: AtomicU64,
-    /// Batches committed.
-    pub batches: AtomicU64,
-    /// Broker connected and subscription granted.
-    pub connected: AtomicBool,
-    /// Broker connections made.
-    pub connects: AtomicU64,
-    /// Messages received but not yet acknowledged.
-    pub unacked: AtomicU64,
-    /// PUBLISH packets received from the broker since start.
-    pub mqtt_received: AtomicU64,
-    /// PUBACK packets written to the broker since start.
-    pub mqtt_acked: AtomicU64,
-    /// Cases filed since start.
-    pub cases_filed: AtomicU64,
-    /// Incidents open after the last commit.
-    pub incidents_open: AtomicU64,
-    /// SOS alerts since start.
-    pub alerts: AtomicU64,
-    /// Registered devices outside every grid (beyond the tolerance).
-    pub devices_unassigned: AtomicU64,
-    /// Delivery counters (the workers count here).
-    pub delivery: Arc<crate::delivery::DeliveryStatus>,
-    /// Woken after a commit that queued deliveries: `[cases, alerts]`.
-    pub outbox_wake: [Arc<tokio::sync::Notify>; 2],
-    /// Rejected frames by reason since start.
-    pub rejects: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
-    /// Gateway time from the frame (or timer) that decided a case to the case being durable.
-    pub case_latency: Histogram,
-    /// What each commit changed, for live views (server-sent events).
-    pub events: Events,
-    /// Commit duration of the last batch, µs.
-    pub last_commit_us: AtomicU64,
-    /// Capacity of the channel from the session to the pipeline (the in-flight window).
-    pub queue_capacity: AtomicU64,
-    /// Why the last commit failed while it is being retried (a full disk); `None` when the
-    /// store takes writes.
-    pub store_error: std::sync::Mutex<Option<String>>,
-    /// Commit attempts that failed and were retried.
-    pub store_retries: AtomicU64,
-    /// Broker connections lost (or attempts failed), by reason.
-    pub disconnects: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
-    /// The last lost connection: reason, what the client said, wall-clock Unix ms.
-    pub last_disconnect: std::sync::Mutex<Option<(&'static str, String, i64)>>,
-    /// When another client last took this gateway's session over, or the broker last had no
-    /// session for it on reconnecting (wall-clock Unix ms; 0: never). Readiness fails for a
-    /// minute after it.
-    pub session_trouble_ms: std::sync::atomic::AtomicI64,
-    /// Reconnections on which the broker had kept no session for this client id.
-    pub sessions_lost: AtomicU64,
-    /// Sample times clamped to the receive time since start (more than `health.max_ahead_s`
-    /// ahead of it).
-    pub samples_future: AtomicU64,
-    /// HTTP connections open now.
-    pub http_connections: Arc<AtomicU64>,
-}
-
-impl Status {
-    /// Records a lost broker connection.
-    pub fn disconnected(&self, reason: session::DisconnectReason, detail: &str, now_ms: i64) {
-        if let Ok(mut d) = self.disconnects.lock() {
-            *d.entry(reason.as_str()).or_default() += 1;
-        }
-        if let Ok(mut last) = self.last_disconnect.lock() {
-            *last = Some((reason.as_str(), detail.to_owned(), now_ms));
-        }
-        if reason == session::DisconnectReason::SessionTakenOver {
-            self.session_trouble_ms.store(now_ms, Relaxed);
-        }
-    }
-
-    /// Records a reconnection on which the broker had kept no session for this client id.
-    pub fn session_lost(&self, now_ms: i64) {
-        self.sessions_lost.fetch_add(1, Relaxed);
-        self.session_trouble_ms.store(now_ms, Relaxed);
-    }
-}
-
-/// Upper bounds of [`Histogram`] buckets, ms.
-pub const LATENCY_BUCKETS_MS: [u64; 12] =
-    [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000];
-
-/// A latency histogram with fixed buckets (Prometheus-style, cumulative when rendered).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last one is +Inf.
-    pub buckets: [AtomicU64; 13],
-    /// Sum of observations, ms.
-    pub sum_ms: AtomicU64,
-    /// Observations.
-    pub count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, ms: u64) {
-        let i =
-            LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
-        if let Some(b) = self.buckets.get(i) {
-            b.fetch_add(1, Relaxed);
-        }
-        self.sum_ms.fetch_add(ms, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-}
-
-/// Live change notices (JSON), one per commit that changed something an operator sees.
-#[derive(Debug)]
-pub struct Events(pub tokio::sync::broadcast::Sender<String>);
-
-impl Default for Events {
-    fn default() -> Self {
-        Events(tokio::sync::broadcast::channel(256).0)
-    }
-}
-
-/// What one commit changed, as sent to live views.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct Changes {
-    /// Wall-clock time the notice was sent, Unix ms (live views measure their lag with it).
-    pub sent_ms: i64,
-    /// Frames accepted in the batch.
-    pub accepted: u64,
-    /// New cases: id, device, class, grid.
-    pub cases: Vec<(i64, String, String, Option<String>)>,
-    /// Incident changes: device, condition, severity, state.
-    pub incidents: Vec<(String, String, String, &'static str)>,
-    /// Health transitions: device, event.
-    pub health: Vec<(String, &'static str)>,
-    /// Beacons' new fixes: device, lat, lon.
-    pub fixes: Vec<(String, f64, f64)>,
-    /// SOS alerts: device.
-    pub alerts: Vec<String>,
-}
-
-impl Changes {
-    /// From a batch about to be committed.
-    pub fn of(batch: &Batch) -> Self {
-        Changes {
-            sent_ms: 0,
-            accepted: batch.accepted,
-            cases: batch
-                .cases
-                .cases
-                .iter()
-                .map(|c| (c.id, c.eui.to_string(), c.class_code.clone(), c.place.grid_code.clone()))
-                .collect(),
-            incidents: batch
-                .cases
-                .incidents
-                .iter()
-                .map(|i| {
-                    (
-                        i.eui.to_string(),
-                        i.condition.clone(),
-                        i.severity.as_str().to_owned(),
-                        i.state,
-                    )
-                })
-                .collect(),
-            health: batch.events.iter().map(|e| (e.eui.to_string(), e.kind.as_str())).collect(),
-            fixes: batch.fixes.iter().map(|(e, f)| (e.to_string(), f.0, f.1)).collect(),
-            alerts: batch.cases.alerts.iter().map(|a| a.eui.to_string()).collect(),
-        }
-    }
-
-    /// Whether an operator would see a difference.
-    pub fn is_visible(&self) -> bool {
-        !(self.cases.is_empty()
-            && self.incidents.is_empty()
-            && self.health.is_empty()
-            && self.fixes.is_empty()
-            && self.alerts.is_empty())
-    }
-}
 
 /// Why ingest stopped.
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +130,7 @@ pub async fn run(
         .then(|| i64::from(config.store.telemetry_retention_days) * 86_400_000);
     let batching = Batching {
         max: config.store.batch_max,
-        max_wait: Duration::from_millis(config.store.batch_max_ms),
+        max_wait_ms: config.store.batch_max_ms,
         retention_ms,
         poll_ms: config.downlink.poll_ms,
     };
@@ -346,15 +159,15 @@ pub async fn run(
 #[derive(Debug, Clone, Copy)]
 struct Batching {
     max: usize,
-    max_wait: Duration,
+    max_wait_ms: u64,
     /// Embedded telemetry older than this is pruned (hourly), ms; `None` with an external sink.
     retention_ms: Option<i64>,
     /// How often to look for operators' requests in the store, ms.
     poll_ms: u64,
 }
 
-/// How often embedded telemetry is pruned.
-const PRUNE_EVERY_MS: i64 = 3_600_000;
+/// How often embedded telemetry is pruned, ms.
+const PRUNE_EVERY_MS: u64 = 3_600_000;
 
 #[allow(clippy::too_many_arguments)]
 async fn pipeline_task(
@@ -368,8 +181,14 @@ async fn pipeline_task(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let mut store = Some(store);
-    let mut pending: Vec<Publish> = Vec::with_capacity(batching.max);
-    let mut last_prune = i64::MIN;
+    // The shell's monotonic time, ms since the task started, for the batching policy.
+    let origin = tokio::time::Instant::now();
+    let mono = || i64::try_from(origin.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let at = |ms: i64| origin + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let mut batcher: batcher::Batcher<Publish> =
+        batcher::Batcher::new(batching.max, batching.max_wait_ms);
+    let mut poll = batcher::Every::new(batching.poll_ms);
+    let mut prune = batcher::Every::new(PRUNE_EVERY_MS);
     let mut last_request = 0;
     // Cases finished (closed or voided) on the board since start are looked for after this.
     let mut last_case_event = match store.as_ref().map(Store::last_case_event) {
@@ -381,13 +200,12 @@ async fn pipeline_task(
         Some(r) => r?,
         None => 0,
     };
-    let mut next_poll = tokio::time::Instant::now();
     loop {
         // Operators' new requests (`gridsense devices configure`) from the store.
-        if tokio::time::Instant::now() >= next_poll
+        if store.is_some()
+            && poll.due(mono())
             && let Some(s) = store.take()
         {
-            next_poll = tokio::time::Instant::now() + Duration::from_millis(batching.poll_ms);
             let (after, events_after, now) = (last_request, last_case_event, clock());
             let registry_after = last_registry;
             let (s, found) = tokio::task::spawn_blocking(move || {
@@ -439,7 +257,8 @@ async fn pipeline_task(
             }
         }
         // Wait for the first message, the next offline deadline, the next poll, or shutdown.
-        let poll_in = next_poll.saturating_duration_since(tokio::time::Instant::now());
+        let poll_in =
+            at(poll.next().unwrap_or(0)).saturating_duration_since(tokio::time::Instant::now());
         let deadline_in = pipeline
             .next_deadline()
             .map(|d| Duration::from_millis(u64::try_from(d.saturating_sub(clock())).unwrap_or(0)))
@@ -460,10 +279,9 @@ async fn pipeline_task(
         pipeline.tick(now, &mut batch);
         let mut rejected = 0;
         if let Some(msg) = first {
-            // Each message is handled as it arrives. Collecting stops at `batch_max`, after
-            // `batch_max_ms`, or as soon as something urgent is queued (a case, an update, an
-            // SOS): it is committed and delivered without waiting for the batch to fill.
-            let until = tokio::time::Instant::now() + batching.max_wait;
+            // Each message is handled as it arrives; the batcher says when the batch closes
+            // (`batch_max`, `batch_max_ms`, or at once when something urgent is queued: a
+            // case, an update, an SOS, committed and delivered without waiting).
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
                 now = clock();
@@ -473,11 +291,12 @@ async fn pipeline_task(
                 {
                     rejected += 1;
                 }
-                pending.push(msg);
-                if pending.len() >= batching.max || !batch.cases.outbox.is_empty() {
+                let urgent = !batch.cases.outbox.is_empty();
+                let batcher::Next::TakeMoreUntil(until) = batcher.handled(mono(), msg, urgent)
+                else {
                     break;
-                }
-                next = match tokio::time::timeout_at(until, rx.recv()).await {
+                };
+                next = match tokio::time::timeout_at(at(until), rx.recv()).await {
                     Ok(Some(msg)) => Some(msg),
                     Ok(None) | Err(_) => None,
                 };
@@ -534,10 +353,10 @@ async fn pipeline_task(
             }
         }
         if let Some(retention) = batching.retention_ms
-            && now.saturating_sub(last_prune) >= PRUNE_EVERY_MS
+            && store.is_some()
+            && prune.due(now)
             && let Some(mut s) = store.take()
         {
-            last_prune = now;
             let (s, pruned) = tokio::task::spawn_blocking(move || {
                 let r = s.prune_telemetry(now.saturating_sub(retention));
                 (s, r)
@@ -551,7 +370,7 @@ async fn pipeline_task(
             }
         }
         // Durable: now acknowledge, in arrival order.
-        for msg in pending.drain(..) {
+        for msg in batcher.committed() {
             status.unacked.fetch_sub(1, Relaxed);
             if acks.send(msg).is_err() {
                 tracing::warn!("ack not sent: the session has ended");
@@ -589,7 +408,7 @@ async fn commit_until_durable(
 ) -> Result<(Store, u64), IngestError> {
     let mut batch = batch;
     let mut since: Option<std::time::Instant> = None;
-    let mut wait = Duration::from_secs(1);
+    let mut retry = batcher::CommitRetry::new();
     loop {
         let (s, b, r) = tokio::task::spawn_blocking(move || {
             let r = store.commit(&batch);
@@ -622,6 +441,7 @@ async fn commit_until_durable(
                     *slot = Some(e.to_string());
                 }
                 status.store_retries.fetch_add(1, Relaxed);
+                let wait = Duration::from_millis(retry.failed());
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
@@ -629,7 +449,6 @@ async fn commit_until_durable(
                 if *shutdown.borrow() {
                     return Err(IngestError::Store(e));
                 }
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(IngestError::Store(e)),
         }

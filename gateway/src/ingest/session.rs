@@ -30,7 +30,7 @@ use rumqttc::v5::{
 };
 use tokio::sync::{mpsc, watch};
 
-pub use super::Status;
+use crate::status::Status;
 
 /// A connection that lasted this long counts as stable: the backoff starts again from the
 /// shortest delay after it breaks.
@@ -302,7 +302,8 @@ pub async fn run(
                 let now = wall_ms();
                 let reason = DisconnectReason::of(&e);
                 let retry = policy.lost(now, reason);
-                status.disconnected(reason, &e.to_string(), now);
+                let taken_over = reason == DisconnectReason::SessionTakenOver;
+                status.disconnected(reason.as_str(), taken_over, &e.to_string(), now);
                 if reason == DisconnectReason::SessionTakenOver {
                     tracing::error!(
                         repeats = retry.repeats,

@@ -16,8 +16,8 @@ use std::{
 use gridsense_gateway::{
     app::{self, Gateway},
     config::Config,
-    ingest::Clock,
     registry::{ImportReport, Kind},
+    status::Clock,
     telemetry,
 };
 use gridsense_protocol::{DeviceKey, DeviceTime, Direction, Eui, Uplink, seal, topic::topic};
