@@ -53,12 +53,6 @@ pub fn wall_clock() -> Clock {
     })
 }
 
-/// A simulator's clock as the gateway's (demo and tests): device times, health deadlines
-/// and time syncs then agree with the simulated devices.
-pub fn shared_clock(sim: gridsense_simulator::clock::SimClock) -> Clock {
-    Arc::new(move || i64::try_from(sim.unix_ms(sim.sim_ms())).unwrap_or(i64::MAX))
-}
-
 /// Opens the store the configuration names.
 pub fn open_store(config: &Config) -> Result<Store> {
     Store::open(&config.store.path, config.store.synchronous, config.store.audit_max)
@@ -85,7 +79,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     // connection attempt.
     let tls = if broker::is_tls(&config.mqtt.url) {
         Some(
-            gridsense_simulator::tls::client_config(std::path::Path::new(&config.mqtt.ca_file))
+            gridsense_common::tls::client_config(std::path::Path::new(&config.mqtt.ca_file))
                 .context("mqtt.ca_file")?,
         )
     } else {

@@ -1,13 +1,13 @@
 //! Command-line interface of the `gridsense` binary.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use gridsense_protocol::{DeviceKey, Direction, Downlink, Eui, RawFrame, Uplink};
 use tokio::sync::watch;
 
-use crate::{app, config, demo};
+use crate::{app, config};
 
 /// gridsense: the sensor side of a city's grid-governance platform.
 #[derive(Debug, Parser)]
@@ -21,6 +21,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[cfg(feature = "demo")]
     /// Everything with nothing installed: embedded broker, gateway with SQLite, and a simulated
     /// district running a scenario.
     Demo {
@@ -35,7 +36,7 @@ pub enum Command {
         speed: Option<f64>,
         /// How long, like `30s` or `5m` (default: until Ctrl-C).
         #[arg(long, value_parser = humantime::parse_duration)]
-        duration: Option<Duration>,
+        duration: Option<std::time::Duration>,
         /// Data folder (generated district; the SQLite store unless store.path is set by
         /// --config or GRIDSENSE_STORE_PATH — given here, it wins) [default: gridsense-data].
         #[arg(long)]
@@ -287,11 +288,20 @@ fn ctrl_c() -> watch::Receiver<bool> {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo { devices, scenario, speed, duration, data, http, config } => {
             let env: Vec<(String, String)> = std::env::vars().collect();
-            let options =
-                demo::DemoOptions { devices, scenario, speed, duration, data, http, config, env };
-            let report = demo::run(options, ctrl_c()).await?;
+            let options = crate::demo::DemoOptions {
+                devices,
+                scenario,
+                speed,
+                duration,
+                data,
+                http,
+                config,
+                env,
+            };
+            let report = crate::demo::run(options, ctrl_c()).await?;
             print!("{}", report.render());
             Ok(())
         }
@@ -314,7 +324,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Provision(ProvisionCommand::Import { city, config }) => {
             let config = load_config(config.as_deref())?;
-            let devices = gridsense_simulator::inventory::load(&city.join("devices.json"))?;
+            let devices = gridsense_common::inventory::load(&city.join("devices.json"))?;
             let mut store = app::open_store(&config)?;
             let report = store.import(&devices, app::wall_clock()())?;
             println!(

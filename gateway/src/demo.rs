@@ -22,6 +22,12 @@ use tokio::sync::watch;
 
 use crate::{app, config::Config, status::Status, store::Totals};
 
+/// A simulator's clock as the gateway's (demo and tests): device times, health deadlines
+/// and time syncs then agree with the simulated devices.
+pub fn shared_clock(sim: SimClock) -> crate::status::Clock {
+    Arc::new(move || i64::try_from(sim.unix_ms(sim.sim_ms())).unwrap_or(i64::MAX))
+}
+
 /// `gridsense demo` options.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -196,8 +202,7 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     let speed = options.speed.unwrap_or(scenario.speed);
     let horizon = options.duration.unwrap_or(Duration::from_secs(3_600));
     let sim = SimClock::start(speed, horizon);
-    let clock: crate::status::Clock =
-        Arc::new(move || i64::try_from(sim.unix_ms(sim.sim_ms())).unwrap_or(i64::MAX));
+    let clock = shared_clock(sim);
     let (gateway_stop_tx, gateway_stop) = watch::channel(false);
     let gateway = app::start(&config, clock, gateway_stop)?;
     let devices_addr = gateway.device_listener.context("the demo runs the embedded broker")?;

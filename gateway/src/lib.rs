@@ -35,6 +35,7 @@ pub mod cli;
 pub mod cli_cases;
 pub mod config;
 pub mod delivery;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
 pub mod ingest;

@@ -21,8 +21,8 @@ pub use ops::{
     MapDevice, Placement, Stats,
 };
 
+use gridsense_common::inventory::Device as InventoryDevice;
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
-use gridsense_simulator::inventory::Device as InventoryDevice;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use gridsense_core::batch::{
@@ -37,8 +37,8 @@ use crate::{
 };
 
 /// The registry's kind of an inventory record's kind.
-pub fn kind_of(k: gridsense_simulator::inventory::Kind) -> Kind {
-    use gridsense_simulator::inventory::Kind as K;
+pub fn kind_of(k: gridsense_common::inventory::Kind) -> Kind {
+    use gridsense_common::inventory::Kind as K;
     match k {
         K::Cover => Kind::Cover,
         K::Drain => Kind::Drain,

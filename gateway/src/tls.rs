@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use gridsense_simulator::tls::{TlsError, certificates};
+use gridsense_common::tls::{TlsError, certificates};
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},

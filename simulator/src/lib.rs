@@ -12,11 +12,12 @@
 #![allow(clippy::cast_possible_truncation, clippy::indexing_slicing)]
 
 pub mod city;
+// The inventory format and TLS settings are shared with the gateway (gridsense-common).
+pub use gridsense_common::{inventory, tls};
 pub mod cli;
 pub mod clock;
 pub mod fidelity;
 pub mod fleet;
-pub mod inventory;
 pub mod link;
 pub mod mischief;
 pub mod model;
@@ -27,4 +28,3 @@ pub mod rng;
 pub mod scenario;
 pub mod stats;
 pub mod store;
-pub mod tls;

@@ -81,7 +81,7 @@ fn session_options(config: &Config, target: &Target) -> session::SessionOptions 
     let m = &config.mqtt;
     // With TLS, rumqttc verifies the broker's certificate against this host name.
     let host = if target.tls.is_some() {
-        gridsense_simulator::tls::url_host(&m.url).to_owned()
+        gridsense_common::tls::url_host(&m.url).to_owned()
     } else {
         target.addr.ip().to_string()
     };
