@@ -15,6 +15,9 @@ use crate::registry::{Device, DeviceId, Kind};
 /// Battery must recover this far above the low level before it counts as fine again, mV.
 pub const BATTERY_HYSTERESIS_MV: u16 = 100;
 
+/// The low-battery level when none is configured, mV (DOMAIN.md's warning level).
+pub const DEFAULT_LOW_BATTERY_MV: u16 = 3_300;
+
 /// Health settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HealthConfig {

@@ -413,16 +413,17 @@ fn attr(name: &str, offset: f64) -> Bound {
     Bound::Attr { attr: name.into(), offset }
 }
 
-/// Battery below which a device is low (mV); DOMAIN.md's low-battery warning.
-pub const LOW_BATTERY_MV: f64 = 3_300.0;
-
-fn device_rules() -> Vec<RuleSpec> {
+fn device_rules(low_battery_mv: u16) -> Vec<RuleSpec> {
     use Bound::Value as V;
+    // The same level and hysteresis as the device's health (one source: `[health]
+    // low_battery_mv` and `health::BATTERY_HYSTERESIS_MV`).
+    let low = f64::from(low_battery_mv);
+    let clear = low + f64::from(crate::health::BATTERY_HYSTERESIS_MV);
     vec![
         threshold(
             "low_battery",
             Signal::BatteryMv,
-            vec![below(Severity::Minor, V(LOW_BATTERY_MV), V(LOW_BATTERY_MV + 100.0), 0)],
+            vec![below(Severity::Minor, V(low), V(clear), 0)],
         ),
         threshold(
             "device_offline",
@@ -434,14 +435,22 @@ fn device_rules() -> Vec<RuleSpec> {
 }
 
 impl Default for RulesConfig {
-    /// DOMAIN.md's defaults. Covers: the device debounces a tilt for 2 s; the gateway holds it
+    /// The built-in rules with the default low-battery level ([`RulesConfig::built_in`]).
+    fn default() -> Self {
+        Self::built_in(crate::health::DEFAULT_LOW_BATTERY_MV)
+    }
+}
+
+impl RulesConfig {
+    /// DOMAIN.md's defaults, low battery at `low_battery_mv` (`[health] low_battery_mv`, so a
+    /// device's health and its incidents agree). Covers: the device debounces a tilt for 2 s; the gateway holds it
     /// another 10 s (a tilt alarm that clears sooner is a vehicle or a worker's foot); above
     /// 90° (flipped or removed) and an open switch are critical/major at once. A cover that
     /// tilts three times in an hour is loose. Drains: warning and alarm at each well's own
     /// levels with 100 mm hysteresis, a level rising faster than 1.5 m/h as an early minor
     /// level, a level that does not move for a week as a stuck sensor. Every kind: low battery,
     /// offline, sensor fault (device maintenance, recorded but filed as no case by default).
-    fn default() -> Self {
+    pub fn built_in(low_battery_mv: u16) -> Self {
         use Bound::Value as V;
         let mut cover = vec![
             threshold(
@@ -473,7 +482,7 @@ impl Default for RulesConfig {
                 vec![above(Severity::Major, V(300.0), V(250.0), 60)],
             ),
         ];
-        cover.extend(device_rules());
+        cover.extend(device_rules(low_battery_mv));
         let mut drain = vec![
             threshold(
                 "drain_overflow",
@@ -500,8 +509,8 @@ impl Default for RulesConfig {
                 test: Test::Stuck { tolerance: 0.0, for_s: 7 * 86_400, severity: Severity::Minor },
             },
         ];
-        drain.extend(device_rules());
-        RulesConfig { cover, drain, beacon: device_rules(), overrides: Vec::new() }
+        drain.extend(device_rules(low_battery_mv));
+        RulesConfig { cover, drain, beacon: device_rules(low_battery_mv), overrides: Vec::new() }
     }
 }
 
@@ -1560,6 +1569,31 @@ fn on_timer(rule: &Rule, attrs: &Attributes, state: &mut RuleState, now: i64) ->
 
 fn state_value(state: &RuleState) -> f64 {
     state.last.map_or(f64::NAN, |l| l.0)
+}
+
+#[cfg(test)]
+mod low_battery_tests {
+    use super::*;
+
+    /// One source for the low-battery level: the built-in rule takes the configured level and
+    /// health's hysteresis, so changing `[health] low_battery_mv` changes incidents too.
+    #[test]
+    fn the_built_in_low_battery_rule_takes_the_configured_level() {
+        let rules = RulesConfig::built_in(3_500);
+        for set in [&rules.cover, &rules.drain, &rules.beacon] {
+            let rule = set.iter().find(|r| r.condition == "low_battery").unwrap();
+            let Test::Threshold { levels } = &rule.test else { panic!("a threshold") };
+            let expected = f64::from(3_500 + crate::health::BATTERY_HYSTERESIS_MV);
+            assert!(matches!(levels[0].below, Some(Bound::Value(v)) if (v - 3_500.0).abs() < 1e-9));
+            assert!(
+                matches!(levels[0].clear, Some(Bound::Value(v)) if (v - expected).abs() < 1e-9)
+            );
+        }
+        assert_eq!(
+            RulesConfig::default(),
+            RulesConfig::built_in(crate::health::DEFAULT_LOW_BATTERY_MV)
+        );
+    }
 }
 
 #[cfg(test)]

@@ -197,7 +197,7 @@ pub fn case_policy(
     config: &Config,
 ) -> Result<(crate::rules::RulesConfig, crate::cases::CaseTables)> {
     let rules = if config.cases.rules.is_empty() {
-        crate::rules::RulesConfig::default()
+        crate::rules::RulesConfig::built_in(config.health.low_battery_mv)
     } else {
         crate::rules::RulesConfig::load(std::path::Path::new(&config.cases.rules))
             .context("cases.rules")?

@@ -432,7 +432,7 @@ pub fn parse_w3c(s: &str, end: bool, offset: chrono::FixedOffset) -> Result<i64,
 }
 
 /// The span Open311 allows a request search (and its default: the last 90 days).
-pub const OPEN311_SPAN_MS: i64 = 90 * 86_400_000;
+pub const OPEN311_SPAN_MS: i64 = crate::open311_client::GEOREPORT_SPAN_MS;
 
 /// An Open311 search: `service_request_id` overrides every other parameter (GeoReport v2);
 /// otherwise the filters, over `start_date`..`end_date` — by default the 90 days up to `now`,

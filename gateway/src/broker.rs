@@ -197,6 +197,20 @@ pub fn start_embedded(device_port: u16, client_port: u16) -> Result<Embedded, St
 mod tests {
     use super::*;
 
+    /// One number for the edge's limit: the shipped Mosquitto configuration refuses packets
+    /// above the same size as the embedded broker.
+    #[test]
+    fn the_shipped_mosquitto_limit_is_the_embedded_brokers() {
+        let shipped = include_str!("../../deploy/mosquitto.conf");
+        let line = shipped.lines().find(|l| l.starts_with("max_packet_size ")).unwrap();
+        assert_eq!(line, format!("max_packet_size {MAX_MESSAGE_BYTES}"));
+        let gateway = crate::config::Config::default().mqtt.max_packet_bytes;
+        assert!(
+            MAX_MESSAGE_BYTES < usize::try_from(gateway).unwrap(),
+            "below the gateway's Maximum Packet Size"
+        );
+    }
+
     #[test]
     fn urls_parse_or_say_why_not() {
         assert_eq!(

@@ -413,7 +413,7 @@ impl Default for Health {
             cover_interval_s: 3_600,
             drain_interval_s: 3_600,
             beacon_interval_s: 3_600,
-            low_battery_mv: 3_300,
+            low_battery_mv: crate::health::DEFAULT_LOW_BATTERY_MV,
             max_ahead_s: 120,
             max_frames_per_minute: 300,
         }

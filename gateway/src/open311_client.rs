@@ -41,8 +41,9 @@ pub const LOOKUP_TRIES: u32 = 3;
 /// An hour, ms: the search window's margin on both sides.
 const SEARCH_MARGIN_MS: i64 = 3_600_000;
 
-/// The longest search window GeoReport v2 allows, ms (90 days).
-const SEARCH_SPAN_MS: i64 = 90 * 86_400_000;
+/// The longest search window GeoReport v2 allows, ms (90 days): a client's searches stay
+/// within it, and the board serves no longer one (and it is the board's default span).
+pub const GEOREPORT_SPAN_MS: i64 = 90 * 86_400_000;
 
 /// An Open311 endpoint.
 #[derive(Debug, Clone)]
@@ -445,7 +446,7 @@ impl Client {
     /// 90 days GeoReport v2 allows).
     async fn find(&self, p: &CasePayload, now_ms: i64) -> Lookup {
         let end = now_ms.saturating_add(SEARCH_MARGIN_MS);
-        let start = p.detected_ms.saturating_sub(SEARCH_MARGIN_MS).max(end - SEARCH_SPAN_MS);
+        let start = p.detected_ms.saturating_sub(SEARCH_MARGIN_MS).max(end - GEOREPORT_SPAN_MS);
         let w3c = |ms: i64| {
             chrono::DateTime::from_timestamp_millis(ms)
                 .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
