@@ -32,6 +32,8 @@ pub struct Gateway {
     pub sink: Option<RunningSink>,
     /// Where the HTTP API listens, when it does.
     pub http: Option<SocketAddr>,
+    /// The HTTP server's task.
+    pub http_task: Option<JoinHandle<()>>,
     /// Delivery counters.
     pub delivery: Arc<crate::status::DeliveryStatus>,
     /// The delivery workers (cases, alerts, and the open311 status poller when configured).
@@ -157,8 +159,8 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         .devices_registered
         .store(pipeline.registered() as u64, std::sync::atomic::Ordering::Relaxed);
     let (delivery, workers) = start_delivery(config, &tables, &clock, &status, &shutdown)?;
-    let http = if config.http.listen.is_empty() {
-        None
+    let (http, http_task) = if config.http.listen.is_empty() {
+        (None, None)
     } else {
         let listener = std::net::TcpListener::bind(&config.http.listen)
             .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
@@ -170,14 +172,15 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         )
         .context("cases.tables")?
         .with_jurisdiction(config.http.jurisdiction_id.clone());
-        Some(serve_http(
+        let (addr, task) = serve_http(
             listener,
             &status,
             sink.as_ref().map(|(s, _)| s.clone()),
             Some((Arc::new(board), grids_geojson)),
             &config.http,
             shutdown.clone(),
-        )?)
+        )?;
+        (Some(addr), Some(task))
     };
     let checkpointer = store.checkpoint_in_background(std::time::Duration::from_millis(500))?;
     let task = tokio::spawn({
@@ -189,7 +192,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             result
         }
     });
-    Ok(Gateway { status, broker, device_listener, task, sink, http, delivery, workers })
+    Ok(Gateway { status, broker, device_listener, task, sink, http, http_task, delivery, workers })
 }
 
 /// The rules and case tables the configuration names (built in when empty).
@@ -312,7 +315,8 @@ fn start_delivery(
     Ok((delivery, workers))
 }
 
-/// Serves the HTTP API on an already bound listener until shutdown; returns its address.
+/// Serves the HTTP API on an already bound listener until shutdown; returns its address and
+/// its task.
 pub fn serve_http(
     listener: std::net::TcpListener,
     status: &Arc<Status>,
@@ -320,7 +324,7 @@ pub fn serve_http(
     board: Option<(Arc<crate::board::Board>, Option<Arc<serde_json::Value>>)>,
     http: &crate::config::Http,
     shutdown: watch::Receiver<bool>,
-) -> Result<SocketAddr> {
+) -> Result<(SocketAddr, JoinHandle<()>)> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -361,7 +365,7 @@ pub fn serve_http(
         header_timeout: std::time::Duration::from_millis(http.header_timeout_ms),
     };
     let open = status.http_connections.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let served = match tls {
             None => crate::http::serve(listener, router, limits, open, shutdown).await,
             Some(config) => match crate::tls::TlsListener::new(listener, config) {
@@ -373,5 +377,46 @@ pub fn serve_http(
             tracing::error!("http server stopped: {e}");
         }
     });
-    Ok(addr)
+    Ok((addr, task))
+}
+
+impl Gateway {
+    /// Waits for ingest to end (shutdown, or a store failure), then turns `stop` true and
+    /// waits for every other task — delivery workers, the telemetry sink, the HTTP server —
+    /// each at most `grace`; returns ingest's result. (The embedded broker's threads end with
+    /// the process: rumqttd has no stop.)
+    pub async fn join(self, stop: &watch::Sender<bool>, grace: std::time::Duration) -> Result<()> {
+        let ingest = self.task.await;
+        stop.send_replace(true);
+        let mut rest: Vec<(&str, JoinHandle<Result<(), String>>)> = Vec::new();
+        for (i, w) in self.workers.into_iter().enumerate() {
+            let name = if i < 2 { "delivery" } else { "platform" };
+            rest.push((name, tokio::spawn(async move { flatten(w.await) })));
+        }
+        if let Some((_, sink)) = self.sink {
+            rest.push(("telemetry sink", tokio::spawn(async move { flatten(sink.await) })));
+        }
+        if let Some(http) = self.http_task {
+            rest.push(("http", tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })));
+        }
+        for (name, task) in rest {
+            match tokio::time::timeout(grace, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!("{name} stopped with: {e}"),
+                Ok(Err(e)) => tracing::warn!("{name}: {e}"),
+                Err(_) => tracing::warn!("{name} did not stop within {grace:?}"),
+            }
+        }
+        Ok(ingest??)
+    }
+}
+
+fn flatten<E: std::fmt::Display>(
+    r: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<(), String> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -1,6 +1,6 @@
 //! Command-line interface of the `gridsense` binary.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -274,15 +274,33 @@ fn load_config(path: Option<&std::path::Path>) -> Result<config::Config> {
     Ok(config::load(path, &env)?)
 }
 
-/// A channel that turns true on Ctrl-C.
-fn ctrl_c() -> watch::Receiver<bool> {
+/// A channel that turns true on Ctrl-C (SIGINT) or SIGTERM, as a service manager stops a
+/// server.
+fn stop_signal() -> (Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
     let (tx, rx) = watch::channel(false);
+    let tx = Arc::new(tx);
+    let signalled = tx.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = tx.send(true);
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+                        _ = term.recv() => tracing::info!("terminated: stopping"),
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        signalled.send_replace(true);
     });
-    rx
+    (tx, rx)
 }
 
 /// Runs a parsed command line.
@@ -301,13 +319,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 config,
                 env,
             };
-            let report = crate::demo::run(options, ctrl_c()).await?;
+            let report = crate::demo::run(options, stop_signal().1).await?;
             print!("{}", report.render());
             Ok(())
         }
         Command::Run { config } => {
             let config = load_config(config.as_deref())?;
-            let gateway = app::start(&config, app::wall_clock(), ctrl_c())?;
+            let (stop, stopped) = stop_signal();
+            let gateway = app::start(&config, app::wall_clock(), stopped)?;
             if let Some(devices) = gateway.device_listener {
                 eprintln!(
                     "gridsense: embedded broker: devices on {devices} (MQTT 5, client id = user name = EUI), tools on {} (MQTT 3.1.1)",
@@ -319,7 +338,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 gateway.broker,
                 config.store.path.display()
             );
-            gateway.task.await??;
+            gateway.join(&stop, std::time::Duration::from_secs(10)).await?;
+            eprintln!("gridsense: stopped: every batch committed and acknowledged");
             Ok(())
         }
         Command::Provision(ProvisionCommand::Import { city, config }) => {

@@ -27,8 +27,10 @@
 //!   and every step downstream is idempotent. Every message is acknowledged once handled —
 //!   accepted or rejected — so no message can hold the session.
 //!
-//! The ack channel back to the session is unbounded in type but not in fact: it never holds
-//! more than the messages received and not yet acknowledged, which the Receive Maximum bounds.
+//! Every channel is bounded: the session's channel to the pipeline by the in-flight credits
+//! (`mqtt.inflight`, also the Receive Maximum), the acks back by the same (an ack is for a
+//! message held), the sealed downlinks by twice `store.batch_max` (a frame prompts at most a
+//! time sync and a configuration); a full one makes the pipeline task wait, never drops.
 
 pub mod batcher;
 pub mod session;
@@ -113,8 +115,9 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(options, credits * 2 + 16);
     let (tx, rx) = mpsc::channel::<Publish>(credits);
     status.queue_capacity.store(credits as u64, Relaxed);
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Publish>();
-    let (down_tx, down_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
+    let (ack_tx, ack_rx) = mpsc::channel::<Publish>(credits);
+    let (down_tx, down_rx) =
+        mpsc::channel::<(String, Vec<u8>)>(config.store.batch_max.saturating_mul(2).max(16));
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
     let session = tokio::spawn(session::run(
         eventloop,
@@ -172,7 +175,7 @@ const PRUNE_EVERY_MS: u64 = 3_600_000;
 #[allow(clippy::too_many_arguments)]
 async fn pipeline_task(
     mut rx: mpsc::Receiver<Publish>,
-    (acks, downlinks): (mpsc::UnboundedSender<Publish>, mpsc::UnboundedSender<(String, Vec<u8>)>),
+    (acks, downlinks): (mpsc::Sender<Publish>, mpsc::Sender<(String, Vec<u8>)>),
     store: Store,
     mut pipeline: Pipeline,
     clock: Clock,
@@ -349,7 +352,7 @@ async fn pipeline_task(
             }
             // Committed with their counters: now they may go out.
             for downlink in sealed {
-                let _ = downlinks.send(downlink);
+                let _ = downlinks.send(downlink).await;
             }
         }
         if let Some(retention) = batching.retention_ms
@@ -372,7 +375,7 @@ async fn pipeline_task(
         // Durable: now acknowledge, in arrival order.
         for msg in batcher.committed() {
             status.unacked.fetch_sub(1, Relaxed);
-            if acks.send(msg).is_err() {
+            if acks.send(msg).await.is_err() {
                 tracing::warn!("ack not sent: the session has ended");
             }
         }

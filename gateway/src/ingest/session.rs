@@ -337,8 +337,8 @@ pub async fn run(
 /// the two cannot deadlock (PITFALLS.md).
 pub async fn acker(
     client: AsyncClient,
-    mut acks: mpsc::UnboundedReceiver<Publish>,
-    mut downlinks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    mut acks: mpsc::Receiver<Publish>,
+    mut downlinks: mpsc::Receiver<(String, Vec<u8>)>,
 ) {
     let mut downlinks_open = true;
     loop {
