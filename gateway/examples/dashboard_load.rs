@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use gridsense_gateway::{app, config::Config, demo::counts_for};
+use gridsense_gateway::{app, cli::demo::counts_for, config::Config};
 use gridsense_simulator::{
     city,
     fleet::{self, RunOptions},

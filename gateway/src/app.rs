@@ -9,9 +9,9 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     broker,
     config::{Config, Sink},
+    delivery::influx::{self as sink, SinkError, SinkStatus},
     ingest::{self, IngestError},
     pipeline::Pipeline,
-    sink::{self, SinkError, SinkStatus},
     status::{Clock, Status},
     store::Store,
 };
@@ -164,7 +164,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     } else {
         let listener = std::net::TcpListener::bind(&config.http.listen)
             .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
-        let board = crate::board::Board::new(
+        let board = crate::http::board::Board::new(
             open_store(config)?,
             tables.clone(),
             clock.clone(),
@@ -321,7 +321,7 @@ pub fn serve_http(
     listener: std::net::TcpListener,
     status: &Arc<Status>,
     sink: Option<Arc<SinkStatus>>,
-    board: Option<(Arc<crate::board::Board>, Option<Arc<serde_json::Value>>)>,
+    board: Option<(Arc<crate::http::board::Board>, Option<Arc<serde_json::Value>>)>,
     http: &crate::config::Http,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
@@ -331,21 +331,21 @@ pub fn serve_http(
     let mut router = crate::http::router(status.clone(), sink.clone());
     if let Some((board, grids)) = board {
         router = router
-            .merge(crate::board::routes(board.clone()))
-            .merge(crate::api::routes(crate::api::ApiState {
+            .merge(crate::http::board::routes(board.clone()))
+            .merge(crate::http::api::routes(crate::http::api::ApiState {
                 board: board.clone(),
                 status: status.clone(),
                 sink,
                 grids,
             }))
             .layer(axum::middleware::from_fn_with_state(
-                crate::auth::Guard {
+                crate::http::auth::Guard {
                     required: http.auth == "tokens",
                     open311_public: http.open311_public,
                     board,
                     timeout: std::time::Duration::from_millis(http.timeout_ms),
                 },
-                crate::auth::check,
+                crate::http::auth::check,
             ))
             .layer(axum::extract::DefaultBodyLimit::max(http.body_limit));
     }
@@ -353,7 +353,7 @@ pub fn serve_http(
         None
     } else {
         Some(
-            crate::tls::server_config(
+            crate::http::tls::server_config(
                 std::path::Path::new(&http.tls_cert),
                 std::path::Path::new(&http.tls_key),
             )
@@ -368,7 +368,7 @@ pub fn serve_http(
     let task = tokio::spawn(async move {
         let served = match tls {
             None => crate::http::serve(listener, router, limits, open, shutdown).await,
-            Some(config) => match crate::tls::TlsListener::new(listener, config) {
+            Some(config) => match crate::http::tls::TlsListener::new(listener, config) {
                 Ok(listener) => crate::http::serve(listener, router, limits, open, shutdown).await,
                 Err(e) => Err(e),
             },

@@ -105,7 +105,7 @@ async fn downlink_counters_survive_a_restart() {
     gateway.task.await.unwrap().unwrap();
     let first = std::mem::take(&mut *seen.lock().unwrap());
     let (gateway, stop_tx) =
-        common::start(&config, gridsense_gateway::demo::shared_clock(clock)).await;
+        common::start(&config, gridsense_gateway::cli::demo::shared_clock(clock)).await;
     let devices = inventory::load(&dir.path().join("devices.json")).unwrap();
     let requests: Vec<i64> = {
         let mut store = app::open_store(&config).unwrap();

@@ -50,7 +50,7 @@ pub async fn start_shared(
     real: Duration,
 ) -> (Gateway, watch::Sender<bool>, SimClock) {
     let clock = SimClock::start(speed, real);
-    let (gateway, stop) = start(config, gridsense_gateway::demo::shared_clock(clock)).await;
+    let (gateway, stop) = start(config, gridsense_gateway::cli::demo::shared_clock(clock)).await;
     (gateway, stop, clock)
 }
 

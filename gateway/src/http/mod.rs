@@ -1,6 +1,11 @@
 //! The gateway's HTTP surface: `GET /api/v1/status` (JSON counters), `GET /healthz`, and the
 //! operators' dashboard at `/` (`dashboard.html`: map, device health, cases, live updates; no
-//! external assets). The API it uses is in [`crate::api`] and [`crate::board`].
+//! external assets). The API it uses is in [`crate::http::api`] and [`crate::http::board`].
+
+pub mod api;
+pub mod auth;
+pub mod board;
+pub mod tls;
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
@@ -8,7 +13,7 @@ use axum::{Json, Router, extract::State, response::Html, routing::get};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{sink::SinkStatus, status::Status};
+use crate::{delivery::influx::SinkStatus, status::Status};
 
 #[derive(Clone)]
 struct AppState {
@@ -145,7 +150,7 @@ impl Drop for Open {
     }
 }
 
-/// Serves until `shutdown` turns true (plain TCP or [`crate::tls::TlsListener`]), HTTP/1.1,
+/// Serves until `shutdown` turns true (plain TCP or [`crate::http::tls::TlsListener`]), HTTP/1.1,
 /// within `limits`: a connection that sends nothing, or its headers a byte a second, is closed
 /// after `header_timeout`; at most `max_connections` are open (the permit is taken before
 /// accepting, so the rest wait in the kernel's queue). On shutdown, connections finish the

@@ -1,5 +1,10 @@
 //! Command-line interface of the `gridsense` binary.
 
+pub mod cases;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod walkthrough;
+
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, bail};
@@ -70,10 +75,10 @@ pub enum Command {
     Tokens(TokensCommand),
     /// The case board: list, show (with trace), move through the lifecycle; built-in tables.
     #[command(subcommand)]
-    Cases(crate::cli_cases::CasesCommand),
+    Cases(cases::CasesCommand),
     /// Maintenance windows: alarms of devices under repair are recorded, not filed.
     #[command(subcommand)]
-    Maintenance(crate::cli_cases::MaintenanceCommand),
+    Maintenance(cases::MaintenanceCommand),
 }
 
 /// `gridsense tokens …`
@@ -309,17 +314,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         #[cfg(feature = "demo")]
         Command::Demo { devices, scenario, speed, duration, data, http, config } => {
             let env: Vec<(String, String)> = std::env::vars().collect();
-            let options = crate::demo::DemoOptions {
-                devices,
-                scenario,
-                speed,
-                duration,
-                data,
-                http,
-                config,
-                env,
-            };
-            let report = crate::demo::run(options, stop_signal().1).await?;
+            let options =
+                demo::DemoOptions { devices, scenario, speed, duration, data, http, config, env };
+            let report = demo::run(options, stop_signal().1).await?;
             print!("{}", report.render());
             Ok(())
         }
@@ -423,9 +420,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Provision(ProvisionCommand::Broker { out, gateway_user, config }) => {
             let config = load_config(config.as_deref())?;
             let store = app::open_store(&config)?;
-            let files =
-                crate::provision::write_broker_files(&out, &gateway_user, &store.credentials()?)
-                    .with_context(|| format!("writing {}", out.display()))?;
+            let files = crate::broker::provision::write_broker_files(
+                &out,
+                &gateway_user,
+                &store.credentials()?,
+            )
+            .with_context(|| format!("writing {}", out.display()))?;
             let dir = out.display();
             println!(
                 "gridsense provision broker: {n} device accounts and `{gateway_user}` written to \
@@ -473,7 +473,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             api,
             config,
         }) => {
-            let q = crate::api::DevicesQuery {
+            let q = crate::http::api::DevicesQuery {
                 kind,
                 grid,
                 street,
@@ -487,10 +487,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             print!(
                 "{}",
-                crate::cli_cases::devices_list(&q, api.as_deref(), || load_config(
-                    config.as_deref()
-                ))
-                .await?
+                cases::devices_list(&q, api.as_deref(), || load_config(config.as_deref())).await?
             );
             Ok(())
         }
@@ -498,10 +495,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let eui: Eui = eui.parse().context("EUI")?;
             print!(
                 "{}",
-                crate::cli_cases::device_show(eui, api.as_deref(), || load_config(
-                    config.as_deref()
-                ))
-                .await?
+                cases::device_show(eui, api.as_deref(), || load_config(config.as_deref())).await?
             );
             Ok(())
         }
@@ -520,19 +514,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tokens(TokensCommand::Add { name, role, config }) => {
-            if !crate::auth::ROLES.contains(&role.as_str()) {
+            if !crate::http::auth::ROLES.contains(&role.as_str()) {
                 bail!("--role {role:?}: read or operator");
             }
             if name.trim().is_empty() {
                 bail!("--name must say who uses the token");
             }
             let token =
-                crate::auth::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                crate::http::auth::generate().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
             let mut store = app::open_store(&load_config(config.as_deref())?)?;
             if !store.add_token(
                 name.trim(),
                 &role,
-                &crate::auth::hash(&token),
+                &crate::http::auth::hash(&token),
                 app::wall_clock()(),
             )? {
                 bail!("a token named {name:?} exists (revoke it first)");
@@ -562,15 +556,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Cases(cmd) => {
-            print!("{}", crate::cli_cases::cases(cmd, load_config).await?);
+            print!("{}", cases::cases(cmd, load_config).await?);
             Ok(())
         }
         Command::Maintenance(cmd) => {
-            print!("{}", crate::cli_cases::maintenance(cmd, load_config)?);
+            print!("{}", cases::maintenance(cmd, load_config)?);
             Ok(())
         }
         Command::Frame(FrameCommand::Walkthrough) => {
-            print!("{}", crate::walkthrough::render(&crate::walkthrough::run()));
+            print!("{}", walkthrough::render(&walkthrough::run()));
             Ok(())
         }
         Command::Frame(FrameCommand::Decode { frame, key }) => {

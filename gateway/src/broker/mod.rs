@@ -13,6 +13,8 @@
 //! publisher is disconnected), so nothing larger than the gateway's Maximum Packet Size can
 //! reach it: rumqttd does not honour a client's Maximum Packet Size itself.
 
+pub mod provision;
+
 use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs},
@@ -201,7 +203,7 @@ mod tests {
     /// above the same size as the embedded broker.
     #[test]
     fn the_shipped_mosquitto_limit_is_the_embedded_brokers() {
-        let shipped = include_str!("../../deploy/mosquitto.conf");
+        let shipped = include_str!("../../../deploy/mosquitto.conf");
         let line = shipped.lines().find(|l| l.starts_with("max_packet_size ")).unwrap();
         assert_eq!(line, format!("max_packet_size {MAX_MESSAGE_BYTES}"));
         let gateway = crate::config::Config::default().mqtt.max_packet_bytes;

@@ -20,7 +20,7 @@ use axum::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::{api::api_error, board::Board};
+use super::{api::api_error, board::Board};
 
 /// Roles a token can have.
 pub const ROLES: [&str; 2] = ["read", "operator"];

@@ -24,8 +24,8 @@ use gridsense_protocol::Eui;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    board::Board,
-    sink::SinkStatus,
+    delivery::influx::SinkStatus,
+    http::board::Board,
     status::{LATENCY_BUCKETS_MS, Status},
     store::DeviceFilter,
 };

@@ -13,10 +13,10 @@ use clap::Subcommand;
 
 use crate::{
     app,
-    board::{RequestsQuery, filter_of, timers},
     calendar::Calendar,
     cases::CaseState,
     config::Config,
+    http::board::{RequestsQuery, filter_of, timers},
 };
 
 /// `gridsense cases …`
@@ -162,7 +162,7 @@ pub async fn cases(
                     let rows: Vec<_> = app::open_store(&config)?
                         .cases(&filter)?
                         .into_iter()
-                        .map(|c| crate::board::CaseSummary {
+                        .map(|c| crate::http::board::CaseSummary {
                             timers: timers(&c, &tables, &cal, now),
                             case: c,
                         })
@@ -439,7 +439,7 @@ fn state_word(d: &serde_json::Value) -> &'static str {
 
 /// `gridsense devices list`: the same rows as `GET /api/v1/devices`, as a table.
 pub async fn devices_list(
-    q: &crate::api::DevicesQuery,
+    q: &crate::http::api::DevicesQuery,
     api: Option<&str>,
     load: impl FnOnce() -> Result<Config>,
 ) -> Result<String> {
@@ -467,7 +467,7 @@ pub async fn devices_list(
         None => {
             let config = load()?;
             let (filter, _) =
-                crate::api::device_filter(q, now).map_err(|e| anyhow::anyhow!("--{e}"))?;
+                crate::http::api::device_filter(q, now).map_err(|e| anyhow::anyhow!("--{e}"))?;
             serde_json::to_value(app::open_store(&config)?.devices(&filter)?)?
         }
     };

@@ -13,6 +13,9 @@
 //!
 //! Retry classification is separate from the backoff policy (as in Vector's `retries.rs`).
 
+pub mod influx;
+pub mod open311;
+
 use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
@@ -235,7 +238,7 @@ pub enum Adapter {
     /// The built-in board: the case is already on it; its id is the board's request id.
     Local,
     /// Open311 GeoReport v2.
-    Open311(crate::open311_client::Client),
+    Open311(open311::Client),
     /// Signed JSON webhook.
     Webhook {
         /// HTTP client.
@@ -254,7 +257,7 @@ impl Adapter {
             reqwest::Client::builder().timeout(Duration::from_millis(c.timeout_ms)).build()?;
         Ok(match c.platform {
             Platform::Local => Adapter::Local,
-            Platform::Open311 => Adapter::Open311(crate::open311_client::Client::new(
+            Platform::Open311 => Adapter::Open311(open311::Client::new(
                 http,
                 c.url.trim_end_matches('/').to_owned(),
                 c.api_key.clone(),
@@ -540,7 +543,7 @@ async fn deliver_one(
 /// Reads an Open311 platform's catalogue at start and every `every`, keeping what the status
 /// says about it current (readiness, metrics).
 pub async fn watch_catalogue(
-    client: crate::open311_client::Client,
+    client: open311::Client,
     every: Duration,
     status: Arc<DeliveryStatus>,
     mut shutdown: watch::Receiver<bool>,
@@ -638,7 +641,7 @@ type PlatformUpdate = (i64, Option<String>, Option<(crate::cases::CaseState, Str
 /// Asks an Open311 platform for the status of our open cases every `every`, resolves tokens
 /// to ids, and records closures (the platform is authoritative for its cases).
 pub async fn poll_open311(
-    client: crate::open311_client::Client,
+    client: open311::Client,
     mut store: Store,
     clock: Clock,
     every: Duration,

@@ -141,7 +141,7 @@ fn api(status: StatusCode, message: impl Into<String>) -> Response {
         StatusCode::UNPROCESSABLE_ENTITY => "bad_parameter",
         _ => "internal",
     };
-    crate::api::api_error(status, code, message)
+    crate::http::api::api_error(status, code, message)
 }
 
 /// Splits `requests.json` into (`requests`, xml?).
@@ -432,7 +432,7 @@ pub fn parse_w3c(s: &str, end: bool, offset: chrono::FixedOffset) -> Result<i64,
 }
 
 /// The span Open311 allows a request search (and its default: the last 90 days).
-pub const OPEN311_SPAN_MS: i64 = crate::open311_client::GEOREPORT_SPAN_MS;
+pub const OPEN311_SPAN_MS: i64 = crate::delivery::open311::GEOREPORT_SPAN_MS;
 
 /// An Open311 search: `service_request_id` overrides every other parameter (GeoReport v2);
 /// otherwise the filters, over `start_date`..`end_date` — by default the 90 days up to `now`,
@@ -732,13 +732,13 @@ pub struct TransitionBody {
 
 /// Who the trace records for a request: the authenticated token, with the name the body
 /// gives when it differs; without tokens, the name the body gives (`None` when it gives none).
-fn actor_of(caller: Option<&crate::auth::Caller>, claimed: &str) -> Option<String> {
+fn actor_of(caller: Option<&crate::http::auth::Caller>, claimed: &str) -> Option<String> {
     let claimed = claimed.trim();
     match caller {
-        Some(crate::auth::Caller(token)) if claimed.is_empty() || claimed == token => {
+        Some(crate::http::auth::Caller(token)) if claimed.is_empty() || claimed == token => {
             Some(format!("operator:{token}"))
         }
-        Some(crate::auth::Caller(token)) => Some(format!("operator:{token} for {claimed}")),
+        Some(crate::http::auth::Caller(token)) => Some(format!("operator:{token} for {claimed}")),
         None if claimed.is_empty() => None,
         None => Some(format!("operator:{claimed}")),
     }
@@ -747,7 +747,7 @@ fn actor_of(caller: Option<&crate::auth::Caller>, claimed: &str) -> Option<Strin
 async fn move_case(
     State(board): State<Arc<Board>>,
     Path(id): Path<String>,
-    caller: Option<axum::Extension<crate::auth::Caller>>,
+    caller: Option<axum::Extension<crate::http::auth::Caller>>,
     body: Result<Json<TransitionBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(id) = id.parse::<i64>() else {
@@ -912,7 +912,7 @@ async fn list_outbox(
 async fn retry_outbox(
     State(board): State<Arc<Board>>,
     Path(id): Path<String>,
-    caller: Option<axum::Extension<crate::auth::Caller>>,
+    caller: Option<axum::Extension<crate::http::auth::Caller>>,
 ) -> Response {
     let Ok(id) = id.parse::<i64>() else {
         return api(StatusCode::BAD_REQUEST, format!("id: {id:?} is not an outbox entry id"));

@@ -363,7 +363,7 @@ fn private_files(path: &Path) -> Result<(), StoreError> {
 
 impl Store {
     /// Opens (creating) the database at `path` and brings its schema up to date. The file is
-    /// private to its owner ([`private_files`]).
+    /// private to its owner (`private_files`).
     pub fn open(path: &Path, synchronous: Synchronous, audit_max: u64) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
