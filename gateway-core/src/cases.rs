@@ -19,6 +19,8 @@
 //!   feedback → verified → closed, with parked and returned as side states; every transition
 //!   is a trace row with who and when.
 
+pub mod lifecycle;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,

@@ -15,6 +15,7 @@
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
 
+use gridsense_gateway::store::prelude::*;
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 use anyhow::{Context, Result};
 use tokio::{sync::watch, task::JoinHandle};
 
+use crate::store::prelude::*;
 use crate::{
     broker,
     config::{Config, Sink},
@@ -69,7 +70,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let status = Arc::new(SinkStatus::default());
         let task = tokio::spawn(sink::run(
             config.telemetry.clone(),
-            open_store(config)?,
+            Box::new(open_store(config)?),
             status.clone(),
             shutdown.clone(),
         ));
@@ -93,7 +94,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
         .with_rate_limit(config.health.max_frames_per_minute);
     // Row by row: a million rows' strings held at once would stay behind as heap holes.
-    store.each_health(|eui, h| pipeline.restore_health(eui, h))?;
+    store.each_health(&mut |eui, h| pipeline.restore_health(eui, h))?;
     let mut unassigned_devices = 0;
     let mut grids_geojson = None;
     if !config.geo.grids.is_empty() {
@@ -109,7 +110,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let layer = Arc::new(layer);
         let placements = pipeline.with_grids(layer.clone(), &locations);
         let unassigned = locations.len() - placements.len();
-        store.write_placements(placements.iter().filter_map(|(eui, cell, distance)| {
+        store.write_placements(&mut placements.iter().filter_map(|(eui, cell, distance)| {
             let c = layer.cells().get(*cell)?;
             Some((*eui, &*c.grid_code, &*c.community_code, &*c.street_code, *distance))
         }))?;
@@ -165,7 +166,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let listener = std::net::TcpListener::bind(&config.http.listen)
             .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
         let board = crate::http::board::Board::new(
-            open_store(config)?,
+            Box::new(open_store(config)?),
             tables.clone(),
             clock.clone(),
             config.cases.secret.clone(),
@@ -187,7 +188,8 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let (config, status) = (config.clone(), status.clone());
         async move {
             let result =
-                ingest::run(&config, target, store, pipeline, clock, status, shutdown).await;
+                ingest::run(&config, target, Box::new(store), pipeline, clock, status, shutdown)
+                    .await;
             drop(checkpointer);
             result
         }
@@ -227,9 +229,9 @@ fn with_cases(
     let mut cases = crate::cases::Cases::new(tables.clone(), link_ms).context("cases.tables")?;
     cases.restore(store.sequences()?, store.open_incidents()?);
     let mut pipeline = pipeline.with_case_layer(crate::rules::Rules::new(&rules), cases);
-    store.each_site(|eui, site, attrs| pipeline.add_site(eui, site, attrs))?;
+    store.each_site(&mut |eui, site, attrs| pipeline.add_site(eui, site, attrs))?;
     pipeline.seal_sites();
-    store.each_rule_state(|eui, rule, state| pipeline.restore_rule_state(eui, rule, state))?;
+    store.each_rule_state(&mut |eui, rule, state| pipeline.restore_rule_state(eui, rule, state))?;
     Ok((pipeline, tables))
 }
 
@@ -257,7 +259,7 @@ fn start_delivery(
     let delivery = status.delivery.clone();
     let mut workers = Vec::new();
     for (channel, wake) in [("case", &status.outbox_wake[0]), ("alert", &status.outbox_wake[1])] {
-        let first = open_store(config)?;
+        let first: Box<dyn Outbox> = Box::new(open_store(config)?);
         let (worker, clock, wake, delivery, shutdown) =
             (worker.clone(), clock.clone(), wake.clone(), delivery.clone(), shutdown.clone());
         let path = config.clone();
@@ -269,7 +271,7 @@ fn start_delivery(
                 let s = match store.take() {
                     Some(s) => s,
                     None => match open_store(&path) {
-                        Ok(s) => s,
+                        Ok(s) => Box::new(s),
                         Err(e) => {
                             tracing::warn!("{channel} delivery: {e:#}; retrying in 1 s");
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -306,7 +308,7 @@ fn start_delivery(
         )));
         workers.push(tokio::spawn(crate::delivery::poll_open311(
             client,
-            open_store(config)?,
+            Box::new(open_store(config)?),
             clock.clone(),
             std::time::Duration::from_secs(c.poll_status_s.max(1)),
             shutdown.clone(),

@@ -8,6 +8,7 @@
 
 mod common;
 
+use gridsense_gateway::store::prelude::*;
 use std::time::Duration;
 
 use gridsense_gateway::app;

@@ -14,6 +14,7 @@
 
 mod common;
 
+use gridsense_gateway::store::prelude::*;
 use std::{collections::BTreeMap, time::Duration};
 
 use gridsense_gateway::{

@@ -10,6 +10,7 @@
 
 mod common;
 
+use gridsense_gateway::store::prelude::*;
 use std::{
     io::Write,
     path::{Path, PathBuf},

@@ -5,6 +5,7 @@
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
 
+use gridsense_gateway::store::prelude::*;
 use gridsense_gateway::{
     config::{self, Synchronous},
     pipeline::{Outcome, Pipeline},

@@ -10,6 +10,7 @@
 
 mod common;
 
+use gridsense_gateway::store::prelude::*;
 use std::{
     collections::BTreeSet,
     sync::{

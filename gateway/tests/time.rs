@@ -11,6 +11,7 @@
 
 mod common;
 
+use gridsense_gateway::store::prelude::*;
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 
 use gridsense_gateway::{app, store::CaseFilter};

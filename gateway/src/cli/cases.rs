@@ -11,6 +11,7 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
+use crate::store::prelude::*;
 use crate::{
     app,
     calendar::Calendar,
@@ -300,7 +301,7 @@ pub async fn cases(
                 &format!("operator:{}", actor.trim()),
                 &note,
                 app::wall_clock()(),
-                |limit, from| limit.parse().ok().map(|l| cal.deadline(from, l)),
+                &cal,
             )?;
             match moved {
                 Ok(s) => Ok(format!("gridsense cases move: case {id} is now {s}\n")),

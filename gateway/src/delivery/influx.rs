@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::Telemetry,
-    store::{BufferedPoint, Store, StoreError},
+    store::{BufferedPoint, StoreError, TelemetryBuffer},
 };
 
 /// Live sink counters.
@@ -98,7 +98,7 @@ pub fn client(config: &Telemetry) -> Result<Client, SinkError> {
 /// Drains the buffer until `shutdown` turns true.
 pub async fn run(
     config: Telemetry,
-    mut store: Store,
+    mut store: Box<dyn TelemetryBuffer>,
     status: Arc<SinkStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {

@@ -30,7 +30,7 @@ use crate::{
     cases::wgs84_to_gcj02,
     config::{CasesSettings, Platform},
     status::{Clock, DeliveryStatus},
-    store::{AlertView, CaseView, OutboxEntry, Store, StoreError},
+    store::{AlertView, CaseView, Outbox, OutboxEntry, StoreError},
 };
 
 /// How an attempt failed.
@@ -350,16 +350,16 @@ pub struct Worker {
 
 /// A worker's store connection, shared by its concurrent deliveries (each call is short and
 /// runs on a blocking thread; the requests themselves run without it).
-type Shared = Arc<std::sync::Mutex<Store>>;
+type Shared = Arc<std::sync::Mutex<Box<dyn Outbox>>>;
 
 async fn with_store<T: Send + 'static>(
     store: &Shared,
-    f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&mut dyn Outbox) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         let mut s = store.lock().map_err(|_| StoreError::Task("store lock poisoned".into()))?;
-        f(&mut s)
+        f(&mut **s)
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -378,7 +378,7 @@ const DUE_PER_ROUND: u32 = 64;
 pub async fn run(
     worker: Arc<Worker>,
     channel: &'static str,
-    store: Store,
+    store: Box<dyn Outbox>,
     clock: Clock,
     wake: Arc<Notify>,
     status: Arc<DeliveryStatus>,
@@ -642,7 +642,7 @@ type PlatformUpdate = (i64, Option<String>, Option<(crate::cases::CaseState, Str
 /// to ids, and records closures (the platform is authoritative for its cases).
 pub async fn poll_open311(
     client: open311::Client,
-    mut store: Store,
+    mut store: Box<dyn Outbox>,
     clock: Clock,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,

@@ -82,7 +82,9 @@ fn internal(e: impl std::fmt::Display) -> Response {
 
 async fn blocking<T: Send + 'static>(
     state: &ApiState,
-    f: impl FnOnce(&mut crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    f: impl FnOnce(&mut dyn crate::store::Operator) -> Result<T, crate::store::StoreError>
+    + Send
+    + 'static,
 ) -> Result<T, Response> {
     state.board.with_store(f).await.map_err(internal)
 }

@@ -23,15 +23,15 @@ use axum::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    calendar::{Calendar, Colour, Limit},
+    calendar::Calendar,
     cases::{CaseState, CaseTables},
     status::Clock,
-    store::{CaseFilter, CaseView, Store, TraceEntry},
+    store::{CaseFilter, CaseView, Operator, TraceEntry},
 };
 
 /// What the board's handlers share.
 pub struct Board {
-    store: Mutex<Store>,
+    store: Mutex<Box<dyn Operator>>,
     calendar: Calendar,
     tables: Arc<CaseTables>,
     clock: Clock,
@@ -50,7 +50,7 @@ impl std::fmt::Debug for Board {
 impl Board {
     /// A board on its own store connection.
     pub fn new(
-        store: Store,
+        store: Box<dyn Operator>,
         tables: Arc<CaseTables>,
         clock: Clock,
         secret: String,
@@ -75,12 +75,12 @@ impl Board {
     /// Runs `f` on the board's store connection on a blocking thread.
     pub async fn with_store<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+        f: impl FnOnce(&mut dyn Operator) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, String> {
         let board = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut store = board.store.lock().map_err(|_| "store lock poisoned".to_owned())?;
-            f(&mut store).map_err(|e| e.to_string())
+            f(&mut **store).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -573,61 +573,11 @@ async fn get_request(State(board): State<Arc<Board>>, Path(name): Path<String>) 
     }
 }
 
-/// One step timer of a case.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Timer {
-    /// `deploy` (130: 1 day), `feedback` (130: 3 days) or `handling`.
-    pub step: &'static str,
-    /// The limit.
-    pub limit: String,
-    /// Clock start, ISO 8601.
-    pub start: String,
-    /// Deadline, ISO 8601.
-    pub due: String,
-    /// Done at, if done.
-    pub done: Option<String>,
-    /// Share of the limit used (at done, or now).
-    pub used: f64,
-    /// green < 80% < yellow ≤ 100% < red.
-    pub colour: Colour,
-}
+pub use crate::cases::lifecycle::Timer;
 
-/// A case's step timers at `now`.
+/// A case's step timers at `now` ([`crate::cases::lifecycle::timers`]).
 pub fn timers(c: &CaseView, tables: &CaseTables, cal: &Calendar, now: i64) -> Vec<Timer> {
-    let handling_limit: Limit = c.handling_limit.parse().unwrap_or(Limit::Hours(24));
-    let handling_start = c.dispatched_ms.unwrap_or(c.detected_ms);
-    let steps = [
-        ("deploy", tables.milestones.deploy, c.detected_ms, c.deploy_due_ms, c.dispatched_ms),
-        (
-            "feedback",
-            tables.milestones.feedback,
-            c.detected_ms,
-            c.feedback_due_ms,
-            c.feedback_ms.or(c.closed_ms),
-        ),
-        (
-            "handling",
-            handling_limit,
-            handling_start,
-            c.handling_due_ms,
-            c.handled_ms.or(c.closed_ms),
-        ),
-    ];
-    steps
-        .into_iter()
-        .map(|(step, limit, start, due, done)| {
-            let used = cal.used(start, due, limit, done.unwrap_or(now));
-            Timer {
-                step,
-                limit: limit.to_string(),
-                start: cal.iso(start),
-                due: cal.iso(due),
-                done: done.map(|d| cal.iso(d)),
-                used: (used * 1000.0).round() / 1000.0,
-                colour: Colour::of(used),
-            }
-        })
-        .collect()
+    crate::cases::lifecycle::timers(&c.clocks(), &tables.milestones, cal, now)
 }
 
 /// A case with its timers, for lists.
@@ -775,13 +725,7 @@ async fn apply_transition(
 ) -> Response {
     let now = (board.clock)();
     let cal = board.calendar.clone();
-    let r = board
-        .with_store(move |s| {
-            s.transition(id, to, &actor, &note, now, |limit, from| {
-                limit.parse::<Limit>().ok().map(|l| cal.deadline(from, l))
-            })
-        })
-        .await;
+    let r = board.with_store(move |s| s.transition(id, to, &actor, &note, now, &cal)).await;
     match r {
         Ok(Ok(state)) => {
             Json(serde_json::json!({ "id": id, "state": state.as_str() })).into_response()
@@ -855,7 +799,7 @@ async fn callback(
                 to,
                 &note,
                 now,
-                |limit, from| limit.parse::<Limit>().ok().map(|l| cal.deadline(from, l)),
+                &cal,
             )
         })
         .await;
@@ -1071,6 +1015,7 @@ async fn get_services_or_requests(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::calendar::{Colour, Limit};
 
     fn case(detected_ms: i64, limit: &str, due: i64, deploy: i64, feedback: i64) -> CaseView {
         let mut c = CaseView::example(detected_ms);

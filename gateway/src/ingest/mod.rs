@@ -50,7 +50,7 @@ use crate::{
     config::Config,
     pipeline::{Outcome, Pipeline},
     status::{Changes, Clock, Status},
-    store::{Store, StoreError},
+    store::{IngestStore, StoreError},
 };
 
 /// Why ingest stopped.
@@ -104,7 +104,7 @@ fn session_options(config: &Config, target: &Target) -> session::SessionOptions 
 pub async fn run(
     config: &Config,
     target: Target,
-    store: Store,
+    store: Box<dyn IngestStore>,
     pipeline: Pipeline,
     clock: Clock,
     status: Arc<Status>,
@@ -176,7 +176,7 @@ const PRUNE_EVERY_MS: u64 = 3_600_000;
 async fn pipeline_task(
     mut rx: mpsc::Receiver<Publish>,
     (acks, downlinks): (mpsc::Sender<Publish>, mpsc::Sender<(String, Vec<u8>)>),
-    store: Store,
+    store: Box<dyn IngestStore>,
     mut pipeline: Pipeline,
     clock: Clock,
     status: Arc<Status>,
@@ -194,12 +194,12 @@ async fn pipeline_task(
     let mut prune = batcher::Every::new(PRUNE_EVERY_MS);
     let mut last_request = 0;
     // Cases finished (closed or voided) on the board since start are looked for after this.
-    let mut last_case_event = match store.as_ref().map(Store::last_case_event) {
+    let mut last_case_event = match store.as_ref().map(|s| s.last_case_event()) {
         Some(r) => r?,
         None => 0,
     };
     // Registry changes (re-keyed, retired, new devices) since start are applied as they come.
-    let mut last_registry = match store.as_ref().map(Store::registry_position) {
+    let mut last_registry = match store.as_ref().map(|s| s.registry_position()) {
         Some(r) => r?,
         None => 0,
     };
@@ -404,11 +404,11 @@ fn transient(e: &StoreError) -> bool {
 /// frames accepted; any other failure, or shutdown while it waits, is returned as an error
 /// (nothing of the batch acknowledged).
 async fn commit_until_durable(
-    mut store: Store,
+    mut store: Box<dyn IngestStore>,
     batch: Batch,
     status: &Status,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(Store, u64), IngestError> {
+) -> Result<(Box<dyn IngestStore>, u64), IngestError> {
     let mut batch = batch;
     let mut since: Option<std::time::Instant> = None;
     let mut retry = batcher::CommitRetry::new();

@@ -3,15 +3,13 @@
 //! queries and lifecycle transitions (used by the HTTP API, the CLI and the delivery workers,
 //! each on its own connection; SQLite WAL serialises the writers).
 
-use std::collections::BTreeMap;
-
 use gridsense_protocol::Eui;
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Transaction, params};
 use serde::Serialize;
 
 use super::{Store, StoreError, kind_column};
 use crate::{
-    cases::{CaseState, Effects, LifecycleError, MaintenanceWindow, OpenIncident, Sequences, Site},
+    cases::{CaseState, Effects, LifecycleError, Site, lifecycle::Milestone},
     rules::{Attributes, RuleState, Severity},
 };
 
@@ -68,18 +66,17 @@ CREATE TABLE maintenance (
     note TEXT NOT NULL, created_ms INTEGER NOT NULL
 );";
 
-/// The column that records when a case reached `state`, if one does.
-const fn stamp_column(state: CaseState) -> Option<&'static str> {
-    match state {
-        CaseState::Dispatched => Some("dispatched_ms"),
-        CaseState::Handled => Some("handled_ms"),
-        CaseState::Feedback => Some("feedback_ms"),
-        CaseState::Closed | CaseState::Voided => Some("closed_ms"),
-        _ => None,
+/// The column that records a milestone.
+pub(super) const fn stamp_column(m: Milestone) -> &'static str {
+    match m {
+        Milestone::Dispatched => "dispatched_ms",
+        Milestone::Handled => "handled_ms",
+        Milestone::Feedback => "feedback_ms",
+        Milestone::Closed => "closed_ms",
     }
 }
 
-fn eui_i(eui: Eui) -> i64 {
+pub(super) fn eui_i(eui: Eui) -> i64 {
     eui.0 as i64
 }
 
@@ -301,6 +298,23 @@ pub struct CaseView {
     pub delivered_ms: Option<i64>,
 }
 
+impl CaseView {
+    /// The case's clock fields, for the lifecycle's timers.
+    pub fn clocks(&self) -> crate::cases::lifecycle::Clocks<'_> {
+        crate::cases::lifecycle::Clocks {
+            detected_ms: self.detected_ms,
+            handling_limit: &self.handling_limit,
+            deploy_due_ms: self.deploy_due_ms,
+            feedback_due_ms: self.feedback_due_ms,
+            handling_due_ms: self.handling_due_ms,
+            dispatched_ms: self.dispatched_ms,
+            handled_ms: self.handled_ms,
+            feedback_ms: self.feedback_ms,
+            closed_ms: self.closed_ms,
+        }
+    }
+}
+
 #[cfg(test)]
 impl CaseView {
     /// A sewage-cover case detected at `detected_ms`, for tests.
@@ -345,13 +359,14 @@ impl CaseView {
     }
 }
 
-const CASE_COLUMNS: &str = "id, incident_id, idempotency_key, eui, class_code, class_name, title,
+pub(super) const CASE_COLUMNS: &str =
+    "id, incident_id, idempotency_key, eui, class_code, class_name, title,
     object_code, lat, lon, crs, address, unit_grid_code, grid_code, community_code, street_code,
     district_code, description, source, urgency, onset_ms, detected_ms, handling_limit,
     handling_due_ms, deploy_due_ms, feedback_due_ms, state, updated_ms, dispatched_ms, handled_ms,
     feedback_ms, closed_ms, platform, platform_id, delivered_ms";
 
-fn case_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CaseView> {
+pub(super) fn case_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CaseView> {
     Ok(CaseView {
         id: r.get(0)?,
         incident_id: r.get(1)?,
@@ -487,12 +502,6 @@ pub struct AlertView {
 }
 
 impl Store {
-    /// Registered devices as the rules and cases see them (site, kind and rule attributes),
-    /// one at a time, for loading a million without holding them all.
-    pub fn each_site(&self, f: impl FnMut(Eui, Site, Attributes)) -> Result<(), StoreError> {
-        self.sites_where("", i64::MAX, f)
-    }
-
     /// Sites of the active devices changed after registry position `after`.
     pub(super) fn changed_sites(
         &self,
@@ -507,7 +516,7 @@ impl Store {
         Ok(out)
     }
 
-    fn sites_where(
+    pub(super) fn sites_where(
         &self,
         filter: &str,
         after: i64,
@@ -532,671 +541,6 @@ impl Store {
             f(Eui(r.get::<_, i64>(0)? as u64), site, attrs);
         }
         Ok(())
-    }
-
-    /// Persisted rule states.
-    pub fn rule_states(&self) -> Result<Vec<(Eui, String, RuleState)>, StoreError> {
-        let mut out = Vec::new();
-        self.each_rule_state(|eui, rule, state| out.push((eui, rule.to_owned(), state)))?;
-        Ok(out)
-    }
-
-    /// [`Store::rule_states`] one at a time; the first row that does not parse is the error.
-    pub fn each_rule_state(
-        &self,
-        mut f: impl FnMut(Eui, &str, RuleState),
-    ) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare("SELECT eui, rule, state FROM rule_state")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let rule = r.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
-            let json = r.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
-            let state = serde_json::from_str(json).map_err(|e| StoreError::BadRow {
-                table: "rule_state",
-                what: format!("{rule}: {e}"),
-            })?;
-            f(Eui(r.get::<_, i64>(0)? as u64), rule, state);
-        }
-        Ok(())
-    }
-
-    /// The highest ids used, to continue from.
-    pub fn sequences(&self) -> Result<Sequences, StoreError> {
-        let max = |table: &str, col: &str| -> Result<i64, StoreError> {
-            Ok(self.conn.query_row(
-                &format!("SELECT COALESCE(MAX({col}), 0) FROM {table}"),
-                [],
-                |r| r.get(0),
-            )?)
-        };
-        Ok(Sequences {
-            incident: max("incidents", "id")?,
-            case: max("cases", "id")?,
-            cluster: max("incidents", "cluster_id")?,
-            alert: max("alerts", "id")?,
-        })
-    }
-
-    /// Incidents not closed, for the core after a restart.
-    pub fn open_incidents(&self) -> Result<crate::cases::OpenIncidents, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT eui, condition, id, severity, state, onset_ms, detected_ms, case_id, cluster_id, grid_code
-             FROM incidents WHERE state != 'closed'",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let severity: String = r.get(3)?;
-            let state: String = r.get(4)?;
-            Ok((
-                (Eui(r.get::<_, i64>(0)? as u64), r.get::<_, String>(1)?),
-                OpenIncident {
-                    id: r.get(2)?,
-                    severity: Severity::parse(&severity).unwrap_or_default(),
-                    onset_ms: r.get(5)?,
-                    detected_ms: r.get(6)?,
-                    case_id: r.get(7)?,
-                    recovered: state == "recovered",
-                    maintenance: state == "maintenance",
-                    cluster_id: r.get(8)?,
-                    grid_code: r.get(9)?,
-                },
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Records a maintenance window; returns its id.
-    pub fn add_window(
-        &mut self,
-        scope: &str,
-        from_ms: i64,
-        until_ms: i64,
-        note: &str,
-        now_ms: i64,
-    ) -> Result<i64, StoreError> {
-        self.conn.execute(
-            "INSERT INTO maintenance (scope, from_ms, until_ms, note, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![scope, from_ms, until_ms, note, now_ms],
-        )?;
-        Ok(self.conn.last_insert_rowid())
-    }
-
-    /// Maintenance windows not yet over at `now_ms`.
-    pub fn windows(&self, now_ms: i64) -> Result<Vec<MaintenanceWindow>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, scope, from_ms, until_ms, note FROM maintenance WHERE until_ms > ?1 ORDER BY id",
-        )?;
-        Ok(stmt
-            .query_map([now_ms], |r| {
-                Ok(MaintenanceWindow {
-                    id: r.get(0)?,
-                    scope: r.get(1)?,
-                    from_ms: r.get(2)?,
-                    until_ms: r.get(3)?,
-                    note: r.get(4)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// Cases, newest first, filtered.
-    pub fn cases(&self, f: &CaseFilter) -> Result<Vec<CaseView>, StoreError> {
-        let mut sql = format!("SELECT {CASE_COLUMNS} FROM cases WHERE 1 = 1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        let mut list = |sql: &mut String, col: &str, values: Vec<rusqlite::types::Value>| {
-            if !values.is_empty() {
-                let marks = vec!["?"; values.len()].join(", ");
-                sql.push_str(&format!(" AND {col} IN ({marks})"));
-                args.extend(values);
-            }
-        };
-        list(&mut sql, "id", f.ids.iter().map(|i| (*i).into()).collect());
-        list(&mut sql, "class_code", f.class_codes.iter().map(|c| c.clone().into()).collect());
-        list(&mut sql, "state", f.states.iter().map(|s| s.as_str().to_owned().into()).collect());
-        if let Some(s) = f.start_ms {
-            sql.push_str(" AND detected_ms >= ?");
-            args.push(s.into());
-        }
-        if let Some(e) = f.end_ms {
-            sql.push_str(" AND detected_ms <= ?");
-            args.push(e.into());
-        }
-        if let Some(a) = &f.area {
-            sql.push_str(" AND substr(grid_code, 1, length(?)) = ?");
-            args.push(a.clone().into());
-            args.push(a.clone().into());
-        }
-        sql.push_str(" ORDER BY detected_ms DESC, id DESC LIMIT ?");
-        args.push(i64::from(f.limit.max(1)).into());
-        let mut stmt = self.conn.prepare(&sql)?;
-        Ok(stmt.query_map(rusqlite::params_from_iter(args), case_row)?.collect::<Result<_, _>>()?)
-    }
-
-    /// One case.
-    pub fn case(&self, id: i64) -> Result<Option<CaseView>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(&format!("SELECT {CASE_COLUMNS} FROM cases WHERE id = ?1"), [id], case_row)
-            .optional()?)
-    }
-
-    /// Number of cases per class code.
-    pub fn case_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT class_code, COUNT(*) FROM cases GROUP BY class_code")?;
-        Ok(stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// The full trace of a case: the frames of its device from the incident's onset to its
-    /// detection, the evidence of its incident, and every lifecycle entry, in time order.
-    pub fn trace(&self, case_id: i64) -> Result<Vec<TraceEntry>, StoreError> {
-        let Some(case) = self.case(case_id)? else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        let eui = case.device_id.parse::<Eui>().map_or(0, |e| e.0 as i64);
-        let mut frames = self.conn.prepare(
-            "SELECT received_ms, counter, kind, body FROM messages
-             WHERE eui = ?1 AND received_ms BETWEEN ?2 AND ?3 ORDER BY received_ms, counter",
-        )?;
-        // Frames from a minute before the onset to the last evidence.
-        let last: i64 = self.conn.query_row(
-            "SELECT COALESCE(MAX(at_ms), ?2) FROM incident_evidence WHERE incident_id = ?1",
-            params![case.incident_id, case.detected_ms],
-            |r| r.get(0),
-        )?;
-        for row in frames.query_map(params![eui, case.onset_ms - 60_000, last], |r| {
-            Ok(TraceEntry {
-                at_ms: r.get(0)?,
-                kind: "frame",
-                actor: format!("device:{}", case.device_id),
-                detail: format!(
-                    "#{} {}: {}",
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?
-                ),
-            })
-        })? {
-            out.push(row?);
-        }
-        let mut evidence = self.conn.prepare(
-            "SELECT at_ms, change, severity, frame, evidence FROM incident_evidence WHERE incident_id = ?1 ORDER BY id",
-        )?;
-        for row in evidence.query_map([case.incident_id], |r| {
-            let frame: Option<i64> = r.get(3)?;
-            Ok(TraceEntry {
-                at_ms: r.get(0)?,
-                kind: "evidence",
-                actor: "rules".into(),
-                detail: format!(
-                    "incident {} {} → {} ({}): {}",
-                    case.incident_id.unwrap_or_default(),
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?.unwrap_or_else(|| "clear".into()),
-                    frame.map_or_else(|| "timer".to_owned(), |f| format!("frame #{f}")),
-                    r.get::<_, String>(4)?
-                ),
-            })
-        })? {
-            out.push(row?);
-        }
-        let mut events = self.conn.prepare(
-            "SELECT at_ms, from_state, to_state, actor, note FROM case_events WHERE case_id = ?1 ORDER BY id",
-        )?;
-        for row in events.query_map([case_id], |r| {
-            let from: Option<String> = r.get(1)?;
-            let to: Option<String> = r.get(2)?;
-            let note: String = r.get(4)?;
-            Ok(TraceEntry {
-                at_ms: r.get(0)?,
-                kind: if to.is_some() { "state" } else { "note" },
-                actor: r.get(3)?,
-                detail: match (from, to) {
-                    (_, None) => note,
-                    (None, Some(t)) => format!("→ {t}: {note}"),
-                    (Some(f), Some(t)) => format!("{f} → {t}: {note}"),
-                },
-            })
-        })? {
-            out.push(row?);
-        }
-        out.sort_by_key(|e| e.at_ms);
-        Ok(out)
-    }
-
-    /// Moves a case through its lifecycle (operator or platform), recording who and why.
-    /// Dispatch restarts the handling clock: the handling deadline is recomputed from it with
-    /// `deadline` (the class's limit on the working calendar).
-    pub fn transition(
-        &mut self,
-        case_id: i64,
-        to: CaseState,
-        actor: &str,
-        note: &str,
-        now_ms: i64,
-        deadline: impl FnOnce(&str, i64) -> Option<i64>,
-    ) -> Result<Result<CaseState, TransitionError>, StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let row: Option<(String, String)> = tx
-            .query_row("SELECT state, handling_limit FROM cases WHERE id = ?1", [case_id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        let Some((state, limit)) = row else { return Ok(Err(TransitionError::NotFound(case_id))) };
-        let from = CaseState::parse(&state).ok_or_else(|| StoreError::BadRow {
-            table: "cases",
-            what: format!("state {state:?}"),
-        })?;
-        if let Err(e) = from.to(to) {
-            return Ok(Err(TransitionError::Lifecycle(e)));
-        }
-        tx.execute(
-            "UPDATE cases SET state = ?2, updated_ms = ?3 WHERE id = ?1",
-            params![case_id, to.as_str(), now_ms],
-        )?;
-        if let Some(col) = stamp_column(to) {
-            tx.execute(
-                &format!("UPDATE cases SET {col} = ?2 WHERE id = ?1"),
-                params![case_id, now_ms],
-            )?;
-        }
-        if to == CaseState::Dispatched
-            && let Some(due) = deadline(&limit, now_ms)
-        {
-            tx.execute(
-                "UPDATE cases SET handling_due_ms = ?2 WHERE id = ?1",
-                params![case_id, due],
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![case_id, now_ms, from.as_str(), to.as_str(), actor, note],
-        )?;
-        tx.commit()?;
-        Ok(Ok(to))
-    }
-
-    /// Lifecycle entries that finished a case (closed or voided) after entry `after`: (entry,
-    /// case). The ingest task polls this to release the cases' incidents.
-    pub fn finished_cases(&self, after: i64) -> Result<Vec<(i64, i64)>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, case_id FROM case_events WHERE id > ?1 AND to_state IN ('closed', 'voided') ORDER BY id",
-        )?;
-        Ok(stmt.query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?)
-    }
-
-    /// The last lifecycle entry id (to poll from).
-    pub fn last_case_event(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM case_events", [], |r| r.get(0))?)
-    }
-
-    /// Outbox entries due at `now_ms` on a channel, oldest first.
-    pub fn outbox_due(
-        &self,
-        channel: &str,
-        now_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, channel, subject, op, attempts, created_ms FROM outbox
-             WHERE state = 'pending' AND channel = ?1 AND next_ms <= ?2 ORDER BY id LIMIT ?3",
-        )?;
-        Ok(stmt
-            .query_map(params![channel, now_ms, limit], |r| {
-                Ok(OutboxEntry {
-                    id: r.get(0)?,
-                    channel: r.get(1)?,
-                    subject: r.get(2)?,
-                    op: r.get(3)?,
-                    attempts: r.get(4)?,
-                    created_ms: r.get(5)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// The earliest time a pending entry of a channel is due.
-    pub fn outbox_next_due(&self, channel: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT MIN(next_ms) FROM outbox WHERE state = 'pending' AND channel = ?1",
-            [channel],
-            |r| r.get(0),
-        )?)
-    }
-
-    /// Records that an attempt is about to be made (before the request goes out, so a crash
-    /// mid-request is known to have possibly reached the platform).
-    pub fn outbox_begin(&mut self, entry: &OutboxEntry) -> Result<(), StoreError> {
-        self.conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1", [entry.id])?;
-        Ok(())
-    }
-
-    /// Marks an entry delivered; for a case `create`, records the platform's id.
-    pub fn outbox_done(
-        &mut self,
-        entry: &OutboxEntry,
-        platform: &str,
-        platform_id: Option<&str>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "UPDATE outbox SET state = 'done', done_ms = ?2 WHERE id = ?1",
-            params![entry.id, now_ms],
-        )?;
-        match entry.channel.as_str() {
-            "case" => {
-                if let Some(pid) = platform_id {
-                    tx.execute(
-                        "UPDATE cases SET platform = ?2, platform_id = ?3, delivered_ms = COALESCE(delivered_ms, ?4) WHERE id = ?1",
-                        params![entry.subject, platform, pid, now_ms],
-                    )?;
-                }
-            }
-            _ => {
-                tx.execute(
-                    "UPDATE alerts SET delivered_ms = COALESCE(delivered_ms, ?2) WHERE id = ?1",
-                    params![entry.subject, now_ms],
-                )?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    /// Records a failed attempt: retried at `next_ms`, or dead-lettered (`next_ms` `None`).
-    pub fn outbox_failed(
-        &mut self,
-        entry: &OutboxEntry,
-        error: &str,
-        next_ms: Option<i64>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        match next_ms {
-            Some(next) => self.conn.execute(
-                "UPDATE outbox SET next_ms = ?2, last_error = ?3 WHERE id = ?1",
-                params![entry.id, next, error],
-            )?,
-            None => self.conn.execute(
-                "UPDATE outbox SET state = 'dead', done_ms = ?2, last_error = ?3 WHERE id = ?1",
-                params![entry.id, now_ms, error],
-            )?,
-        };
-        Ok(())
-    }
-
-    /// Outbox entries, newest first: of one case (`case`), or in one state (`state`), or all.
-    pub fn outbox(
-        &self,
-        case: Option<i64>,
-        state: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<OutboxView>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, channel, subject, op, state, attempts, created_ms, next_ms, done_ms, last_error
-             FROM outbox WHERE (?1 IS NULL OR (channel = 'case' AND subject = ?1))
-             AND (?2 IS NULL OR state = ?2) ORDER BY id DESC LIMIT ?3",
-        )?;
-        Ok(stmt
-            .query_map(params![case, state, limit], |r| {
-                Ok(OutboxView {
-                    id: r.get(0)?,
-                    channel: r.get(1)?,
-                    subject: r.get(2)?,
-                    op: r.get(3)?,
-                    state: r.get(4)?,
-                    attempts: r.get(5)?,
-                    created_ms: r.get(6)?,
-                    next_ms: r.get(7)?,
-                    done_ms: r.get(8)?,
-                    last_error: r.get(9)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// The state of one outbox entry, if it exists.
-    pub fn outbox_state(&self, id: i64) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?)
-    }
-
-    /// Puts dead-lettered entries back in the queue, due now: entry `id`, or every dead entry
-    /// when `id` is `None`. Attempts are kept, so a case that may have reached the platform
-    /// is looked for before it is posted again. Each case's trace notes who asked. Returns
-    /// the entries requeued (none: `id` is not dead, or does not exist).
-    pub fn outbox_retry(
-        &mut self,
-        id: Option<i64>,
-        actor: &str,
-        now_ms: i64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let dead: Vec<(i64, String, i64, Option<String>)> = {
-            let mut stmt = tx.prepare(
-                "SELECT id, channel, subject, last_error FROM outbox
-                 WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) ORDER BY id",
-            )?;
-            stmt.query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect::<Result<_, _>>()?
-        };
-        for (entry, channel, subject, error) in &dead {
-            tx.execute(
-                "UPDATE outbox SET state = 'pending', next_ms = ?2, done_ms = NULL WHERE id = ?1",
-                params![entry, now_ms],
-            )?;
-            if channel == "case" {
-                tx.execute(
-                    "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, NULL, NULL, ?3, ?4)",
-                    params![
-                        subject,
-                        now_ms,
-                        actor,
-                        format!(
-                            "delivery entry {entry} requeued after it was given up ({})",
-                            error.as_deref().unwrap_or("no error recorded")
-                        )
-                    ],
-                )?;
-            }
-        }
-        tx.commit()?;
-        Ok(dead.into_iter().map(|(entry, ..)| entry).collect())
-    }
-
-    /// Adds a note (no state change) to a case's trace.
-    pub fn case_note(
-        &mut self,
-        case_id: i64,
-        actor: &str,
-        note: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, NULL, NULL, ?3, ?4)",
-            params![case_id, now_ms, actor, note],
-        )?;
-        Ok(())
-    }
-
-    /// Outbox entries by state (`pending`, `done`, `dead`).
-    pub fn outbox_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT state, COUNT(*) FROM outbox GROUP BY state")?;
-        Ok(stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// One alert.
-    pub fn alert(&self, id: i64) -> Result<Option<AlertView>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id, eui, at_ms, received_ms, lat, lon, grid_code, delivered_ms FROM alerts WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(AlertView {
-                        id: r.get(0)?,
-                        device_id: Eui(r.get::<_, i64>(1)? as u64).to_string(),
-                        at_ms: r.get(2)?,
-                        received_ms: r.get(3)?,
-                        lat: r.get(4)?,
-                        lon: r.get(5)?,
-                        grid_code: r.get(6)?,
-                        delivered_ms: r.get(7)?,
-                    })
-                },
-            )
-            .optional()?)
-    }
-
-    /// Patrol visits per (grid, day).
-    pub fn patrol_coverage(
-        &self,
-        day: &str,
-    ) -> Result<Vec<(Option<String>, u64, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT grid_code, COUNT(*), COUNT(DISTINCT eui) FROM patrols WHERE day = ?1 GROUP BY grid_code ORDER BY grid_code",
-        )?;
-        Ok(stmt
-            .query_map([day], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
-            })?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// Incidents of a cluster: (incident, device, condition, severity, state, case).
-    pub fn cluster(&self, cluster_id: i64) -> Result<Vec<ClusterMember>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, eui, condition, severity, state, case_id FROM incidents WHERE cluster_id = ?1 ORDER BY id",
-        )?;
-        Ok(stmt
-            .query_map([cluster_id], |r| {
-                Ok(ClusterMember {
-                    incident_id: r.get(0)?,
-                    device_id: Eui(r.get::<_, i64>(1)? as u64).to_string(),
-                    condition: r.get(2)?,
-                    severity: r.get(3)?,
-                    state: r.get(4)?,
-                    case_id: r.get(5)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// The cluster of an incident.
-    pub fn incident_cluster(&self, incident: i64) -> Result<Option<i64>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT cluster_id FROM incidents WHERE id = ?1", [incident], |r| r.get(0))
-            .optional()?
-            .flatten())
-    }
-
-    /// A signed platform callback that moves a case: refused when its signature was taken
-    /// before (a replay; signatures are remembered for `keep_ms`), then the same lifecycle
-    /// rules as an operator's move ([`Store::transition`]); the same state again changes
-    /// nothing. Every signature is remembered, taken or refused.
-    #[allow(clippy::too_many_arguments)]
-    pub fn platform_callback(
-        &mut self,
-        signature: &str,
-        keep_ms: i64,
-        case_id: i64,
-        to: CaseState,
-        note: &str,
-        now_ms: i64,
-        deadline: impl FnOnce(&str, i64) -> Option<i64>,
-    ) -> Result<Result<CallbackOutcome, TransitionError>, StoreError> {
-        self.conn.execute(
-            "DELETE FROM callback_signatures WHERE seen_ms < ?1",
-            [now_ms.saturating_sub(keep_ms)],
-        )?;
-        // Remembered first: a crash after the move cannot let the same callback in again.
-        let fresh = self.conn.execute(
-            "INSERT OR IGNORE INTO callback_signatures (signature, seen_ms) VALUES (?1, ?2)",
-            params![signature, now_ms],
-        )?;
-        if fresh == 0 {
-            return Ok(Ok(CallbackOutcome::Replayed));
-        }
-        let state: Option<String> = self
-            .conn
-            .query_row("SELECT state FROM cases WHERE id = ?1", [case_id], |r| r.get(0))
-            .optional()?;
-        let Some(state) = state else { return Ok(Err(TransitionError::NotFound(case_id))) };
-        let outcome = if state == to.as_str() {
-            CallbackOutcome::Unchanged
-        } else {
-            match self.transition(case_id, to, "platform", note, now_ms, deadline)? {
-                Ok(_) => CallbackOutcome::Moved,
-                Err(e) => return Ok(Err(e)),
-            }
-        };
-        Ok(Ok(outcome))
-    }
-
-    /// Records a state the platform reports (the platform is authoritative: no lifecycle
-    /// check; an unchanged state records nothing). Returns whether the case exists. The Open311
-    /// status poller uses it for closures, the only state GeoReport v2 reports.
-    pub fn platform_state(
-        &mut self,
-        case_id: i64,
-        to: CaseState,
-        note: &str,
-        now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let from: Option<String> = tx
-            .query_row("SELECT state FROM cases WHERE id = ?1", [case_id], |r| r.get(0))
-            .optional()?;
-        let Some(from) = from else { return Ok(false) };
-        if from != to.as_str() {
-            tx.execute(
-                "UPDATE cases SET state = ?2, updated_ms = ?3 WHERE id = ?1",
-                params![case_id, to.as_str(), now_ms],
-            )?;
-            if let Some(col) = stamp_column(to) {
-                tx.execute(
-                    &format!("UPDATE cases SET {col} = ?2 WHERE id = ?1"),
-                    params![case_id, now_ms],
-                )?;
-            }
-            tx.execute(
-                "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, ?3, ?4, 'platform', ?5)",
-                params![case_id, now_ms, from, to.as_str(), note],
-            )?;
-        }
-        tx.commit()?;
-        Ok(true)
-    }
-
-    /// Delivered cases on a platform not yet final: (case, platform id).
-    pub fn platform_open(&self, platform: &str) -> Result<Vec<(i64, String)>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, platform_id FROM cases WHERE platform = ?1 AND platform_id IS NOT NULL
-             AND state NOT IN ('closed', 'voided') ORDER BY id",
-        )?;
-        Ok(stmt.query_map([platform], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?)
-    }
-
-    /// Replaces a case's platform id (a token resolved to an id).
-    pub fn set_platform_id(&mut self, case_id: i64, platform_id: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE cases SET platform_id = ?2 WHERE id = ?1",
-            params![case_id, platform_id],
-        )?;
-        Ok(())
-    }
-
-    /// Incidents by state.
-    pub fn incident_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT state, COUNT(*) FROM incidents GROUP BY state")?;
-        Ok(stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
-            .collect::<Result<_, _>>()?)
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod platform;
 
+use gridsense_gateway::store::prelude::*;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
