@@ -58,8 +58,9 @@ pub fn wall_clock() -> Clock {
 
 /// Opens the store the configuration names.
 pub fn open_store(config: &Config) -> Result<Store> {
-    Store::open(&config.store.path, config.store.synchronous, config.store.audit_max)
-        .with_context(|| format!("opening {}", config.store.path.display()))
+    let s = &config.store;
+    Store::open_keyed(&s.path, s.synchronous, s.audit_max, &s.key_file())
+        .with_context(|| format!("opening {}", s.path.display()))
 }
 
 /// Starts the gateway: the broker (embedded when `mqtt.url` is empty), then ingest.

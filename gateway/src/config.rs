@@ -367,6 +367,21 @@ pub struct Store {
     pub audit_max: u64,
     /// Telemetry kept in the embedded store, days.
     pub telemetry_retention_days: u32,
+    /// The key that seals device keys and MQTT passwords in the store (32 bytes, hex; created,
+    /// mode 0600, on first start). Empty: `PATH.key` beside the database. Keep it apart from
+    /// database dumps and backups of the store.
+    pub key_file: PathBuf,
+}
+
+impl Store {
+    /// The key file in use: `key_file`, or `PATH.key` beside the database.
+    pub fn key_file(&self) -> PathBuf {
+        if self.key_file.as_os_str().is_empty() {
+            crate::store::keys::default_key_file(&self.path)
+        } else {
+            self.key_file.clone()
+        }
+    }
 }
 
 impl Default for Store {
@@ -378,6 +393,7 @@ impl Default for Store {
             batch_max_ms: 20,
             audit_max: 10_000,
             telemetry_retention_days: 30,
+            key_file: PathBuf::new(),
         }
     }
 }

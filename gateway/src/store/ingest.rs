@@ -85,10 +85,9 @@ impl IngestStore for Store {
                 table: "devices",
                 what: format!("kind {kind:?}"),
             })?;
-            let key: [u8; 16] = key
-                .try_into()
-                .map_err(|_| StoreError::BadRow { table: "devices", what: "key length".into() })?;
-            Ok(Registered { eui: Eui(eui as u64), kind, key: DeviceKey::from_bytes(key) })
+            let eui = Eui(eui as u64);
+            let key = self.keys.open_key(eui, &key)?;
+            Ok(Registered { eui, kind, key: DeviceKey::from_bytes(key) })
         })
         .collect()
     }
@@ -161,7 +160,8 @@ impl IngestStore for Store {
         for (eui, status, key) in rows {
             let eui = Eui(eui as u64);
             let active = status == "active";
-            let key: Option<[u8; 16]> = key.try_into().ok();
+            // A key that does not open is an error, not a retirement.
+            let key = if active { Some(self.keys.open_key(eui, &key)?) } else { None };
             match (active, key, sites.get(&eui)) {
                 (true, Some(key), Some((site, attrs))) => out.push(RegistryChange {
                     eui,

@@ -11,6 +11,7 @@ mod board;
 mod case_lookup;
 mod cases;
 mod ingest;
+pub mod keys;
 mod maintenance;
 mod ops;
 mod outbox;
@@ -42,7 +43,7 @@ pub use ops::{
 
 use gridsense_common::inventory::Device as InventoryDevice;
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 pub use gridsense_core::batch::{
     AuditRecord, Batch, MessageRecord, Point, RECENT_FRAME_SLOTS, RecentFrame, RegistryChange,
@@ -86,6 +87,30 @@ pub enum StoreError {
         found: i64,
         /// Newest this code knows.
         supported: i64,
+    },
+    /// PostgreSQL said no, or could not be reached.
+    #[error("store (PostgreSQL): {what}")]
+    Postgres {
+        /// What failed, with the server's message.
+        what: String,
+        /// Whether it may pass by itself (the server gone or restarting).
+        transient: bool,
+    },
+    /// The key file that seals device secrets cannot be used.
+    #[error("store.key_file {path}: {what}")]
+    KeyFile {
+        /// The key file.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The store's device secrets were sealed with another key.
+    #[error(
+        "store.key_file {path} is not the key this store's device secrets were sealed with (restore the original key file or point store.key_file at it)"
+    )]
+    WrongKey {
+        /// The key file tried.
+        path: String,
     },
     /// A blocking store task did not finish (panicked or cancelled).
     #[error("store task: {0}")]
@@ -212,6 +237,9 @@ const MIGRATIONS: &[&str] = &[
     // entries of [`RECENT_ENTRY_HEX`] hex digits. A table of its own: in the health row, which
     // every accepted frame rewrites, the longer row cost 10 % of the throughput.
     "CREATE TABLE recent_frames (eui INTEGER PRIMARY KEY, list TEXT NOT NULL);",
+    // 12: facts about the store itself: the check value of the key that seals device secrets
+    // (`keys`); the secrets of older stores are sealed at open.
+    "CREATE TABLE store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
 ];
 
 /// Hex digits per entry: counter (8), arrival in Unix ms (12), message kind (2), samples (2).
@@ -303,6 +331,8 @@ pub struct Store {
     audit_max: u64,
     /// `Some(bound)`: telemetry goes to the buffer for an external sink, at most `bound` points.
     buffer_max: Option<u64>,
+    /// Seals and opens device secrets.
+    keys: keys::KeyRing,
 }
 
 /// SQLite's busy handler: another connection holds the write lock. Retried every
@@ -384,6 +414,17 @@ impl Store {
     /// Opens (creating) the database at `path` and brings its schema up to date. The file is
     /// private to its owner (`private_files`).
     pub fn open(path: &Path, synchronous: Synchronous, audit_max: u64) -> Result<Self, StoreError> {
+        Self::open_keyed(path, synchronous, audit_max, &keys::default_key_file(path))
+    }
+
+    /// [`Store::open`] with device secrets sealed by the key in `key_file` (created when
+    /// absent).
+    pub fn open_keyed(
+        path: &Path,
+        synchronous: Synchronous,
+        audit_max: u64,
+        key_file: &Path,
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
@@ -404,8 +445,10 @@ impl Store {
         // cache large enough that a batch's dirty pages are not spilled before its commit.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -16_384)?;
-        let mut store = Store { conn, audit_max, buffer_max: None };
+        let keys = keys::KeyRing::load_or_create(key_file)?;
+        let mut store = Store { conn, audit_max, buffer_max: None, keys };
         store.migrate()?;
+        store.seal_secrets()?;
         Ok(store)
     }
 
@@ -450,6 +493,54 @@ impl Store {
     /// The schema version of the file.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Checks that the key file is this store's (its check value opens) and seals what an
+    /// older store kept in the clear, in one transaction.
+    fn seal_secrets(&mut self) -> Result<(), StoreError> {
+        // Immediate: two connections opening an older store at once do not both seal it.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let check: Option<Vec<u8>> = tx
+            .query_row("SELECT value FROM store_meta WHERE name = 'key_check'", [], |r| r.get(0))
+            .optional()?;
+        match check {
+            Some(c) if !self.keys.opens_check(&c) => {
+                return Err(StoreError::WrongKey { path: self.keys.path().display().to_string() });
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    "INSERT INTO store_meta (name, value) VALUES ('key_check', ?1)",
+                    [self.keys.check_value()?],
+                )?;
+            }
+        }
+        let clear: Vec<(i64, Vec<u8>, String)> = tx
+            .prepare(
+                "SELECT eui, key, mqtt_password FROM devices
+                 WHERE length(key) = 16 OR mqtt_password NOT LIKE 'sealed1:%'",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (eui_i, key, password) in clear {
+            let eui = Eui(eui_i as u64);
+            let key = match <[u8; 16]>::try_from(key.as_slice()) {
+                Ok(k) => self.keys.seal_key(eui, &k)?,
+                Err(_) => key,
+            };
+            let password = if keys::KeyRing::is_sealed_password(&password) {
+                password
+            } else {
+                self.keys.seal_password(eui, &password)?
+            };
+            // The update trigger logs each row; a running gateway re-reads the same key.
+            tx.execute(
+                "UPDATE devices SET key = ?2, mqtt_password = ?3 WHERE eui = ?1",
+                rusqlite::params![eui_i, key, password],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {

@@ -118,6 +118,14 @@ impl Registry for Store {
                         ))
                     })
                     .optional()?;
+                let existing = match existing {
+                    Some(mut row) => {
+                        row.1 = self.keys.open_key(d.eui, &row.1)?.to_vec();
+                        row.2 = self.keys.open_password(d.eui, &row.2)?;
+                        Some(row)
+                    }
+                    None => None,
+                };
                 match existing {
                     Some(row) if row == wanted => {
                         report.unchanged += 1;
@@ -130,8 +138,8 @@ impl Registry for Store {
                     d.eui.0 as i64,
                     r.eui,
                     kind,
-                    key,
-                    r.mqtt_password,
+                    self.keys.seal(d.eui, "key", &key)?,
+                    self.keys.seal_password(d.eui, &r.mqtt_password)?,
                     r.lat,
                     r.lon,
                     r.component_code,
@@ -184,7 +192,7 @@ impl Registry for Store {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "UPDATE devices SET key = ?2, updated_ms = ?3 WHERE eui = ?1 AND status = 'active'",
-            params![eui.0 as i64, key.expose_bytes().to_vec(), now_ms],
+            params![eui.0 as i64, self.keys.seal_key(eui, key.expose_bytes())?, now_ms],
         )?;
         // Counters are per key (SPEC §4): the new key starts a new counter space.
         if n == 1 {
@@ -221,8 +229,8 @@ impl Registry for Store {
                 old.0 as i64,
                 new.0 as i64,
                 new.to_string(),
-                key.expose_bytes().to_vec(),
-                mqtt_password,
+                self.keys.seal_key(new, key.expose_bytes())?,
+                self.keys.seal_password(new, mqtt_password)?,
                 now_ms
             ],
         )?;
@@ -247,8 +255,13 @@ impl Registry for Store {
 
     fn credentials(&self) -> Result<Vec<(String, String)>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT eui_hex, mqtt_password FROM devices WHERE status = 'active' ORDER BY eui",
+            "SELECT eui, eui_hex, mqtt_password FROM devices WHERE status = 'active' ORDER BY eui",
         )?;
-        Ok(stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?)
+        let rows: Vec<(i64, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(eui, hex, sealed)| Ok((hex, self.keys.open_password(Eui(eui as u64), &sealed)?)))
+            .collect()
     }
 }
