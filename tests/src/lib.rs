@@ -14,6 +14,7 @@ pub mod broker;
 pub mod browser;
 pub mod fixtures;
 pub mod pki;
+pub mod postgres;
 pub mod subscriber;
 pub mod victoria;
 

@@ -12,6 +12,7 @@ mod case_lookup;
 mod cases;
 mod ingest;
 pub mod keys;
+pub mod postgres;
 mod maintenance;
 mod ops;
 mod outbox;

@@ -1,0 +1,625 @@
+//! Ingest on PostgreSQL: a batch is one transaction of multi-row statements (`unnest` of one
+//! array per column, prepared once per connection), a round trip per table the batch touches
+//! rather than per row; the rare per-case effects are single rows. The restore reads what the
+//! SQLite store's does.
+
+use std::collections::{BTreeMap, HashMap};
+
+use gridsense_protocol::{CounterWindow, DeviceKey};
+
+use super::{Conn, PgStore, e, eui, i, wait};
+use crate::{
+    cases::{OpenIncident, Sequences, Site},
+    downlink::{Pending, Request, RequestUpdate},
+    health::DeviceHealth,
+    registry::{Kind, Registered},
+    rules::{Attributes, RuleState, Severity},
+    store::{
+        Batch, IngestStore, Placement, RECENT_ENTRY_HEX, RECENT_FRAME_SLOTS, RecentFrame,
+        RegistryChange, StoreError, write_recent_hex,
+    },
+};
+
+const COUNTERS: &str = "INSERT INTO counters (eui, highest, seen)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
+    ON CONFLICT (eui) DO UPDATE SET highest = EXCLUDED.highest, seen = EXCLUDED.seen";
+const HEALTH: &str = "INSERT INTO health (eui, kind, last_seen_ms, last_counter, battery_mv,
+        rssi_dbm, temperature_dc, firmware, uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::int[], $6::int[],
+        $7::int[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bool[],
+        $14::bool[], $15::bigint[])
+    ON CONFLICT (eui) DO UPDATE SET kind = EXCLUDED.kind, last_seen_ms = EXCLUDED.last_seen_ms,
+        last_counter = EXCLUDED.last_counter, battery_mv = EXCLUDED.battery_mv,
+        rssi_dbm = EXCLUDED.rssi_dbm, temperature_dc = EXCLUDED.temperature_dc,
+        firmware = EXCLUDED.firmware, uptime_s = EXCLUDED.uptime_s, frames = EXCLUDED.frames,
+        rejects = EXCLUDED.rejects, skipped = EXCLUDED.skipped, online = EXCLUDED.online,
+        low_battery = EXCLUDED.low_battery, deadline_ms = EXCLUDED.deadline_ms";
+const RECENT: &str = "INSERT INTO recent_frames (eui, list)
+    SELECT u.eui, substr(u.list, 1, $3) FROM unnest($1::bigint[], $2::text[]) AS u (eui, list)
+    ON CONFLICT (eui) DO UPDATE SET list = substr(EXCLUDED.list || recent_frames.list, 1, $3)";
+const EVENTS: &str = "INSERT INTO health_events (eui, at_ms, event)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])";
+const MESSAGES: &str = "INSERT INTO messages (eui, counter, received_ms, kind, body)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])
+    ON CONFLICT DO NOTHING";
+const BUFFER: &str = "INSERT INTO telemetry_buffer (eui, kind, measurement, field, at_ms, value, grid_code, street_code)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+        $6::float8[], $7::text[], $8::text[])";
+const BUFFER_TRIM: &str =
+    "DELETE FROM telemetry_buffer WHERE id <= (SELECT max(id) FROM telemetry_buffer) - $1";
+const TELEMETRY: &str = "INSERT INTO telemetry (eui, measurement, field, at_ms, value, grid_code)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::float8[], $6::text[])
+    ON CONFLICT (eui, measurement, field, at_ms) DO UPDATE SET value = EXCLUDED.value,
+        grid_code = EXCLUDED.grid_code";
+const AUDIT: &str = "INSERT INTO audit (received_ms, topic, reason, eui, raw)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bytea[])";
+const AUDIT_TRIM: &str = "DELETE FROM audit WHERE id <= (SELECT max(id) FROM audit) - $1";
+const REJECTS: &str = "INSERT INTO reject_counts (reason, count)
+    SELECT * FROM unnest($1::text[], $2::bigint[])
+    ON CONFLICT (reason) DO UPDATE SET count = reject_counts.count + EXCLUDED.count";
+const DOWNLINK_COUNTERS: &str = "INSERT INTO downlink_counters (eui, next)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[])
+    ON CONFLICT (eui) DO UPDATE SET next = GREATEST(downlink_counters.next, EXCLUDED.next)";
+const STAT_ADD: &str = "INSERT INTO stats (name, value) VALUES ($1, $2)
+    ON CONFLICT (name) DO UPDATE SET value = stats.value + EXCLUDED.value";
+
+/// A batch's health rows, column by column (for `unnest`).
+#[derive(Default)]
+struct HealthColumns<'a> {
+    eui: Vec<i64>,
+    kind: Vec<&'static str>,
+    last_seen: Vec<Option<i64>>,
+    last_counter: Vec<Option<i64>>,
+    battery: Vec<Option<i32>>,
+    rssi: Vec<Option<i32>>,
+    temperature: Vec<Option<i32>>,
+    firmware: Vec<Option<&'a str>>,
+    uptime: Vec<Option<i64>>,
+    frames: Vec<i64>,
+    rejects: Vec<i64>,
+    skipped: Vec<i64>,
+    online: Vec<bool>,
+    low_battery: Vec<bool>,
+    deadline: Vec<Option<i64>>,
+}
+
+impl<'a> HealthColumns<'a> {
+    fn of(health: &'a BTreeMap<gridsense_protocol::Eui, DeviceHealth>) -> Self {
+        let mut c = HealthColumns::default();
+        for (id, h) in health {
+            c.eui.push(e(*id));
+            c.kind.push(h.kind.as_str());
+            c.last_seen.push(h.last_seen_ms);
+            c.last_counter.push(h.last_counter.map(i64::from));
+            c.battery.push(h.battery_mv.map(i32::from));
+            c.rssi.push(h.rssi_dbm.map(i32::from));
+            c.temperature.push(h.temperature_dc.map(i32::from));
+            c.firmware.push(h.firmware.as_deref());
+            c.uptime.push(h.uptime_s.map(i64::from));
+            c.frames.push(i(h.frames));
+            c.rejects.push(i(h.rejects));
+            c.skipped.push(i(h.skipped));
+            c.online.push(h.online);
+            c.low_battery.push(h.low_battery);
+            c.deadline.push(h.deadline_ms);
+        }
+        c
+    }
+}
+
+impl PgStore {
+    fn commit_in(&self, c: &mut Conn, batch: &Batch) -> Result<(), StoreError> {
+        let s = |c: &mut Conn, sql| c.statement(sql);
+        let (counters, health, recent, events, messages) =
+            (s(c, COUNTERS)?, s(c, HEALTH)?, s(c, RECENT)?, s(c, EVENTS)?, s(c, MESSAGES)?);
+        let (buffer, buffer_trim, telemetry, audit, audit_trim) =
+            (s(c, BUFFER)?, s(c, BUFFER_TRIM)?, s(c, TELEMETRY)?, s(c, AUDIT)?, s(c, AUDIT_TRIM)?);
+        let (rejects, downlink_counters, stat_add) =
+            (s(c, REJECTS)?, s(c, DOWNLINK_COUNTERS)?, s(c, STAT_ADD)?);
+        let tx = wait(c.transaction())?;
+        if !batch.counters.is_empty() {
+            let (mut a, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new());
+            for (id, w) in &batch.counters {
+                a.push(e(*id));
+                b.push(w.highest().map(i64::from));
+                d.push(w.seen_bits() as i64);
+            }
+            wait(tx.execute(&counters, &[&a, &b, &d]))?;
+        }
+        if !batch.health.is_empty() {
+            let h = HealthColumns::of(&batch.health);
+            wait(tx.execute(
+                &health,
+                &[
+                    &h.eui,
+                    &h.kind,
+                    &h.last_seen,
+                    &h.last_counter,
+                    &h.battery,
+                    &h.rssi,
+                    &h.temperature,
+                    &h.firmware,
+                    &h.uptime,
+                    &h.frames,
+                    &h.rejects,
+                    &h.skipped,
+                    &h.online,
+                    &h.low_battery,
+                    &h.deadline,
+                ],
+            ))?;
+        }
+        if !batch.recent.is_empty() {
+            // As in SQLite: each device's new entries, newest first, in front of its list.
+            let mut sorted: Vec<&RecentFrame> = batch.recent.iter().collect();
+            sorted.reverse();
+            sorted.sort_by_key(|r| r.eui);
+            let (mut ids, mut lists) = (Vec::new(), Vec::new());
+            for group in sorted.chunk_by(|a, b| a.eui == b.eui) {
+                let mut entries = String::new();
+                for r in group {
+                    write_recent_hex(r, &mut entries);
+                }
+                if let Some(first) = group.first() {
+                    ids.push(e(first.eui));
+                    lists.push(entries);
+                }
+            }
+            let keep = i32::try_from(RECENT_FRAME_SLOTS * RECENT_ENTRY_HEX).unwrap_or(i32::MAX);
+            wait(tx.execute(&recent, &[&ids, &lists, &keep]))?;
+        }
+        if !batch.events.is_empty() {
+            let a: Vec<i64> = batch.events.iter().map(|v| e(v.eui)).collect();
+            let b: Vec<i64> = batch.events.iter().map(|v| v.at_ms).collect();
+            let d: Vec<&str> = batch.events.iter().map(|v| v.kind.as_str()).collect();
+            wait(tx.execute(&events, &[&a, &b, &d]))?;
+        }
+        if !batch.messages.is_empty() {
+            let m = &batch.messages;
+            let a: Vec<i64> = m.iter().map(|v| e(v.eui)).collect();
+            let b: Vec<i64> = m.iter().map(|v| i64::from(v.counter)).collect();
+            let d: Vec<i64> = m.iter().map(|v| v.received_ms).collect();
+            let k: Vec<&str> = m.iter().map(|v| v.kind).collect();
+            // The trace's form of a message: SPEC.md §11's JSON notation.
+            let body: Vec<String> =
+                m.iter().map(|v| serde_json::to_string(&v.message).unwrap_or_default()).collect();
+            wait(tx.execute(&messages, &[&a, &b, &d, &k, &body]))?;
+        }
+        if !batch.telemetry.is_empty() {
+            let t = &batch.telemetry;
+            if let Some(max) = self.buffer_max {
+                let a: Vec<i64> = t.iter().map(|p| e(p.eui)).collect();
+                let k: Vec<&str> = t.iter().map(|p| p.kind.as_str()).collect();
+                let m: Vec<&str> = t.iter().map(|p| p.measurement).collect();
+                let f: Vec<&str> = t.iter().map(|p| p.field).collect();
+                let at: Vec<i64> = t.iter().map(|p| p.at_ms).collect();
+                let v: Vec<f64> = t.iter().map(|p| p.value).collect();
+                let g: Vec<Option<&str>> = t.iter().map(|p| p.grid.as_deref()).collect();
+                let st: Vec<Option<&str>> = t.iter().map(|p| p.street.as_deref()).collect();
+                wait(tx.execute(&buffer, &[&a, &k, &m, &f, &at, &v, &g, &st]))?;
+                // Full: the oldest points go, counted (rows leave from the head only).
+                let dropped = wait(tx.execute(&buffer_trim, &[&i(max)]))?;
+                if dropped > 0 {
+                    wait(tx.execute(&stat_add, &[&"telemetry_dropped", &(dropped as i64)]))?;
+                }
+            } else {
+                // A replayed point overwrites itself; twice in one statement it may not, so
+                // the batch's last value of each point is the one written (as in SQLite).
+                let mut last: HashMap<(i64, &str, &str, i64), usize> = HashMap::new();
+                for (n, p) in t.iter().enumerate() {
+                    last.insert((e(p.eui), p.measurement, p.field, p.at_ms), n);
+                }
+                let mut rows: Vec<usize> = last.into_values().collect();
+                rows.sort_unstable();
+                let pick = |f: &dyn Fn(&crate::store::Point) -> i64| -> Vec<i64> {
+                    rows.iter().filter_map(|&n| t.get(n)).map(f).collect()
+                };
+                let a = pick(&|p| e(p.eui));
+                let at = pick(&|p| p.at_ms);
+                let m: Vec<&str> =
+                    rows.iter().filter_map(|&n| t.get(n)).map(|p| p.measurement).collect();
+                let f: Vec<&str> = rows.iter().filter_map(|&n| t.get(n)).map(|p| p.field).collect();
+                let v: Vec<f64> = rows.iter().filter_map(|&n| t.get(n)).map(|p| p.value).collect();
+                let g: Vec<Option<&str>> =
+                    rows.iter().filter_map(|&n| t.get(n)).map(|p| p.grid.as_deref()).collect();
+                wait(tx.execute(&telemetry, &[&a, &m, &f, &at, &v, &g]))?;
+            }
+        }
+        if !batch.audit.is_empty() {
+            let au = &batch.audit;
+            let a: Vec<i64> = au.iter().map(|r| r.received_ms).collect();
+            let t: Vec<&str> = au.iter().map(|r| r.topic.as_str()).collect();
+            let r: Vec<&str> = au.iter().map(|r| r.reason).collect();
+            let d: Vec<Option<i64>> = au.iter().map(|r| r.eui.map(e)).collect();
+            let raw: Vec<&[u8]> = au.iter().map(|r| r.raw.as_slice()).collect();
+            wait(tx.execute(&audit, &[&a, &t, &r, &d, &raw]))?;
+            wait(tx.execute(&audit_trim, &[&i(self.audit_max)]))?;
+        }
+        if !batch.rejects.is_empty() {
+            let a: Vec<&str> = batch.rejects.keys().copied().collect();
+            let b: Vec<i64> = batch.rejects.values().map(|n| i(*n)).collect();
+            wait(tx.execute(&rejects, &[&a, &b]))?;
+        }
+        if !batch.downlink_counters.is_empty() {
+            let a: Vec<i64> = batch.downlink_counters.keys().map(|id| e(*id)).collect();
+            let b: Vec<i64> = batch.downlink_counters.values().map(|n| i64::from(*n)).collect();
+            wait(tx.execute(&downlink_counters, &[&a, &b]))?;
+        }
+        for update in &batch.request_updates {
+            match update {
+                RequestUpdate::Sent { id, counter, at_ms, attempts } => wait(tx.execute(
+                    "UPDATE requests SET counter = $2, sent_ms = $3, attempts = $4 WHERE id = $1",
+                    &[id, &i64::from(*counter), at_ms, &i64::from(*attempts)],
+                ))?,
+                RequestUpdate::Done { id, at_ms, outcome } => wait(tx.execute(
+                    "UPDATE requests SET done_ms = $2, outcome = $3 WHERE id = $1",
+                    &[id, at_ms, outcome],
+                ))?,
+            };
+        }
+        super::simple::write_case_effects(&tx, &batch.rule_states, &batch.cases)?;
+        for (id, (lat, lon, at, grid)) in &batch.fixes {
+            wait(tx.execute(
+                "INSERT INTO beacon_fix (eui, lat, lon, at_ms, grid_code) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (eui) DO UPDATE SET lat = EXCLUDED.lat, lon = EXCLUDED.lon,
+                    at_ms = EXCLUDED.at_ms, grid_code = EXCLUDED.grid_code
+                 WHERE EXCLUDED.at_ms >= beacon_fix.at_ms",
+                &[&e(*id), lat, lon, at, grid],
+            ))?;
+        }
+        if batch.accepted > 0 {
+            wait(tx.execute(&stat_add, &[&"accepted", &i(batch.accepted)]))?;
+        }
+        wait(tx.commit())?;
+        Ok(())
+    }
+
+    /// Active devices' sites (`after`: only those changed after that registry position).
+    fn sites(
+        &self,
+        after: Option<i64>,
+        f: &mut dyn FnMut(gridsense_protocol::Eui, Site, Attributes),
+    ) -> Result<(), StoreError> {
+        let rows = self.with(|c| {
+            let base = "SELECT eui, kind, lat, lon, component_code, minor_class, warn_mm, alarm_mm, well_depth_mm
+                        FROM devices WHERE status = 'active'";
+            Ok(match after {
+                None => wait(c.query(base, &[]))?,
+                Some(a) => wait(c.query(
+                    &format!(
+                        "{base} AND eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > $1)"
+                    ),
+                    &[&a],
+                ))?,
+            })
+        })?;
+        for r in rows {
+            let kind: String = r.get(1);
+            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
+                table: "devices",
+                what: format!("kind {kind:?}"),
+            })?;
+            let level = |n: usize| r.get::<_, Option<i32>>(n).map(f64::from);
+            let site = Site {
+                kind,
+                lat: r.get(2),
+                lon: r.get(3),
+                object_code: r.get(4),
+                minor_class: r.get(5),
+            };
+            let attrs =
+                Attributes { warn_mm: level(6), alarm_mm: level(7), well_depth_mm: level(8) };
+            f(eui(r.get(0)), site, attrs);
+        }
+        Ok(())
+    }
+}
+
+impl IngestStore for PgStore {
+    fn registry(&self) -> Result<Vec<Registered>, StoreError> {
+        let rows = self.with(|c| {
+            Ok(wait(c.query("SELECT eui, kind, key FROM devices WHERE status = 'active'", &[]))?)
+        })?;
+        rows.iter()
+            .map(|r| {
+                let id = eui(r.get(0));
+                let kind: String = r.get(1);
+                let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
+                    table: "devices",
+                    what: format!("kind {kind:?}"),
+                })?;
+                let key = self.keys.open_key(id, r.get(2))?;
+                Ok(Registered { eui: id, kind, key: DeviceKey::from_bytes(key) })
+            })
+            .collect()
+    }
+
+    fn open_requests(
+        &self,
+        after: i64,
+    ) -> Result<Vec<(gridsense_protocol::Eui, Pending)>, StoreError> {
+        let rows = self.with(|c| {
+            Ok(wait(c.query(
+                "SELECT id, eui, kind, settings, counter, sent_ms, attempts FROM requests
+                 WHERE done_ms IS NULL AND id > $1 ORDER BY id",
+                &[&after],
+            ))?)
+        })?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.get(2);
+                let settings: String = r.get(3);
+                let request = match kind.as_str() {
+                    "configure" => {
+                        Request::Configure(serde_json::from_str(&settings).map_err(|e| {
+                            StoreError::BadRow { table: "requests", what: e.to_string() }
+                        })?)
+                    }
+                    "status_request" => Request::StatusRequest,
+                    other => {
+                        return Err(StoreError::BadRow {
+                            table: "requests",
+                            what: format!("kind {other:?}"),
+                        });
+                    }
+                };
+                let counter = r.get::<_, Option<i64>>(4).and_then(|v| u32::try_from(v).ok());
+                let attempts = u32::try_from(r.get::<_, i64>(6)).unwrap_or(u32::MAX);
+                Ok((
+                    eui(r.get(1)),
+                    Pending { id: r.get(0), request, counter, sent_ms: r.get(5), attempts },
+                ))
+            })
+            .collect()
+    }
+
+    fn downlink_counters(&self) -> Result<Vec<(gridsense_protocol::Eui, u32)>, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query("SELECT eui, next FROM downlink_counters", &[]))?
+                .iter()
+                .map(|r| (eui(r.get(0)), u32::try_from(r.get::<_, i64>(1)).unwrap_or(u32::MAX)))
+                .collect())
+        })
+    }
+
+    fn registry_position(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query_one("SELECT COALESCE(max(id), 0) FROM registry_log", &[]))?.get(0))
+        })
+    }
+
+    fn registry_changes(&self, after: i64) -> Result<(i64, Vec<RegistryChange>), StoreError> {
+        let position = self.registry_position()?;
+        if position <= after {
+            return Ok((after, Vec::new()));
+        }
+        let rows = self.with(|c| {
+            Ok(wait(c.query(
+                "SELECT eui, status, key FROM devices
+                 WHERE eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > $1 AND id <= $2)",
+                &[&after, &position],
+            ))?)
+        })?;
+        let mut sites = HashMap::new();
+        self.sites(Some(after), &mut |id, site, attrs| {
+            sites.insert(id, (site, attrs));
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id = eui(r.get(0));
+            let active = r.get::<_, &str>(1) == "active";
+            // A key that does not open is an error, not a retirement.
+            let key = if active { Some(self.keys.open_key(id, r.get(2))?) } else { None };
+            out.push(match (key, sites.get(&id)) {
+                (Some(key), Some((site, attrs))) => RegistryChange {
+                    eui: id,
+                    active: Some((DeviceKey::from_bytes(key), site.clone(), *attrs)),
+                },
+                _ => RegistryChange { eui: id, active: None },
+            });
+        }
+        Ok((position, out))
+    }
+
+    fn locations(&self) -> Result<Vec<(gridsense_protocol::Eui, f64, f64)>, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query("SELECT eui, lat, lon FROM devices WHERE status = 'active'", &[]))?
+                .iter()
+                .map(|r| (eui(r.get(0)), r.get(1), r.get(2)))
+                .collect())
+        })
+    }
+
+    fn counters(&self) -> Result<Vec<(gridsense_protocol::Eui, CounterWindow)>, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query("SELECT eui, highest, seen FROM counters", &[]))?
+                .iter()
+                .map(|r| {
+                    let highest: Option<i64> = r.get(1);
+                    (
+                        eui(r.get(0)),
+                        CounterWindow::from_parts(
+                            highest.and_then(|h| u32::try_from(h).ok()),
+                            r.get::<_, i64>(2) as u64,
+                        ),
+                    )
+                })
+                .collect())
+        })
+    }
+
+    fn each_health(
+        &self,
+        f: &mut dyn FnMut(gridsense_protocol::Eui, DeviceHealth),
+    ) -> Result<(), StoreError> {
+        let rows = self.with(|c| {
+            Ok(wait(c.query(
+                "SELECT eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm, temperature_dc,
+                        firmware, uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms
+                 FROM health",
+                &[],
+            ))?)
+        })?;
+        for r in rows {
+            let kind: String = r.get(1);
+            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
+                table: "health",
+                what: format!("kind {kind:?}"),
+            })?;
+            let small = |n: usize| r.get::<_, Option<i32>>(n);
+            f(
+                eui(r.get(0)),
+                DeviceHealth {
+                    kind,
+                    last_seen_ms: r.get(2),
+                    last_counter: r.get::<_, Option<i64>>(3).and_then(|v| u32::try_from(v).ok()),
+                    battery_mv: small(4).and_then(|v| u16::try_from(v).ok()),
+                    rssi_dbm: small(5).and_then(|v| i16::try_from(v).ok()),
+                    temperature_dc: small(6).and_then(|v| i16::try_from(v).ok()),
+                    firmware: r.get(7),
+                    uptime_s: r.get::<_, Option<i64>>(8).and_then(|v| u32::try_from(v).ok()),
+                    frames: r.get::<_, i64>(9) as u64,
+                    rejects: r.get::<_, i64>(10) as u64,
+                    skipped: r.get::<_, i64>(11) as u64,
+                    online: r.get(12),
+                    low_battery: r.get(13),
+                    deadline_ms: r.get(14),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        self.with(|c| self.commit_in(c, batch))
+    }
+
+    fn prune_telemetry(&mut self, before_ms: i64) -> Result<u64, StoreError> {
+        self.with(|c| Ok(wait(c.execute("DELETE FROM telemetry WHERE at_ms < $1", &[&before_ms]))?))
+    }
+
+    fn each_site(
+        &self,
+        f: &mut dyn FnMut(gridsense_protocol::Eui, Site, Attributes),
+    ) -> Result<(), StoreError> {
+        self.sites(None, f)
+    }
+
+    fn rule_states(&self) -> Result<Vec<(gridsense_protocol::Eui, String, RuleState)>, StoreError> {
+        let mut out = Vec::new();
+        self.each_rule_state(&mut |id, rule, state| out.push((id, rule.to_owned(), state)))?;
+        Ok(out)
+    }
+
+    fn each_rule_state(
+        &self,
+        f: &mut dyn FnMut(gridsense_protocol::Eui, &str, RuleState),
+    ) -> Result<(), StoreError> {
+        let rows =
+            self.with(|c| Ok(wait(c.query("SELECT eui, rule, state FROM rule_state", &[]))?))?;
+        for r in rows {
+            let rule: &str = r.get(1);
+            let state = serde_json::from_str(r.get(2)).map_err(|e| StoreError::BadRow {
+                table: "rule_state",
+                what: format!("{rule}: {e}"),
+            })?;
+            f(eui(r.get(0)), rule, state);
+        }
+        Ok(())
+    }
+
+    fn sequences(&self) -> Result<Sequences, StoreError> {
+        self.with(|c| {
+            let r = wait(c.query_one(
+                "SELECT (SELECT COALESCE(max(id), 0) FROM incidents),
+                        (SELECT COALESCE(max(id), 0) FROM cases),
+                        (SELECT COALESCE(max(cluster_id), 0) FROM incidents),
+                        (SELECT COALESCE(max(id), 0) FROM alerts)",
+                &[],
+            ))?;
+            Ok(Sequences { incident: r.get(0), case: r.get(1), cluster: r.get(2), alert: r.get(3) })
+        })
+    }
+
+    fn open_incidents(&self) -> Result<crate::cases::OpenIncidents, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query(
+                "SELECT eui, condition, id, severity, state, onset_ms, detected_ms, case_id, cluster_id, grid_code
+                 FROM incidents WHERE state != 'closed'",
+                &[],
+            ))?
+            .iter()
+            .map(|r| {
+                let state: &str = r.get(4);
+                (
+                    (eui(r.get(0)), r.get::<_, String>(1)),
+                    OpenIncident {
+                        id: r.get(2),
+                        severity: Severity::parse(r.get(3)).unwrap_or_default(),
+                        onset_ms: r.get(5),
+                        detected_ms: r.get(6),
+                        case_id: r.get(7),
+                        recovered: state == "recovered",
+                        maintenance: state == "maintenance",
+                        cluster_id: r.get(8),
+                        grid_code: r.get(9),
+                    },
+                )
+            })
+            .collect())
+        })
+    }
+
+    fn finished_cases(&self, after: i64) -> Result<Vec<(i64, i64)>, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query(
+                "SELECT id, case_id FROM case_events WHERE id > $1 AND to_state IN ('closed', 'voided') ORDER BY id",
+                &[&after],
+            ))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })
+    }
+
+    fn last_case_event(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            Ok(wait(c.query_one("SELECT COALESCE(max(id), 0) FROM case_events", &[]))?.get(0))
+        })
+    }
+
+    fn write_placements(
+        &mut self,
+        placements: &mut dyn Iterator<Item = Placement<'_>>,
+    ) -> Result<(), StoreError> {
+        let (mut a, mut g, mut cm, mut st, mut d) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (id, grid, community, street, distance) in placements {
+            a.push(e(id));
+            g.push(grid.to_owned());
+            cm.push(community.to_owned());
+            st.push(street.to_owned());
+            d.push(distance);
+        }
+        self.with(|c| {
+            let tx = wait(c.transaction())?;
+            wait(tx.execute("DELETE FROM placements", &[]))?;
+            for chunk in 0..a.len().div_ceil(10_000) {
+                let r = chunk * 10_000..((chunk + 1) * 10_000).min(a.len());
+                wait(tx.execute(
+                    "INSERT INTO placements (eui, grid_code, community_code, street_code, distance_m)
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[])",
+                    &[
+                        &a.get(r.clone()),
+                        &g.get(r.clone()),
+                        &cm.get(r.clone()),
+                        &st.get(r.clone()),
+                        &d.get(r),
+                    ],
+                ))?;
+            }
+            wait(tx.commit())?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,317 @@
+//! The PostgreSQL store (`[store] url = "postgres://user@host:port/db"`): the same interfaces
+//! as the SQLite store, for deployments whose state must live on a replicated database.
+//!
+//! Driver: tokio-postgres. The store interfaces are synchronous (their consumers call them
+//! from blocking threads, as SQLite needs), so each [`PgStore`] is one connection whose
+//! protocol task runs on a thread of its own (a current-thread tokio runtime doing the socket
+//! I/O), and its calls wait on the client's futures with a plain executor: that works from any
+//! thread, async or not, and needs no pool — every consumer owns its connection, as with
+//! SQLite. A connection the server closed is made again on the next call.
+//!
+//! Multi-host URLs with `target_session_attrs=read-write` (a promoted standby is followed)
+//! and `connect_timeout` are tokio-postgres's own; a statement timeout is set per connection.
+//! Schema: numbered migrations in `schema_version`, a newer schema refused.
+
+mod ingest;
+mod registry;
+mod simple;
+
+use std::{cell::RefCell, future::Future, path::Path, time::Duration};
+
+use tokio_postgres::{Client, NoTls, config::SslMode};
+
+use super::{StoreError, keys::KeyRing};
+
+/// Migrations, in order; index + 1 is the version they bring the database to.
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+
+/// How long a connection attempt may take unless the URL says (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one statement may run.
+const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+
+/// A URL with its password left out, for messages.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A tokio-postgres error in words: the server's message and code, or what failed on the way.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({}: {})", db.message(), db.severity(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres { what: describe(&e), transient: is_transient(&e) }
+    }
+}
+
+/// Whether an error may pass by itself (the server gone or restarting, a serialization
+/// failure, a full disk): the batch is retried, nothing acknowledged meanwhile.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        None => true,
+        Some(c) => {
+            c == &SqlState::T_R_SERIALIZATION_FAILURE
+                || c == &SqlState::T_R_DEADLOCK_DETECTED
+                || c == &SqlState::ADMIN_SHUTDOWN
+                || c == &SqlState::CRASH_SHUTDOWN
+                || c == &SqlState::CANNOT_CONNECT_NOW
+                || c == &SqlState::DISK_FULL
+                || c == &SqlState::QUERY_CANCELED
+                || c.code().starts_with("08")
+        }
+    }
+}
+
+/// One live connection: the client and the thread that runs its protocol (detached: it ends
+/// when the client is dropped and the server's side closes).
+pub(crate) struct Conn {
+    client: Client,
+    _driver: std::thread::JoinHandle<()>,
+    /// Statements prepared on this connection, by their text.
+    statements: std::collections::HashMap<&'static str, tokio_postgres::Statement>,
+}
+
+impl Conn {
+    /// `sql` prepared once per connection.
+    pub(crate) fn statement(
+        &mut self,
+        sql: &'static str,
+    ) -> Result<tokio_postgres::Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = wait(self.client.prepare(sql))?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// The PostgreSQL store: one connection.
+pub struct PgStore {
+    conn: RefCell<Option<Conn>>,
+    config: tokio_postgres::Config,
+    target: String,
+    pub(crate) keys: KeyRing,
+    pub(crate) audit_max: u64,
+    pub(crate) buffer_max: Option<u64>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("target", &self.target).finish_non_exhaustive()
+    }
+}
+
+/// Waits for a future of the client (no runtime needed: the protocol runs elsewhere).
+pub(crate) fn wait<T>(f: impl Future<Output = T>) -> T {
+    futures::executor::block_on(f)
+}
+
+fn connect(config: &tokio_postgres::Config, target: &str) -> Result<Conn, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let config = config.clone();
+    let driver = std::thread::Builder::new()
+        .name("postgres".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        let _ = tx.send(Ok(client));
+                        if let Err(e) = connection.await {
+                            tracing::warn!("PostgreSQL connection: {}", describe(&e));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(describe(&e)));
+                    }
+                }
+            });
+        })
+        .map_err(|e| StoreError::Postgres { what: format!("thread: {e}"), transient: false })?;
+    let client = rx
+        .recv()
+        .map_err(|_| StoreError::Postgres {
+            what: format!("connecting to {target}: the driver thread ended"),
+            transient: true,
+        })?
+        .map_err(|what| StoreError::Postgres {
+            what: format!("cannot connect to {target}: {what}"),
+            transient: true,
+        })?;
+    wait(client.batch_execute(&format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}")))?;
+    Ok(Conn { client, _driver: driver, statements: std::collections::HashMap::new() })
+}
+
+impl PgStore {
+    /// Connects to `url`, brings the schema up to date and checks the key that seals device
+    /// secrets (`key_file`, created when absent).
+    pub fn open(url: &str, key_file: &Path, audit_max: u64) -> Result<Self, StoreError> {
+        let target = redacted(url);
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Postgres {
+            what: format!("store.url {target}: {e}"),
+            transient: false,
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(StoreError::Postgres {
+                what: format!(
+                    "store.url {target}: sslmode=require: TLS to PostgreSQL is not built yet; use a private network or a local socket"
+                ),
+                transient: false,
+            });
+        }
+        config.application_name("gridsense");
+        let keys = KeyRing::load_or_create(key_file)?;
+        let conn = connect(&config, &target)?;
+        let store = PgStore {
+            conn: RefCell::new(Some(conn)),
+            config,
+            target,
+            keys,
+            audit_max,
+            buffer_max: None,
+        };
+        store.migrate()?;
+        store.check_key()?;
+        Ok(store)
+    }
+
+    /// Sends telemetry to the buffer of an external sink (at most `max_points`).
+    pub fn buffer_telemetry(&mut self, max_points: u64) {
+        self.buffer_max = Some(max_points);
+    }
+
+    /// Runs `f` with the connection, made again first if the server closed it.
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.conn.borrow_mut();
+        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *slot = None;
+            *slot = Some(connect(&self.config, &self.target)?);
+        }
+        let conn = slot.as_mut().ok_or_else(|| StoreError::Postgres {
+            what: "no connection".into(),
+            transient: true,
+        })?;
+        f(conn)
+    }
+
+    /// The schema version of the database (0: empty).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            wait(c.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)",
+            ))?;
+            let row = wait(c.query_opt("SELECT max(version) FROM schema_version", &[]))?;
+            Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0))
+        })
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let supported = MIGRATIONS.len() as i64;
+        let current = self.schema_version()?;
+        if current > supported {
+            return Err(StoreError::TooNew { found: current, supported });
+        }
+        self.with(|c| {
+            for (n, sql) in
+                MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0))
+            {
+                let tx = wait(c.transaction())?;
+                // One migrator at a time; a second one waits, then finds the work done.
+                wait(tx.batch_execute("LOCK TABLE schema_version IN EXCLUSIVE MODE"))?;
+                let now = wait(
+                    tx.query_one("SELECT COALESCE(max(version), 0) FROM schema_version", &[]),
+                )?
+                .get::<_, i64>(0);
+                if now > n as i64 {
+                    continue;
+                }
+                wait(tx.batch_execute(sql))?;
+                wait(tx.execute(
+                    "INSERT INTO schema_version (version) VALUES ($1)",
+                    &[&(n as i64 + 1)],
+                ))?;
+                wait(tx.commit())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn check_key(&self) -> Result<(), StoreError> {
+        let check = self.keys.check_value()?;
+        let path = self.keys.path().display().to_string();
+        self.with(|c| {
+            wait(c.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('key_check', $1) ON CONFLICT (name) DO NOTHING",
+                &[&check],
+            ))?;
+            let stored: Vec<u8> =
+                wait(c.query_one("SELECT value FROM store_meta WHERE name = 'key_check'", &[]))?
+                    .get(0);
+            Ok(stored)
+        })
+        .and_then(|stored| {
+            if self.keys.opens_check(&stored) { Ok(()) } else { Err(StoreError::WrongKey { path }) }
+        })
+    }
+}
+
+/// A u64 as stored (BIGINT).
+pub(crate) fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// An EUI as stored (its bits as a BIGINT, as in SQLite).
+pub(crate) fn e(eui: gridsense_protocol::Eui) -> i64 {
+    eui.0 as i64
+}
+
+/// An EUI from its stored form.
+pub(crate) fn eui(v: i64) -> gridsense_protocol::Eui {
+    gridsense_protocol::Eui(v as u64)
+}

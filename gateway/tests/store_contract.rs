@@ -1,0 +1,376 @@
+//! One contract, two backends: the same store tests against SQLite and against a real
+//! PostgreSQL (Debian's server, a private cluster on a free loopback port, one database per
+//! case copied from a migrated template). Covers the interfaces both backends implement
+//! today: the ingest commit and restore, the registry and its change feed, tokens,
+//! maintenance windows, the telemetry buffer, and opening (newer schema, wrong key, bad URL,
+//! unreachable server, wrong password).
+
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
+
+use std::path::Path;
+
+use gridsense_common::inventory::Device as InventoryDevice;
+use gridsense_gateway::{
+    config::Synchronous,
+    downlink::{Request, RequestUpdate},
+    health::{DeviceHealth, EventKind, HealthEvent},
+    registry::Kind,
+    store::{
+        AuditRecord, Batch, IngestStore, Maintenance, Point, RecentFrame, Registry, Store,
+        StoreError, TelemetryBuffer, Tokens, postgres::PgStore,
+    },
+};
+use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
+use gridsense_tests::postgres::Postgres;
+
+/// What both backends implement.
+trait Contract: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer {}
+impl<T: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer> Contract for T {}
+
+/// Opens a fresh store of one backend (`buffer`: telemetry goes to the sink's buffer, at most
+/// that many points); `reopen` opens the same one again.
+trait Backend {
+    fn name(&self) -> &'static str;
+    fn fresh(&mut self, buffer: Option<u64>) -> Box<dyn Contract>;
+    fn reopen(&mut self) -> Box<dyn Contract>;
+}
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+    n: u32,
+}
+
+impl Backend for Sqlite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    fn fresh(&mut self, buffer: Option<u64>) -> Box<dyn Contract> {
+        self.n += 1;
+        let mut s = Store::open(&self.path(), Synchronous::Normal, 3).expect("sqlite");
+        if let Some(b) = buffer {
+            s.buffer_telemetry(b);
+        }
+        Box::new(s)
+    }
+    fn reopen(&mut self) -> Box<dyn Contract> {
+        Box::new(Store::open(&self.path(), Synchronous::Normal, 3).expect("sqlite reopen"))
+    }
+}
+
+impl Sqlite {
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join(format!("s{}.db", self.n))
+    }
+}
+
+struct Pg {
+    pg: Postgres,
+    template: String,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Backend for Pg {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+    fn fresh(&mut self, buffer: Option<u64>) -> Box<dyn Contract> {
+        self.url = self.pg.database(Some(&self.template)).expect("database");
+        let mut s = PgStore::open(&self.url, &self.dir.path().join("k"), 3).expect("postgres");
+        if let Some(b) = buffer {
+            s.buffer_telemetry(b);
+        }
+        Box::new(s)
+    }
+    fn reopen(&mut self) -> Box<dyn Contract> {
+        Box::new(PgStore::open(&self.url, &self.dir.path().join("k"), 3).expect("pg reopen"))
+    }
+}
+
+fn inventory(n: u64, seed: u8) -> Vec<InventoryDevice> {
+    let records: Vec<serde_json::Value> = (1..=n)
+        .map(|i| {
+            serde_json::json!({
+                "eui": format!("{:016x}", 0x2102_0201_0000_0000_u64 + i),
+                "kind": if i % 2 == 0 { "drain" } else { "cover" },
+                "key": hex::encode([seed.wrapping_add(u8::try_from(i).unwrap()); 16]),
+                "mqtt_password": format!("password-{seed}-{i}"),
+                "lat": 38.9 + i as f64 * 1e-3,
+                "lon": 121.6,
+                "component_code": format!("21020201060{i:05}"),
+                "minor_class": "0106",
+                "warn_mm": 150,
+                "alarm_mm": 300,
+                "well_depth_mm": 2000
+            })
+        })
+        .collect();
+    gridsense_common::inventory::parse("inv.json", &serde_json::Value::Array(records).to_string())
+        .expect("inventory")
+}
+
+fn point(eui: u64, at_ms: i64, value: f64) -> Point {
+    Point {
+        eui: Eui(eui),
+        kind: Kind::Drain,
+        measurement: "drain",
+        field: "level_mm",
+        at_ms,
+        value,
+        grid: Some("g1".into()),
+        street: None,
+    }
+}
+
+fn registry_and_change_feed(b: &mut dyn Backend) {
+    let mut s = b.fresh(None);
+    let start = s.registry_position().expect("position");
+    let devices = inventory(4, 1);
+    let r = s.import(&devices, 10).expect("import");
+    assert_eq!((r.added, r.updated, r.unchanged), (4, 0, 0));
+    let r = s.import(&devices, 11).expect("again");
+    assert_eq!((r.added, r.updated, r.unchanged), (0, 0, 4), "idempotent");
+    let mut moved = inventory(4, 1);
+    if let Some(d) = moved.first_mut() {
+        d.record.lat += 0.01;
+    }
+    let r = s.import(&moved, 12).expect("moved");
+    assert_eq!((r.added, r.updated, r.unchanged), (0, 1, 3));
+    let mut keys: Vec<(Eui, [u8; 16])> =
+        s.registry().expect("registry").iter().map(|r| (r.eui, *r.key.expose_bytes())).collect();
+    keys.sort();
+    let want: Vec<(Eui, [u8; 16])> =
+        devices.iter().map(|d| (d.eui, *d.key.expose_bytes())).collect();
+    assert_eq!(keys, want);
+    let creds = s.credentials().expect("credentials");
+    assert_eq!(creds.len(), 4);
+    assert!(creds.iter().any(|(u, p)| u == &devices[0].record.eui && p == "password-1-1"));
+
+    let (pos, changes) = s.registry_changes(start).expect("changes");
+    assert!(pos > start);
+    assert_eq!(changes.len(), 4, "every imported device");
+    assert!(changes.iter().all(|c| c.active.is_some()));
+    assert_eq!(s.registry_changes(pos).expect("none").1.len(), 0, "nothing after the position");
+
+    let [a, b2, c, _] = [devices[0].eui, devices[1].eui, devices[2].eui, devices[3].eui];
+    assert!(s.retire(a, 20).expect("retire"));
+    assert!(!s.retire(a, 21).expect("retire twice"));
+    let (pos2, changes) = s.registry_changes(pos).expect("changes");
+    assert_eq!(changes.len(), 1);
+    assert!(changes.iter().all(|c| c.eui == a && c.active.is_none()), "retired");
+    assert_eq!(s.device_status(a).expect("status").as_deref(), Some("retired"));
+
+    let mut batch = Batch::default();
+    let mut w = CounterWindow::new();
+    w.accept(7);
+    batch.counters.insert(b2, w);
+    s.commit(&batch).expect("commit");
+    let new_key = DeviceKey::from_bytes([0xaa; 16]);
+    assert!(s.rekey(b2, &new_key, 30).expect("rekey"));
+    assert!(s.counters().expect("counters").iter().all(|(e, _)| *e != b2), "a new counter space");
+    let (_, changes) = s.registry_changes(pos2).expect("rekey change");
+    let k = changes.iter().find(|ch| ch.eui == b2).and_then(|ch| ch.active.as_ref());
+    assert_eq!(k.map(|(k, _, _)| *k.expose_bytes()), Some([0xaa; 16]));
+
+    let new = Eui(0x2102_0201_0000_9003);
+    assert!(s.replace(c, new, &DeviceKey::from_bytes([0xbb; 16]), "newpw", 40).expect("replace"));
+    assert_eq!(s.device_status(c).expect("old").as_deref(), Some("replaced"));
+    assert_eq!(s.device_status(new).expect("new").as_deref(), Some("active"));
+    assert!(s.credentials().expect("creds").iter().any(|(_, p)| p == "newpw"));
+    let sites = {
+        let mut n = 0;
+        s.each_site(&mut |_, _, attrs| {
+            assert_eq!(attrs.alarm_mm, Some(300.0));
+            n += 1;
+        })
+        .expect("sites");
+        n
+    };
+    assert_eq!(sites, 3, "active devices: two left of the four, and the replacement");
+    assert!(s.relocate(new, 39.0, 121.0, 50).expect("relocate"));
+    assert!(s.locations().expect("loc").iter().any(|(e, lat, _)| *e == new && *lat == 39.0));
+}
+
+fn commit_and_restore(b: &mut dyn Backend) {
+    let mut s = b.fresh(None);
+    let devices = inventory(2, 3);
+    s.import(&devices, 0).expect("import");
+    let d = devices[1].eui;
+    let mut batch = Batch::default();
+    let mut w = CounterWindow::new();
+    w.accept(41);
+    w.accept(39);
+    batch.counters.insert(d, w);
+    let mut h = DeviceHealth::new(Kind::Drain);
+    h.last_seen_ms = Some(1_000);
+    h.last_counter = Some(41);
+    h.battery_mv = Some(3_550);
+    h.rssi_dbm = Some(-97);
+    h.temperature_dc = Some(-35);
+    h.firmware = Some("1.2.3".into());
+    h.frames = 2;
+    h.online = true;
+    h.deadline_ms = Some(99_000);
+    batch.health.insert(d, h.clone());
+    batch.events.push(HealthEvent { eui: d, at_ms: 1_000, kind: EventKind::Online });
+    batch.telemetry.push(point(d.0, 1_000, 5.0));
+    batch.telemetry.push(point(d.0, 1_000, 6.0));
+    batch.recent.push(RecentFrame {
+        eui: d,
+        counter: 41,
+        received_ms: 1_000,
+        kind: "drain_reading",
+        samples: 2,
+    });
+    batch.audit = (0..5)
+        .map(|n| AuditRecord {
+            received_ms: n,
+            topic: "gridsense/x/up".into(),
+            reason: "bad_tag",
+            eui: Some(d),
+            raw: vec![u8::try_from(n).unwrap(); 8],
+        })
+        .collect();
+    *batch.rejects.entry("bad_tag").or_default() += 5;
+    batch.downlink_counters.insert(d, 9);
+    batch.accepted = 2;
+    let id = s.add_request(d, &Request::StatusRequest, 500).expect("request");
+    batch.request_updates.push(RequestUpdate::Sent { id, counter: 9, at_ms: 900, attempts: 1 });
+    s.commit(&batch).expect("commit");
+    assert_eq!(s.open_requests(0).expect("open").len(), 1);
+    // The same batch again (a redelivery after a crash): nothing doubles, nothing fails.
+    s.commit(&batch).expect("commit again");
+    let mut done = Batch::default();
+    done.request_updates.push(RequestUpdate::Done { id, at_ms: 950, outcome: "sent" });
+    let mut lower = Batch::default();
+    lower.downlink_counters.insert(d, 4);
+    s.commit(&done).expect("done");
+    s.commit(&lower).expect("a lower downlink counter");
+    drop(s);
+
+    let s = b.reopen();
+    assert_eq!(s.counters().expect("counters"), vec![(d, w)]);
+    let mut healths = Vec::new();
+    s.each_health(&mut |e, h| healths.push((e, h))).expect("health");
+    assert_eq!(healths, vec![(d, h)]);
+    assert_eq!(s.downlink_counters().expect("dl"), vec![(d, 9)], "never goes back");
+    assert_eq!(s.request_outcome(id).expect("outcome").as_deref(), Some("sent"));
+    assert!(s.open_requests(0).expect("open").is_empty());
+    assert_eq!(s.sequences().expect("seq").case, 0);
+    assert!(s.open_incidents().expect("incidents").is_empty());
+}
+
+fn telemetry_buffer(b: &mut dyn Backend) {
+    let mut s = b.fresh(Some(3));
+    let batch =
+        Batch { telemetry: (0..5).map(|n| point(1, n, n as f64)).collect(), ..Batch::default() };
+    s.commit(&batch).expect("commit");
+    assert_eq!(s.buffer_len().expect("len"), 3, "bounded: the oldest dropped");
+    let read = s.buffer_read(10).expect("read");
+    assert_eq!(read.iter().map(|p| p.at_ms).collect::<Vec<_>>(), vec![2, 3, 4], "oldest first");
+    let first = read.first().map_or(0, |p| p.id);
+    s.buffer_delete_through(first).expect("delete");
+    assert_eq!(s.buffer_len().expect("len"), 2);
+    assert_eq!(read.first().and_then(|p| p.grid.clone()).as_deref(), Some("g1"));
+}
+
+fn tokens_and_windows(b: &mut dyn Backend) {
+    let mut s = b.fresh(None);
+    assert!(s.add_token("ops", "operator", "h1", 1).expect("add"));
+    assert!(!s.add_token("ops", "read", "h2", 2).expect("name taken"));
+    assert_eq!(s.token_role("h1").expect("role"), Some(("ops".into(), "operator".into())));
+    assert!(s.revoke_token("ops", 3).expect("revoke"));
+    assert!(!s.revoke_token("ops", 4).expect("revoked already"));
+    assert_eq!(s.token_role("h1").expect("role"), None);
+    assert_eq!(s.tokens().expect("list"), vec![("ops".into(), "operator".into(), 1, Some(3))]);
+    let w1 = s.add_window("2102020100000001", 0, 100, "pump", 0).expect("window");
+    let w2 = s.add_window("210202", 50, 200, "works", 0).expect("window");
+    assert!(w2 > w1);
+    let open: Vec<i64> = s.windows(150).expect("windows").iter().map(|w| w.id).collect();
+    assert_eq!(open, vec![w2]);
+}
+
+type Case = fn(&mut dyn Backend);
+const CASES: [(&str, Case); 4] = [
+    ("registry_and_change_feed", registry_and_change_feed),
+    ("commit_and_restore", commit_and_restore),
+    ("telemetry_buffer", telemetry_buffer),
+    ("tokens_and_windows", tokens_and_windows),
+];
+
+fn run_all(b: &mut dyn Backend) {
+    for (name, case) in CASES {
+        eprintln!("contract ({}): {name}", b.name());
+        case(b);
+    }
+}
+
+#[test]
+fn the_contract_on_sqlite() {
+    run_all(&mut Sqlite { dir: tempfile::tempdir().expect("dir"), n: 0 });
+}
+
+#[test]
+fn the_contract_on_postgres() {
+    let pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    // A migrated template: each case's database is a copy of it.
+    let template = pg.database(None).expect("template");
+    drop(PgStore::open(&template, &dir.path().join("k"), 3).expect("migrate the template"));
+    let name = template.rsplit('/').next().expect("name").to_owned();
+    run_all(&mut Pg { pg, template: name, url: String::new(), dir });
+}
+
+#[test]
+fn postgres_refuses_what_it_cannot_use_and_says_why() {
+    let pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("k");
+    let url = pg.database(None).expect("db");
+    drop(PgStore::open(&url, &key, 3).expect("open"));
+
+    let wrong_key = PgStore::open(&url, &dir.path().join("other"), 3).expect_err("wrong key");
+    assert!(matches!(wrong_key, StoreError::WrongKey { .. }), "{wrong_key}");
+
+    let db = url.rsplit('/').next().expect("db");
+    pg.psql(db, "INSERT INTO schema_version (version) VALUES (99)").expect("bump");
+    let newer = PgStore::open(&url, &key, 3).expect_err("newer schema");
+    assert!(matches!(newer, StoreError::TooNew { found: 99, .. }), "{newer}");
+
+    let bad = PgStore::open("postgres://x@127.0.0.1:notaport/db", &key, 3).expect_err("bad url");
+    assert!(bad.to_string().contains("store.url"), "{bad}");
+
+    let password = url.replace(gridsense_tests::postgres::PASSWORD, "wrong");
+    let denied = PgStore::open(&password, &key, 3).expect_err("wrong password").to_string();
+    assert!(denied.contains("password authentication failed"), "{denied}");
+    assert!(!denied.contains("wrong@"), "the password is not in the message: {denied}");
+
+    let missing = pg.url("no_such_db");
+    let e = PgStore::open(&missing, &key, 3).expect_err("no database").to_string();
+    assert!(e.contains("no_such_db") && e.contains("does not exist"), "{e}");
+
+    let port = gridsense_tests::broker::free_port().expect("port");
+    let started = std::time::Instant::now();
+    let nobody = format!("postgres://gridsense@127.0.0.1:{port}/db?connect_timeout=2");
+    let e = PgStore::open(&nobody, &key, 3).expect_err("unreachable").to_string();
+    assert!(e.contains("cannot connect") && e.contains(&port.to_string()), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "bounded by connect_timeout");
+    assert!(Path::new(&key).exists());
+}
+
+#[test]
+fn a_postgres_server_that_goes_away_is_an_error_then_the_store_reconnects() {
+    let mut pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let url = pg.database(None).expect("db");
+    let mut s = PgStore::open(&url, &dir.path().join("k"), 3).expect("open");
+    s.import(&inventory(1, 5), 0).expect("import");
+    pg.stop_immediate().expect("stop");
+    let mut batch = Batch::default();
+    batch.counters.insert(Eui(1), CounterWindow::new());
+    let e = s.commit(&batch).expect_err("server gone");
+    assert!(matches!(e, StoreError::Postgres { transient: true, .. }), "{e}");
+    pg.restart().expect("restart");
+    s.commit(&batch).expect("committed after the server came back");
+    assert_eq!(s.registry().expect("registry").len(), 1);
+}
