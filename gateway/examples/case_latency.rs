@@ -10,7 +10,6 @@
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},

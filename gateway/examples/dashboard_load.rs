@@ -8,7 +8,6 @@
 
 #![allow(clippy::cast_precision_loss, clippy::indexing_slicing)]
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},

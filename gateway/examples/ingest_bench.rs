@@ -5,7 +5,6 @@
 //! (defaults 20000 drains, speed 2 = 40,000 frames/s offered, 20 s). Needs /usr/sbin/mosquitto
 //! (`scripts/test` installs it). Prints numbers; asserts nothing.
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     sync::{
         Arc,

@@ -15,7 +15,6 @@
 
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -28,11 +27,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use gridsense_gateway::{
-    app,
-    config::Config,
-    store::{CaseFilter, Store},
-};
+use gridsense_gateway::{app, config::Config, store::CaseFilter};
 use gridsense_protocol::topic::UPLINK_FILTER;
 use gridsense_simulator::{
     city::{self, Counts},
@@ -217,7 +212,7 @@ fn ready(port: u16) -> bool {
 struct Gateway {
     child: Child,
     /// The gateway's store, opened once here (read while it writes).
-    store: Store,
+    store: Box<dyn gridsense_gateway::store::Backend>,
 }
 
 impl Gateway {

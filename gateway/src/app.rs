@@ -14,7 +14,7 @@ use crate::{
     ingest::{self, IngestError},
     pipeline::Pipeline,
     status::{Clock, Status},
-    store::Store,
+    store::Backend,
 };
 
 /// A running gateway.
@@ -56,22 +56,27 @@ pub fn wall_clock() -> Clock {
     })
 }
 
-/// Opens the store the configuration names.
-pub fn open_store(config: &Config) -> Result<Store> {
-    let s = &config.store;
-    Store::open_keyed(&s.path, s.synchronous, s.audit_max, &s.key_file())
-        .with_context(|| format!("opening {}", s.path.display()))
+/// Opens the store the configuration names (PostgreSQL with `store.url`, else SQLite).
+pub fn open_store(config: &Config) -> Result<Box<dyn Backend>> {
+    Ok(crate::store::open(&config.store, None, false)
+        .with_context(|| format!("opening {}", crate::store::target(&config.store)))?
+        .0)
 }
 
 /// Starts the gateway: the broker (embedded when `mqtt.url` is empty), then ingest.
 pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> Result<Gateway> {
-    let mut store = open_store(config)?;
-    let sink = if config.telemetry.sink == Sink::Influxdb {
-        store.buffer_telemetry(config.telemetry.buffer_max_points);
+    let buffered = config.telemetry.sink == Sink::Influxdb;
+    let (mut store, checkpointer) = crate::store::open(
+        &config.store,
+        buffered.then_some(config.telemetry.buffer_max_points),
+        true,
+    )
+    .with_context(|| format!("opening {}", crate::store::target(&config.store)))?;
+    let sink = if buffered {
         let status = Arc::new(SinkStatus::default());
         let task = tokio::spawn(sink::run(
             config.telemetry.clone(),
-            Box::new(open_store(config)?),
+            open_store(config)?,
             status.clone(),
             shutdown.clone(),
         ));
@@ -132,7 +137,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         }
         tracing::info!(grids, "grid layer loaded");
     }
-    let (pipeline, tables) = with_cases(config, &store, pipeline)?;
+    let (pipeline, tables) = with_cases(config, &*store, pipeline)?;
     let (target, device_listener, tool_listener) = if config.mqtt.url.is_empty() {
         let embedded =
             broker::start_embedded(config.broker.device_port, config.broker.client_port)?;
@@ -167,7 +172,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let listener = std::net::TcpListener::bind(&config.http.listen)
             .with_context(|| format!("http.listen: cannot listen on {}", config.http.listen))?;
         let board = crate::http::board::Board::new(
-            Box::new(open_store(config)?),
+            open_store(config)?,
             tables.clone(),
             clock.clone(),
             config.cases.secret.clone(),
@@ -184,13 +189,11 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         )?;
         (Some(addr), Some(task))
     };
-    let checkpointer = store.checkpoint_in_background(std::time::Duration::from_millis(500))?;
     let task = tokio::spawn({
         let (config, status) = (config.clone(), status.clone());
         async move {
             let result =
-                ingest::run(&config, target, Box::new(store), pipeline, clock, status, shutdown)
-                    .await;
+                ingest::run(&config, target, store, pipeline, clock, status, shutdown).await;
             drop(checkpointer);
             result
         }
@@ -220,7 +223,7 @@ pub fn case_policy(
 /// Adds rules and cases to the pipeline, restoring rule states and open incidents.
 fn with_cases(
     config: &Config,
-    store: &Store,
+    store: &dyn Backend,
     pipeline: Pipeline,
 ) -> Result<(Pipeline, Arc<crate::cases::CaseTables>)> {
     let (rules, tables) = case_policy(config)?;
@@ -260,7 +263,7 @@ fn start_delivery(
     let delivery = status.delivery.clone();
     let mut workers = Vec::new();
     for (channel, wake) in [("case", &status.outbox_wake[0]), ("alert", &status.outbox_wake[1])] {
-        let first: Box<dyn Outbox> = Box::new(open_store(config)?);
+        let first: Box<dyn Outbox> = open_store(config)?;
         let (worker, clock, wake, delivery, shutdown) =
             (worker.clone(), clock.clone(), wake.clone(), delivery.clone(), shutdown.clone());
         let path = config.clone();
@@ -272,7 +275,7 @@ fn start_delivery(
                 let s = match store.take() {
                     Some(s) => s,
                     None => match open_store(&path) {
-                        Ok(s) => Box::new(s),
+                        Ok(s) => s,
                         Err(e) => {
                             tracing::warn!("{channel} delivery: {e:#}; retrying in 1 s");
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -309,7 +312,7 @@ fn start_delivery(
         )));
         workers.push(tokio::spawn(crate::delivery::poll_open311(
             client,
-            Box::new(open_store(config)?),
+            open_store(config)?,
             clock.clone(),
             std::time::Duration::from_secs(c.poll_status_s.max(1)),
             shutdown.clone(),

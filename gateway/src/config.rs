@@ -229,8 +229,10 @@ impl Default for Http {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Sink {
-    /// Telemetry in the SQLite store, kept `store.telemetry_retention_days`.
-    Sqlite,
+    /// Telemetry in the configured store (SQLite, or PostgreSQL with `store.url`), kept
+    /// `store.telemetry_retention_days`. The old name `sqlite` is accepted.
+    #[serde(alias = "sqlite")]
+    Store,
     /// Telemetry to InfluxDB 2 (or anything serving `/api/v2/write`), through an on-disk buffer.
     Influxdb,
 }
@@ -267,7 +269,7 @@ pub struct Telemetry {
 impl Default for Telemetry {
     fn default() -> Self {
         Telemetry {
-            sink: Sink::Sqlite,
+            sink: Sink::Store,
             url: "http://127.0.0.1:8086".into(),
             org: "gridsense".into(),
             bucket: "gridsense".into(),
@@ -355,8 +357,12 @@ pub enum Synchronous {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Store {
-    /// Database file.
+    /// Database file (SQLite, the zero-install default).
     pub path: PathBuf,
+    /// A PostgreSQL URL, `postgres://user[:password]@host[:port][,host2[:port]]/db[?…]`
+    /// (multi-host with `target_session_attrs=read-write` follows a promoted standby). Set, it
+    /// wins over `path` and nothing is written to SQLite.
+    pub url: String,
     /// Durability of a commit.
     pub synchronous: Synchronous,
     /// Most frames committed in one transaction.
@@ -394,6 +400,7 @@ impl Default for Store {
             audit_max: 10_000,
             telemetry_retention_days: 30,
             key_file: PathBuf::new(),
+            url: String::new(),
         }
     }
 }

@@ -9,7 +9,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::time::Duration;
 
 use gridsense_gateway::app;

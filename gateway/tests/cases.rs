@@ -14,7 +14,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{collections::BTreeMap, time::Duration};
 
 use gridsense_gateway::{
@@ -40,6 +39,19 @@ async fn get_json(url: &str) -> Value {
 
 #[tokio::test]
 async fn a_theft_becomes_one_case_per_stolen_cover_and_traffic_none() {
+    theft(None).await;
+}
+
+/// The same product on PostgreSQL (`store.url`): ingest, rules, cases, delivery to the local
+/// board, the API, Open311 and the operator's lifecycle moves, with nothing in SQLite.
+#[tokio::test]
+async fn a_theft_on_postgres_is_the_same_product() {
+    let pg = gridsense_tests::postgres::Postgres::start().unwrap();
+    let url = pg.database(None).unwrap();
+    theft(Some(&url)).await;
+}
+
+async fn theft(store_url: Option<&str>) {
     let broker = Mosquitto::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let devices =
@@ -50,6 +62,9 @@ async fn a_theft_becomes_one_case_per_stolen_cover_and_traffic_none() {
         fixtures::theft_scenario([&stolen[0].eui, &stolen[1].eui], &stolen[2].eui).into_boxed_str(),
     );
     let mut config = config(dir.path(), broker.addr());
+    if let Some(url) = store_url {
+        config.store.url = url.to_owned();
+    }
     // The generated district has no separate unit-grid file: its grid file stands in for one,
     // to prove the unit-grid code reaches the case.
     config.geo.unit_grids = config.geo.grids.clone();
@@ -192,6 +207,9 @@ async fn a_theft_becomes_one_case_per_stolen_cover_and_traffic_none() {
     assert_eq!(gateway.status.incidents_open.load(std::sync::atomic::Ordering::Relaxed), 2);
     stop_tx.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();
+    if store_url.is_some() {
+        assert!(!config.store.path.exists(), "with store.url nothing is written to SQLite");
+    }
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::time::Duration;
 
 use gridsense_gateway::{

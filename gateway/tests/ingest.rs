@@ -7,7 +7,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{collections::HashSet, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use gridsense_gateway::{app, config::Config};

@@ -10,7 +10,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     collections::BTreeSet,
     sync::{

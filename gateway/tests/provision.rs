@@ -7,7 +7,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use gridsense_simulator::city::Counts;

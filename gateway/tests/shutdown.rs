@@ -8,7 +8,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},

@@ -11,7 +11,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 
 use gridsense_gateway::{app, store::CaseFilter};

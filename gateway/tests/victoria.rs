@@ -8,7 +8,6 @@
 
 mod common;
 
-use gridsense_gateway::store::prelude::*;
 use std::{collections::BTreeSet, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use gridsense_gateway::{

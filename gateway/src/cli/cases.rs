@@ -11,7 +11,6 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
-use crate::store::prelude::*;
 use crate::{
     app,
     calendar::Calendar,

@@ -20,7 +20,6 @@ use gridsense_simulator::{
 };
 use tokio::sync::watch;
 
-use crate::store::prelude::*;
 use crate::{app, config::Config, status::Status, store::Totals};
 
 /// A simulator's clock as the gateway's (demo and tests): device times, health deadlines

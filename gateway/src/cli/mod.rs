@@ -12,7 +12,6 @@ use clap::{Parser, Subcommand};
 use gridsense_protocol::{DeviceKey, Direction, Downlink, Eui, RawFrame, Uplink};
 use tokio::sync::watch;
 
-use crate::store::prelude::*;
 use crate::{app, config};
 
 /// gridsense: the sensor side of a city's grid-governance platform.

@@ -129,7 +129,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let acker = tokio::spawn(session::acker(client, ack_rx, down_rx));
-    let retention_ms = (config.telemetry.sink == crate::config::Sink::Sqlite)
+    let retention_ms = (config.telemetry.sink == crate::config::Sink::Store)
         .then(|| i64::from(config.store.telemetry_retention_days) * 86_400_000);
     let batching = Batching {
         max: config.store.batch_max,
@@ -386,15 +386,9 @@ async fn pipeline_task(
     Ok(())
 }
 
-/// Whether a failed commit may succeed later unchanged: the disk (or the file system's quota)
-/// is full, a write failed at the I/O layer, or the database was locked past the busy wait.
+/// Whether a failed commit may succeed later unchanged ([`StoreError::is_transient`]).
 fn transient(e: &StoreError) -> bool {
-    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure};
-    matches!(
-        e,
-        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
-            if matches!(f.code, DiskFull | SystemIoFailure | DatabaseBusy | DatabaseLocked)
-    )
+    e.is_transient()
 }
 
 /// Commits `batch`; while the failure is [`transient`] (a full disk above all), retries the

@@ -12,10 +12,10 @@ mod case_lookup;
 mod cases;
 mod ingest;
 pub mod keys;
-pub mod postgres;
 mod maintenance;
 mod ops;
 mod outbox;
+pub mod postgres;
 mod queries;
 mod registry;
 mod telemetry;
@@ -124,6 +124,22 @@ pub enum StoreError {
         /// What is wrong.
         what: String,
     },
+}
+
+impl StoreError {
+    /// Whether a failed operation may succeed later unchanged: SQLite's disk (or quota) full,
+    /// a write failed at the I/O layer, the database locked past the busy wait; PostgreSQL
+    /// gone, restarting, out of disk or a serialization failure.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure};
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                matches!(f.code, DiskFull | SystemIoFailure | DatabaseBusy | DatabaseLocked)
+            }
+            StoreError::Postgres { transient, .. } => *transient,
+            _ => false,
+        }
+    }
 }
 
 /// Schema migrations, in order; index + 1 is the version they bring the file to.
@@ -857,6 +873,39 @@ pub mod prelude {
         CaseBoard, CaseLookup, IngestStore, Maintenance, Outbox, Queries, Registry,
         TelemetryBuffer, Tokens,
     };
+}
+
+/// Opens the store `[store]` names: PostgreSQL when `url` is set, else the SQLite file at
+/// `path`; `buffer_max`: telemetry goes to the external sink's buffer (at most that many
+/// points). `checkpoints`: SQLite's WAL checkpoints run on a thread of their own (the ingest
+/// connection's; the returned handle stops it).
+pub fn open(
+    c: &crate::config::Store,
+    buffer_max: Option<u64>,
+    checkpoints: bool,
+) -> Result<(Box<dyn Backend>, Option<Checkpointer>), StoreError> {
+    if !c.url.is_empty() {
+        let mut s = postgres::PgStore::open(&c.url, &c.key_file(), c.audit_max)?;
+        if let Some(max) = buffer_max {
+            s.buffer_telemetry(max);
+        }
+        return Ok((Box::new(s), None));
+    }
+    let mut s = Store::open_keyed(&c.path, c.synchronous, c.audit_max, &c.key_file())?;
+    if let Some(max) = buffer_max {
+        s.buffer_telemetry(max);
+    }
+    let checkpointer = if checkpoints {
+        Some(s.checkpoint_in_background(std::time::Duration::from_millis(500))?)
+    } else {
+        None
+    };
+    Ok((Box::new(s), checkpointer))
+}
+
+/// Where `[store]` points, for messages (a URL without its password, or the file).
+pub fn target(c: &crate::config::Store) -> String {
+    if c.url.is_empty() { c.path.display().to_string() } else { postgres::redacted(&c.url) }
 }
 
 /// What the HTTP side (API, dashboard, board, Open311, auth) needs: operators' views and case

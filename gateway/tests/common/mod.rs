@@ -5,7 +5,6 @@
 
 pub mod platform;
 
-use gridsense_gateway::store::prelude::*;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,

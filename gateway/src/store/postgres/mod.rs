@@ -12,7 +12,9 @@
 //! and `connect_timeout` are tokio-postgres's own; a statement timeout is set per connection.
 //! Schema: numbered migrations in `schema_version`, a newer schema refused.
 
+mod board;
 mod ingest;
+mod queries;
 mod registry;
 mod simple;
 
