@@ -374,3 +374,80 @@ fn a_postgres_server_that_goes_away_is_an_error_then_the_store_reconnects() {
     s.commit(&batch).expect("committed after the server came back");
     assert_eq!(s.registry().expect("registry").len(), 1);
 }
+
+/// A TCP proxy in front of PostgreSQL that, once armed, forwards the next `COMMIT` and then
+/// cuts the connection before the server's answer comes back: the commit's outcome is
+/// unknown to the client although it landed.
+struct CutAfterCommit {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutAfterCommit {
+    fn start(server: std::net::SocketAddr) -> Self {
+        use std::{io::Read, io::Write, net::TcpListener, sync::atomic::Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = std::net::TcpStream::connect(server) else { continue };
+                let (mut c_read, mut u_write) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let (mut u_read, mut c_write) = (upstream, client);
+                let flag = flag.clone();
+                let c_shut = c_write.try_clone().unwrap();
+                let u_shut = u_write.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65_536];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 || u_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let commit = buf[..n].windows(7).any(|w| w == b"COMMIT\0");
+                        if commit && flag.swap(false, Ordering::SeqCst) {
+                            // The server commits; its answer never reaches the client.
+                            let _ = c_shut.shutdown(std::net::Shutdown::Both);
+                            std::thread::sleep(std::time::Duration::from_millis(300));
+                            let _ = u_shut.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65_536];
+                    while let Ok(n) = u_read.read(&mut buf) {
+                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        CutAfterCommit { port, armed }
+    }
+}
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_applied_once_when_retried() {
+    let pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let url = pg.database(None).expect("db");
+    let proxy = CutAfterCommit::start(pg.addr());
+    let via_proxy = url.replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port));
+    let mut s = PgStore::open(&via_proxy, &dir.path().join("k"), 3).expect("open");
+    let mut batch = Batch { accepted: 5, ..Batch::default() };
+    batch.events.push(HealthEvent { eui: Eui(7), at_ms: 1, kind: EventKind::Online });
+    proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let cut = s.commit(&batch).expect_err("the answer to COMMIT never came");
+    assert!(cut.is_transient(), "{cut}");
+    // The retry (as ingest does: the same batch until it is durable) finds it landed.
+    s.commit(&batch).expect("retry");
+    use gridsense_gateway::store::Queries;
+    assert_eq!(s.totals().expect("totals").accepted, 5, "applied once");
+    assert_eq!(s.events_of(Eui(7)).expect("events").len(), 1, "applied once");
+    // And the next batch is a new one.
+    s.commit(&batch).expect("next");
+    assert_eq!(s.totals().expect("totals").accepted, 10);
+}

@@ -224,39 +224,52 @@ async fn pipeline_task(
             })
             .await?;
             store = Some(s);
-            let (requests, finished, windows, (registry_position, registry)) = found?;
-            // Registry first, so a request for a device registered meanwhile is not dropped.
-            if !registry.is_empty() {
-                tracing::info!(devices = registry.len(), "registry changes applied");
-                pipeline.apply_registry(registry);
-                status.devices_registered.store(pipeline.registered() as u64, Relaxed);
-            }
-            last_registry = registry_position;
-            for (eui, pending) in requests {
-                last_request = last_request.max(pending.id);
-                pipeline.request(eui, pending);
-            }
-            pipeline.set_windows(windows);
-            if !finished.is_empty() {
-                // Release the incidents of cases closed on the board (the incident rows are
-                // idempotent upserts), and tell live views.
-                let mut batch = Batch::default();
-                for (event, case) in finished {
-                    last_case_event = last_case_event.max(event);
-                    pipeline.case_finished(case, now, &mut batch);
+            // A store that is away (PostgreSQL restarting) is asked again at the next poll;
+            // the batch commit is what waits for it.
+            let found = match found {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!("polling the store: {e}; again at the next poll");
+                    None
                 }
-                // Only when a live view listens: it allocates per changed row.
-                let changes = (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
-                if let Some(s) = store.take() {
-                    let (s, _) = commit_until_durable(s, batch, &status, &mut shutdown).await?;
-                    store = Some(s);
+                other => Some(other?),
+            };
+            if let Some((requests, finished, windows, (registry_position, registry))) = found {
+                // Registry first, so a request for a device registered meanwhile is not dropped.
+                if !registry.is_empty() {
+                    tracing::info!(devices = registry.len(), "registry changes applied");
+                    pipeline.apply_registry(registry);
+                    status.devices_registered.store(pipeline.registered() as u64, Relaxed);
                 }
-                if let Some(changes) = changes.filter(Changes::is_visible) {
-                    let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
-                    let _ =
-                        status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
+                last_registry = registry_position;
+                for (eui, pending) in requests {
+                    last_request = last_request.max(pending.id);
+                    pipeline.request(eui, pending);
                 }
-                status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
+                pipeline.set_windows(windows);
+                if !finished.is_empty() {
+                    // Release the incidents of cases closed on the board (the incident rows are
+                    // idempotent upserts), and tell live views.
+                    let mut batch = Batch::default();
+                    for (event, case) in finished {
+                        last_case_event = last_case_event.max(event);
+                        pipeline.case_finished(case, now, &mut batch);
+                    }
+                    // Only when a live view listens: it allocates per changed row.
+                    let changes =
+                        (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
+                    if let Some(s) = store.take() {
+                        let (s, _) = commit_until_durable(s, batch, &status, &mut shutdown).await?;
+                        store = Some(s);
+                    }
+                    if let Some(changes) = changes.filter(Changes::is_visible) {
+                        let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
+                        let _ = status
+                            .events
+                            .0
+                            .send(serde_json::to_string(&changes).unwrap_or_default());
+                    }
+                    status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
+                }
             }
         }
         // Wait for the first message, the next offline deadline, the next poll, or shutdown.

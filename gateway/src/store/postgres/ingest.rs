@@ -108,7 +108,7 @@ impl<'a> HealthColumns<'a> {
 }
 
 impl PgStore {
-    fn commit_in(&self, c: &mut Conn, batch: &Batch) -> Result<(), StoreError> {
+    fn commit_in(&self, c: &mut Conn, batch: &Batch, token: i64) -> Result<(), StoreError> {
         let s = |c: &mut Conn, sql| c.statement(sql);
         let (counters, health, recent, events, messages) =
             (s(c, COUNTERS)?, s(c, HEALTH)?, s(c, RECENT)?, s(c, EVENTS)?, s(c, MESSAGES)?);
@@ -269,6 +269,16 @@ impl PgStore {
         }
         if batch.accepted > 0 {
             wait(tx.execute(&stat_add, &[&"accepted", &i(batch.accepted)]))?;
+        }
+        wait(tx.execute("INSERT INTO committed_batches (token) VALUES ($1)", &[&token]))?;
+        let n = self.commits.get().wrapping_add(1);
+        self.commits.set(n);
+        if n % 1_000 == 0 {
+            // Kept an hour: far longer than any retry of a batch waits.
+            wait(tx.execute(
+                "DELETE FROM committed_batches WHERE committed_at < now() - interval '1 hour'",
+                &[],
+            ))?;
         }
         wait(tx.commit())?;
         Ok(())
@@ -490,8 +500,39 @@ impl IngestStore for PgStore {
         Ok(())
     }
 
+    /// A batch is applied once: its token is written in its transaction, and a retry after a
+    /// failure first asks whether that token landed (a COMMIT cut off may have succeeded).
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        self.with(|c| self.commit_in(c, batch))
+        let retry = self.unconfirmed.take();
+        let token = match retry {
+            Some(t) => t,
+            None => {
+                let mut raw = [0u8; 8];
+                getrandom::fill(&mut raw).map_err(|e| StoreError::Postgres {
+                    what: format!("no randomness for a batch token: {e}"),
+                    transient: false,
+                })?;
+                i64::from_le_bytes(raw)
+            }
+        };
+        let result = self.with(|c| {
+            if retry.is_some() {
+                let landed = wait(
+                    c.query_opt("SELECT 1 FROM committed_batches WHERE token = $1", &[&token]),
+                )?;
+                if landed.is_some() {
+                    tracing::info!(
+                        "the batch whose commit was cut off had landed: not applied again"
+                    );
+                    return Ok(());
+                }
+            }
+            self.commit_in(c, batch, token)
+        });
+        if result.is_err() {
+            self.unconfirmed.set(Some(token));
+        }
+        result
     }
 
     fn prune_telemetry(&mut self, before_ms: i64) -> Result<u64, StoreError> {

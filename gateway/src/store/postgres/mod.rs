@@ -25,7 +25,13 @@ use tokio_postgres::{Client, NoTls, config::SslMode};
 use super::{StoreError, keys::KeyRing};
 
 /// Migrations, in order; index + 1 is the version they bring the database to.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    // 2: the tokens of committed batches, so a commit whose outcome was unknown (the
+    // connection cut while COMMIT was under way) is not applied twice when it is retried.
+    "CREATE TABLE committed_batches (token BIGINT PRIMARY KEY, committed_at TIMESTAMPTZ NOT NULL DEFAULT now());
+     CREATE INDEX committed_batches_at ON committed_batches (committed_at);",
+];
 
 /// How long a connection attempt may take unless the URL says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,6 +135,11 @@ pub struct PgStore {
     pub(crate) keys: KeyRing,
     pub(crate) audit_max: u64,
     pub(crate) buffer_max: Option<u64>,
+    /// The token of the last batch whose commit failed: the next commit is its retry (ingest
+    /// retries the same batch until it is durable), and the token tells whether it landed.
+    pub(crate) unconfirmed: std::cell::Cell<Option<i64>>,
+    /// Commits since the table of tokens was last pruned.
+    pub(crate) commits: std::cell::Cell<u32>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -214,6 +225,8 @@ impl PgStore {
             keys,
             audit_max,
             buffer_max: None,
+            unconfirmed: std::cell::Cell::new(None),
+            commits: std::cell::Cell::new(0),
         };
         store.migrate()?;
         store.check_key()?;
