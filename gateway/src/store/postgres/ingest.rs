@@ -273,7 +273,7 @@ impl PgStore {
         wait(tx.execute("INSERT INTO committed_batches (token) VALUES ($1)", &[&token]))?;
         let n = self.commits.get().wrapping_add(1);
         self.commits.set(n);
-        if n % 1_000 == 0 {
+        if n.is_multiple_of(1_000) {
             // Kept an hour: far longer than any retry of a batch waits.
             wait(tx.execute(
                 "DELETE FROM committed_batches WHERE committed_at < now() - interval '1 hour'",
