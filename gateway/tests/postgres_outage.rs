@@ -11,10 +11,7 @@ mod common;
 
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 
-use gridsense_gateway::{
-    app,
-    store::{CaseBoard, Queries},
-};
+use gridsense_gateway::{app, store::Queries};
 use gridsense_protocol::{Uplink, examples};
 use gridsense_simulator::{city::Counts, inventory};
 use gridsense_tests::{Mosquitto, fixtures, postgres::Postgres};
