@@ -79,6 +79,28 @@ pub enum Command {
     /// Maintenance windows: alarms of devices under repair are recorded, not filed.
     #[command(subcommand)]
     Maintenance(cases::MaintenanceCommand),
+    /// The store itself: move a pilot's SQLite store to PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `gridsense store …`
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copies every row of a SQLite store into an empty PostgreSQL database and verifies the
+    /// row counts (refused while a gateway runs on the source). Then set `store.url` and
+    /// `store.key_file` (the source's key) and start the gateway on the target.
+    Migrate {
+        /// The source: `sqlite:PATH`.
+        #[arg(long)]
+        from: String,
+        /// The target: `postgres://user[:password]@host[:port]/db`.
+        #[arg(long)]
+        to: String,
+        /// The key file of the source's device secrets [default: PATH.key].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 /// `gridsense tokens …`
@@ -534,6 +556,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!(
                 "gridsense tokens add: {role} token {:?} (shown once; only its hash is stored):\n{token}",
                 name.trim()
+            );
+            Ok(())
+        }
+        Command::Store(StoreCommand::Migrate { from, to, key_file }) => {
+            let Some(path) = from.strip_prefix("sqlite:") else {
+                bail!("--from {from:?}: give the source as sqlite:PATH");
+            };
+            if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+                bail!("--to: give the target as postgres://user@host:port/db");
+            }
+            let path = PathBuf::from(path);
+            let key = key_file.unwrap_or_else(|| crate::store::keys::default_key_file(&path));
+            let started = std::time::Instant::now();
+            let copied = crate::store::migrate::sqlite_to_postgres(&path, &to, &key)?;
+            let rows: u64 = copied.iter().map(|c| c.target).sum();
+            for c in &copied {
+                println!("{:<20} {:>10} → {:>10}", c.table, c.source, c.target);
+            }
+            println!(
+                "gridsense store migrate: {rows} rows in {} tables copied to {} and verified in {:.1} s; \
+                 start the gateway with store.url set and store.key_file = {:?}",
+                copied.len(),
+                crate::store::postgres::redacted(&to),
+                started.elapsed().as_secs_f64(),
+                key.display().to_string()
             );
             Ok(())
         }

@@ -13,6 +13,7 @@ mod cases;
 mod ingest;
 pub mod keys;
 mod maintenance;
+pub mod migrate;
 mod ops;
 mod outbox;
 pub mod postgres;
@@ -97,6 +98,17 @@ pub enum StoreError {
         /// Whether it may pass by itself (the server gone or restarting).
         transient: bool,
     },
+    /// Another process holds the store (a running gateway, a migration).
+    #[error("store {path} is in use: a gateway (or a migration) holds {lock}; stop it first")]
+    Busy {
+        /// The store.
+        path: String,
+        /// Its lock file.
+        lock: String,
+    },
+    /// A migration between stores cannot go on.
+    #[error("store migrate: {0}")]
+    Migrate(String),
     /// The key file that seals device secrets cannot be used.
     #[error("store.key_file {path}: {what}")]
     KeyFile {
@@ -877,13 +889,14 @@ pub mod prelude {
 
 /// Opens the store `[store]` names: PostgreSQL when `url` is set, else the SQLite file at
 /// `path`; `buffer_max`: telemetry goes to the external sink's buffer (at most that many
-/// points). `checkpoints`: SQLite's WAL checkpoints run on a thread of their own (the ingest
-/// connection's; the returned handle stops it).
+/// points). `ingest`: this is the running gateway's ingest connection — on SQLite it holds
+/// the store's lock (a second gateway, or a migration, on the same file is refused) and runs
+/// the WAL checkpoints on a thread of its own, both for as long as the returned guard lives.
 pub fn open(
     c: &crate::config::Store,
     buffer_max: Option<u64>,
-    checkpoints: bool,
-) -> Result<(Box<dyn Backend>, Option<Checkpointer>), StoreError> {
+    ingest: bool,
+) -> Result<(Box<dyn Backend>, Option<IngestGuard>), StoreError> {
     if !c.url.is_empty() {
         let mut s = postgres::PgStore::open(&c.url, &c.key_file(), c.audit_max)?;
         if let Some(max) = buffer_max {
@@ -891,16 +904,27 @@ pub fn open(
         }
         return Ok((Box::new(s), None));
     }
+    let lock = if ingest { Some(migrate::hold(&c.path)?) } else { None };
     let mut s = Store::open_keyed(&c.path, c.synchronous, c.audit_max, &c.key_file())?;
     if let Some(max) = buffer_max {
         s.buffer_telemetry(max);
     }
-    let checkpointer = if checkpoints {
-        Some(s.checkpoint_in_background(std::time::Duration::from_millis(500))?)
-    } else {
-        None
+    let guard = match lock {
+        Some(lock) => Some(IngestGuard {
+            _checkpointer: s.checkpoint_in_background(std::time::Duration::from_millis(500))?,
+            _lock: lock,
+        }),
+        None => None,
     };
-    Ok((Box::new(s), checkpointer))
+    Ok((Box::new(s), guard))
+}
+
+/// What the ingest connection of a SQLite store holds while it runs: the store's lock and the
+/// checkpoint thread.
+#[derive(Debug)]
+pub struct IngestGuard {
+    _checkpointer: Checkpointer,
+    _lock: std::fs::File,
 }
 
 /// Where `[store]` points, for messages (a URL without its password, or the file).
