@@ -748,11 +748,13 @@ mod tests {
             ("GRIDSENSE_MQTT_URL".to_owned(), "mqtt://127.0.0.1:2".to_owned()),
             ("GRIDSENSE_HEALTH_OFFLINE_FACTOR".to_owned(), "3.5".to_owned()),
             ("GRIDSENSE_MQTT_PASSWORD".to_owned(), "12345".to_owned()),
+            ("GRIDSENSE_STORE_URL".to_owned(), "postgres://g@127.0.0.1:5/g".to_owned()),
             ("PATH".to_owned(), "/bin".to_owned()),
         ];
         let config = load(Some(&path), &env).unwrap();
         assert_eq!(config.mqtt.url, "mqtt://127.0.0.1:2");
         assert_eq!(config.mqtt.password, "12345");
+        assert_eq!(config.store.url, "postgres://g@127.0.0.1:5/g");
         assert!((config.health.offline_factor - 3.5).abs() < 1e-9);
     }
 

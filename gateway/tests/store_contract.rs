@@ -451,3 +451,35 @@ fn a_commit_whose_answer_was_lost_is_applied_once_when_retried() {
     s.commit(&batch).expect("next");
     assert_eq!(s.totals().expect("totals").accepted, 10);
 }
+
+#[test]
+fn a_runtime_role_without_ddl_rights_runs_a_migrated_database() {
+    let pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("k");
+    let owner_url = pg.database(None).expect("db");
+    drop(PgStore::open(&owner_url, &key, 3).expect("migrated by the owner"));
+    let db = owner_url.rsplit('/').next().expect("db").to_owned();
+    pg.psql(
+        &db,
+        &format!(
+            "CREATE ROLE gridsense_app LOGIN PASSWORD 'app-password';
+         GRANT CONNECT ON DATABASE {db} TO gridsense_app;
+         GRANT USAGE ON SCHEMA public TO gridsense_app;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO gridsense_app;
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO gridsense_app;"
+        ),
+    )
+    .expect("roles");
+    let app_url = format!("postgres://gridsense_app:app-password@127.0.0.1:{}/{db}", pg.port());
+    let mut s = PgStore::open(&app_url, &key, 3).expect("the runtime role opens it");
+    s.import(&inventory(2, 9), 0).expect("import");
+    let mut batch = Batch { accepted: 1, ..Batch::default() };
+    batch.events.push(HealthEvent { eui: Eui(1), at_ms: 1, kind: EventKind::Online });
+    s.commit(&batch).expect("commit");
+    assert_eq!(s.registry().expect("registry").len(), 2);
+    let denied = pg
+        .psql(&db, "SET ROLE gridsense_app; CREATE TABLE x (y int)")
+        .expect_err("no DDL for the runtime role");
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+}

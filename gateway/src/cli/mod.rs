@@ -87,6 +87,13 @@ pub enum Command {
 /// `gridsense store …`
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
+    /// Creates or upgrades the configured store's schema (run it as the database's owner; the
+    /// gateway's runtime role then needs no DDL rights) and prints its version.
+    Upgrade {
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Copies every row of a SQLite store into an empty PostgreSQL database and verifies the
     /// row counts (refused while a gateway runs on the source). Then set `store.url` and
     /// `store.key_file` (the source's key) and start the gateway on the target.
@@ -556,6 +563,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!(
                 "gridsense tokens add: {role} token {:?} (shown once; only its hash is stored):\n{token}",
                 name.trim()
+            );
+            Ok(())
+        }
+        Command::Store(StoreCommand::Upgrade { config }) => {
+            let config = load_config(config.as_deref())?;
+            let s = &config.store;
+            let version = if s.url.is_empty() {
+                crate::store::Store::open_keyed(&s.path, s.synchronous, s.audit_max, &s.key_file())?
+                    .schema_version()?
+            } else {
+                crate::store::postgres::PgStore::open(&s.url, &s.key_file(), s.audit_max)?
+                    .schema_version()?
+            };
+            println!(
+                "gridsense store upgrade: {} at schema version {version}",
+                crate::store::target(s)
             );
             Ok(())
         }
