@@ -36,6 +36,14 @@ async fn main() -> Result<()> {
     let mut config = Config::default();
     config.mqtt.url = format!("mqtt://{}", broker.addr());
     config.store.path = dir.path().join("gridsense.db");
+    // STORE=postgres: a durable PostgreSQL started here instead of SQLite.
+    let pg = match std::env::var("STORE").as_deref() {
+        Ok("postgres") => Some(gridsense_tests::postgres::Postgres::start_durable()?),
+        _ => None,
+    };
+    if let Some(pg) = &pg {
+        config.store.url = pg.database(None)?;
+    }
     app::open_store(&config)?.import(&inventory::load(&dir.path().join("devices.json"))?, 0)?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let gateway = app::start(&config, app::wall_clock(), stop)?;
@@ -90,7 +98,11 @@ async fn main() -> Result<()> {
         "gateway (durable) {gateway_rate:>9.0} frames/s  ({:.2} of bare)",
         gateway_rate / bare_rate.max(1.0)
     );
-    println!("gateway batches {} ", gateway.status.batches.load(Relaxed));
+    println!(
+        "gateway batches {}, last commit {} µs",
+        gateway.status.batches.load(Relaxed),
+        gateway.status.last_commit_us.load(Relaxed)
+    );
     stop_tx.send(true)?;
     gateway.task.await??;
     Ok(())

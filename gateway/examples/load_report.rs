@@ -54,6 +54,9 @@ struct Step {
     catch_up_s: f64,
     gateway_cpu_pct: f64,
     broker_cpu_pct: f64,
+    /// PostgreSQL's processes together (`--store postgres`).
+    #[serde(default)]
+    db_cpu_pct: f64,
     gateway_rss_mib: f64,
     alarms: usize,
     cases: usize,
@@ -85,6 +88,8 @@ struct Args {
     million: usize,
     /// Redraw the report and plot from an earlier run's `report.json` instead of running.
     from_json: Option<PathBuf>,
+    /// `sqlite` (default) or `postgres` (a durable PostgreSQL started here, fsync on).
+    store: String,
 }
 
 fn parse_args() -> Result<Args> {
@@ -94,6 +99,7 @@ fn parse_args() -> Result<Args> {
         out: PathBuf::from("bench"),
         million: 0,
         from_json: None,
+        store: "sqlite".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -109,9 +115,11 @@ fn parse_args() -> Result<Args> {
             "--out" => args.out = PathBuf::from(value),
             "--million" => args.million = value.parse().context("--million")?,
             "--from-json" => args.from_json = Some(PathBuf::from(value)),
-            other => {
-                bail!("unknown option {other} (--rates, --seconds, --out, --million, --from-json)")
-            }
+            "--store" if value == "sqlite" || value == "postgres" => args.store = value,
+            "--store" => bail!("--store {value:?}: sqlite or postgres"),
+            other => bail!(
+                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --store)"
+            ),
         }
     }
     Ok(args)
@@ -216,11 +224,16 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(dir: &Path, broker: std::net::SocketAddr, grids: &Path) -> Result<Self> {
+    fn start(
+        dir: &Path,
+        broker: std::net::SocketAddr,
+        grids: &Path,
+        store_url: &str,
+    ) -> Result<Self> {
         let http = free_port()?;
         let db = dir.join("gridsense.db");
         let text = format!(
-            "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"gridsense-bench\"\n\n[store]\npath = \"{}\"\n\n\
+            "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"gridsense-bench\"\n\n[store]\npath = \"{}\"\nurl = \"{store_url}\"\n\n\
              [geo]\ngrids = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nauth = \"off\"\n",
             db.display(),
             grids.display()
@@ -307,6 +320,7 @@ async fn wait_stored(gateway: &Gateway, expected: u64, limit: Duration) -> Resul
 }
 
 #[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_arguments)]
 async fn step(
     offered: u64,
     plan: Plan,
@@ -315,7 +329,9 @@ async fn step(
     gateway: &Gateway,
     bare: &AtomicU64,
     seconds: u64,
+    db_pids: &dyn Fn() -> Vec<u32>,
 ) -> Result<Step> {
+    let db_cpu = || db_pids().into_iter().map(cpu_s).sum::<f64>();
     let alarms_client = {
         let mut options = MqttOptions::new(
             format!("alarms-{offered}"),
@@ -339,13 +355,13 @@ async fn step(
     tokio::time::sleep(Duration::from_secs(WARMUP_S)).await;
 
     let (t0, bare0, acc0) = (Instant::now(), bare.load(Relaxed), gateway.accepted()?);
-    let (gw0, br0) = (cpu_s(gateway.pid()), cpu_s(broker.pid()));
+    let (gw0, br0, db0) = (cpu_s(gateway.pid()), cpu_s(broker.pid()), db_cpu());
     let window_end = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let sent = alarms::publish_paced(&alarms_client, covers, ALARM_RATE, Some(window_end)).await?;
     tokio::time::sleep_until(window_end).await;
     let window = t0.elapsed().as_secs_f64();
     let (bare1, acc1) = (bare.load(Relaxed), gateway.accepted()?);
-    let (gw1, br1) = (cpu_s(gateway.pid()), cpu_s(broker.pid()));
+    let (gw1, br1, db1) = (cpu_s(gateway.pid()), cpu_s(broker.pid()), db_cpu());
     let rss = mem_mib(gateway.pid(), "VmRSS:");
 
     let summary = sim.await??;
@@ -386,6 +402,7 @@ async fn step(
         catch_up_s: catch_up,
         gateway_cpu_pct: 100.0 * (gw1 - gw0) / window,
         broker_cpu_pct: 100.0 * (br1 - br0) / window,
+        db_cpu_pct: 100.0 * (db1 - db0).max(0.0) / window,
         gateway_rss_mib: rss,
         alarms: sent.len(),
         cases: latencies.len(),
@@ -406,7 +423,7 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     config.store.path = dir.path().join("gridsense.db");
     app::open_store(&config)?.import(&devices, 0)?;
     drop(devices);
-    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"))?;
+    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), "")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let registered = mem_mib(gateway.pid(), "VmRSS:");
     println!(
@@ -429,7 +446,7 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     );
     gateway.stop()?;
     let started = Instant::now();
-    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"))?;
+    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), "")?;
     let restart_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = mem_mib(gateway.pid(), "VmRSS:");
@@ -593,20 +610,25 @@ fn report(
     let _ = writeln!(md, "# Load report\n");
     let _ = writeln!(
         md,
-        "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process (SQLite store, local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
+        "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process ({} store, local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
         written,
+        if command.contains("--store postgres") {
+            "PostgreSQL (Debian's server on this machine, fsync on)"
+        } else {
+            "SQLite"
+        },
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         mosquitto_version()
     );
     let _ = writeln!(md, "![load plot](load.svg)\n");
     let _ = writeln!(
         md,
-        "| offered/s | bare subscriber/s | gateway durable/s | published | stored | lost | catch-up s | gateway CPU % | broker CPU % | gateway RSS MiB | alarms → cases | p50 ms | p99 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered/s | bare subscriber/s | gateway durable/s | published | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | gateway RSS MiB | alarms → cases | p50 ms | p99 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in steps {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} | {} |",
             s.offered,
             s.bare_per_s,
             s.accepted_per_s,
@@ -616,6 +638,7 @@ fn report(
             s.catch_up_s,
             s.gateway_cpu_pct,
             s.broker_cpu_pct,
+            s.db_cpu_pct,
             s.gateway_rss_mib,
             s.alarms,
             s.cases,
@@ -627,7 +650,7 @@ fn report(
     }
     let _ = writeln!(
         md,
-        "\n\"gateway durable/s\" counts frames committed to SQLite (and then acknowledged) during the window; \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
+        "\n\"gateway durable/s\" counts frames committed to the store (and then acknowledged) during the window; \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
     );
     if let Some(m) = million {
         let _ = writeln!(
@@ -703,14 +726,31 @@ async fn main() -> Result<()> {
     city::generate(5, Counts { covers, drains: slices.iter().sum(), beacons: 0 })
         .write(&city_dir)?;
     let devices = inventory::load(&city_dir.join("devices.json"))?;
+    // PostgreSQL durable (fsync on), as in production; its processes' CPU is measured.
+    let pg = if args.store == "postgres" {
+        if args.million > 0 {
+            bail!("--million runs on SQLite only: give --million 0 with --store postgres");
+        }
+        Some(gridsense_tests::postgres::Postgres::start_durable()?)
+    } else {
+        None
+    };
+    let store_url = match &pg {
+        Some(pg) => pg.database(None)?,
+        None => String::new(),
+    };
+    let db_pids =
+        || pg.as_ref().map(gridsense_tests::postgres::Postgres::server_pids).unwrap_or_default();
     let mut config = Config::default();
     config.store.path = dir.path().join("gridsense.db");
+    config.store.url = store_url.clone();
     app::open_store(&config)?.import(&devices, 0)?;
     let cover_devices: Vec<inventory::Device> =
         devices.iter().filter(|d| d.record.kind == Kind::Cover).cloned().collect();
     let mut plan = fleet::plan(&city_dir, &scenario::load("load")?)?;
     plan.devices.retain(|d| d.record.record.kind == Kind::Drain);
-    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"))?;
+    let gateway =
+        Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), &store_url)?;
     let bare = bare_subscriber(broker.addr());
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -723,16 +763,19 @@ async fn main() -> Result<()> {
             env: plan.env.clone(),
         };
         let covers = cover_devices.get(i * alarms_per_step..).unwrap_or_default();
-        let s = step(*rate, step_plan, covers, &broker, &gateway, &bare, args.seconds).await?;
+        let s = step(*rate, step_plan, covers, &broker, &gateway, &bare, args.seconds, &db_pids)
+            .await?;
         println!(
-            "offered {:>6}/s: bare {:>6.0}/s, gateway {:>6.0}/s durable, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
+            "offered {:>6}/s: bare {:>6.0}/s, gateway {:>6.0}/s durable ({:.2} of bare), lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
             s.offered,
             s.bare_per_s,
             s.accepted_per_s,
+            s.accepted_per_s / s.bare_per_s.max(1.0),
             s.lost,
             s.catch_up_s,
             s.gateway_cpu_pct,
             s.broker_cpu_pct,
+            s.db_cpu_pct,
             s.gateway_rss_mib,
             s.latency_p50_ms,
             s.latency_p99_ms,

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gridsense_protocol::{CounterWindow, DeviceKey};
+use tokio_postgres::types::ToSql;
 
 use super::{Conn, PgStore, e, eui, i, wait};
 use crate::{
@@ -60,6 +61,7 @@ const REJECTS: &str = "INSERT INTO reject_counts (reason, count)
 const DOWNLINK_COUNTERS: &str = "INSERT INTO downlink_counters (eui, next)
     SELECT * FROM unnest($1::bigint[], $2::bigint[])
     ON CONFLICT (eui) DO UPDATE SET next = GREATEST(downlink_counters.next, EXCLUDED.next)";
+const BATCH_TOKEN: &str = "INSERT INTO committed_batches (token) VALUES ($1)";
 const STAT_ADD: &str = "INSERT INTO stats (name, value) VALUES ($1, $2)
     ON CONFLICT (name) DO UPDATE SET value = stats.value + EXCLUDED.value";
 
@@ -107,181 +109,307 @@ impl<'a> HealthColumns<'a> {
     }
 }
 
+/// A batch's telemetry points, column by column.
+#[derive(Default)]
+struct PointColumns<'a> {
+    eui: Vec<i64>,
+    kind: Vec<&'static str>,
+    measurement: Vec<&'static str>,
+    field: Vec<&'static str>,
+    at: Vec<i64>,
+    value: Vec<f64>,
+    grid: Vec<Option<&'a str>>,
+    street: Vec<Option<&'a str>>,
+}
+
+/// Everything of a batch that goes in multi-row statements, column by column.
+#[derive(Default)]
+struct Columns<'a> {
+    counter_eui: Vec<i64>,
+    counter_highest: Vec<Option<i64>>,
+    counter_seen: Vec<i64>,
+    health: HealthColumns<'a>,
+    recent_eui: Vec<i64>,
+    recent_list: Vec<String>,
+    event_eui: Vec<i64>,
+    event_at: Vec<i64>,
+    event_kind: Vec<&'static str>,
+    message_eui: Vec<i64>,
+    message_counter: Vec<i64>,
+    message_at: Vec<i64>,
+    message_kind: Vec<&'static str>,
+    message_body: Vec<String>,
+    telemetry: PointColumns<'a>,
+    audit_at: Vec<i64>,
+    audit_topic: Vec<&'a str>,
+    audit_reason: Vec<&'static str>,
+    audit_eui: Vec<Option<i64>>,
+    audit_raw: Vec<&'a [u8]>,
+    reject_reason: Vec<&'static str>,
+    reject_count: Vec<i64>,
+    downlink_eui: Vec<i64>,
+    downlink_next: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    /// `buffered`: every point goes to the sink's buffer; otherwise the telemetry table, where
+    /// a point replayed within the batch is written once, with its last value (one statement
+    /// may not update a row twice).
+    fn of(batch: &'a Batch, buffered: bool) -> Self {
+        let mut c = Columns { health: HealthColumns::of(&batch.health), ..Columns::default() };
+        for (id, w) in &batch.counters {
+            c.counter_eui.push(e(*id));
+            c.counter_highest.push(w.highest().map(i64::from));
+            c.counter_seen.push(w.seen_bits() as i64);
+        }
+        // As in SQLite: each device's new entries, newest first, in front of its list.
+        let mut sorted: Vec<&RecentFrame> = batch.recent.iter().collect();
+        sorted.reverse();
+        sorted.sort_by_key(|r| r.eui);
+        for group in sorted.chunk_by(|a, b| a.eui == b.eui) {
+            let mut entries = String::new();
+            for r in group {
+                write_recent_hex(r, &mut entries);
+            }
+            if let Some(first) = group.first() {
+                c.recent_eui.push(e(first.eui));
+                c.recent_list.push(entries);
+            }
+        }
+        for v in &batch.events {
+            c.event_eui.push(e(v.eui));
+            c.event_at.push(v.at_ms);
+            c.event_kind.push(v.kind.as_str());
+        }
+        for m in &batch.messages {
+            c.message_eui.push(e(m.eui));
+            c.message_counter.push(i64::from(m.counter));
+            c.message_at.push(m.received_ms);
+            c.message_kind.push(m.kind);
+            // The trace's form of a message: SPEC.md §11's JSON notation.
+            c.message_body.push(serde_json::to_string(&m.message).unwrap_or_default());
+        }
+        let points: Vec<&crate::store::Point> = if buffered {
+            batch.telemetry.iter().collect()
+        } else {
+            let mut last: HashMap<(i64, &str, &str, i64), usize> = HashMap::new();
+            for (n, p) in batch.telemetry.iter().enumerate() {
+                last.insert((e(p.eui), p.measurement, p.field, p.at_ms), n);
+            }
+            let mut rows: Vec<usize> = last.into_values().collect();
+            rows.sort_unstable();
+            rows.iter().filter_map(|&n| batch.telemetry.get(n)).collect()
+        };
+        for p in points {
+            let t = &mut c.telemetry;
+            t.eui.push(e(p.eui));
+            t.kind.push(p.kind.as_str());
+            t.measurement.push(p.measurement);
+            t.field.push(p.field);
+            t.at.push(p.at_ms);
+            t.value.push(p.value);
+            t.grid.push(p.grid.as_deref());
+            t.street.push(p.street.as_deref());
+        }
+        for r in &batch.audit {
+            c.audit_at.push(r.received_ms);
+            c.audit_topic.push(&r.topic);
+            c.audit_reason.push(r.reason);
+            c.audit_eui.push(r.eui.map(e));
+            c.audit_raw.push(&r.raw);
+        }
+        for (reason, n) in &batch.rejects {
+            c.reject_reason.push(reason);
+            c.reject_count.push(i(*n));
+        }
+        for (id, next) in &batch.downlink_counters {
+            c.downlink_eui.push(e(*id));
+            c.downlink_next.push(i64::from(*next));
+        }
+        c
+    }
+}
+
 impl PgStore {
+    /// Writes a batch in one transaction whose bulk statements are pipelined: BEGIN and every
+    /// multi-row statement go out together and their answers come back together — one round
+    /// trip instead of one per table (a round trip costs a scheduling of three processes,
+    /// milliseconds on a loaded machine). The rare per-row writes (cases, requests, fixes)
+    /// follow, then COMMIT. A failure anywhere rolls the transaction back.
     fn commit_in(&self, c: &mut Conn, batch: &Batch, token: i64) -> Result<(), StoreError> {
         let s = |c: &mut Conn, sql| c.statement(sql);
         let (counters, health, recent, events, messages) =
             (s(c, COUNTERS)?, s(c, HEALTH)?, s(c, RECENT)?, s(c, EVENTS)?, s(c, MESSAGES)?);
         let (buffer, buffer_trim, telemetry, audit, audit_trim) =
             (s(c, BUFFER)?, s(c, BUFFER_TRIM)?, s(c, TELEMETRY)?, s(c, AUDIT)?, s(c, AUDIT_TRIM)?);
-        let (rejects, downlink_counters, stat_add) =
-            (s(c, REJECTS)?, s(c, DOWNLINK_COUNTERS)?, s(c, STAT_ADD)?);
-        let tx = wait(c.transaction())?;
-        if !batch.counters.is_empty() {
-            let (mut a, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new());
-            for (id, w) in &batch.counters {
-                a.push(e(*id));
-                b.push(w.highest().map(i64::from));
-                d.push(w.seen_bits() as i64);
+        let (rejects, downlink_counters, stat_add, batch_token) =
+            (s(c, REJECTS)?, s(c, DOWNLINK_COUNTERS)?, s(c, STAT_ADD)?, s(c, BATCH_TOKEN)?);
+        let cols = Columns::of(batch, self.buffer_max.is_some());
+        let keep = i32::try_from(RECENT_FRAME_SLOTS * RECENT_ENTRY_HEX).unwrap_or(i32::MAX);
+        let (audit_max, buffer_max) = (i(self.audit_max), self.buffer_max.map(i));
+        let accepted = i(batch.accepted);
+        let result = (|| -> Result<(), StoreError> {
+            type Pending<'a> =
+                std::pin::Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + 'a>>;
+            let client: &tokio_postgres::Client = c;
+            let mut bulk: Vec<Pending<'_>> =
+                vec![Box::pin(async { client.batch_execute("BEGIN").await.map(|()| 0) })];
+            macro_rules! run {
+                ($stmt:expr, vec![$($p:expr),* $(,)?]) => {{
+                    let params: Vec<&(dyn ToSql + Sync)> = vec![$($p),*];
+                    let stmt = &$stmt;
+                    bulk.push(Box::pin(async move { client.execute(stmt, &params).await }));
+                }};
             }
-            wait(tx.execute(&counters, &[&a, &b, &d]))?;
-        }
-        if !batch.health.is_empty() {
-            let h = HealthColumns::of(&batch.health);
-            wait(tx.execute(
-                &health,
-                &[
-                    &h.eui,
-                    &h.kind,
-                    &h.last_seen,
-                    &h.last_counter,
-                    &h.battery,
-                    &h.rssi,
-                    &h.temperature,
-                    &h.firmware,
-                    &h.uptime,
-                    &h.frames,
-                    &h.rejects,
-                    &h.skipped,
-                    &h.online,
-                    &h.low_battery,
-                    &h.deadline,
-                ],
-            ))?;
-        }
-        if !batch.recent.is_empty() {
-            // As in SQLite: each device's new entries, newest first, in front of its list.
-            let mut sorted: Vec<&RecentFrame> = batch.recent.iter().collect();
-            sorted.reverse();
-            sorted.sort_by_key(|r| r.eui);
-            let (mut ids, mut lists) = (Vec::new(), Vec::new());
-            for group in sorted.chunk_by(|a, b| a.eui == b.eui) {
-                let mut entries = String::new();
-                for r in group {
-                    write_recent_hex(r, &mut entries);
-                }
-                if let Some(first) = group.first() {
-                    ids.push(e(first.eui));
-                    lists.push(entries);
+            let h = &cols.health;
+            if !cols.counter_eui.is_empty() {
+                run!(counters, vec![&cols.counter_eui, &cols.counter_highest, &cols.counter_seen]);
+            }
+            if !h.eui.is_empty() {
+                run!(
+                    health,
+                    vec![
+                        &h.eui,
+                        &h.kind,
+                        &h.last_seen,
+                        &h.last_counter,
+                        &h.battery,
+                        &h.rssi,
+                        &h.temperature,
+                        &h.firmware,
+                        &h.uptime,
+                        &h.frames,
+                        &h.rejects,
+                        &h.skipped,
+                        &h.online,
+                        &h.low_battery,
+                        &h.deadline,
+                    ]
+                );
+            }
+            if !cols.recent_eui.is_empty() {
+                run!(recent, vec![&cols.recent_eui, &cols.recent_list, &keep]);
+            }
+            if !cols.event_eui.is_empty() {
+                run!(events, vec![&cols.event_eui, &cols.event_at, &cols.event_kind]);
+            }
+            if !cols.message_eui.is_empty() {
+                run!(
+                    messages,
+                    vec![
+                        &cols.message_eui,
+                        &cols.message_counter,
+                        &cols.message_at,
+                        &cols.message_kind,
+                        &cols.message_body,
+                    ]
+                );
+            }
+            let t = &cols.telemetry;
+            if !t.eui.is_empty() {
+                match &buffer_max {
+                    Some(max) => {
+                        run!(
+                            buffer,
+                            vec![
+                                &t.eui,
+                                &t.kind,
+                                &t.measurement,
+                                &t.field,
+                                &t.at,
+                                &t.value,
+                                &t.grid,
+                                &t.street,
+                            ]
+                        );
+                        // Full: the oldest points go (rows leave from the head only).
+                        run!(buffer_trim, vec![max]);
+                    }
+                    None => run!(
+                        telemetry,
+                        vec![&t.eui, &t.measurement, &t.field, &t.at, &t.value, &t.grid,]
+                    ),
                 }
             }
-            let keep = i32::try_from(RECENT_FRAME_SLOTS * RECENT_ENTRY_HEX).unwrap_or(i32::MAX);
-            wait(tx.execute(&recent, &[&ids, &lists, &keep]))?;
-        }
-        if !batch.events.is_empty() {
-            let a: Vec<i64> = batch.events.iter().map(|v| e(v.eui)).collect();
-            let b: Vec<i64> = batch.events.iter().map(|v| v.at_ms).collect();
-            let d: Vec<&str> = batch.events.iter().map(|v| v.kind.as_str()).collect();
-            wait(tx.execute(&events, &[&a, &b, &d]))?;
-        }
-        if !batch.messages.is_empty() {
-            let m = &batch.messages;
-            let a: Vec<i64> = m.iter().map(|v| e(v.eui)).collect();
-            let b: Vec<i64> = m.iter().map(|v| i64::from(v.counter)).collect();
-            let d: Vec<i64> = m.iter().map(|v| v.received_ms).collect();
-            let k: Vec<&str> = m.iter().map(|v| v.kind).collect();
-            // The trace's form of a message: SPEC.md §11's JSON notation.
-            let body: Vec<String> =
-                m.iter().map(|v| serde_json::to_string(&v.message).unwrap_or_default()).collect();
-            wait(tx.execute(&messages, &[&a, &b, &d, &k, &body]))?;
-        }
-        if !batch.telemetry.is_empty() {
-            let t = &batch.telemetry;
-            if let Some(max) = self.buffer_max {
-                let a: Vec<i64> = t.iter().map(|p| e(p.eui)).collect();
-                let k: Vec<&str> = t.iter().map(|p| p.kind.as_str()).collect();
-                let m: Vec<&str> = t.iter().map(|p| p.measurement).collect();
-                let f: Vec<&str> = t.iter().map(|p| p.field).collect();
-                let at: Vec<i64> = t.iter().map(|p| p.at_ms).collect();
-                let v: Vec<f64> = t.iter().map(|p| p.value).collect();
-                let g: Vec<Option<&str>> = t.iter().map(|p| p.grid.as_deref()).collect();
-                let st: Vec<Option<&str>> = t.iter().map(|p| p.street.as_deref()).collect();
-                wait(tx.execute(&buffer, &[&a, &k, &m, &f, &at, &v, &g, &st]))?;
-                // Full: the oldest points go, counted (rows leave from the head only).
-                let dropped = wait(tx.execute(&buffer_trim, &[&i(max)]))?;
+            if !cols.audit_at.is_empty() {
+                run!(
+                    audit,
+                    vec![
+                        &cols.audit_at,
+                        &cols.audit_topic,
+                        &cols.audit_reason,
+                        &cols.audit_eui,
+                        &cols.audit_raw,
+                    ]
+                );
+                run!(audit_trim, vec![&audit_max]);
+            }
+            if !cols.reject_reason.is_empty() {
+                run!(rejects, vec![&cols.reject_reason, &cols.reject_count]);
+            }
+            if !cols.downlink_eui.is_empty() {
+                run!(downlink_counters, vec![&cols.downlink_eui, &cols.downlink_next]);
+            }
+            if batch.accepted > 0 {
+                run!(stat_add, vec![&"accepted", &accepted]);
+            }
+            run!(batch_token, vec![&token]);
+            let counts = wait(futures::future::try_join_all(bulk))?;
+            if buffer_max.is_some() && !t.eui.is_empty() {
+                // The trim's count: the position of its statement among the answers.
+                let trim_at = 1
+                    + usize::from(!cols.counter_eui.is_empty())
+                    + usize::from(!h.eui.is_empty())
+                    + usize::from(!cols.recent_eui.is_empty())
+                    + usize::from(!cols.event_eui.is_empty())
+                    + usize::from(!cols.message_eui.is_empty())
+                    + 1;
+                let dropped = counts.get(trim_at).copied().unwrap_or(0);
                 if dropped > 0 {
-                    wait(tx.execute(&stat_add, &[&"telemetry_dropped", &(dropped as i64)]))?;
+                    wait(client.execute(&stat_add, &[&"telemetry_dropped", &(dropped as i64)]))?;
                 }
-            } else {
-                // A replayed point overwrites itself; twice in one statement it may not, so
-                // the batch's last value of each point is the one written (as in SQLite).
-                let mut last: HashMap<(i64, &str, &str, i64), usize> = HashMap::new();
-                for (n, p) in t.iter().enumerate() {
-                    last.insert((e(p.eui), p.measurement, p.field, p.at_ms), n);
-                }
-                let mut rows: Vec<usize> = last.into_values().collect();
-                rows.sort_unstable();
-                let pick = |f: &dyn Fn(&crate::store::Point) -> i64| -> Vec<i64> {
-                    rows.iter().filter_map(|&n| t.get(n)).map(f).collect()
-                };
-                let a = pick(&|p| e(p.eui));
-                let at = pick(&|p| p.at_ms);
-                let m: Vec<&str> =
-                    rows.iter().filter_map(|&n| t.get(n)).map(|p| p.measurement).collect();
-                let f: Vec<&str> = rows.iter().filter_map(|&n| t.get(n)).map(|p| p.field).collect();
-                let v: Vec<f64> = rows.iter().filter_map(|&n| t.get(n)).map(|p| p.value).collect();
-                let g: Vec<Option<&str>> =
-                    rows.iter().filter_map(|&n| t.get(n)).map(|p| p.grid.as_deref()).collect();
-                wait(tx.execute(&telemetry, &[&a, &m, &f, &at, &v, &g]))?;
             }
+            for update in &batch.request_updates {
+                match update {
+                    RequestUpdate::Sent { id, counter, at_ms, attempts } => wait(client.execute(
+                        "UPDATE requests SET counter = $2, sent_ms = $3, attempts = $4 WHERE id = $1",
+                        &[id, &i64::from(*counter), at_ms, &i64::from(*attempts)],
+                    ))?,
+                    RequestUpdate::Done { id, at_ms, outcome } => wait(client.execute(
+                        "UPDATE requests SET done_ms = $2, outcome = $3 WHERE id = $1",
+                        &[id, at_ms, outcome],
+                    ))?,
+                };
+            }
+            super::simple::write_case_effects(client, &batch.rule_states, &batch.cases)?;
+            for (id, (lat, lon, at, grid)) in &batch.fixes {
+                wait(client.execute(
+                    "INSERT INTO beacon_fix (eui, lat, lon, at_ms, grid_code) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (eui) DO UPDATE SET lat = EXCLUDED.lat, lon = EXCLUDED.lon,
+                        at_ms = EXCLUDED.at_ms, grid_code = EXCLUDED.grid_code
+                     WHERE EXCLUDED.at_ms >= beacon_fix.at_ms",
+                    &[&e(*id), lat, lon, at, grid],
+                ))?;
+            }
+            let n = self.commits.get().wrapping_add(1);
+            self.commits.set(n);
+            if n.is_multiple_of(1_000) {
+                // Kept an hour: far longer than any retry of a batch waits.
+                wait(client.execute(
+                    "DELETE FROM committed_batches WHERE committed_at < now() - interval '1 hour'",
+                    &[],
+                ))?;
+            }
+            // COMMIT of a transaction that failed answers ROLLBACK, not an error: every
+            // statement's answer was checked above.
+            wait(client.batch_execute("COMMIT"))?;
+            Ok(())
+        })();
+        if result.is_err() && !c.is_closed() {
+            // Best effort: a dead connection is made again on the next call anyway.
+            let _ = wait(c.batch_execute("ROLLBACK"));
         }
-        if !batch.audit.is_empty() {
-            let au = &batch.audit;
-            let a: Vec<i64> = au.iter().map(|r| r.received_ms).collect();
-            let t: Vec<&str> = au.iter().map(|r| r.topic.as_str()).collect();
-            let r: Vec<&str> = au.iter().map(|r| r.reason).collect();
-            let d: Vec<Option<i64>> = au.iter().map(|r| r.eui.map(e)).collect();
-            let raw: Vec<&[u8]> = au.iter().map(|r| r.raw.as_slice()).collect();
-            wait(tx.execute(&audit, &[&a, &t, &r, &d, &raw]))?;
-            wait(tx.execute(&audit_trim, &[&i(self.audit_max)]))?;
-        }
-        if !batch.rejects.is_empty() {
-            let a: Vec<&str> = batch.rejects.keys().copied().collect();
-            let b: Vec<i64> = batch.rejects.values().map(|n| i(*n)).collect();
-            wait(tx.execute(&rejects, &[&a, &b]))?;
-        }
-        if !batch.downlink_counters.is_empty() {
-            let a: Vec<i64> = batch.downlink_counters.keys().map(|id| e(*id)).collect();
-            let b: Vec<i64> = batch.downlink_counters.values().map(|n| i64::from(*n)).collect();
-            wait(tx.execute(&downlink_counters, &[&a, &b]))?;
-        }
-        for update in &batch.request_updates {
-            match update {
-                RequestUpdate::Sent { id, counter, at_ms, attempts } => wait(tx.execute(
-                    "UPDATE requests SET counter = $2, sent_ms = $3, attempts = $4 WHERE id = $1",
-                    &[id, &i64::from(*counter), at_ms, &i64::from(*attempts)],
-                ))?,
-                RequestUpdate::Done { id, at_ms, outcome } => wait(tx.execute(
-                    "UPDATE requests SET done_ms = $2, outcome = $3 WHERE id = $1",
-                    &[id, at_ms, outcome],
-                ))?,
-            };
-        }
-        super::simple::write_case_effects(&tx, &batch.rule_states, &batch.cases)?;
-        for (id, (lat, lon, at, grid)) in &batch.fixes {
-            wait(tx.execute(
-                "INSERT INTO beacon_fix (eui, lat, lon, at_ms, grid_code) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (eui) DO UPDATE SET lat = EXCLUDED.lat, lon = EXCLUDED.lon,
-                    at_ms = EXCLUDED.at_ms, grid_code = EXCLUDED.grid_code
-                 WHERE EXCLUDED.at_ms >= beacon_fix.at_ms",
-                &[&e(*id), lat, lon, at, grid],
-            ))?;
-        }
-        if batch.accepted > 0 {
-            wait(tx.execute(&stat_add, &[&"accepted", &i(batch.accepted)]))?;
-        }
-        wait(tx.execute("INSERT INTO committed_batches (token) VALUES ($1)", &[&token]))?;
-        let n = self.commits.get().wrapping_add(1);
-        self.commits.set(n);
-        if n.is_multiple_of(1_000) {
-            // Kept an hour: far longer than any retry of a batch waits.
-            wait(tx.execute(
-                "DELETE FROM committed_batches WHERE committed_at < now() - interval '1 hour'",
-                &[],
-            ))?;
-        }
-        wait(tx.commit())?;
-        Ok(())
+        result
     }
 
     /// Active devices' sites (`after`: only those changed after that registry position).
@@ -290,20 +418,23 @@ impl PgStore {
         after: Option<i64>,
         f: &mut dyn FnMut(gridsense_protocol::Eui, Site, Attributes),
     ) -> Result<(), StoreError> {
-        let rows = self.with(|c| {
-            let base = "SELECT eui, kind, lat, lon, component_code, minor_class, warn_mm, alarm_mm, well_depth_mm
-                        FROM devices WHERE status = 'active'";
-            Ok(match after {
-                None => wait(c.query(base, &[]))?,
-                Some(a) => wait(c.query(
-                    &format!(
-                        "{base} AND eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > $1)"
-                    ),
-                    &[&a],
-                ))?,
-            })
-        })?;
-        for r in rows {
+        let base = "SELECT eui, kind, lat, lon, component_code, minor_class, warn_mm, alarm_mm, well_depth_mm
+                    FROM devices WHERE status = 'active'";
+        let (sql, a);
+        let params: &[&(dyn ToSql + Sync)] = match after {
+            None => {
+                sql = base.to_owned();
+                &[]
+            }
+            Some(after) => {
+                sql = format!(
+                    "{base} AND eui IN (SELECT DISTINCT eui FROM registry_log WHERE id > $1)"
+                );
+                a = after;
+                &[&a]
+            }
+        };
+        self.each_row(&sql, params, &mut |r| {
             let kind: String = r.get(1);
             let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
                 table: "devices",
@@ -320,18 +451,18 @@ impl PgStore {
             let attrs =
                 Attributes { warn_mm: level(6), alarm_mm: level(7), well_depth_mm: level(8) };
             f(eui(r.get(0)), site, attrs);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
 impl IngestStore for PgStore {
     fn registry(&self) -> Result<Vec<Registered>, StoreError> {
-        let rows = self.with(|c| {
-            Ok(wait(c.query("SELECT eui, kind, key FROM devices WHERE status = 'active'", &[]))?)
-        })?;
-        rows.iter()
-            .map(|r| {
+        let mut out = Vec::new();
+        self.each_row(
+            "SELECT eui, kind, key FROM devices WHERE status = 'active'",
+            &[],
+            &mut |r| {
                 let id = eui(r.get(0));
                 let kind: String = r.get(1);
                 let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
@@ -339,9 +470,11 @@ impl IngestStore for PgStore {
                     what: format!("kind {kind:?}"),
                 })?;
                 let key = self.keys.open_key(id, r.get(2))?;
-                Ok(Registered { eui: id, kind, key: DeviceKey::from_bytes(key) })
-            })
-            .collect()
+                out.push(Registered { eui: id, kind, key: DeviceKey::from_bytes(key) });
+                Ok(())
+            },
+        )?;
+        Ok(out)
     }
 
     fn open_requests(
@@ -441,36 +574,29 @@ impl IngestStore for PgStore {
     }
 
     fn counters(&self) -> Result<Vec<(gridsense_protocol::Eui, CounterWindow)>, StoreError> {
-        self.with(|c| {
-            Ok(wait(c.query("SELECT eui, highest, seen FROM counters", &[]))?
-                .iter()
-                .map(|r| {
-                    let highest: Option<i64> = r.get(1);
-                    (
-                        eui(r.get(0)),
-                        CounterWindow::from_parts(
-                            highest.and_then(|h| u32::try_from(h).ok()),
-                            r.get::<_, i64>(2) as u64,
-                        ),
-                    )
-                })
-                .collect())
-        })
+        let mut out = Vec::new();
+        self.each_row("SELECT eui, highest, seen FROM counters", &[], &mut |r| {
+            let highest: Option<i64> = r.get(1);
+            out.push((
+                eui(r.get(0)),
+                CounterWindow::from_parts(
+                    highest.and_then(|h| u32::try_from(h).ok()),
+                    r.get::<_, i64>(2) as u64,
+                ),
+            ));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn each_health(
         &self,
         f: &mut dyn FnMut(gridsense_protocol::Eui, DeviceHealth),
     ) -> Result<(), StoreError> {
-        let rows = self.with(|c| {
-            Ok(wait(c.query(
-                "SELECT eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm, temperature_dc,
-                        firmware, uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms
-                 FROM health",
-                &[],
-            ))?)
-        })?;
-        for r in rows {
+        let sql = "SELECT eui, kind, last_seen_ms, last_counter, battery_mv, rssi_dbm, temperature_dc,
+                       firmware, uptime_s, frames, rejects, skipped, online, low_battery, deadline_ms
+                   FROM health";
+        self.each_row(sql, &[], &mut |r| {
             let kind: String = r.get(1);
             let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
                 table: "health",
@@ -496,8 +622,8 @@ impl IngestStore for PgStore {
                     deadline_ms: r.get(14),
                 },
             );
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// A batch is applied once: its token is written in its transaction, and a retry after a
@@ -556,17 +682,15 @@ impl IngestStore for PgStore {
         &self,
         f: &mut dyn FnMut(gridsense_protocol::Eui, &str, RuleState),
     ) -> Result<(), StoreError> {
-        let rows =
-            self.with(|c| Ok(wait(c.query("SELECT eui, rule, state FROM rule_state", &[]))?))?;
-        for r in rows {
+        self.each_row("SELECT eui, rule, state FROM rule_state", &[], &mut |r| {
             let rule: &str = r.get(1);
             let state = serde_json::from_str(r.get(2)).map_err(|e| StoreError::BadRow {
                 table: "rule_state",
                 what: format!("{rule}: {e}"),
             })?;
             f(eui(r.get(0)), rule, state);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn sequences(&self) -> Result<Sequences, StoreError> {

@@ -255,6 +255,32 @@ impl PgStore {
         f(conn)
     }
 
+    /// Runs `sql` and hands each row to `f`, fetched through a portal 10,000 rows at a time:
+    /// a restore of a million devices never holds all their rows at once.
+    pub(crate) fn each_row(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        f: &mut dyn FnMut(&tokio_postgres::Row) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = wait(c.transaction())?;
+            let stmt = wait(tx.prepare(sql))?;
+            let portal = wait(tx.bind(&stmt, params))?;
+            loop {
+                let rows = wait(tx.query_portal(&portal, 10_000))?;
+                if rows.is_empty() {
+                    break;
+                }
+                for r in &rows {
+                    f(r)?;
+                }
+            }
+            wait(tx.commit())?;
+            Ok(())
+        })
+    }
+
     /// The schema version of the database (0: empty).
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         self.with(|c| {

@@ -137,24 +137,49 @@ impl TelemetryBuffer for PgStore {
 /// Writes a batch's rule states and case effects in its transaction (rare rows: one statement
 /// each, prepared by the server's plan cache for the connection).
 pub(super) fn write_case_effects(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &tokio_postgres::Client,
     rule_states: &[(gridsense_protocol::Eui, String, Option<crate::rules::RuleState>)],
     fx: &crate::cases::Effects,
 ) -> Result<(), StoreError> {
     use crate::{cases::CaseState, rules::Severity};
 
     use super::e;
-    for (id, rule, state) in rule_states {
+    // Rule states change with most frames (hold timers, levels): two multi-row statements,
+    // the batch's last state of each (device, rule) written.
+    let mut last: std::collections::HashMap<(i64, &str), usize> = std::collections::HashMap::new();
+    for (n, (id, rule, _)) in rule_states.iter().enumerate() {
+        last.insert((e(*id), rule.as_str()), n);
+    }
+    let mut rows: Vec<usize> = last.into_values().collect();
+    rows.sort_unstable();
+    let (mut put_eui, mut put_rule, mut put_state) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut del_eui, mut del_rule) = (Vec::new(), Vec::new());
+    for (id, rule, state) in rows.iter().filter_map(|&n| rule_states.get(n)) {
         match state {
-            Some(state) => wait(tx.execute(
-                "INSERT INTO rule_state (eui, rule, state) VALUES ($1, $2, $3)
-                 ON CONFLICT (eui, rule) DO UPDATE SET state = EXCLUDED.state",
-                &[&e(*id), rule, &serde_json::to_string(state).unwrap_or_default()],
-            ))?,
-            None => wait(
-                tx.execute("DELETE FROM rule_state WHERE eui = $1 AND rule = $2", &[&e(*id), rule]),
-            )?,
-        };
+            Some(state) => {
+                put_eui.push(e(*id));
+                put_rule.push(rule.as_str());
+                put_state.push(serde_json::to_string(state).unwrap_or_default());
+            }
+            None => {
+                del_eui.push(e(*id));
+                del_rule.push(rule.as_str());
+            }
+        }
+    }
+    if !put_eui.is_empty() {
+        wait(tx.execute(
+            "INSERT INTO rule_state (eui, rule, state)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])
+             ON CONFLICT (eui, rule) DO UPDATE SET state = EXCLUDED.state",
+            &[&put_eui, &put_rule, &put_state],
+        ))?;
+    }
+    if !del_eui.is_empty() {
+        wait(tx.execute(
+            "DELETE FROM rule_state WHERE (eui, rule) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))",
+            &[&del_eui, &del_rule],
+        ))?;
     }
     if fx.is_empty() {
         return Ok(());
