@@ -414,16 +414,20 @@ async fn step(
 }
 
 /// The gateway restarted on a registry of `n` devices; each then reports once.
-async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
+async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Million> {
     let dir = tempfile::tempdir()?;
     let city_dir = dir.path().join("city");
     city::generate(11, Counts { covers: 0, drains: n, beacons: 0 }).write(&city_dir)?;
     let devices = inventory::load(&city_dir.join("devices.json"))?;
     let mut config = Config::default();
     config.store.path = dir.path().join("gridsense.db");
+    config.store.url = store_url.to_owned();
+    let started = Instant::now();
     app::open_store(&config)?.import(&devices, 0)?;
+    println!("million: {n} devices imported in {:.1} s", started.elapsed().as_secs_f64());
     drop(devices);
-    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), "")?;
+    let gateway =
+        Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), store_url)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let registered = mem_mib(gateway.pid(), "VmRSS:");
     println!(
@@ -446,7 +450,8 @@ async fn million(n: usize, broker: &Mosquitto) -> Result<Million> {
     );
     gateway.stop()?;
     let started = Instant::now();
-    let gateway = Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), "")?;
+    let gateway =
+        Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), store_url)?;
     let restart_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = mem_mib(gateway.pid(), "VmRSS:");
@@ -728,9 +733,6 @@ async fn main() -> Result<()> {
     let devices = inventory::load(&city_dir.join("devices.json"))?;
     // PostgreSQL durable (fsync on), as in production; its processes' CPU is measured.
     let pg = if args.store == "postgres" {
-        if args.million > 0 {
-            bail!("--million runs on SQLite only: give --million 0 with --store postgres");
-        }
         Some(gridsense_tests::postgres::Postgres::start_durable()?)
     } else {
         None
@@ -787,7 +789,15 @@ async fn main() -> Result<()> {
         steps.push(s);
     }
     gateway.stop()?;
-    let million = if args.million > 0 { Some(million(args.million, &broker).await?) } else { None };
+    let million = if args.million > 0 {
+        let url = match &pg {
+            Some(pg) => pg.database(None)?,
+            None => String::new(),
+        };
+        Some(million(args.million, &broker, &url).await?)
+    } else {
+        None
+    };
 
     std::fs::create_dir_all(&args.out)?;
     let command =
