@@ -617,13 +617,13 @@ fn report(
         md,
         "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process ({} store, local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
         written,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        mosquitto_version(),
         if command.contains("--store postgres") {
             "PostgreSQL (Debian's server on this machine, fsync on)"
         } else {
             "SQLite"
-        },
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        mosquitto_version()
+        }
     );
     let _ = writeln!(md, "![load plot](load.svg)\n");
     let _ = writeln!(

@@ -363,6 +363,9 @@ pub struct Store {
     /// (multi-host with `target_session_attrs=read-write` follows a promoted standby). Set, it
     /// wins over `path` and nothing is written to SQLite.
     pub url: String,
+    /// The CA that signed the PostgreSQL server's certificate (PEM): set, the connection is
+    /// TLS and the certificate and host name are verified (libpq's `verify-full`).
+    pub ca_file: PathBuf,
     /// Durability of a commit.
     pub synchronous: Synchronous,
     /// Most frames committed in one transaction.
@@ -401,6 +404,7 @@ impl Default for Store {
             telemetry_retention_days: 30,
             key_file: PathBuf::new(),
             url: String::new(),
+            ca_file: PathBuf::new(),
         }
     }
 }

@@ -483,3 +483,28 @@ fn a_runtime_role_without_ddl_rights_runs_a_migrated_database() {
         .expect_err("no DDL for the runtime role");
     assert!(denied.to_string().contains("permission denied"), "{denied}");
 }
+
+#[test]
+fn tls_to_postgres_verifies_the_server_and_never_falls_back_to_plain() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = gridsense_tests::TestPki::generate(dir.path()).expect("pki");
+    let pg = Postgres::start_tls(&pki.cert, &pki.key).expect("PostgreSQL with TLS");
+    let key = dir.path().join("k");
+    let url = pg.database(None).expect("db").replace("@127.0.0.1:", "@localhost:");
+    let mut s = PgStore::open_tls(&url, &key, 3, Some(&pki.ca)).expect("TLS with the right CA");
+    s.import(&inventory(1, 4), 0).expect("import over TLS");
+    let ssl: String = pg
+        .psql("postgres", "SELECT string_agg(ssl::text, ',') FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'gridsense'")
+        .expect("pg_stat_ssl");
+    assert!(ssl.contains("true") && !ssl.contains("false"), "the store's connection is TLS: {ssl}");
+    let wrong = PgStore::open_tls(&url, &key, 3, Some(&pki.other_ca)).expect_err("another CA");
+    assert!(wrong.to_string().contains("cannot connect"), "{wrong}");
+    let required = format!("{url}?sslmode=require");
+    let e = PgStore::open(&required, &key, 3).expect_err("require without a CA").to_string();
+    assert!(e.contains("store.ca_file"), "{e}");
+    // A server without TLS, with a CA configured: refused, not plain.
+    let plain = Postgres::start().expect("PostgreSQL without TLS");
+    let url = plain.database(None).expect("db").replace("@127.0.0.1:", "@localhost:");
+    let e = PgStore::open_tls(&url, &key, 3, Some(&pki.ca)).expect_err("no TLS there").to_string();
+    assert!(e.contains("cannot connect"), "{e}");
+}

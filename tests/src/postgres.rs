@@ -73,6 +73,8 @@ pub struct Postgres {
     data: PathBuf,
     port: u16,
     durable: bool,
+    /// Extra server options (`-c name=value …`).
+    extra: String,
 }
 
 static DATABASES: AtomicU32 = AtomicU32::new(0);
@@ -129,7 +131,7 @@ impl Postgres {
             .output(),
         )?;
         let port = free_port()?;
-        let mut pg = Postgres { bin, dir, data, port, durable };
+        let mut pg = Postgres { bin, dir, data, port, durable, extra: String::new() };
         pg.start_server()?;
         Ok(pg)
     }
@@ -140,7 +142,7 @@ impl Postgres {
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c full_page_writes={fsync} -c max_connections=200 -c shared_buffers=64MB",
             self.port,
             self.dir.path().display(),
-        );
+        ) + &self.extra;
         let log = self.dir.path().join("server.log");
         let (data, log) =
             (self.data.to_str().context("path")?, log.to_str().context("path")?.to_owned());
@@ -153,6 +155,26 @@ impl Postgres {
             .output(),
         )?;
         wait_until_listening(self.addr())
+    }
+
+    /// Starts a cluster that also accepts TLS, with this certificate and key (PEM).
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<Self> {
+        let mut pg = Self::start_with(false)?;
+        pg.stop_immediate()?;
+        let (c, k) = (pg.dir.path().join("server.crt"), pg.dir.path().join("server.key"));
+        std::fs::copy(cert, &c)?;
+        std::fs::copy(key, &k)?;
+        std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        if is_root() {
+            checked(
+                "chown",
+                Command::new("chown").args(["postgres:postgres"]).arg(&c).arg(&k).output(),
+            )?;
+        }
+        pg.extra =
+            format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", c.display(), k.display());
+        pg.start_server()?;
+        Ok(pg)
     }
 
     /// The server's address.

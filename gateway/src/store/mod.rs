@@ -898,7 +898,8 @@ pub fn open(
     ingest: bool,
 ) -> Result<(Box<dyn Backend>, Option<IngestGuard>), StoreError> {
     if !c.url.is_empty() {
-        let mut s = postgres::PgStore::open(&c.url, &c.key_file(), c.audit_max)?;
+        let ca = (!c.ca_file.as_os_str().is_empty()).then_some(c.ca_file.as_path());
+        let mut s = postgres::PgStore::open_tls(&c.url, &c.key_file(), c.audit_max, ca)?;
         if let Some(max) = buffer_max {
             s.buffer_telemetry(max);
         }

@@ -131,6 +131,7 @@ impl std::ops::DerefMut for Conn {
 pub struct PgStore {
     conn: RefCell<Option<Conn>>,
     config: tokio_postgres::Config,
+    security: Security,
     target: String,
     pub(crate) keys: KeyRing,
     pub(crate) audit_max: u64,
@@ -153,9 +154,22 @@ pub(crate) fn wait<T>(f: impl Future<Output = T>) -> T {
     futures::executor::block_on(f)
 }
 
-fn connect(config: &tokio_postgres::Config, target: &str) -> Result<Conn, StoreError> {
+/// How a connection is secured: TLS verifying the server's certificate chain against a CA and
+/// its name against the host dialled (libpq's `verify-full`), or plain (loopback, a socket).
+#[derive(Clone)]
+pub(crate) enum Security {
+    Plain,
+    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+fn connect(
+    config: &tokio_postgres::Config,
+    target: &str,
+    security: &Security,
+) -> Result<Conn, StoreError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let config = config.clone();
+    let security = security.clone();
     let driver = std::thread::Builder::new()
         .name("postgres".into())
         .spawn(move || {
@@ -167,16 +181,29 @@ fn connect(config: &tokio_postgres::Config, target: &str) -> Result<Conn, StoreE
                 }
             };
             rt.block_on(async move {
-                match config.connect(NoTls).await {
-                    Ok((client, connection)) => {
-                        let _ = tx.send(Ok(client));
-                        if let Err(e) = connection.await {
-                            tracing::warn!("PostgreSQL connection: {}", describe(&e));
+                // Each arm runs its connection to the end (the client's drop ends it).
+                let ended = match security {
+                    Security::Plain => match config.connect(NoTls).await {
+                        Ok((client, connection)) => {
+                            let _ = tx.send(Ok(client));
+                            connection.await
                         }
+                        Err(e) => Err(e),
+                    },
+                    Security::Tls(tls) => match config.connect(tls).await {
+                        Ok((client, connection)) => {
+                            let _ = tx.send(Ok(client));
+                            connection.await
+                        }
+                        Err(e) => Err(e),
+                    },
+                };
+                if let Err(e) = ended {
+                    // Before the client was sent, the opener hears why; after, it is logged.
+                    if tx.send(Err(describe(&e))).is_ok() {
+                        return;
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(describe(&e)));
-                    }
+                    tracing::warn!("PostgreSQL connection: {}", describe(&e));
                 }
             });
         })
@@ -196,9 +223,21 @@ fn connect(config: &tokio_postgres::Config, target: &str) -> Result<Conn, StoreE
 }
 
 impl PgStore {
-    /// Connects to `url`, brings the schema up to date and checks the key that seals device
-    /// secrets (`key_file`, created when absent).
+    /// Connects to `url` (plain: TLS needs a CA, [`PgStore::open_tls`]), brings the schema up
+    /// to date and checks the key that seals device secrets (`key_file`, created when absent).
     pub fn open(url: &str, key_file: &Path, audit_max: u64) -> Result<Self, StoreError> {
+        Self::open_tls(url, key_file, audit_max, None)
+    }
+
+    /// [`PgStore::open`], over TLS when `ca_file` is given (or the URL says `sslmode=require`,
+    /// which then needs it): the server's certificate must chain to that CA and name the host
+    /// dialled (libpq's `verify-full`); with a CA the connection is never plain.
+    pub fn open_tls(
+        url: &str,
+        key_file: &Path,
+        audit_max: u64,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         let target = redacted(url);
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Postgres {
             what: format!("store.url {target}: {e}"),
@@ -207,20 +246,36 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(StoreError::Postgres {
-                what: format!(
-                    "store.url {target}: sslmode=require: TLS to PostgreSQL is not built yet; use a private network or a local socket"
-                ),
-                transient: false,
-            });
-        }
+        let security = match ca_file {
+            Some(ca) => {
+                let tls = gridsense_common::tls::client_config(ca).map_err(|e| {
+                    StoreError::Postgres { what: format!("store.ca_file: {e}"), transient: false }
+                })?;
+                config.ssl_mode(SslMode::Require);
+                Security::Tls(tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone()))
+            }
+            None if config.get_ssl_mode() == SslMode::Require => {
+                return Err(StoreError::Postgres {
+                    what: format!(
+                        "store.url {target}: sslmode=require needs store.ca_file, the CA that signed the server's certificate (it is verified, and its name against the host)"
+                    ),
+                    transient: false,
+                });
+            }
+            None => {
+                // Without a CA nothing is verified: no TLS attempt at all (`prefer` would
+                // accept any certificate).
+                config.ssl_mode(SslMode::Disable);
+                Security::Plain
+            }
+        };
         config.application_name("gridsense");
         let keys = KeyRing::load_or_create(key_file)?;
-        let conn = connect(&config, &target)?;
+        let conn = connect(&config, &target, &security)?;
         let store = PgStore {
             conn: RefCell::new(Some(conn)),
             config,
+            security,
             target,
             keys,
             audit_max,
@@ -246,7 +301,7 @@ impl PgStore {
         let mut slot = self.conn.borrow_mut();
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
             *slot = None;
-            *slot = Some(connect(&self.config, &self.target)?);
+            *slot = Some(connect(&self.config, &self.target, &self.security)?);
         }
         let conn = slot.as_mut().ok_or_else(|| StoreError::Postgres {
             what: "no connection".into(),
