@@ -140,17 +140,13 @@ impl CaseBoard for Store {
             |r| r.get(0),
         )?;
         for row in frames.query_map(params![eui, case.onset_ms - 60_000, last], |r| {
-            Ok(TraceEntry {
-                at_ms: r.get(0)?,
-                kind: "frame",
-                actor: format!("device:{}", case.device_id),
-                detail: format!(
-                    "#{} {}: {}",
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?
-                ),
-            })
+            Ok(frame_entry(
+                r.get(0)?,
+                &case.device_id,
+                r.get(1)?,
+                &r.get::<_, String>(2)?,
+                &r.get::<_, String>(3)?,
+            ))
         })? {
             out.push(row?);
         }
@@ -158,20 +154,14 @@ impl CaseBoard for Store {
             "SELECT at_ms, change, severity, frame, evidence FROM incident_evidence WHERE incident_id = ?1 ORDER BY id",
         )?;
         for row in evidence.query_map([case.incident_id], |r| {
-            let frame: Option<i64> = r.get(3)?;
-            Ok(TraceEntry {
-                at_ms: r.get(0)?,
-                kind: "evidence",
-                actor: "rules".into(),
-                detail: format!(
-                    "incident {} {} → {} ({}): {}",
-                    case.incident_id.unwrap_or_default(),
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?.unwrap_or_else(|| "clear".into()),
-                    frame.map_or_else(|| "timer".to_owned(), |f| format!("frame #{f}")),
-                    r.get::<_, String>(4)?
-                ),
-            })
+            Ok(evidence_entry(
+                r.get(0)?,
+                case.incident_id,
+                &r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                &r.get::<_, String>(4)?,
+            ))
         })? {
             out.push(row?);
         }
@@ -179,19 +169,7 @@ impl CaseBoard for Store {
             "SELECT at_ms, from_state, to_state, actor, note FROM case_events WHERE case_id = ?1 ORDER BY id",
         )?;
         for row in events.query_map([case_id], |r| {
-            let from: Option<String> = r.get(1)?;
-            let to: Option<String> = r.get(2)?;
-            let note: String = r.get(4)?;
-            Ok(TraceEntry {
-                at_ms: r.get(0)?,
-                kind: if to.is_some() { "state" } else { "note" },
-                actor: r.get(3)?,
-                detail: match (from, to) {
-                    (_, None) => note,
-                    (None, Some(t)) => format!("→ {t}: {note}"),
-                    (Some(f), Some(t)) => format!("{f} → {t}: {note}"),
-                },
-            })
+            Ok(event_entry(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })? {
             out.push(row?);
         }

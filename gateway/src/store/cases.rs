@@ -223,6 +223,64 @@ pub(super) fn write(
     Ok(())
 }
 
+/// A trace entry for an accepted frame of the case's device.
+pub(super) fn frame_entry(
+    at_ms: i64,
+    device: &str,
+    counter: i64,
+    kind: &str,
+    body: &str,
+) -> TraceEntry {
+    TraceEntry {
+        at_ms,
+        kind: "frame",
+        actor: format!("device:{device}"),
+        detail: format!("#{counter} {kind}: {body}"),
+    }
+}
+
+/// A trace entry for a piece of evidence of the case's incident.
+pub(super) fn evidence_entry(
+    at_ms: i64,
+    incident: Option<i64>,
+    change: &str,
+    severity: Option<String>,
+    frame: Option<i64>,
+    evidence: &str,
+) -> TraceEntry {
+    TraceEntry {
+        at_ms,
+        kind: "evidence",
+        actor: "rules".into(),
+        detail: format!(
+            "incident {} {change} → {} ({}): {evidence}",
+            incident.unwrap_or_default(),
+            severity.unwrap_or_else(|| "clear".into()),
+            frame.map_or_else(|| "timer".to_owned(), |f| format!("frame #{f}")),
+        ),
+    }
+}
+
+/// A trace entry for a lifecycle move (or, without a state, a note).
+pub(super) fn event_entry(
+    at_ms: i64,
+    from: Option<String>,
+    to: Option<String>,
+    actor: String,
+    note: String,
+) -> TraceEntry {
+    TraceEntry {
+        at_ms,
+        kind: if to.is_some() { "state" } else { "note" },
+        actor,
+        detail: match (from, to) {
+            (_, None) => note,
+            (None, Some(t)) => format!("→ {t}: {note}"),
+            (Some(f), Some(t)) => format!("{f} → {t}: {note}"),
+        },
+    }
+}
+
 /// A case as the board shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CaseView {

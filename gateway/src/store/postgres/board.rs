@@ -11,7 +11,7 @@ use crate::{
     store::{
         AlertView, CallbackOutcome, CaseBoard, CaseFilter, CaseLookup, CaseView, ClusterMember,
         Outbox, OutboxEntry, OutboxView, StoreError, TraceEntry, TransitionError,
-        cases::{CASE_COLUMNS, stamp_column},
+        cases::{CASE_COLUMNS, event_entry, evidence_entry, frame_entry, stamp_column},
     },
 };
 
@@ -403,48 +403,20 @@ impl CaseBoard for PgStore {
         })?;
         let mut out = Vec::new();
         for r in frames {
-            out.push(TraceEntry {
-                at_ms: r.get(0),
-                kind: "frame",
-                actor: format!("device:{}", case.device_id),
-                detail: format!(
-                    "#{} {}: {}",
-                    r.get::<_, i64>(1),
-                    r.get::<_, String>(2),
-                    r.get::<_, String>(3)
-                ),
-            });
+            out.push(frame_entry(r.get(0), &case.device_id, r.get(1), r.get(2), r.get(3)));
         }
         for r in evidence {
-            let frame: Option<i64> = r.get(3);
-            out.push(TraceEntry {
-                at_ms: r.get(0),
-                kind: "evidence",
-                actor: "rules".into(),
-                detail: format!(
-                    "incident {} {} → {} ({}): {}",
-                    case.incident_id.unwrap_or_default(),
-                    r.get::<_, String>(1),
-                    r.get::<_, Option<String>>(2).unwrap_or_else(|| "clear".into()),
-                    frame.map_or_else(|| "timer".to_owned(), |f| format!("frame #{f}")),
-                    r.get::<_, String>(4)
-                ),
-            });
+            out.push(evidence_entry(
+                r.get(0),
+                case.incident_id,
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+            ));
         }
         for r in events {
-            let from: Option<String> = r.get(1);
-            let to: Option<String> = r.get(2);
-            let note: String = r.get(4);
-            out.push(TraceEntry {
-                at_ms: r.get(0),
-                kind: if to.is_some() { "state" } else { "note" },
-                actor: r.get(3),
-                detail: match (from, to) {
-                    (_, None) => note,
-                    (None, Some(t)) => format!("→ {t}: {note}"),
-                    (Some(f), Some(t)) => format!("{f} → {t}: {note}"),
-                },
-            });
+            out.push(event_entry(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)));
         }
         out.sort_by_key(|e| e.at_ms);
         Ok(out)
