@@ -16,16 +16,16 @@ use gridsense_gateway::{
     health::{DeviceHealth, EventKind, HealthEvent},
     registry::Kind,
     store::{
-        AuditRecord, Batch, IngestStore, Maintenance, Point, RecentFrame, Registry, Store,
-        StoreError, TelemetryBuffer, Tokens, postgres::PgStore,
+        AuditRecord, Batch, DeviceFilter, IngestStore, Maintenance, Point, Queries, RecentFrame,
+        Registry, Store, StoreError, TelemetryBuffer, Tokens, postgres::PgStore,
     },
 };
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
 use gridsense_tests::postgres::Postgres;
 
 /// What both backends implement.
-trait Contract: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer {}
-impl<T: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer> Contract for T {}
+trait Contract: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries {}
+impl<T: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries> Contract for T {}
 
 /// Opens a fresh store of one backend (`buffer`: telemetry goes to the sink's buffer, at most
 /// that many points); `reopen` opens the same one again.
@@ -290,8 +290,41 @@ fn tokens_and_windows(b: &mut dyn Backend) {
     assert_eq!(open, vec![w2]);
 }
 
+fn placements_are_rewritten_only_when_they_change(b: &mut dyn Backend) {
+    let mut s = b.fresh(None);
+    let devices = inventory(2, 6);
+    s.import(&devices, 0).expect("import");
+    let (d1, d2) = (devices[0].eui, devices[1].eui);
+    let in_grid = |s: &dyn Contract, g: &str| {
+        s.devices(&DeviceFilter {
+            grid: Some(g.into()),
+            page: 1,
+            per_page: 10,
+            ..DeviceFilter::default()
+        })
+        .expect("devices")
+        .total
+    };
+    let write = |s: &mut Box<dyn Contract>, rows: Vec<(Eui, &str)>| {
+        s.write_placements(&mut rows.into_iter().map(|(e, g)| (e, g, "c1", "s1", None)))
+            .expect("placements");
+    };
+    write(&mut s, vec![(d1, "g1"), (d2, "g1")]);
+    assert_eq!(in_grid(&*s, "g1"), 2);
+    write(&mut s, vec![(d1, "g1"), (d2, "g1")]);
+    assert_eq!(in_grid(&*s, "g1"), 2, "unchanged: the same");
+    write(&mut s, vec![(d1, "g2"), (d2, "g1")]);
+    assert_eq!((in_grid(&*s, "g1"), in_grid(&*s, "g2")), (1, 1), "a moved device rewritten");
+    write(&mut s, vec![(d2, "g1")]);
+    assert_eq!((in_grid(&*s, "g1"), in_grid(&*s, "g2")), (1, 0), "an unplaced device removed");
+}
+
 type Case = fn(&mut dyn Backend);
-const CASES: [(&str, Case); 4] = [
+const CASES: [(&str, Case); 5] = [
+    (
+        "placements_are_rewritten_only_when_they_change",
+        placements_are_rewritten_only_when_they_change,
+    ),
     ("registry_and_change_feed", registry_and_change_feed),
     ("commit_and_restore", commit_and_restore),
     ("telemetry_buffer", telemetry_buffer),

@@ -497,16 +497,29 @@ impl IngestStore for Store {
         &mut self,
         placements: &mut dyn Iterator<Item = Placement<'_>>,
     ) -> Result<(), StoreError> {
+        let rows: Vec<Placement<'_>> = placements.collect();
+        let fingerprint = placements_fingerprint(&rows);
         let tx = self.conn.transaction()?;
+        let stored: Option<Vec<u8>> = tx
+            .query_row("SELECT value FROM store_meta WHERE name = 'placements'", [], |r| r.get(0))
+            .optional()?;
+        if stored.as_ref() == Some(&fingerprint) {
+            return Ok(());
+        }
         tx.execute("DELETE FROM placements", [])?;
         {
             let mut put = tx.prepare(
                 "INSERT INTO placements (eui, grid_code, community_code, street_code, distance_m) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            for (eui, grid, community, street, distance) in placements {
+            for (eui, grid, community, street, distance) in rows {
                 put.execute(params![eui.0 as i64, grid, community, street, distance])?;
             }
         }
+        tx.execute(
+            "INSERT INTO store_meta (name, value) VALUES ('placements', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [fingerprint],
+        )?;
         tx.commit()?;
         Ok(())
     }

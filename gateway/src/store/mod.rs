@@ -887,6 +887,25 @@ pub mod prelude {
     };
 }
 
+/// A fingerprint of a set of placements, whatever their order: a start whose placements match
+/// the stored one writes nothing (rewriting a million rows took 3 s on SQLite, 7 s on
+/// PostgreSQL, at every start). Two 64-bit sums of per-row hashes and the count.
+pub(crate) fn placements_fingerprint(rows: &[Placement<'_>]) -> Vec<u8> {
+    use std::hash::{Hash, Hasher};
+    let (mut sum, mut mix) = (0u64, 0u64);
+    for (eui, grid, community, street, distance) in rows {
+        let mut h = std::hash::DefaultHasher::new();
+        (eui.0, grid, community, street, distance.map(f64::to_bits)).hash(&mut h);
+        let v = h.finish();
+        sum = sum.wrapping_add(v);
+        mix = mix.wrapping_add(v.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15);
+    }
+    let mut out = sum.to_le_bytes().to_vec();
+    out.extend_from_slice(&mix.to_le_bytes());
+    out.extend_from_slice(&(rows.len() as u64).to_le_bytes());
+    out
+}
+
 /// Opens the store `[store]` names: PostgreSQL when `url` is set, else the SQLite file at
 /// `path`; `buffer_max`: telemetry goes to the external sink's buffer (at most that many
 /// points). `ingest`: this is the running gateway's ingest connection — on SQLite it holds
