@@ -16,16 +16,24 @@ use gridsense_gateway::{
     health::{DeviceHealth, EventKind, HealthEvent},
     registry::Kind,
     store::{
-        AuditRecord, Batch, DeviceFilter, IngestStore, Maintenance, Point, Queries, RecentFrame,
-        Registry, Store, StoreError, TelemetryBuffer, Tokens, postgres::PgStore,
+        AuditRecord, Batch, CaseBoard, DeviceFilter, IngestStore, Maintenance, Outbox, Point,
+        Queries, RecentFrame, Registry, Store, StoreError, TelemetryBuffer, Tokens,
+        postgres::PgStore,
     },
 };
 use gridsense_protocol::{CounterWindow, DeviceKey, Eui};
 use gridsense_tests::postgres::Postgres;
 
 /// What both backends implement.
-trait Contract: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries {}
-impl<T: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries> Contract for T {}
+trait Contract:
+    IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries + Outbox + CaseBoard
+{
+}
+impl<
+    T: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries + Outbox + CaseBoard,
+> Contract for T
+{
+}
 
 /// Opens a fresh store of one backend (`buffer`: telemetry goes to the sink's buffer, at most
 /// that many points); `reopen` opens the same one again.
@@ -319,8 +327,58 @@ fn placements_are_rewritten_only_when_they_change(b: &mut dyn Backend) {
     assert_eq!((in_grid(&*s, "g1"), in_grid(&*s, "g2")), (1, 0), "an unplaced device removed");
 }
 
+fn the_outbox_delivers_retries_gives_up_and_requeues(b: &mut dyn Backend) {
+    use gridsense_gateway::cases::{AlertRow, OutboxRow};
+    let mut s = b.fresh(None);
+    let mut batch = Batch::default();
+    for id in [1, 2] {
+        batch.cases.alerts.push(AlertRow {
+            id,
+            eui: Eui(40 + id as u64),
+            at_ms: 100,
+            received_ms: 110,
+            position: Some((38.9, 121.6)),
+            grid_code: Some("g1".into()),
+        });
+        batch.cases.outbox.push(OutboxRow {
+            channel: "alert",
+            subject: id,
+            op: "create",
+            at_ms: 120,
+        });
+    }
+    s.commit(&batch).expect("commit");
+    assert_eq!(s.outbox_next_due("alert").expect("next"), Some(120));
+    assert!(s.outbox_due("alert", 119, 10).expect("due").is_empty(), "not due before its time");
+    let due = s.outbox_due("alert", 120, 10).expect("due");
+    assert_eq!(due.iter().map(|e| e.subject).collect::<Vec<_>>(), vec![1, 2], "in order");
+    let (first, second) = (&due[0], &due[1]);
+    s.outbox_begin(first).expect("begin");
+    s.outbox_done(first, "webhook", None, 130).expect("done");
+    assert_eq!(s.alert(1).expect("alert").and_then(|a| a.delivered_ms), Some(130));
+    s.outbox_begin(second).expect("begin");
+    s.outbox_failed(second, "503", Some(500), 140).expect("retry later");
+    assert!(s.outbox_due("alert", 499, 10).expect("due").is_empty());
+    let again = s.outbox_due("alert", 500, 10).expect("due");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+    s.outbox_failed(&again[0], "gave up", None, 510).expect("dead");
+    assert_eq!(s.outbox_state(again[0].id).expect("state").as_deref(), Some("dead"));
+    let counts = s.outbox_counts().expect("counts");
+    assert_eq!((counts.get("done"), counts.get("dead")), (Some(&1), Some(&1)), "{counts:?}");
+    let views = s.outbox(None, Some("dead"), 10).expect("views");
+    assert_eq!(views.len(), 1);
+    assert_eq!(views[0].last_error.as_deref(), Some("gave up"));
+    assert_eq!(s.outbox_retry(None, "operator:li", 600).expect("retry"), vec![again[0].id]);
+    assert_eq!(s.outbox_due("alert", 600, 10).expect("due").len(), 1, "requeued");
+}
+
 type Case = fn(&mut dyn Backend);
-const CASES: [(&str, Case); 5] = [
+const CASES: [(&str, Case); 6] = [
+    (
+        "the_outbox_delivers_retries_gives_up_and_requeues",
+        the_outbox_delivers_retries_gives_up_and_requeues,
+    ),
     (
         "placements_are_rewritten_only_when_they_change",
         placements_are_rewritten_only_when_they_change,
