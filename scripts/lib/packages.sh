@@ -15,3 +15,11 @@ ensure_packages() {
       "${missing[@]}" >/dev/null
   fi
 }
+
+# Installs Debian's PostgreSQL server when no version of it is there (tests and benchmarks run
+# their own clusters as the postgres user; RUNLEVEL=1 keeps the system cluster from starting).
+ensure_postgresql() {
+  local initdb
+  initdb=$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -n 1 || true)
+  ensure_packages "${initdb:-/usr/lib/postgresql/none/bin/initdb}:postgresql"
+}
