@@ -81,10 +81,7 @@ impl IngestStore for Store {
         })?;
         rows.map(|row| {
             let (eui, kind, key) = row?;
-            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
-                table: "devices",
-                what: format!("kind {kind:?}"),
-            })?;
+            let kind = kind_named(&kind, "devices")?;
             let eui = Eui(eui as u64);
             let key = self.keys.open_key(eui, &key)?;
             Ok(Registered { eui, kind, key: DeviceKey::from_bytes(key) })

@@ -404,6 +404,11 @@ pub(crate) fn kind_column(
     table: &'static str,
 ) -> Result<Kind, StoreError> {
     let name = row.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?;
+    kind_named(name, table)
+}
+
+/// A device kind stored by `name` in `table` (either store).
+pub(crate) fn kind_named(name: &str, table: &'static str) -> Result<Kind, StoreError> {
     Kind::parse(name).ok_or_else(|| StoreError::BadRow { table, what: format!("kind {name:?}") })
 }
 

@@ -284,6 +284,44 @@ pub struct Stats {
     pub patrol: Vec<(String, u64)>,
 }
 
+/// A device page's last frames, newest first and 30 at most: its accepted messages, the
+/// entries of its list of recent telemetry frames, and its rejected frames (each
+/// `(received_ms, reason, raw)`, whose header's counter is shown where the frame is long
+/// enough to have one). Both stores read the rows; this puts them together.
+pub(super) fn last_frames(
+    eui: Eui,
+    mut frames: Vec<FrameVerdict>,
+    recent_list: &str,
+    rejected: impl IntoIterator<Item = (i64, String, Vec<u8>)>,
+) -> Vec<FrameVerdict> {
+    for r in super::parse_recent_list(eui, recent_list) {
+        frames.push(FrameVerdict {
+            received_ms: r.received_ms,
+            verdict: "accepted",
+            detail: if r.samples == 1 {
+                r.kind.to_owned()
+            } else {
+                format!("{} ({} samples)", r.kind, r.samples)
+            },
+            counter: Some(i64::from(r.counter)),
+        });
+    }
+    for (received_ms, reason, raw) in rejected {
+        frames.push(FrameVerdict {
+            received_ms,
+            verdict: "rejected",
+            detail: reason,
+            counter: raw
+                .get(9..13)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(|b| i64::from(u32::from_be_bytes(b))),
+        });
+    }
+    frames.sort_by_key(|f| std::cmp::Reverse(f.received_ms));
+    frames.truncate(30);
+    frames
+}
+
 pub(super) fn ratio(num: u64, den: u64) -> Option<f64> {
     #[allow(clippy::cast_precision_loss)]
     (den > 0).then(|| (num as f64 / den as f64 * 1000.0).round() / 1000.0)

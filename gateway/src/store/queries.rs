@@ -257,38 +257,13 @@ impl Queries for Store {
             .conn
             .query_row("SELECT list FROM recent_frames WHERE eui = ?1", [e], |r| r.get(0))
             .optional()?;
-        for r in parse_recent_list(eui, recent.as_deref().unwrap_or("")) {
-            frames.push(FrameVerdict {
-                received_ms: r.received_ms,
-                verdict: "accepted",
-                detail: if r.samples == 1 {
-                    r.kind.to_owned()
-                } else {
-                    format!("{} ({} samples)", r.kind, r.samples)
-                },
-                counter: Some(i64::from(r.counter)),
-            });
-        }
         let mut stmt = self.conn.prepare_cached(
             "SELECT received_ms, reason, raw FROM audit WHERE eui = ?1 ORDER BY id DESC LIMIT 30",
         )?;
-        for row in stmt.query_map([e], |r| {
-            let raw: Vec<u8> = r.get(2)?;
-            Ok(FrameVerdict {
-                received_ms: r.get(0)?,
-                verdict: "rejected",
-                detail: r.get(1)?,
-                // The header's counter, where the frame is long enough to have one.
-                counter: raw
-                    .get(9..13)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map(|b| i64::from(u32::from_be_bytes(b))),
-            })
-        })? {
-            frames.push(row?);
-        }
-        frames.sort_by_key(|f| std::cmp::Reverse(f.received_ms));
-        frames.truncate(30);
+        let rejected: Vec<(i64, String, Vec<u8>)> = stmt
+            .query_map([e], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let frames = last_frames(eui, frames, recent.as_deref().unwrap_or(""), rejected);
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, condition, severity, state, case_id FROM incidents WHERE eui = ?1 ORDER BY id DESC LIMIT 20",
         )?;

@@ -13,7 +13,7 @@ use crate::{
     cases::{OpenIncident, Sequences, Site},
     downlink::{Pending, Request, RequestUpdate},
     health::DeviceHealth,
-    registry::{Kind, Registered},
+    registry::Registered,
     rules::{Attributes, RuleState, Severity},
     store::{
         Batch, IngestStore, Placement, RECENT_ENTRY_HEX, RECENT_FRAME_SLOTS, RecentFrame,
@@ -436,10 +436,7 @@ impl PgStore {
         };
         self.each_row(&sql, params, &mut |r| {
             let kind: String = r.get(1);
-            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
-                table: "devices",
-                what: format!("kind {kind:?}"),
-            })?;
+            let kind = crate::store::kind_named(&kind, "devices")?;
             let level = |n: usize| r.get::<_, Option<i32>>(n).map(f64::from);
             let site = Site {
                 kind,
@@ -465,10 +462,7 @@ impl IngestStore for PgStore {
             &mut |r| {
                 let id = eui(r.get(0));
                 let kind: String = r.get(1);
-                let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
-                    table: "devices",
-                    what: format!("kind {kind:?}"),
-                })?;
+                let kind = crate::store::kind_named(&kind, "devices")?;
                 let key = self.keys.open_key(id, r.get(2))?;
                 out.push(Registered { eui: id, kind, key: DeviceKey::from_bytes(key) });
                 Ok(())
@@ -598,10 +592,7 @@ impl IngestStore for PgStore {
                    FROM health";
         self.each_row(sql, &[], &mut |r| {
             let kind: String = r.get(1);
-            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::BadRow {
-                table: "health",
-                what: format!("kind {kind:?}"),
-            })?;
+            let kind = crate::store::kind_named(&kind, "health")?;
             let small = |n: usize| r.get::<_, Option<i32>>(n);
             f(
                 eui(r.get(0)),

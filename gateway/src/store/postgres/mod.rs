@@ -411,15 +411,8 @@ impl PgStore {
     }
 }
 
-/// A u64 as stored (BIGINT).
-pub(crate) fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// An EUI as stored (its bits as a BIGINT, as in SQLite).
-pub(crate) fn e(eui: gridsense_protocol::Eui) -> i64 {
-    eui.0 as i64
-}
+// A u64 and an EUI as stored: the same forms as in SQLite.
+use super::{cases::eui_i as e, i};
 
 /// An EUI from its stored form.
 pub(crate) fn eui(v: i64) -> gridsense_protocol::Eui {

@@ -11,8 +11,7 @@ use crate::{
     store::{
         DeviceDetail, DeviceFilter, DevicePage, DeviceRow, FrameVerdict, GridCounts, IncidentView,
         IngestStore, MapDevice, Queries, Stats, StoreError, Totals,
-        ops::{DEVICE_SELECT, ratio},
-        parse_recent_list,
+        ops::{DEVICE_SELECT, last_frames, ratio},
     },
 };
 
@@ -230,7 +229,7 @@ impl Queries for PgStore {
         for points in telemetry.values_mut() {
             points.reverse();
         }
-        let mut frames: Vec<FrameVerdict> = messages
+        let accepted: Vec<FrameVerdict> = messages
             .iter()
             .map(|r| FrameVerdict {
                 received_ms: r.get(0),
@@ -241,33 +240,8 @@ impl Queries for PgStore {
             .collect();
         // Readings, fixes and backlogs: the device's list of recent telemetry frames.
         let list = recent.map(|r| r.get::<_, String>(0)).unwrap_or_default();
-        for r in parse_recent_list(id, &list) {
-            frames.push(FrameVerdict {
-                received_ms: r.received_ms,
-                verdict: "accepted",
-                detail: if r.samples == 1 {
-                    r.kind.to_owned()
-                } else {
-                    format!("{} ({} samples)", r.kind, r.samples)
-                },
-                counter: Some(i64::from(r.counter)),
-            });
-        }
-        for r in audit {
-            let raw: Vec<u8> = r.get(2);
-            frames.push(FrameVerdict {
-                received_ms: r.get(0),
-                verdict: "rejected",
-                detail: r.get(1),
-                // The header's counter, where the frame is long enough to have one.
-                counter: raw
-                    .get(9..13)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map(|b| i64::from(u32::from_be_bytes(b))),
-            });
-        }
-        frames.sort_by_key(|f| std::cmp::Reverse(f.received_ms));
-        frames.truncate(30);
+        let rejected = audit.iter().map(|r| (r.get(0), r.get(1), r.get(2)));
+        let frames = last_frames(id, accepted, &list, rejected);
         Ok(Some(DeviceDetail {
             device: device_row(&device),
             telemetry,
