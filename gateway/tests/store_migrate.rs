@@ -106,7 +106,15 @@ async fn a_pilot_store_moves_to_postgres_and_the_gateway_carries_on() {
     config.geo.grids = String::new();
     config.store.url = url.clone();
     config.store.key_file = key.clone();
-    let (gateway, stop) = common::start(&config, app::wall_clock()).await;
+    // The gateway carries on at the moment the source stopped (its last frame), not days later:
+    // on the wall clock every fixture device's offline deadline is long past, and the incidents
+    // that opens would depend on today's date.
+    let stopped =
+        source.health().unwrap().iter().filter_map(|(_, h)| h.last_seen_ms).max().unwrap();
+    let offset = stopped + 1_000 - app::wall_clock()();
+    let clock: gridsense_gateway::status::Clock =
+        std::sync::Arc::new(move || app::wall_clock()() + offset);
+    let (gateway, stop) = common::start(&config, clock).await;
     let (eui, window) = source
         .counters()
         .unwrap()

@@ -6,6 +6,10 @@
 //!   are committed and delivered without waiting for the batch to fill) — and which messages
 //!   it holds for acknowledgement, in arrival order, until its commit is durable. A commit
 //!   that fails keeps them held: nothing of a batch is acknowledged before all of it is.
+//!   A closed batch is *sealed* while it commits, and the next one opens at once: the next
+//!   batch is decided while the last one is written (two in flight at most, the shell awaits
+//!   the older commit before it starts the next), and acknowledgements leave batch by batch in
+//!   arrival order.
 //! - [`CommitRetry`]: how long to wait before committing a held batch again after a failure
 //!   that may pass (a full disk): a second, doubling to five.
 //! - [`Every`]: the periodic work — looking for operators' requests and registry changes,
@@ -41,9 +45,13 @@ pub struct Batcher<T> {
     max_wait_ms: i64,
     /// When the open batch's first message arrived.
     opened_ms: Option<i64>,
-    /// Messages handled and not yet acknowledged, in arrival order: the open batch's, and a
-    /// held batch's while its commit is retried.
+    /// Messages handled and not yet acknowledged, in arrival order: the sealed batches'
+    /// (committing, or held while a commit is retried), then the open batch's.
     held: VecDeque<T>,
+    /// How many of `held` each sealed batch has, oldest first.
+    sealed: VecDeque<usize>,
+    /// How many of `held` the open batch has (the last ones).
+    open: usize,
 }
 
 impl<T> Batcher<T> {
@@ -54,6 +62,8 @@ impl<T> Batcher<T> {
             max_wait_ms: i64::try_from(max_wait_ms).unwrap_or(i64::MAX),
             opened_ms: None,
             held: VecDeque::with_capacity(max.max(1)),
+            sealed: VecDeque::with_capacity(2),
+            open: 0,
         }
     }
 
@@ -62,7 +72,8 @@ impl<T> Batcher<T> {
     pub fn handled(&mut self, now_ms: i64, message: T, urgent: bool) -> Next {
         let opened = *self.opened_ms.get_or_insert(now_ms);
         self.held.push_back(message);
-        if self.held.len() >= self.max {
+        self.open += 1;
+        if self.open >= self.max {
             Next::Commit(Close::Full)
         } else if urgent {
             Next::Commit(Close::Urgent)
@@ -72,16 +83,33 @@ impl<T> Batcher<T> {
         }
     }
 
-    /// Messages held for acknowledgement.
+    /// Messages held for acknowledgement (sealed and open batches).
     pub fn held(&self) -> usize {
         self.held.len()
     }
 
-    /// The batch is durable: its messages, to acknowledge in the order they arrived. The next
-    /// message opens a new batch.
-    pub fn committed(&mut self) -> std::collections::vec_deque::Drain<'_, T> {
+    /// Messages in the open batch.
+    pub const fn open(&self) -> usize {
+        self.open
+    }
+
+    /// Batches sealed and not yet durable.
+    pub fn sealed(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// The open batch closed and goes to its commit; the next message opens a new batch.
+    pub fn seal(&mut self) {
+        self.sealed.push_back(self.open);
+        self.open = 0;
         self.opened_ms = None;
-        self.held.drain(..)
+    }
+
+    /// The oldest sealed batch is durable: its messages, to acknowledge in the order they
+    /// arrived (none when nothing is sealed).
+    pub fn committed(&mut self) -> std::collections::vec_deque::Drain<'_, T> {
+        let n = self.sealed.pop_front().unwrap_or(0);
+        self.held.drain(..n)
     }
 }
 
@@ -159,14 +187,17 @@ mod tests {
         assert_eq!(b.handled(100, 'a', false), Next::TakeMoreUntil(120));
         assert_eq!(b.handled(105, 'b', false), Next::TakeMoreUntil(120), "the first one's wait");
         assert_eq!(b.handled(110, 'c', false), Next::Commit(Close::Full));
+        b.seal();
         assert_eq!(b.committed().collect::<String>(), "abc");
         // A new batch opens with the next message; an urgent one closes it at once.
         assert_eq!(b.handled(200, 'd', false), Next::TakeMoreUntil(220));
         assert_eq!(b.handled(201, 'e', true), Next::Commit(Close::Urgent));
+        b.seal();
         assert_eq!(b.committed().collect::<String>(), "de");
         // A message that arrives after the wait is over closes the batch it joins.
         assert_eq!(b.handled(300, 'f', false), Next::TakeMoreUntil(320));
         assert_eq!(b.handled(325, 'g', false), Next::Commit(Close::Waited));
+        b.seal();
         assert_eq!(b.committed().count(), 2);
     }
 
@@ -176,6 +207,7 @@ mod tests {
         for (t, m) in [(0, 1), (1, 2), (2, 3)] {
             b.handled(t, m, false);
         }
+        b.seal();
         // The commit fails (a full disk): the batch stays held; retried, it still holds all
         // three, and only its success releases them, in order.
         let mut retry = CommitRetry::new();
@@ -183,6 +215,24 @@ mod tests {
         assert_eq!(waits, [1_000, 2_000, 4_000, 5_000, 5_000]);
         assert_eq!(b.held(), 3);
         assert_eq!(b.committed().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn the_next_batch_fills_while_the_last_commits_and_acks_leave_batch_by_batch() {
+        let mut b = Batcher::new(2, 20);
+        b.handled(0, 1, false);
+        assert_eq!(b.handled(1, 2, false), Next::Commit(Close::Full));
+        b.seal();
+        // While [1, 2] commits, the next batch opens with its own wait and its own size.
+        assert_eq!(b.handled(5, 3, false), Next::TakeMoreUntil(25), "a new batch's wait");
+        assert_eq!((b.open(), b.sealed(), b.held()), (1, 1, 3));
+        assert_eq!(b.handled(6, 4, false), Next::Commit(Close::Full), "full at two of its own");
+        // Nothing of the open batch leaves with the sealed one.
+        assert_eq!(b.committed().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(b.committed().count(), 0, "the open batch is not durable");
+        b.seal();
+        assert_eq!(b.committed().collect::<Vec<_>>(), [3, 4]);
         assert_eq!(b.held(), 0);
     }
 

@@ -16,7 +16,10 @@
 //! - the **pipeline task** runs each message through [`Pipeline::handle`] as it arrives,
 //!   collecting up to `batch_max` messages or `batch_max_ms` (less when a message queued a case
 //!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
-//!   messages back for acknowledgement in arrival order. What it decides — when a batch
+//!   messages back for acknowledgement in arrival order. The commit runs as a task of its own
+//!   while the next batch is decided (two batches in flight at most: a batch's commit starts
+//!   only once the one before it is durable and acknowledged), so deciding and writing overlap
+//!   instead of taking turns. What it decides — when a batch
 //!   closes, what is held for acknowledgement, how long to wait before retrying a commit, when
 //!   the periodic work is due — is [`batcher`]'s, plain state tested in virtual time; the task
 //!   only waits, reads, commits and sends. Offline deadlines are ticked on the
@@ -183,7 +186,7 @@ async fn pipeline_task(
     batching: Batching,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    let mut store = Some(store);
+    let mut w = Writer { store: Some(store), committing: None };
     // The shell's monotonic time, ms since the task started, for the batching policy.
     let origin = tokio::time::Instant::now();
     let mono = || i64::try_from(origin.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -194,21 +197,24 @@ async fn pipeline_task(
     let mut prune = batcher::Every::new(PRUNE_EVERY_MS);
     let mut last_request = 0;
     // Cases finished (closed or voided) on the board since start are looked for after this.
-    let mut last_case_event = match store.as_ref().map(|s| s.last_case_event()) {
+    let mut last_case_event = match w.store.as_ref().map(|s| s.last_case_event()) {
         Some(r) => r?,
         None => 0,
     };
     // Registry changes (re-keyed, retired, new devices) since start are applied as they come.
-    let mut last_registry = match store.as_ref().map(|s| s.registry_position()) {
+    let mut last_registry = match w.store.as_ref().map(|s| s.registry_position()) {
         Some(r) => r?,
         None => 0,
     };
+    let out = Outputs { acks, downlinks, status: status.clone(), clock: clock.clone() };
     loop {
-        // Operators' new requests (`gridsense devices configure`) from the store.
-        if store.is_some()
-            && poll.due(mono())
-            && let Some(s) = store.take()
-        {
+        // Operators' new requests (`gridsense devices configure`) from the store, once the
+        // commit in flight is settled.
+        let polling = poll.due(mono());
+        if polling {
+            w.settle(None, &out, &pipeline, &mut batcher).await?;
+        }
+        if polling && let Some(s) = w.store.take() {
             let (after, events_after, now) = (last_request, last_case_event, clock());
             let registry_after = last_registry;
             let (s, found) = tokio::task::spawn_blocking(move || {
@@ -223,7 +229,7 @@ async fn pipeline_task(
                 (s, r)
             })
             .await?;
-            store = Some(s);
+            w.store = Some(s);
             // A store that is away (PostgreSQL restarting) is asked again at the next poll;
             // the batch commit is what waits for it.
             let found = match found {
@@ -257,9 +263,10 @@ async fn pipeline_task(
                     // Only when a live view listens: it allocates per changed row.
                     let changes =
                         (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
-                    if let Some(s) = store.take() {
-                        let (s, _) = commit_until_durable(s, batch, &status, &mut shutdown).await?;
-                        store = Some(s);
+                    if let Some(s) = w.store.take() {
+                        let c = commit_until_durable(s, batch, status.clone(), shutdown.clone())
+                            .await?;
+                        w.store = Some(c.store);
                     }
                     if let Some(changes) = changes.filter(Changes::is_visible) {
                         let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
@@ -272,7 +279,8 @@ async fn pipeline_task(
                 }
             }
         }
-        // Wait for the first message, the next offline deadline, the next poll, or shutdown.
+        // Wait for the first message, the next offline deadline, the next poll, the commit in
+        // flight, or shutdown.
         let poll_in =
             at(poll.next().unwrap_or(0)).saturating_duration_since(tokio::time::Instant::now());
         let deadline_in = pipeline
@@ -281,10 +289,18 @@ async fn pipeline_task(
             .map_or(poll_in, |d| d.min(poll_in));
         let deadline_in = Some(deadline_in);
         let first = tokio::select! {
+            joined = done(&mut w.committing) => {
+                let joined = Some(joined);
+                w.settle(joined, &out, &pipeline, &mut batcher).await?;
+                continue;
+            }
             msg = rx.recv() => match msg {
                 Some(msg) => Some(msg),
                 // The session ended (it only does on shutdown): nothing more will come.
-                None => return Ok(()),
+                None => {
+                    w.settle(None, &out, &pipeline, &mut batcher).await?;
+                    return Ok(());
+                }
             },
             () = sleep_or_never(deadline_in) => None,
             _ = shutdown.changed() => None,
@@ -297,7 +313,8 @@ async fn pipeline_task(
         if let Some(msg) = first {
             // Each message is handled as it arrives; the batcher says when the batch closes
             // (`batch_max`, `batch_max_ms`, or at once when something urgent is queued: a
-            // case, an update, an SOS, committed and delivered without waiting).
+            // case, an update, an SOS, committed and delivered without waiting). The commit in
+            // flight, if any, is settled (acknowledged) the moment it is durable.
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
                 now = clock();
@@ -312,91 +329,208 @@ async fn pipeline_task(
                 else {
                     break;
                 };
-                next = match tokio::time::timeout_at(at(until), rx.recv()).await {
-                    Ok(Some(msg)) => Some(msg),
-                    Ok(None) | Err(_) => None,
+                next = loop {
+                    tokio::select! {
+                        biased;
+                        joined = done(&mut w.committing) => {
+                            let joined = Some(joined);
+                            w.settle(joined, &out, &pipeline, &mut batcher).await?;
+                        }
+                        m = tokio::time::timeout_at(at(until), rx.recv()) => break m.ok().flatten(),
+                    }
                 };
             }
         }
         pipeline.finish(&mut batch, now, stopping);
-        let sealed = std::mem::take(&mut batch.downlinks);
-        // Only when a live view listens: it allocates per changed row.
-        let changes = (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
-        let decided: Vec<i64> = batch.cases.cases.iter().map(|c| c.detected_ms).collect();
+        // The batch is decided: the one before it must be durable (and acknowledged) before
+        // this one is written.
+        w.settle(None, &out, &pipeline, &mut batcher).await?;
+        batcher.seal();
+        let downlinks_sealed = std::mem::take(&mut batch.downlinks);
+        if !batch.is_empty() || !downlinks_sealed.is_empty() {
+            let Some(s) = w.store.take() else { break };
+            let effects = Effects::of(&batch, &status, rejected, downlinks_sealed);
+            let (status, shutdown) = (status.clone(), shutdown.clone());
+            w.committing = Some(Committing {
+                handle: tokio::spawn(commit_until_durable(s, batch, status, shutdown)),
+                effects,
+            });
+        } else {
+            // Nothing to write (duplicates, rejects): acknowledged now, after the batch before.
+            status.frames_rejected.fetch_add(rejected, Relaxed);
+            acknowledge(&mut batcher, &out).await;
+        }
+        if let Some(retention) = batching.retention_ms
+            && prune.due(now)
+        {
+            w.settle(None, &out, &pipeline, &mut batcher).await?;
+            if let Some(mut s) = w.store.take() {
+                let (s, pruned) = tokio::task::spawn_blocking(move || {
+                    let r = s.prune_telemetry(now.saturating_sub(retention));
+                    (s, r)
+                })
+                .await?;
+                w.store = Some(s);
+                if let Ok(n) = pruned.inspect_err(|e| tracing::warn!("pruning telemetry: {e}"))
+                    && n > 0
+                {
+                    tracing::info!(rows = n, "pruned telemetry past its retention");
+                }
+            }
+        }
+        if stopping {
+            w.settle(None, &out, &pipeline, &mut batcher).await?;
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Where the pipeline task's results go once a batch is durable.
+struct Outputs {
+    acks: mpsc::Sender<Publish>,
+    downlinks: mpsc::Sender<(String, Vec<u8>)>,
+    status: Arc<Status>,
+    clock: Clock,
+}
+
+/// What a batch does once durable: the figures it adds, the live notice, the delivery workers
+/// to wake, the downlinks sealed with it.
+struct Effects {
+    rejected: u64,
+    filed: u64,
+    future: u64,
+    queued_alerts: u64,
+    queued_cases: bool,
+    /// When each of its cases was decided, for the latency histogram.
+    decided: Vec<i64>,
+    /// Only when a live view listens: it allocates per changed row.
+    changes: Option<Changes>,
+    downlinks: Vec<(String, Vec<u8>)>,
+}
+
+impl Effects {
+    fn of(
+        batch: &Batch,
+        status: &Status,
+        rejected: u64,
+        downlinks: Vec<(String, Vec<u8>)>,
+    ) -> Self {
         if let Ok(mut r) = status.rejects.lock() {
             for (reason, n) in &batch.rejects {
                 *r.entry(reason).or_default() += n;
             }
         }
-        let queued_cases = batch.cases.outbox.iter().any(|o| o.channel == "case");
-        let queued_alerts = batch.cases.alerts.len() as u64;
-        let filed = batch.cases.cases.len() as u64;
-        let future = batch.future_samples;
-        if !batch.is_empty() || !sealed.is_empty() {
-            let Some(s) = store.take() else { break };
-            let started = std::time::Instant::now();
-            let (s, accepted) = commit_until_durable(s, batch, &status, &mut shutdown).await?;
-            status
-                .last_commit_us
-                .store(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Relaxed);
-            store = Some(s);
-            status.frames_accepted.fetch_add(accepted, Relaxed);
-            status.frames_rejected.fetch_add(rejected, Relaxed);
-            status.batches.fetch_add(1, Relaxed);
-            status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
-            status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
-            status.cases_filed.fetch_add(filed, Relaxed);
-            status.samples_future.fetch_add(future, Relaxed);
-            status.alerts.fetch_add(queued_alerts, Relaxed);
-            let durable = clock();
-            for d in decided {
-                status.case_latency.observe(u64::try_from(durable.saturating_sub(d)).unwrap_or(0));
-            }
-            if let Some(changes) = changes.filter(Changes::is_visible) {
-                let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
-                let _ = status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
-            }
-            // Durable: the delivery workers may send them now.
-            if queued_cases {
-                status.outbox_wake[0].notify_one();
-            }
-            if queued_alerts > 0 {
-                status.outbox_wake[1].notify_one();
-            }
-            // Committed with their counters: now they may go out.
-            for downlink in sealed {
-                let _ = downlinks.send(downlink).await;
-            }
-        }
-        if let Some(retention) = batching.retention_ms
-            && store.is_some()
-            && prune.due(now)
-            && let Some(mut s) = store.take()
-        {
-            let (s, pruned) = tokio::task::spawn_blocking(move || {
-                let r = s.prune_telemetry(now.saturating_sub(retention));
-                (s, r)
-            })
-            .await?;
-            store = Some(s);
-            if let Ok(n) = pruned.inspect_err(|e| tracing::warn!("pruning telemetry: {e}"))
-                && n > 0
-            {
-                tracing::info!(rows = n, "pruned telemetry past its retention");
-            }
-        }
-        // Durable: now acknowledge, in arrival order.
-        for msg in batcher.committed() {
-            status.unacked.fetch_sub(1, Relaxed);
-            if acks.send(msg).await.is_err() {
-                tracing::warn!("ack not sent: the session has ended");
-            }
-        }
-        if stopping {
-            return Ok(());
+        Effects {
+            rejected,
+            filed: batch.cases.cases.len() as u64,
+            future: batch.future_samples,
+            queued_alerts: batch.cases.alerts.len() as u64,
+            queued_cases: batch.cases.outbox.iter().any(|o| o.channel == "case"),
+            decided: batch.cases.cases.iter().map(|c| c.detected_ms).collect(),
+            changes: (status.events.0.receiver_count() > 0).then(|| Changes::of(batch)),
+            downlinks,
         }
     }
-    Ok(())
+}
+
+/// A batch being written while the next one is decided.
+struct Committing {
+    handle: tokio::task::JoinHandle<Result<Committed, IngestError>>,
+    effects: Effects,
+}
+
+/// A commit task's end.
+type Joined = Result<Result<Committed, IngestError>, tokio::task::JoinError>;
+
+/// A commit in flight's result (pending forever when there is none).
+async fn done(committing: &mut Option<Committing>) -> Joined {
+    match committing {
+        Some(c) => (&mut c.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A durable batch: its figures, its live notice, the delivery workers woken, its downlinks
+/// sent and its messages acknowledged in arrival order. Returns the store for the next commit;
+/// a failed commit is the task's error (nothing of it acknowledged).
+async fn settle(
+    effects: Effects,
+    joined: Joined,
+    out: &Outputs,
+    pipeline: &Pipeline,
+    batcher: &mut batcher::Batcher<Publish>,
+) -> Result<Box<dyn IngestStore>, IngestError> {
+    let committed = joined??;
+    let (status, e) = (&out.status, effects);
+    status.last_commit_us.store(committed.took_us, Relaxed);
+    status.frames_accepted.fetch_add(committed.accepted, Relaxed);
+    status.frames_rejected.fetch_add(e.rejected, Relaxed);
+    status.batches.fetch_add(1, Relaxed);
+    status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
+    status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
+    status.cases_filed.fetch_add(e.filed, Relaxed);
+    status.samples_future.fetch_add(e.future, Relaxed);
+    status.alerts.fetch_add(e.queued_alerts, Relaxed);
+    let durable = (out.clock)();
+    for d in e.decided {
+        status.case_latency.observe(u64::try_from(durable.saturating_sub(d)).unwrap_or(0));
+    }
+    if let Some(changes) = e.changes.filter(Changes::is_visible) {
+        let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
+        let _ = status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
+    }
+    // Durable: the delivery workers may send them now.
+    if e.queued_cases {
+        status.outbox_wake[0].notify_one();
+    }
+    if e.queued_alerts > 0 {
+        status.outbox_wake[1].notify_one();
+    }
+    // Committed with their counters: now they may go out.
+    for downlink in e.downlinks {
+        let _ = out.downlinks.send(downlink).await;
+    }
+    acknowledge(batcher, out).await;
+    Ok(committed.store)
+}
+
+/// The store, and the batch being written with it while the next one is decided.
+struct Writer {
+    /// The store, while no commit has it.
+    store: Option<Box<dyn IngestStore>>,
+    committing: Option<Committing>,
+}
+
+impl Writer {
+    /// Settles the commit in flight, if any ([`settle`]): `joined` when it is known to be
+    /// done, else waited for.
+    async fn settle(
+        &mut self,
+        joined: Option<Joined>,
+        out: &Outputs,
+        pipeline: &Pipeline,
+        batcher: &mut batcher::Batcher<Publish>,
+    ) -> Result<(), IngestError> {
+        if let Some(c) = self.committing.take() {
+            let joined = match joined {
+                Some(j) => j,
+                None => c.handle.await,
+            };
+            self.store = Some(settle(c.effects, joined, out, pipeline, batcher).await?);
+        }
+        Ok(())
+    }
+}
+
+/// Acknowledges the oldest sealed batch's messages, in arrival order.
+async fn acknowledge(batcher: &mut batcher::Batcher<Publish>, out: &Outputs) {
+    for msg in batcher.committed() {
+        out.status.unacked.fetch_sub(1, Relaxed);
+        if out.acks.send(msg).await.is_err() {
+            tracing::warn!("ack not sent: the session has ended");
+        }
+    }
 }
 
 /// Whether a failed commit may succeed later unchanged ([`StoreError::is_transient`]).
@@ -413,10 +547,11 @@ fn transient(e: &StoreError) -> bool {
 async fn commit_until_durable(
     mut store: Box<dyn IngestStore>,
     batch: Batch,
-    status: &Status,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(Box<dyn IngestStore>, u64), IngestError> {
+    status: Arc<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Committed, IngestError> {
     let mut batch = batch;
+    let started = std::time::Instant::now();
     let mut since: Option<std::time::Instant> = None;
     let mut retry = batcher::CommitRetry::new();
     loop {
@@ -437,7 +572,8 @@ async fn commit_until_durable(
                         *e = None;
                     }
                 }
-                return Ok((store, batch.accepted));
+                let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                return Ok(Committed { store, accepted: batch.accepted, took_us });
             }
             Err(e) if transient(&e) => {
                 if since.is_none() {
@@ -463,6 +599,15 @@ async fn commit_until_durable(
             Err(e) => return Err(IngestError::Store(e)),
         }
     }
+}
+
+/// A batch made durable.
+struct Committed {
+    store: Box<dyn IngestStore>,
+    /// Frames accepted in it.
+    accepted: u64,
+    /// How long the commit took (retries included), µs.
+    took_us: u64,
 }
 
 async fn sleep_or_never(d: Option<Duration>) {
