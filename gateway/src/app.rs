@@ -47,14 +47,7 @@ pub type Workers = Vec<JoinHandle<Result<(), crate::store::StoreError>>>;
 /// The external telemetry sink's counters and task.
 pub type RunningSink = (Arc<SinkStatus>, JoinHandle<Result<(), SinkError>>);
 
-/// The wall clock in Unix ms.
-pub fn wall_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-    })
-}
+pub use crate::status::wall_clock;
 
 /// Opens the store the configuration names (PostgreSQL with `store.url`, else SQLite).
 pub fn open_store(config: &Config) -> Result<Box<dyn Backend>> {

@@ -2,7 +2,10 @@
 //! environment as `GRIDSENSE_<SECTION>_<KEY>` (e.g. `GRIDSENSE_MQTT_URL`). Unknown keys, unknown
 //! `GRIDSENSE_…` variables and bad values are rejected at start-up with the key named.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -386,7 +389,7 @@ impl Store {
     /// The key file in use: `key_file`, or `PATH.key` beside the database.
     pub fn key_file(&self) -> PathBuf {
         if self.key_file.as_os_str().is_empty() {
-            crate::store::keys::default_key_file(&self.path)
+            default_key_file(&self.path)
         } else {
             self.key_file.clone()
         }
@@ -583,9 +586,9 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
 impl Config {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if !self.mqtt.url.is_empty() {
-            crate::broker::parse_url(&self.mqtt.url).map_err(|e| ("mqtt.url", e.to_string()))?;
+            parse_url(&self.mqtt.url).map_err(|e| ("mqtt.url", e.to_string()))?;
         }
-        match (crate::broker::is_tls(&self.mqtt.url), self.mqtt.ca_file.is_empty()) {
+        match (is_tls(&self.mqtt.url), self.mqtt.ca_file.is_empty()) {
             (true, true) => {
                 return Err((
                     "mqtt.ca_file",
@@ -675,8 +678,7 @@ impl Config {
         if self.downlink.max_attempts == 0 || self.downlink.poll_ms == 0 {
             return Err(("downlink.max_attempts", "max_attempts and poll_ms must be > 0".into()));
         }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
-        {
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return Err((
                 "http.listen",
                 format!("{:?} is not HOST:PORT (an IP address and a port)", self.http.listen),
@@ -788,4 +790,37 @@ mod tests {
         let (_d, path) = write("[store\n");
         assert!(load(Some(&path), &[]).is_err());
     }
+}
+
+/// A broker URL that is not `mqtt://HOST:PORT`.
+#[derive(Debug, thiserror::Error)]
+#[error("{url:?} is not mqtt://HOST:PORT ({why})")]
+pub struct UrlError {
+    url: String,
+    why: String,
+}
+
+/// `mqtt://HOST:PORT` to a socket address.
+pub fn parse_url(url: &str) -> Result<SocketAddr, UrlError> {
+    let bad = |why: &str| UrlError { url: url.to_owned(), why: why.to_owned() };
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("mqtts://"))
+        .ok_or_else(|| bad("scheme must be mqtt:// or mqtts://"))?;
+    if rest.contains('/') || rest.contains('@') || !rest.contains(':') {
+        return Err(bad("expected HOST:PORT after the scheme"));
+    }
+    rest.to_socket_addrs().map_err(|e| bad(&e.to_string()))?.next().ok_or_else(|| bad("no address"))
+}
+
+/// Whether a broker URL asks for TLS.
+pub fn is_tls(url: &str) -> bool {
+    url.starts_with("mqtts://")
+}
+
+/// The key file used when `store.key_file` is empty: beside the database (`PATH.key`).
+pub fn default_key_file(store_path: &Path) -> PathBuf {
+    let mut name = store_path.as_os_str().to_owned();
+    name.push(".key");
+    PathBuf::from(name)
 }

@@ -8,18 +8,21 @@
 //! deadlines, the 130 milestones on the [`calendar`], the lifecycle), [`downlink`], [`geo`],
 //! [`telemetry`], [`registry`].
 //!
-//! Shell, one folder per edge; a module imports only from the core, [`status`], [`config`],
-//! [`store`] and its own folder, never from one above it ([`app`], [`cli`]):
+//! Shell, one folder per edge; a module imports only from the core, [`config`], [`status`],
+//! [`platform`], [`store`] and its own folder — never from another edge's folder, nor from one
+//! above it ([`app`], [`cli`]); `tests/layout.rs` checks it:
 //! - [`ingest`]: the MQTT 5 session ([`ingest::session`]), the batching/ack/retry policy
 //!   ([`ingest::batcher`], pure), the pipeline task and the acker.
-//! - [`store`]: the durable state (SQLite), one file per owner.
+//! - [`store`]: the durable state behind one trait per consumer (SQLite, PostgreSQL).
 //! - [`delivery`]: the outbox workers and platform adapters ([`delivery::open311`], webhook) and
 //!   the InfluxDB 2 writer ([`delivery::influx`]).
 //! - [`http`]: the HTTP/1 server (header timeout, connection cap), [`http::api`],
 //!   [`http::board`] (Open311 and the operators' lifecycle), [`http::auth`], [`http::tls`],
 //!   the dashboard page.
 //! - [`broker`]: URLs, the embedded broker, [`broker::provision`] (Mosquitto files).
-//! - [`status`]: the clock, the status and metrics hub.
+//! - [`status`]: the clock, the status and metrics hub (the telemetry sink's too).
+//! - [`platform`]: what the platform protocols fix, for their clients and servers alike (the
+//!   webhook signature, Open311's search span).
 //! - [`app`]: starting and stopping it all; [`cli`]: the commands (cases, demo, walkthrough).
 
 // The core's modules, under the names the gateway has always had.
@@ -34,5 +37,6 @@ pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod ingest;
+pub mod platform;
 pub mod status;
 pub mod store;

@@ -12,6 +12,15 @@ use crate::batch::Batch;
 /// The current time in Unix ms (the wall clock, or the demo's simulated clock).
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
+/// The wall clock in Unix ms.
+pub fn wall_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
 /// Live counters, read by the status endpoint and the demo's progress line.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -223,4 +232,21 @@ pub struct DeliveryStatus {
     /// Service codes the platform offers, once read (`None`: not read, or not an Open311
     /// platform).
     pub catalogue: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+/// Live counters of the telemetry sink (the InfluxDB 2 writer), for the status and metrics.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    /// Points the server accepted.
+    pub written: AtomicU64,
+    /// Points dropped because the server refused them for good (4xx other than 429).
+    pub rejected: AtomicU64,
+    /// Failed write attempts (retried).
+    pub failures: AtomicU64,
+    /// Points waiting in the buffer at the last look.
+    pub buffered: AtomicU64,
+    /// Duration of the last successful write, µs.
+    pub last_write_us: AtomicU64,
+    /// The last write attempt failed and is being retried.
+    pub failing: AtomicBool,
 }

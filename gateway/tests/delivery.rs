@@ -359,7 +359,7 @@ async fn webhook_status_callbacks_must_be_signed_and_fresh() {
             .send()
     };
     let body = r#"{"case_id":1,"state":"dispatched","note":"sent to the water company"}"#;
-    let sign = gridsense_gateway::delivery::sign;
+    let sign = gridsense_gateway::platform::sign;
     let status = |r: reqwest::Response| r.status().as_u16();
     assert_eq!(status(send(body, sign("wrong", now, body.as_bytes())).await.unwrap()), 401);
     assert_eq!(status(send(body, sign(SECRET, now - 3_600, body.as_bytes())).await.unwrap()), 401);

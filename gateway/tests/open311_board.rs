@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use gridsense_gateway::{app, delivery::sign};
+use gridsense_gateway::{app, platform::sign};
 use gridsense_simulator::city::Counts;
 use gridsense_tests::{Mosquitto, fixtures};
 use serde_json::Value;

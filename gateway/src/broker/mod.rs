@@ -17,35 +17,11 @@ pub mod provision;
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs},
+    net::{SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
-/// A broker URL that is not `mqtt://HOST:PORT`.
-#[derive(Debug, thiserror::Error)]
-#[error("{url:?} is not mqtt://HOST:PORT ({why})")]
-pub struct UrlError {
-    url: String,
-    why: String,
-}
-
-/// `mqtt://HOST:PORT` to a socket address.
-pub fn parse_url(url: &str) -> Result<SocketAddr, UrlError> {
-    let bad = |why: &str| UrlError { url: url.to_owned(), why: why.to_owned() };
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("mqtts://"))
-        .ok_or_else(|| bad("scheme must be mqtt:// or mqtts://"))?;
-    if rest.contains('/') || rest.contains('@') || !rest.contains(':') {
-        return Err(bad("expected HOST:PORT after the scheme"));
-    }
-    rest.to_socket_addrs().map_err(|e| bad(&e.to_string()))?.next().ok_or_else(|| bad("no address"))
-}
-
-/// Whether a broker URL asks for TLS.
-pub fn is_tls(url: &str) -> bool {
-    url.starts_with("mqtts://")
-}
+pub use crate::config::{UrlError, is_tls, parse_url};
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {

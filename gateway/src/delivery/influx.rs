@@ -12,10 +12,7 @@
 //! should run with `-dedup.minScrapeInterval=1ms` for the same effect.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -25,27 +22,11 @@ use influxdb2::{
 };
 use tokio::sync::watch;
 
+pub use crate::status::SinkStatus;
 use crate::{
     config::Telemetry,
     store::{BufferedPoint, StoreError, TelemetryBuffer},
 };
-
-/// Live sink counters.
-#[derive(Debug, Default)]
-pub struct SinkStatus {
-    /// Points the server accepted.
-    pub written: AtomicU64,
-    /// Points dropped because the server refused them for good (4xx other than 429).
-    pub rejected: AtomicU64,
-    /// Failed write attempts (retried).
-    pub failures: AtomicU64,
-    /// Points waiting in the buffer at the last look.
-    pub buffered: AtomicU64,
-    /// Duration of the last successful write, µs.
-    pub last_write_us: AtomicU64,
-    /// The last write attempt failed and is being retried.
-    pub failing: std::sync::atomic::AtomicBool,
-}
 
 /// Why the sink could not start.
 #[derive(Debug, thiserror::Error)]

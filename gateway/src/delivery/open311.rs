@@ -32,6 +32,7 @@ use serde::Deserialize;
 
 use crate::{
     delivery::{CasePayload, DeliveryError, classify},
+    platform::GEOREPORT_SPAN_MS,
     store::OutboxEntry,
 };
 
@@ -40,10 +41,6 @@ pub const LOOKUP_TRIES: u32 = 3;
 
 /// An hour, ms: the search window's margin on both sides.
 const SEARCH_MARGIN_MS: i64 = 3_600_000;
-
-/// The longest search window GeoReport v2 allows, ms (90 days): a client's searches stay
-/// within it, and the board serves no longer one (and it is the board's default span).
-pub const GEOREPORT_SPAN_MS: i64 = 90 * 86_400_000;
 
 /// An Open311 endpoint.
 #[derive(Debug, Clone)]

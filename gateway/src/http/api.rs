@@ -24,9 +24,8 @@ use gridsense_protocol::Eui;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    delivery::influx::SinkStatus,
     http::board::Board,
-    status::{LATENCY_BUCKETS_MS, Status},
+    status::{LATENCY_BUCKETS_MS, SinkStatus, Status},
     store::DeviceFilter,
 };
 
@@ -436,7 +435,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         });
     }
     let trouble = state.status.session_trouble_ms.load(Relaxed);
-    let now = crate::app::wall_clock()();
+    let now = crate::status::wall_clock()();
     if trouble > 0 && now.saturating_sub(trouble) < TAKEOVER_NOT_READY_MS {
         problems.push(format!(
             "broker session taken over or lost {} s ago: another client connected with this gateway's client id, or the broker lost its state; messages queued for the gateway may be gone (bind client ids to accounts: use_username_as_clientid)",

@@ -432,7 +432,7 @@ pub fn parse_w3c(s: &str, end: bool, offset: chrono::FixedOffset) -> Result<i64,
 }
 
 /// The span Open311 allows a request search (and its default: the last 90 days).
-pub const OPEN311_SPAN_MS: i64 = crate::delivery::open311::GEOREPORT_SPAN_MS;
+pub const OPEN311_SPAN_MS: i64 = crate::platform::GEOREPORT_SPAN_MS;
 
 /// An Open311 search: `service_request_id` overrides every other parameter (GeoReport v2);
 /// otherwise the filters, over `start_date`..`end_date` — by default the 90 days up to `now`,
@@ -771,7 +771,7 @@ async fn callback(
     };
     let now_s = (board.clock)() / 1000;
     if let Err(why) =
-        crate::delivery::verify_signature(&board.secret, sig, &body, now_s, CALLBACK_TOLERANCE_S)
+        crate::platform::verify_signature(&board.secret, sig, &body, now_s, CALLBACK_TOLERANCE_S)
     {
         return api(StatusCode::UNAUTHORIZED, format!("signature: {why}"));
     }

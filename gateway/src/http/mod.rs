@@ -13,7 +13,7 @@ use axum::{Json, Router, extract::State, response::Html, routing::get};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{delivery::influx::SinkStatus, status::Status};
+use crate::status::{SinkStatus, Status};
 
 #[derive(Clone)]
 struct AppState {

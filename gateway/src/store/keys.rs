@@ -31,12 +31,7 @@ impl std::fmt::Debug for KeyRing {
     }
 }
 
-/// The key file used when `store.key_file` is empty: beside the database (`PATH.key`).
-pub fn default_key_file(store_path: &Path) -> PathBuf {
-    let mut name = store_path.as_os_str().to_owned();
-    name.push(".key");
-    PathBuf::from(name)
-}
+pub use crate::config::default_key_file;
 
 fn bad_key_file(path: &Path, what: impl Into<String>) -> StoreError {
     StoreError::KeyFile { path: path.display().to_string(), what: what.into() }

@@ -313,7 +313,7 @@ async fn hook(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: 
         if fault == Fault::Unavailable {
             return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
         }
-        let signed = gridsense_gateway::delivery::verify_signature(
+        let signed = gridsense_gateway::platform::verify_signature(
             SECRET,
             &header("x-gridsense-signature"),
             &body,
