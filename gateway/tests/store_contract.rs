@@ -282,6 +282,26 @@ fn telemetry_buffer(b: &mut dyn Backend) {
     assert_eq!(read.first().and_then(|p| p.grid.clone()).as_deref(), Some("g1"));
 }
 
+/// Telemetry past its retention goes; what is within it stays. Cut at a UTC day boundary, both
+/// backends agree (PostgreSQL drops whole days, SQLite rows).
+fn telemetry_retention(b: &mut dyn Backend) {
+    const DAY: i64 = 86_400_000;
+    let mut s = b.fresh(None);
+    let day = 20_000 * DAY;
+    let at = [day - 3 * DAY + 5, day - DAY, day - 1, day, day + 3_600_000, day + 2 * DAY + 7];
+    let telemetry = at.iter().map(|t| point(1, *t, 1.0)).collect();
+    s.commit(&Batch { telemetry, ..Batch::default() }).expect("commit");
+    assert_eq!(s.telemetry_count(None).expect("count"), 6);
+    assert_eq!(s.prune_telemetry(day, day + 3_600_000).expect("prune"), 3, "the three before");
+    assert_eq!(s.telemetry_count(None).expect("count"), 3);
+    assert_eq!(s.prune_telemetry(day, day + 3_600_000).expect("again"), 0, "nothing twice");
+    // Samples that arrive later for days already made (or not) are stored and pruned alike.
+    let late = vec![point(2, day + 5, 2.0), point(2, day + 40 * DAY, 2.0)];
+    s.commit(&Batch { telemetry: late, ..Batch::default() }).expect("commit");
+    assert_eq!(s.telemetry_count(None).expect("count"), 5);
+    assert_eq!(s.prune_telemetry(day + DAY, day + DAY).expect("prune"), 3, "day's three");
+}
+
 fn tokens_and_windows(b: &mut dyn Backend) {
     let mut s = b.fresh(None);
     assert!(s.add_token("ops", "operator", "h1", 1).expect("add"));
@@ -374,7 +394,7 @@ fn the_outbox_delivers_retries_gives_up_and_requeues(b: &mut dyn Backend) {
 }
 
 type Case = fn(&mut dyn Backend);
-const CASES: [(&str, Case); 6] = [
+const CASES: [(&str, Case); 7] = [
     (
         "the_outbox_delivers_retries_gives_up_and_requeues",
         the_outbox_delivers_retries_gives_up_and_requeues,
@@ -386,6 +406,7 @@ const CASES: [(&str, Case); 6] = [
     ("registry_and_change_feed", registry_and_change_feed),
     ("commit_and_restore", commit_and_restore),
     ("telemetry_buffer", telemetry_buffer),
+    ("telemetry_retention", telemetry_retention),
     ("tokens_and_windows", tokens_and_windows),
 ];
 
@@ -464,6 +485,55 @@ fn a_postgres_server_that_goes_away_is_an_error_then_the_store_reconnects() {
     pg.restart().expect("restart");
     s.commit(&batch).expect("committed after the server came back");
     assert_eq!(s.registry().expect("registry").len(), 1);
+}
+
+#[test]
+fn registry_changes_wake_their_reader_on_postgres_and_again_after_a_server_restart() {
+    use std::{sync::Arc, time::Duration};
+    let mut pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let url = pg.database(None).expect("db");
+    let key = dir.path().join("k");
+    let (reader, mut writer) = (
+        PgStore::open(&url, &key, 3).expect("reader"),
+        PgStore::open(&url, &key, 3).expect("writer"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    assert!(reader.wake_on_registry_changes(Arc::downgrade(&wake)).expect("listen"));
+    let woken = |what: &str| {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), wake.notified()).await })
+            .unwrap_or_else(|_| panic!("not woken {what}"));
+    };
+    // Nothing pending: a wake must come from what happens next.
+    let drain = || {
+        while rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(300), wake.notified()).await
+            })
+            .is_ok()
+        {}
+    };
+    woken("once listening (a look at what changed before)");
+    drain();
+    let before = reader.registry_position().expect("position");
+    writer.import(&inventory(2, 1), 0).expect("import");
+    woken("by an import in another connection");
+    let (_, changes) = reader.registry_changes(before).expect("feed");
+    assert_eq!(changes.len(), 2, "the feed, read by position, has both");
+    drain();
+    // The server restarts: the listener connects again and wakes its reader once (notices
+    // sent meanwhile are lost; the reader's position is not).
+    pg.stop_immediate().expect("stop");
+    pg.restart().expect("restart");
+    woken("after the server came back");
+    drain();
+    let before = reader.registry_position().expect("position");
+    writer.import(&inventory(3, 2), 0).expect("import after the restart");
+    woken("by a change after the restart");
+    assert!(!reader.registry_changes(before).expect("feed").1.is_empty());
+    // The reader gone, the listener ends (its thread checks the wake's owner).
+    drop(wake);
 }
 
 /// A TCP proxy in front of PostgreSQL that, once armed, forwards the next `COMMIT` and then
@@ -569,6 +639,29 @@ fn a_runtime_role_without_ddl_rights_runs_a_migrated_database() {
     batch.events.push(HealthEvent { eui: Eui(1), at_ms: 1, kind: EventKind::Online });
     s.commit(&batch).expect("commit");
     assert_eq!(s.registry().expect("registry").len(), 2);
+    // Telemetry's day partitions are made and dropped by the migrator's function: the runtime
+    // role writes, prunes and makes the coming days without a DDL right of its own.
+    const DAY: i64 = 86_400_000;
+    let now = 20_500 * DAY + 5;
+    let telemetry = vec![point(1, now - 10 * DAY, 1.0), point(1, now, 2.0)];
+    s.commit(&Batch { telemetry, ..Batch::default() }).expect("telemetry");
+    assert_eq!(s.prune_telemetry(now - DAY, now).expect("prune as the runtime role"), 1);
+    s.commit(&Batch { telemetry: vec![point(1, now + DAY, 3.0)], ..Batch::default() })
+        .expect("into a day made ahead");
+    // Days 20,499 … 20,502 (keep_from's day to two after now); the day before was not made.
+    let days = pg
+        .psql(
+            &db,
+            "SELECT string_agg(c.relname, ' ' ORDER BY c.relname) FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'telemetry'::regclass
+             AND c.relname BETWEEN 'telemetry_20260214' AND 'telemetry_20260219'",
+        )
+        .expect("partitions");
+    assert_eq!(
+        days.split_whitespace().collect::<Vec<_>>(),
+        ["telemetry_20260215", "telemetry_20260216", "telemetry_20260217", "telemetry_20260218"],
+        "{days}"
+    );
     let denied = pg
         .psql(&db, "SET ROLE gridsense_app; CREATE TABLE x (y int)")
         .expect_err("no DDL for the runtime role");

@@ -171,6 +171,11 @@ impl Every {
         true
     }
 
+    /// Due at once (a cue to look sooner), then a period on from then.
+    pub fn now(&mut self) {
+        self.next_ms = None;
+    }
+
     /// When it is next due (`None`: at once).
     pub const fn next(&self) -> Option<i64> {
         self.next_ms
@@ -246,5 +251,10 @@ mod tests {
         // Late (the task was busy): due once, then a period from then.
         assert!(poll.due(9_000));
         assert!(!poll.due(9_500));
+        // Woken (a registry change was announced): due at once, then a period from then.
+        poll.now();
+        assert!(poll.due(9_600));
+        assert!(!poll.due(10_599));
+        assert!(poll.due(10_600));
     }
 }

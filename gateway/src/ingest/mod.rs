@@ -166,7 +166,8 @@ pub async fn run(
 struct Batching {
     max: usize,
     max_wait_ms: u64,
-    /// Embedded telemetry older than this is pruned (hourly), ms; `None` with an external sink.
+    /// Telemetry in the store older than this is pruned (hourly), ms; `None` with an external
+    /// sink.
     retention_ms: Option<i64>,
     /// How often to look for operators' requests in the store, ms.
     poll_ms: u64,
@@ -186,6 +187,14 @@ async fn pipeline_task(
     batching: Batching,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
+    // A registry change announced by the store (PostgreSQL's NOTIFY) makes the poll due at
+    // once; the poll reads the change feed by position either way.
+    let registry_wake = Arc::new(tokio::sync::Notify::new());
+    match store.wake_on_registry_changes(Arc::downgrade(&registry_wake)) {
+        Ok(true) => tracing::debug!("registry changes wake the reader"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("registry changes are polled only: {e}"),
+    }
     let mut w = Writer { store: Some(store), committing: None };
     // The shell's monotonic time, ms since the task started, for the batching policy.
     let origin = tokio::time::Instant::now();
@@ -269,7 +278,7 @@ async fn pipeline_task(
                         w.store = Some(c.store);
                     }
                     if let Some(changes) = changes.filter(Changes::is_visible) {
-                        let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
+                        let changes = Changes { sent_ms: crate::status::wall_clock()(), ..changes };
                         let _ = status
                             .events
                             .0
@@ -302,6 +311,10 @@ async fn pipeline_task(
                     return Ok(());
                 }
             },
+            () = registry_wake.notified() => {
+                poll.now();
+                continue;
+            }
             () = sleep_or_never(deadline_in) => None,
             _ = shutdown.changed() => None,
         };
@@ -366,7 +379,7 @@ async fn pipeline_task(
             w.settle(None, &out, &pipeline, &mut batcher).await?;
             if let Some(mut s) = w.store.take() {
                 let (s, pruned) = tokio::task::spawn_blocking(move || {
-                    let r = s.prune_telemetry(now.saturating_sub(retention));
+                    let r = s.prune_telemetry(now.saturating_sub(retention), now);
                     (s, r)
                 })
                 .await?;
@@ -477,7 +490,7 @@ async fn settle(
         status.case_latency.observe(u64::try_from(durable.saturating_sub(d)).unwrap_or(0));
     }
     if let Some(changes) = e.changes.filter(Changes::is_visible) {
-        let changes = Changes { sent_ms: crate::app::wall_clock()(), ..changes };
+        let changes = Changes { sent_ms: crate::status::wall_clock()(), ..changes };
         let _ = status.events.0.send(serde_json::to_string(&changes).unwrap_or_default());
     }
     // Durable: the delivery workers may send them now.

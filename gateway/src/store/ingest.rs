@@ -27,6 +27,17 @@ pub trait IngestStore: Maintenance + Send {
     /// site and rule attributes; others (retired, replaced) without. Returns the new position.
     fn registry_changes(&self, after: i64) -> Result<(i64, Vec<RegistryChange>), StoreError>;
 
+    /// Wakes `wake` when the registry changes, where the backend can tell across processes
+    /// (PostgreSQL: `LISTEN`); the reader still reads the change feed by position, and still
+    /// polls: a wake is only a cue to look sooner. False when the backend cannot (SQLite).
+    fn wake_on_registry_changes(
+        &self,
+        wake: std::sync::Weak<tokio::sync::Notify>,
+    ) -> Result<bool, StoreError> {
+        let _ = wake;
+        Ok(false)
+    }
+
     /// Positions of active devices, for placing them in grids.
     fn locations(&self) -> Result<Vec<(Eui, f64, f64)>, StoreError>;
 
@@ -39,8 +50,10 @@ pub trait IngestStore: Maintenance + Send {
     /// Writes a batch in one transaction.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
 
-    /// Deletes embedded-store telemetry older than `before_ms`; returns how many rows went.
-    fn prune_telemetry(&mut self, before_ms: i64) -> Result<u64, StoreError>;
+    /// Removes stored telemetry older than `before_ms` at `now_ms`; returns how many rows
+    /// went. SQLite deletes the rows; PostgreSQL drops whole day partitions (retention rounds
+    /// up to a day) and makes the coming days' partitions.
+    fn prune_telemetry(&mut self, before_ms: i64, now_ms: i64) -> Result<u64, StoreError>;
 
     /// Registered devices as the rules and cases see them (site, kind and rule attributes),
     /// one at a time, for loading a million without holding them all.
@@ -408,7 +421,7 @@ impl IngestStore for Store {
         Ok(())
     }
 
-    fn prune_telemetry(&mut self, before_ms: i64) -> Result<u64, StoreError> {
+    fn prune_telemetry(&mut self, before_ms: i64, _now_ms: i64) -> Result<u64, StoreError> {
         Ok(self.conn.execute("DELETE FROM telemetry WHERE at_ms < ?1", params![before_ms])? as u64)
     }
 

@@ -879,7 +879,7 @@ mod retention_tests {
             batch.telemetry.push(tests::level(1, at_ms, 1.0));
         }
         store.commit(&batch).unwrap();
-        assert_eq!(store.prune_telemetry(3_000).unwrap(), 2);
+        assert_eq!(store.prune_telemetry(3_000, 4_000).unwrap(), 2);
         assert_eq!(store.telemetry_count(None).unwrap(), 2);
     }
 }

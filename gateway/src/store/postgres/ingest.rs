@@ -525,6 +525,13 @@ impl IngestStore for PgStore {
         })
     }
 
+    fn wake_on_registry_changes(
+        &self,
+        wake: std::sync::Weak<tokio::sync::Notify>,
+    ) -> Result<bool, StoreError> {
+        self.listen_registry(wake).map(|()| true)
+    }
+
     fn registry_changes(&self, after: i64) -> Result<(i64, Vec<RegistryChange>), StoreError> {
         let position = self.registry_position()?;
         if position <= after {
@@ -652,8 +659,17 @@ impl IngestStore for PgStore {
         result
     }
 
-    fn prune_telemetry(&mut self, before_ms: i64) -> Result<u64, StoreError> {
-        self.with(|c| Ok(wait(c.execute("DELETE FROM telemetry WHERE at_ms < $1", &[&before_ms]))?))
+    /// Drops the day partitions that end at or before `before_ms` (retention rounds up to
+    /// whole UTC days), deletes older samples from the default partition, and makes the days
+    /// up to two after `now_ms` (the migration's `gridsense_telemetry_days`).
+    fn prune_telemetry(&mut self, before_ms: i64, now_ms: i64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let removed: i64 = wait(
+                c.query_one("SELECT gridsense_telemetry_days($1, $2)", &[&now_ms, &before_ms]),
+            )?
+            .get(0);
+            Ok(u64::try_from(removed).unwrap_or(0))
+        })
     }
 
     fn each_site(

@@ -18,7 +18,7 @@ mod queries;
 mod registry;
 mod simple;
 
-use std::{cell::RefCell, future::Future, path::Path, time::Duration};
+use std::{cell::RefCell, future::Future, path::Path, sync::Weak, time::Duration};
 
 use tokio_postgres::{Client, NoTls, config::SslMode};
 
@@ -31,6 +31,8 @@ const MIGRATIONS: &[&str] = &[
     // connection cut while COMMIT was under way) is not applied twice when it is retried.
     "CREATE TABLE committed_batches (token BIGINT PRIMARY KEY, committed_at TIMESTAMPTZ NOT NULL DEFAULT now());
      CREATE INDEX committed_batches_at ON committed_batches (committed_at);",
+    // 3: telemetry partitioned by day; retention drops days.
+    include_str!("telemetry_days.sql"),
 ];
 
 /// How long a connection attempt may take unless the URL says (`connect_timeout`).
@@ -162,10 +164,43 @@ pub(crate) enum Security {
     Tls(tokio_postgres_rustls::MakeRustlsConnect),
 }
 
+/// What a listening connection does with each notification.
+type OnNotice = Box<dyn Fn() + Send>;
+
+/// Runs a connection's protocol to its end; with `on_notice`, also reads its asynchronous
+/// messages and calls it for every notification (`LISTEN`).
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    on_notice: Option<OnNotice>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(on_notice) = on_notice else { return connection.await };
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => on_notice(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+    }
+}
+
 fn connect(
     config: &tokio_postgres::Config,
     target: &str,
     security: &Security,
+) -> Result<Conn, StoreError> {
+    connect_listening(config, target, security, None)
+}
+
+fn connect_listening(
+    config: &tokio_postgres::Config,
+    target: &str,
+    security: &Security,
+    on_notice: Option<OnNotice>,
 ) -> Result<Conn, StoreError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let config = config.clone();
@@ -186,14 +221,14 @@ fn connect(
                     Security::Plain => match config.connect(NoTls).await {
                         Ok((client, connection)) => {
                             let _ = tx.send(Ok(client));
-                            connection.await
+                            drive(connection, on_notice).await
                         }
                         Err(e) => Err(e),
                     },
                     Security::Tls(tls) => match config.connect(tls).await {
                         Ok((client, connection)) => {
                             let _ = tx.send(Ok(client));
-                            connection.await
+                            drive(connection, on_notice).await
                         }
                         Err(e) => Err(e),
                     },
@@ -220,6 +255,57 @@ fn connect(
         })?;
     wait(client.batch_execute(&format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}")))?;
     Ok(Conn { client, _driver: driver, statements: std::collections::HashMap::new() })
+}
+
+/// The channel the registry's trigger notifies.
+pub(crate) const REGISTRY_CHANNEL: &str = "gridsense_registry";
+
+/// The listening loop of [`PgStore::listen_registry`].
+fn listen(
+    config: &tokio_postgres::Config,
+    target: &str,
+    security: &Security,
+    wake: &Weak<tokio::sync::Notify>,
+) {
+    const FIRST: Duration = Duration::from_millis(250);
+    const LONGEST: Duration = Duration::from_secs(10);
+    let notify = |w: &Weak<tokio::sync::Notify>| {
+        if let Some(n) = w.upgrade() {
+            n.notify_one();
+        }
+    };
+    let mut backoff = FIRST;
+    let mut failing = false;
+    while wake.strong_count() > 0 {
+        let w = wake.clone();
+        let listening =
+            connect_listening(config, target, security, Some(Box::new(move || notify(&w))))
+                .and_then(|c| {
+                    wait(c.batch_execute(&format!("LISTEN {REGISTRY_CHANNEL}")))?;
+                    Ok(c)
+                });
+        match listening {
+            Ok(conn) => {
+                if failing {
+                    tracing::info!("listening for registry changes again");
+                }
+                (backoff, failing) = (FIRST, false);
+                // Whatever changed while no one listened is read now.
+                notify(wake);
+                while !conn.is_closed() && wake.strong_count() > 0 {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("listening for registry changes: {e}; polling meanwhile");
+                }
+                failing = true;
+            }
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(LONGEST);
+    }
 }
 
 impl PgStore {
@@ -286,6 +372,21 @@ impl PgStore {
         store.migrate()?;
         store.check_key()?;
         Ok(store)
+    }
+
+    /// Wakes `wake` whenever the registry changes: `LISTEN gridsense_registry` on a connection
+    /// of its own, on a thread of its own, made again (with a backoff) when the server closes
+    /// it, and `wake` woken once after every (re)connection — a notice sent while it was away
+    /// is lost, which is why the reader keeps its position in the change table and only
+    /// takes the notice as a cue to look. Ends once `wake` is dropped.
+    pub fn listen_registry(&self, wake: Weak<tokio::sync::Notify>) -> Result<(), StoreError> {
+        let (config, target, security) =
+            (self.config.clone(), self.target.clone(), self.security.clone());
+        std::thread::Builder::new()
+            .name("postgres-listen".into())
+            .spawn(move || listen(&config, &target, &security, &wake))
+            .map(drop)
+            .map_err(|e| StoreError::Postgres { what: format!("thread: {e}"), transient: false })
     }
 
     /// Sends telemetry to the buffer of an external sink (at most `max_points`).
