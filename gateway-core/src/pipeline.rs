@@ -712,9 +712,8 @@ impl Pipeline {
             accepted.skipped,
             &mut batch.events,
         );
-        if let Some((eui, h)) = self.health.get(device.id) {
-            batch.health.insert(eui, h);
-        }
+        // Its row is written at the next flush ([`Pipeline::finish`]), not with every frame.
+        self.dirty.insert(device.id);
         // 4. Telemetry at the device's sample times.
         let first_point = batch.telemetry.len();
         let telemetry_only = telemetry::points(eui, kind, &accepted.message, &mut batch.telemetry);
@@ -844,15 +843,22 @@ impl Pipeline {
     }
 
     /// Puts the health rows changed since the last flush into the batch, once per device
-    /// however many frames it sent. Rows are flushed when a transition happened (online,
-    /// offline, battery, reboot), when `force` is set (shutdown), or every
-    /// [`HEALTH_FLUSH_MS`]: between flushes only `last_seen` and counts move, and after a crash
-    /// the restored deadlines are at most that much early. Call before committing.
+    /// however many frames it sent. A device's row goes with its transition (online, offline,
+    /// battery, reboot) at once; every changed row goes when `force` is set (shutdown) or
+    /// every [`HEALTH_FLUSH_MS`]: between flushes only `last_seen` and counts move, and after a
+    /// crash the restored deadlines are at most that much early. Call before committing.
     pub fn finish(&mut self, batch: &mut Batch, now_ms: i64, force: bool) {
-        let due = force
-            || !batch.events.is_empty()
-            || now_ms.saturating_sub(self.last_health_flush) >= HEALTH_FLUSH_MS;
+        let due = force || now_ms.saturating_sub(self.last_health_flush) >= HEALTH_FLUSH_MS;
         if !due {
+            // Only the devices that changed state: their rows are committed with the event.
+            for e in &batch.events {
+                if let Some(device) = self.intake.device(e.eui)
+                    && self.dirty.remove(&device.id)
+                    && let Some((eui, h)) = self.health.get(device.id)
+                {
+                    batch.health.insert(eui, h);
+                }
+            }
             return;
         }
         self.last_health_flush = now_ms;
@@ -963,8 +969,16 @@ mod tests {
     use crate::{health::EventKind, registry::Kind};
 
     fn pipeline() -> (Pipeline, DeviceKey) {
+        pipeline_of(&[1])
+    }
+
+    /// A pipeline with these drains registered, all under one key.
+    fn pipeline_of(euis: &[u64]) -> (Pipeline, DeviceKey) {
         let key = DeviceKey::from_bytes([3; 16]);
-        let registry = vec![Registered { eui: Eui(1), kind: Kind::Drain, key: key.clone() }];
+        let registry = euis
+            .iter()
+            .map(|n| Registered { eui: Eui(*n), kind: Kind::Drain, key: key.clone() })
+            .collect();
         let config = HealthConfig {
             offline_factor: 2.0,
             interval_ms: [1, 60_000, 1],
@@ -1105,6 +1119,43 @@ mod tests {
         assert_eq!(batch.rejects["duplicate"], 1);
         assert_eq!(batch.audit.len(), 1);
         assert_eq!(batch.health[&Eui(1)].rejects, 1);
+    }
+
+    #[test]
+    fn a_devices_health_row_is_written_once_per_flush_not_with_every_frame() {
+        let (mut p, key) = pipeline_of(&[1, 2]);
+        let up = topic(Eui(1), Direction::Uplink);
+        let drain = &examples::uplinks()[1];
+        // The first frame brings the device online: a transition, flushed at once.
+        let mut batch = Batch::default();
+        p.handle(10_000, &up, &seal(Eui(1), 1, drain, &key), &mut batch);
+        p.finish(&mut batch, 10_000, false);
+        assert_eq!(batch.health[&Eui(1)].frames, 1);
+        // Frames within the flush interval: counters and telemetry go, the row waits.
+        let mut counts = Vec::new();
+        for (n, at) in [(2, 10_500), (3, 11_000), (4, 11_900)] {
+            let mut batch = Batch::default();
+            p.handle(at, &up, &seal(Eui(1), n, drain, &key), &mut batch);
+            p.finish(&mut batch, at, false);
+            assert!(batch.counters.contains_key(&Eui(1)), "the counter goes with its frame");
+            counts.push(batch.health.get(&Eui(1)).map(|h| h.frames));
+        }
+        assert_eq!(counts, [None, None, None], "no row before {HEALTH_FLUSH_MS} ms");
+        // Another device comes online meanwhile: its row goes with its event, the first's not.
+        let mut batch = Batch::default();
+        p.handle(
+            11_950,
+            &topic(Eui(2), Direction::Uplink),
+            &seal(Eui(2), 1, drain, &key),
+            &mut batch,
+        );
+        p.finish(&mut batch, 11_950, false);
+        assert_eq!(batch.health.keys().copied().collect::<Vec<_>>(), [Eui(2)]);
+        // The interval over: one row with every frame counted.
+        let mut batch = Batch::default();
+        p.handle(12_000, &up, &seal(Eui(1), 5, drain, &key), &mut batch);
+        p.finish(&mut batch, 12_000, false);
+        assert_eq!(batch.health[&Eui(1)].frames, 5);
     }
 
     #[test]

@@ -18,7 +18,8 @@ CREATE TABLE telemetry (
     grid_code TEXT,
     PRIMARY KEY (eui, measurement, field, at_ms)
 ) PARTITION BY RANGE (at_ms);
-CREATE INDEX telemetry_time ON telemetry (at_ms);
+-- No index on at_ms: retention drops partitions, and a device's recent samples are found by
+-- the primary key (eui first) within the partitions their time range leaves.
 CREATE TABLE telemetry_default PARTITION OF telemetry DEFAULT;
 INSERT INTO telemetry SELECT eui, measurement, field, at_ms, value, grid_code FROM telemetry_v2;
 DROP TABLE telemetry_v2;
