@@ -12,15 +12,23 @@ use std::collections::HashMap;
 
 use crate::registry::{Device, DeviceId, Kind};
 use gridsense_protocol::{
-    CounterVerdict, CounterWindow, DeviceKey, Direction, Eui, FrameError, Header, RawFrame, Uplink,
-    topic::parse_topic,
+    CounterVerdict, CounterWindow, DeviceKey, Eui, FrameError, Header, RawFrame, Uplink,
+    topic::{DEFAULT_SHARDS, Route, parse_route, shard_of},
 };
 
 /// Why an uplink was rejected. [`Reject::reason`] is the stable code counted in metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
-    /// The topic is not `gridsense/{eui}/up`.
+    /// The topic is not a device's uplink topic (`gridsense/{shard}/{eui}/up|urgent`, or
+    /// version 1's `gridsense/{eui}/up`).
     BadTopic,
+    /// The topic's shard level is not its EUI's shard (the broker's ACLs cannot tell).
+    WrongShard {
+        /// EUI in the topic.
+        eui: Eui,
+        /// The shard level the topic has.
+        shard: u8,
+    },
     /// The envelope or body does not decode.
     Malformed(FrameError),
     /// The frame's EUI is not the one its topic names.
@@ -50,6 +58,7 @@ impl Reject {
     pub fn reason(&self) -> &'static str {
         match self {
             Reject::BadTopic => "bad_topic",
+            Reject::WrongShard { .. } => "wrong_shard",
             Reject::Malformed(e) => e.reason(),
             Reject::TopicMismatch { .. } => "topic_mismatch",
             Reject::UnknownDevice(_) => "unknown_device",
@@ -77,11 +86,13 @@ pub struct Accepted {
 
 /// Device keys and counter windows for the uplink check, and the dense numbering
 /// ([`DeviceId`]) the other per-device state is indexed by.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Intake {
     index: HashMap<Eui, DeviceId>,
     slots: Vec<Slot>,
     registered: usize,
+    /// The deployment's shards (`[cluster] shards`): a sharded topic must name the EUI's.
+    shards: u16,
 }
 
 /// One device: 40 bytes (its key, its window, whether it is registered and as what).
@@ -91,6 +102,12 @@ struct Slot {
     window: CounterWindow,
     /// `None`: not registered (retired, or only its window is known).
     kind: Option<Kind>,
+}
+
+impl Default for Intake {
+    fn default() -> Self {
+        Intake { index: HashMap::new(), slots: Vec::new(), registered: 0, shards: DEFAULT_SHARDS }
+    }
 }
 
 impl Intake {
@@ -202,11 +219,18 @@ impl Intake {
         self.registered == 0
     }
 
+    /// The deployment's number of shards (default [`DEFAULT_SHARDS`]).
+    pub fn set_shards(&mut self, shards: u16) {
+        self.shards = shards;
+    }
+
     /// Checks one uplink. Changes nothing: call [`Self::commit`] once it is stored.
     pub fn check(&self, topic: &str, payload: &[u8]) -> Result<Accepted, Reject> {
-        let (topic_eui, Direction::Uplink) = parse_topic(topic).map_err(|_| Reject::BadTopic)?
-        else {
-            return Err(Reject::BadTopic);
+        let topic_eui = match parse_route(topic).map_err(|_| Reject::BadTopic)? {
+            Route::LegacyUplink(eui) => eui,
+            Route::Uplink { eui, shard, .. } if shard == shard_of(eui, self.shards) => eui,
+            Route::Uplink { eui, shard, .. } => return Err(Reject::WrongShard { eui, shard }),
+            Route::Downlink(_) => return Err(Reject::BadTopic),
         };
         let raw = RawFrame::parse(payload).map_err(Reject::Malformed)?;
         let header = raw.header();
@@ -243,7 +267,10 @@ impl Intake {
 #[cfg(test)]
 mod tests {
     use crate::registry::Kind;
-    use gridsense_protocol::{examples, seal, topic::topic};
+    use gridsense_protocol::{
+        Direction, examples, seal,
+        topic::{Lane, topic, uplink_topic},
+    };
 
     use super::*;
 
@@ -254,6 +281,33 @@ mod tests {
         let mut intake = Intake::new();
         intake.register(EUI, Kind::Cover, key.clone());
         (intake, key)
+    }
+
+    #[test]
+    fn both_lanes_of_the_eui_s_shard_and_version_1_s_topic_are_accepted() {
+        let (mut intake, key) = intake();
+        let msg = examples::uplinks()[1].clone();
+        let topics = [
+            uplink_topic(EUI, DEFAULT_SHARDS, Lane::Up).to_string(),
+            uplink_topic(EUI, DEFAULT_SHARDS, Lane::Urgent).to_string(),
+            up(EUI),
+        ];
+        for (n, t) in (1..).zip(&topics) {
+            let accepted = intake.check(t, &seal(EUI, n, &msg, &key)).expect(t);
+            intake.commit(&accepted);
+        }
+        // With another number of shards the EUI's shard differs, and so does its topic.
+        let mut other = Intake::new();
+        other.register(EUI, Kind::Cover, key.clone());
+        other.set_shards(7);
+        let frame = seal(EUI, 1, &msg, &key);
+        assert!(other.check(&uplink_topic(EUI, 7, Lane::Up), &frame).is_ok());
+        // (Shard 0 of 7, shard 0x0e of 64: the values an independent fmix64 gives.)
+        assert_eq!((shard_of(EUI, 7), shard_of(EUI, 64)), (0, 0x0e));
+        assert_eq!(
+            other.check(&uplink_topic(EUI, 64, Lane::Up), &frame).map(|_| ()),
+            Err(Reject::WrongShard { eui: EUI, shard: 0x0e })
+        );
     }
 
     fn up(eui: Eui) -> String {
@@ -327,6 +381,14 @@ mod tests {
         let other = Eui(9);
         assert_eq!(intake.check("gridsense/x/up", &frame), Err(Reject::BadTopic));
         assert_eq!(intake.check(&topic(EUI, Direction::Downlink), &frame), Err(Reject::BadTopic));
+        // A sharded topic must carry the EUI's shard: the broker's ACLs cannot tell.
+        let shard = shard_of(EUI, DEFAULT_SHARDS);
+        let wrong = (shard + 1) % 64;
+        assert_eq!(
+            intake.check(&format!("gridsense/{wrong:02x}/{EUI}/up"), &frame).map(|_| ()),
+            Err(Reject::WrongShard { eui: EUI, shard: wrong })
+        );
+        assert_eq!(Reject::WrongShard { eui: EUI, shard: wrong }.reason(), "wrong_shard");
         assert_eq!(
             intake.check(&up(other), &frame),
             Err(Reject::TopicMismatch { topic: other, frame: EUI })

@@ -317,6 +317,14 @@ impl Pipeline {
         self
     }
 
+    /// The deployment's number of shards (`[cluster] shards`): a frame on a sharded topic
+    /// whose shard level is not its EUI's is rejected (`wrong_shard`).
+    #[must_use]
+    pub fn with_shards(mut self, shards: u16) -> Self {
+        self.intake.set_shards(shards);
+        self
+    }
+
     /// Turns on rules and cases: every device with its site and rule attributes, the rule
     /// states and open incidents persisted before a restart.
     #[must_use]

@@ -91,7 +91,8 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     let counters = store.counters()?;
     let mut pipeline = Pipeline::new(registry, counters, Vec::new(), config.health.policy())
         .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
-        .with_rate_limit(config.health.max_frames_per_minute);
+        .with_rate_limit(config.health.max_frames_per_minute)
+        .with_shards(store.fix_shards(config.cluster.shards)?);
     // Row by row: a million rows' strings held at once would stay behind as heap holes.
     store.each_health(&mut |eui, h| pipeline.restore_health(eui, h))?;
     let mut unassigned_devices = 0;

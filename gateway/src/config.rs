@@ -31,6 +31,23 @@ pub struct Config {
     pub geo: Geo,
     /// Rules, cases and their delivery.
     pub cases: CasesSettings,
+    /// How devices are partitioned between gateway instances.
+    pub cluster: Cluster,
+}
+
+/// How devices are partitioned between gateway instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Shards the devices are partitioned into by EUI (1 … 256; SPEC.md §2): fixed when the
+    /// store is made — a store made with another number is refused.
+    pub shards: u16,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster { shards: gridsense_protocol::topic::DEFAULT_SHARDS }
+    }
 }
 
 /// Where cases go.
@@ -605,6 +622,9 @@ impl Config {
         }
         if self.mqtt.client_id.is_empty() {
             return Err(("mqtt.client_id", "must not be empty".into()));
+        }
+        if self.cluster.shards == 0 || self.cluster.shards > gridsense_protocol::topic::MAX_SHARDS {
+            return Err(("cluster.shards", "must be between 1 and 256".into()));
         }
         if self.mqtt.inflight == 0 {
             return Err(("mqtt.inflight", "must be at least 1".into()));

@@ -75,8 +75,23 @@ async fn devices_get_their_own_topics_and_nothing_else() {
     let broker = Mosquitto::start_secured(&out_dir.join("passwd"), &out_dir.join("acl")).unwrap();
     let (gateway, mut gateway_loop, code) = connect(broker.addr(), gw_user, gw_password).await;
     assert_eq!(code, ConnectReturnCode::Success, "{}", broker.log());
-    gateway.subscribe("gridsense/+/up", QoS::AtLeastOnce).await.unwrap();
+    for filter in ["gridsense/+/+/up", "gridsense/+/+/urgent", "gridsense/+/up"] {
+        gateway.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
     let (a, b) = (&devices[0], &devices[1]);
+    // Its own topics: both lanes of any shard level (the gateway checks the shard), version
+    // 1's; another device's, on any of them, the ACL drops.
+    let own = [
+        format!("gridsense/{}/up", a.eui),
+        format!("gridsense/1d/{}/up", a.eui),
+        format!("gridsense/00/{}/urgent", a.eui),
+    ];
+    let forged = [
+        format!("gridsense/{}/up", b.eui),
+        format!("gridsense/1d/{}/up", b.eui),
+        format!("gridsense/00/{}/urgent", b.eui),
+        format!("gridsense/{}/down", b.eui),
+    ];
     let (device_a, mut a_loop, code) = connect(broker.addr(), &a.eui, &a.mqtt_password).await;
     assert_eq!(code, ConnectReturnCode::Success);
     let (_, _, wrong) = connect(broker.addr(), &b.eui, "not-its-password").await;
@@ -86,28 +101,20 @@ async fn devices_get_their_own_topics_and_nothing_else() {
     let mut received = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut sent = false;
+    let mut subacks = 0;
     while tokio::time::Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(200), gateway_loop.poll()).await {
+            // Once all three subscriptions are acknowledged.
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent && subacks < 2 => subacks += 1,
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
-                device_a
-                    .publish(
-                        format!("gridsense/{}/up", a.eui),
-                        QoS::AtLeastOnce,
-                        false,
-                        b"own".to_vec(),
-                    )
-                    .await
-                    .unwrap();
-                // Another device's topic: the ACL drops it.
-                device_a
-                    .publish(
-                        format!("gridsense/{}/up", b.eui),
-                        QoS::AtLeastOnce,
-                        false,
-                        b"forged".to_vec(),
-                    )
-                    .await
-                    .unwrap();
+                for (topic, body) in
+                    own.iter().map(|t| (t, "own")).chain(forged.iter().map(|t| (t, "forged")))
+                {
+                    device_a
+                        .publish(topic.clone(), QoS::AtLeastOnce, false, body.as_bytes().to_vec())
+                        .await
+                        .unwrap();
+                }
                 sent = true;
             }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
@@ -116,7 +123,10 @@ async fn devices_get_their_own_topics_and_nothing_else() {
             _ => {}
         }
     }
-    assert_eq!(received, vec![(format!("gridsense/{}/up", a.eui), b"own".to_vec())]);
+    received.sort();
+    let mut wanted: Vec<_> = own.iter().map(|t| (t.clone(), b"own".to_vec())).collect();
+    wanted.sort();
+    assert_eq!(received, wanted);
 }
 
 /// A running gateway applies registry changes without a restart: a re-keyed device starts a

@@ -302,6 +302,17 @@ fn telemetry_retention(b: &mut dyn Backend) {
     assert_eq!(s.prune_telemetry(day + DAY, day + DAY).expect("prune"), 3, "day's three");
 }
 
+fn shards_are_fixed_when_the_store_is_made(b: &mut dyn Backend) {
+    let s = b.fresh(None);
+    assert_eq!(s.fix_shards(64).expect("first start records it"), 64);
+    assert_eq!(s.fix_shards(64).expect("the same again"), 64);
+    drop(s);
+    let s = b.reopen();
+    let e = s.fix_shards(32).expect_err("another number");
+    assert!(matches!(e, StoreError::Shards { stored: 64, configured: 32 }), "{e}");
+    assert!(e.to_string().contains("set cluster.shards = 64"), "{e}");
+}
+
 fn tokens_and_windows(b: &mut dyn Backend) {
     let mut s = b.fresh(None);
     assert!(s.add_token("ops", "operator", "h1", 1).expect("add"));
@@ -394,7 +405,7 @@ fn the_outbox_delivers_retries_gives_up_and_requeues(b: &mut dyn Backend) {
 }
 
 type Case = fn(&mut dyn Backend);
-const CASES: [(&str, Case); 7] = [
+const CASES: [(&str, Case); 8] = [
     (
         "the_outbox_delivers_retries_gives_up_and_requeues",
         the_outbox_delivers_retries_gives_up_and_requeues,
@@ -407,6 +418,7 @@ const CASES: [(&str, Case); 7] = [
     ("commit_and_restore", commit_and_restore),
     ("telemetry_buffer", telemetry_buffer),
     ("telemetry_retention", telemetry_retention),
+    ("shards_are_fixed_when_the_store_is_made", shards_are_fixed_when_the_store_is_made),
     ("tokens_and_windows", tokens_and_windows),
 ];
 

@@ -29,7 +29,7 @@ pub fn free_port() -> std::io::Result<u16> {
 }
 
 /// The largest MQTT packet (after its fixed header) the embedded broker reads, bytes: far above
-/// the largest frame (484 bytes, plus a 31-byte topic and a few header bytes), far below the
+/// the largest frame (484 bytes, plus a 36-byte topic and a few header bytes), far below the
 /// gateway's Maximum Packet Size (`mqtt.max_packet_bytes`, default 65,536). The shipped
 /// Mosquitto configuration has the same limit (`message_size_limit 4096`).
 pub const MAX_MESSAGE_BYTES: usize = 4_096;

@@ -20,17 +20,24 @@ pub fn password_line(user: &str, password: &str, salt: &[u8; SALT_LEN]) -> Strin
     format!("{user}:$7${ITERATIONS}${}${}", STANDARD.encode(salt), STANDARD.encode(hash))
 }
 
-/// The ACL file: the gateway reads every uplink and writes every downlink; every other user
-/// (a device, named by its EUI) writes only `gridsense/<eui>/up` and reads only
-/// `gridsense/<eui>/down`.
+/// The ACL file: the gateway reads every uplink (both lanes of every shard, and version 1's
+/// topic) and writes every downlink; every other user (a device, named by its EUI) writes only
+/// its own uplink topics — `gridsense/<shard>/<eui>/up` and `…/urgent` under any shard level,
+/// which Mosquitto's patterns cannot check (the gateway does: `wrong_shard`), and version 1's
+/// `gridsense/<eui>/up` — and reads only `gridsense/<eui>/down`.
 pub fn acl(gateway_user: &str) -> String {
     format!(
         "# Written by `gridsense provision broker`. Reload: kill -HUP $(pidof mosquitto)\n\
          user {gateway_user}\n\
+         topic read gridsense/+/+/up\n\
+         topic read gridsense/+/+/urgent\n\
          topic read gridsense/+/up\n\
          topic write gridsense/+/down\n\
          \n\
-         # Devices: user name = EUI (16 lowercase hex digits).\n\
+         # Devices: user name = EUI (16 lowercase hex digits); the shard level is checked by\n\
+         # the gateway (SPEC.md §2).\n\
+         pattern write gridsense/+/%u/up\n\
+         pattern write gridsense/+/%u/urgent\n\
          pattern write gridsense/%u/up\n\
          pattern read gridsense/%u/down\n"
     )

@@ -44,7 +44,7 @@ use std::{
     time::Duration,
 };
 
-use gridsense_protocol::topic::UPLINK_FILTER;
+use gridsense_protocol::topic::{LEGACY_UPLINK_FILTER, Lane, all_shards_filter};
 use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
 use tokio::sync::{mpsc, watch};
 
@@ -125,7 +125,7 @@ pub async fn run(
     let session = tokio::spawn(session::run(
         eventloop,
         client.clone(),
-        UPLINK_FILTER,
+        uplink_filters(),
         tx,
         status.clone(),
         session::Reconnect::new(config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
@@ -160,6 +160,15 @@ pub async fn run(
     .await;
     status.connected.store(false, Relaxed);
     result
+}
+
+/// What the session subscribes to: every shard's two lanes, and version 1's topic for devices
+/// not yet moved to them.
+fn uplink_filters() -> Vec<String> {
+    let lanes = [Lane::Up, Lane::Urgent].map(|lane| all_shards_filter(lane).as_str().to_owned());
+    let mut filters = vec![LEGACY_UPLINK_FILTER.to_owned()];
+    filters.extend(lanes);
+    filters
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -25,7 +25,7 @@ use rumqttc::v5::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError,
     mqttbytes::{
         QoS,
-        v5::{DisconnectReasonCode, Packet, Publish, SubscribeReasonCode},
+        v5::{DisconnectReasonCode, Filter, Packet, Publish, SubscribeReasonCode},
     },
 };
 use tokio::sync::{mpsc, watch};
@@ -235,7 +235,7 @@ fn wall_ms() -> i64 {
 pub async fn run(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    filter: &'static str,
+    filters: Vec<String>,
     publishes: mpsc::Sender<Publish>,
     status: Arc<Status>,
     mut policy: Reconnect,
@@ -269,7 +269,8 @@ pub async fn run(
                     );
                 }
                 // Subscribe on every CONNACK.
-                if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                let wanted = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(wanted) {
                     tracing::error!("subscribe request not queued: {e}");
                 }
             }
@@ -278,7 +279,7 @@ pub async fn run(
                     ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
                 status.connected.store(granted, Relaxed);
                 if !granted {
-                    tracing::error!(codes = ?ack.return_codes, "broker refused the subscription to {filter}");
+                    tracing::error!(codes = ?ack.return_codes, ?filters, "broker refused a subscription");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {

@@ -83,6 +83,10 @@ pub trait IngestStore: Maintenance + Send {
         &mut self,
         placements: &mut dyn Iterator<Item = Placement<'_>>,
     ) -> Result<(), StoreError>;
+
+    /// The store's number of shards: `configured`, recorded when the store has none yet;
+    /// [`StoreError::Shards`] when it was made with another (a device's shard would change).
+    fn fix_shards(&self, configured: u16) -> Result<u16, StoreError>;
 }
 
 impl IngestStore for Store {
@@ -532,5 +536,17 @@ impl IngestStore for Store {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn fix_shards(&self, configured: u16) -> Result<u16, StoreError> {
+        self.conn.execute(
+            "INSERT INTO store_meta (name, value) VALUES ('shards', ?1) ON CONFLICT (name) DO NOTHING",
+            [configured.to_be_bytes().to_vec()],
+        )?;
+        let stored: Vec<u8> =
+            self.conn.query_row("SELECT value FROM store_meta WHERE name = 'shards'", [], |r| {
+                r.get(0)
+            })?;
+        shards_agree(&stored, configured)
     }
 }

@@ -98,6 +98,16 @@ pub enum StoreError {
         /// Whether it may pass by itself (the server gone or restarting).
         transient: bool,
     },
+    /// The store was made for another number of shards than `[cluster] shards` says.
+    #[error(
+        "the store was made with {stored} shards and [cluster] shards is {configured}: a store's shards are fixed when it is made (a device's shard, and so its topic, would change); set cluster.shards = {stored}"
+    )]
+    Shards {
+        /// What the store holds.
+        stored: u16,
+        /// What the configuration says.
+        configured: u16,
+    },
     /// Another process holds the store (a running gateway, a migration).
     #[error("store {path} is in use: a gateway (or a migration) holds {lock}; stop it first")]
     Busy {
@@ -895,6 +905,16 @@ pub mod prelude {
 /// A fingerprint of a set of placements, whatever their order: a start whose placements match
 /// the stored one writes nothing (rewriting a million rows took 3 s on SQLite, 7 s on
 /// PostgreSQL, at every start). Two 64-bit sums of per-row hashes and the count.
+/// Compares the shards a store recorded (2 bytes, big-endian) with the configured number.
+pub(crate) fn shards_agree(stored: &[u8], configured: u16) -> Result<u16, StoreError> {
+    let stored =
+        <[u8; 2]>::try_from(stored).map(u16::from_be_bytes).map_err(|_| StoreError::BadRow {
+            table: "store_meta",
+            what: format!("shards: {} bytes, not 2", stored.len()),
+        })?;
+    if stored == configured { Ok(stored) } else { Err(StoreError::Shards { stored, configured }) }
+}
+
 pub(crate) fn placements_fingerprint(rows: &[Placement<'_>]) -> Vec<u8> {
     use std::hash::{Hash, Hasher};
     let (mut sum, mut mix) = (0u64, 0u64);

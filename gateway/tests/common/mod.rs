@@ -156,15 +156,19 @@ pub async fn publish_from(
 /// Publishes ready-made frames on their devices' uplink topics (QoS 1) and waits for them to
 /// go out.
 pub async fn publish_raw(broker: SocketAddr, frames: Vec<(Eui, Vec<u8>)>) {
+    let on_topics =
+        frames.into_iter().map(|(eui, f)| (topic(eui, Direction::Uplink).to_string(), f)).collect();
+    publish_on(broker, on_topics).await;
+}
+
+/// Publishes ready-made frames on the given topics (QoS 1) and waits for them to go out.
+pub async fn publish_on(broker: SocketAddr, frames: Vec<(String, Vec<u8>)>) {
     let mut options = MqttOptions::new("fake-devices", broker.ip().to_string(), broker.port());
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut event_loop) = AsyncClient::new(options, 100);
     let driver = tokio::spawn(async move { while event_loop.poll().await.is_ok() {} });
-    for (eui, frame) in frames {
-        client
-            .publish(topic(eui, Direction::Uplink).to_string(), QoS::AtLeastOnce, false, frame)
-            .await
-            .unwrap();
+    for (topic, frame) in frames {
+        client.publish(topic, QoS::AtLeastOnce, false, frame).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     driver.abort();

@@ -525,6 +525,17 @@ impl IngestStore for PgStore {
         })
     }
 
+    fn fix_shards(&self, configured: u16) -> Result<u16, StoreError> {
+        let stored: Vec<u8> = self.with(|c| {
+            wait(c.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('shards', $1) ON CONFLICT (name) DO NOTHING",
+                &[&configured.to_be_bytes().to_vec()],
+            ))?;
+            Ok(wait(c.query_one("SELECT value FROM store_meta WHERE name = 'shards'", &[]))?.get(0))
+        })?;
+        super::super::shards_agree(&stored, configured)
+    }
+
     fn wake_on_registry_changes(
         &self,
         wake: std::sync::Weak<tokio::sync::Notify>,

@@ -1,0 +1,66 @@
+//! The topic scheme through a real Mosquitto (protocol/SPEC.md §2): the gateway takes a
+//! device's frames on both lanes of its shard and on version 1's topic, and refuses — counted
+//! as `wrong_shard`, acknowledged, nothing stored — a frame whose shard level is not its EUI's.
+//! A store made with one number of shards refuses a gateway configured with another.
+
+// Test code: a panic is how a failure is reported.
+#![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use gridsense_gateway::app;
+use gridsense_protocol::{
+    examples, seal,
+    topic::{Lane, shard_of, uplink_topic},
+};
+use gridsense_simulator::city::Counts;
+use gridsense_tests::{Mosquitto, fixtures};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_lanes_of_a_devices_shard_and_version_1s_topic_are_taken_another_shard_is_not() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 41, Counts { covers: 1, drains: 0, beacons: 0 }).unwrap();
+    let mut config = common::config(dir.path(), broker.addr());
+    config.cluster.shards = 16;
+    common::import(&config, dir.path());
+    let (gateway, stop) = common::start(&config, app::wall_clock()).await;
+    let keys = fixtures::keys(dir.path()).unwrap();
+    let eui = *keys.keys().next().unwrap();
+    let status = &examples::uplinks()[2];
+    let frame = |n| seal(eui, n, status, &keys[&eui]).to_vec();
+    let wrong = (shard_of(eui, 16) + 1) % 16;
+    let frames = vec![
+        (uplink_topic(eui, 16, Lane::Up).to_string(), frame(1)),
+        (uplink_topic(eui, 16, Lane::Urgent).to_string(), frame(2)),
+        (format!("gridsense/{eui}/up"), frame(3)),
+        (format!("gridsense/{wrong:02x}/{eui}/up"), frame(4)),
+        // With the default 64 shards the EUI's shard differs: not this deployment's.
+        (uplink_topic(eui, 64, Lane::Up).to_string(), frame(5)),
+    ];
+    let expect_wrong = if shard_of(eui, 64) == shard_of(eui, 16) { 1 } else { 2 };
+    common::publish_on(broker.addr(), frames).await;
+    let store = app::open_store(&config).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let totals = loop {
+        let t = store.totals().unwrap();
+        if t.accepted + t.rejects.values().sum::<u64>() >= 5 {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(totals.rejects.get("wrong_shard").copied().unwrap_or(0), expect_wrong, "{totals:?}");
+    assert_eq!(totals.accepted, 5 - expect_wrong, "{totals:?}");
+    stop.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    // The store now says 16 shards: a gateway configured with 64 is refused, and says why.
+    config.cluster.shards = 64;
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let Err(e) = app::start(&config, app::wall_clock(), stop_rx) else {
+        panic!("a store made with 16 shards took a gateway configured with 64")
+    };
+    assert!(format!("{e:#}").contains("made with 16 shards"), "{e:#}");
+}
