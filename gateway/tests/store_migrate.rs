@@ -12,7 +12,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use gridsense_gateway::{
     app,
-    store::{Backend, CaseFilter, Store, migrate, postgres::PgStore},
+    store::{Backend, CaseFilter, IngestStore, Store, migrate, postgres::PgStore},
 };
 use gridsense_protocol::examples;
 use gridsense_tests::{Mosquitto, postgres::Postgres};
@@ -74,6 +74,11 @@ async fn a_pilot_store_moves_to_postgres_and_the_gateway_carries_on() {
         .unwrap();
     assert!(String::from_utf8_lossy(&not_sqlite.stderr).contains("sqlite:PATH"));
 
+    // The pilot ran with 16 shards: its devices' topics name them, so the target keeps them.
+    Store::open(&db, gridsense_gateway::config::Synchronous::Normal, 10)
+        .unwrap()
+        .fix_shards(16)
+        .unwrap();
     let started = std::time::Instant::now();
     let out = migrate_cli(&db, &url);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -98,6 +103,8 @@ async fn a_pilot_store_moves_to_postgres_and_the_gateway_carries_on() {
             .unwrap(),
     );
     let target: Box<dyn Backend> = Box::new(PgStore::open(&url, &key, 10_000).unwrap());
+    assert_eq!(target.fix_shards(16).unwrap(), 16, "the source's shards");
+    assert!(target.fix_shards(64).is_err(), "fixed: the default is refused");
     assert_eq!(summary(&*target), summary(&*source), "the target holds what the source held");
 
     // A gateway on the target: a replayed frame is refused, the next one accepted.
@@ -106,6 +113,7 @@ async fn a_pilot_store_moves_to_postgres_and_the_gateway_carries_on() {
     config.geo.grids = String::new();
     config.store.url = url.clone();
     config.store.key_file = key.clone();
+    config.cluster.shards = 16;
     // The gateway carries on at the moment the source stopped (its last frame), not days later:
     // on the wall clock every fixture device's offline deadline is long past, and the incidents
     // that opens would depend on today's date.

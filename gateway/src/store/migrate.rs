@@ -7,7 +7,7 @@
 
 use std::{fs::File, path::Path};
 
-use rusqlite::types::ValueRef;
+use rusqlite::{OptionalExtension, types::ValueRef};
 use tokio_postgres::types::ToSql;
 
 use super::{Store, StoreError, postgres::PgStore, postgres::wait};
@@ -15,7 +15,7 @@ use crate::config::Synchronous;
 
 /// The tables copied, in this order (every table of the store but the registry's change log,
 /// which the target's trigger writes itself, and the key's check value, which the target
-/// keeps for the same key).
+/// keeps for the same key). Of `store_meta`, the shards the source was made with go along.
 pub const TABLES: [&str; 26] = [
     "devices",
     "counters",
@@ -259,6 +259,18 @@ pub fn sqlite_to_postgres(
                 "{}: {} rows in the source, {} in the target: nothing committed",
                 bad.table, bad.source, bad.target
             )));
+        }
+        // The shards the source was made with (its devices' topics name them) go along.
+        let shards: Option<Vec<u8>> = source
+            .conn
+            .query_row("SELECT value FROM store_meta WHERE name = 'shards'", [], |r| r.get(0))
+            .optional()?;
+        if let Some(shards) = shards {
+            wait(tx.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('shards', $1)
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                &[&shards],
+            ))?;
         }
         wait(tx.commit())?;
         Ok(())
