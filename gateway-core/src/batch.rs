@@ -117,6 +117,9 @@ pub struct Batch {
     pub cases: crate::cases::Effects,
     /// Beacons' newest fixes.
     pub fixes: BTreeMap<Eui, Fix>,
+    /// The shards the batch was decided under: the store commits it only while they are
+    /// still this instance's (`None`: a single instance, nothing to check).
+    pub fence: Option<crate::cluster::Fence>,
     /// Sample times clamped to the receive time (more than `health.max_ahead_s` ahead).
     pub future_samples: u64,
     /// Accepted telemetry frames, for their devices' rings of recent frames.

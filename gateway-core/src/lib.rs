@@ -13,6 +13,7 @@
 pub mod batch;
 pub mod calendar;
 pub mod cases;
+pub mod cluster;
 pub mod downlink;
 pub mod geo;
 pub mod health;

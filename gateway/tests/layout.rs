@@ -13,6 +13,7 @@ use std::{
 
 /// The core's modules, re-exported under `crate::`.
 const CORE: &[&str] = &[
+    "cluster",
     "batch",
     "calendar",
     "cases",

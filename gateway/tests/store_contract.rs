@@ -16,8 +16,8 @@ use gridsense_gateway::{
     health::{DeviceHealth, EventKind, HealthEvent},
     registry::Kind,
     store::{
-        AuditRecord, Batch, CaseBoard, DeviceFilter, IngestStore, Maintenance, Outbox, Point,
-        Queries, RecentFrame, Registry, Store, StoreError, TelemetryBuffer, Tokens,
+        AuditRecord, Batch, CaseBoard, DeviceFilter, IngestStore, Leases, Maintenance, Outbox,
+        Point, Queries, RecentFrame, Registry, Store, StoreError, TelemetryBuffer, Tokens,
         postgres::PgStore,
     },
 };
@@ -546,6 +546,60 @@ fn registry_changes_wake_their_reader_on_postgres_and_again_after_a_server_resta
     assert!(!reader.registry_changes(before).expect("feed").1.is_empty());
     // The reader gone, the listener ends (its thread checks the wake's owner).
     drop(wake);
+}
+
+#[test]
+fn shard_leases_on_postgres_claim_lapse_fence_and_hand_over() {
+    use gridsense_gateway::cluster::{Fence, Policy, plan};
+    let pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let url = pg.database(None).expect("db");
+    let key = dir.path().join("k");
+    let (mut a, b) =
+        (PgStore::open(&url, &key, 3).expect("a"), PgStore::open(&url, &key, 3).expect("b"));
+    a.fix_shards(4).expect("shards");
+    let view = a.cluster_view("a", 5_000).expect("view");
+    assert_eq!(view.instances, ["a"]);
+    assert!(view.leases.iter().all(|l| l.owner.is_none()), "{view:?}");
+    // The policy, on the database's clock: a lone instance claims every shard.
+    let p = plan("a", &view, view.db_now_ms, Policy::default());
+    assert_eq!(p.claim, [0, 1, 2, 3]);
+    for shard in p.claim {
+        assert_eq!(a.claim("a", shard, 5_000).expect("claim"), Some(1));
+    }
+    assert_eq!(b.claim("b", 0, 5_000).expect("claim"), None, "held: not taken");
+    // A batch fenced at the current epochs commits; at a stale one it is refused, unwritten.
+    let fenced = |epochs: Vec<i64>, eui: u64| {
+        let mut batch = Batch::default();
+        batch.counters.insert(Eui(eui), CounterWindow::new());
+        batch.fence = Some(Fence { instance: "a".into(), shards: vec![0, 1], epochs });
+        batch
+    };
+    a.commit(&fenced(vec![1, 1], 1)).expect("held: committed");
+    let e = a.commit(&fenced(vec![1, 0], 2)).expect_err("a stale epoch");
+    assert!(matches!(e, StoreError::Fenced { lost: 1, .. }), "{e}");
+    let counters: Vec<u64> = a.counters().expect("counters").iter().map(|(e, _)| e.0).collect();
+    assert_eq!(counters, [1], "nothing of the refused batch written");
+    // Shard 0's lease lapses (renewed for 0 ms, as if `a` had stalled): `b` claims it.
+    assert_eq!(a.renew("a", &[(0, 1)], 0).expect("renew"), [0]);
+    assert_eq!(b.claim("b", 0, 5_000).expect("claim"), Some(2), "a lapsed lease is claimed");
+    // The zombie: its renewal and its batches for shard 0 are refused from now on.
+    assert_eq!(a.renew("a", &[(0, 1), (1, 1)], 5_000).expect("renew"), [1], "0 was lost");
+    assert!(matches!(a.commit(&fenced(vec![1, 1], 3)), Err(StoreError::Fenced { .. })));
+    // Both are live; `b` hands shard 0 back, and `a` may claim it at a new epoch.
+    let view = b.cluster_view("b", 5_000).expect("view");
+    assert_eq!(view.instances, ["a", "b"]);
+    assert_eq!(view.leases[0].owner.as_deref(), Some("b"));
+    assert!(b.release("b", 0, 2).expect("release"));
+    assert!(!b.release("b", 0, 2).expect("released already"));
+    assert_eq!(a.claim("a", 0, 5_000).expect("claim"), Some(3));
+    // A SQLite store is one process's: it owns every shard.
+    let sqlite = Store::open(&dir.path().join("s.db"), Synchronous::Normal, 3).expect("sqlite");
+    sqlite.fix_shards(4).expect("shards");
+    let view = sqlite.cluster_view("only", 5_000).expect("view");
+    assert!(
+        view.leases.len() == 4 && view.leases.iter().all(|l| l.owner.as_deref() == Some("only"))
+    );
 }
 
 /// A TCP proxy in front of PostgreSQL that, once armed, forwards the next `COMMIT` and then

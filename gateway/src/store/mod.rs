@@ -12,6 +12,7 @@ mod case_lookup;
 mod cases;
 mod ingest;
 pub mod keys;
+mod leases;
 mod maintenance;
 pub mod migrate;
 mod ops;
@@ -25,6 +26,7 @@ mod tokens;
 pub use board::CaseBoard;
 pub use case_lookup::CaseLookup;
 pub use ingest::IngestStore;
+pub use leases::Leases;
 pub use maintenance::Maintenance;
 pub use outbox::Outbox;
 pub use queries::Queries;
@@ -97,6 +99,17 @@ pub enum StoreError {
         what: String,
         /// Whether it may pass by itself (the server gone or restarting).
         transient: bool,
+    },
+    /// A batch decided under shard leases this instance no longer holds (another claimed
+    /// them): refused, nothing of it written.
+    #[error(
+        "{instance} no longer holds {lost} of the shards this batch was decided under: refused, nothing written"
+    )]
+    Fenced {
+        /// The instance.
+        instance: String,
+        /// Shards it lost.
+        lost: u64,
     },
     /// The store was made for another number of shards than `[cluster] shards` says.
     #[error(
@@ -905,13 +918,17 @@ pub mod prelude {
 /// A fingerprint of a set of placements, whatever their order: a start whose placements match
 /// the stored one writes nothing (rewriting a million rows took 3 s on SQLite, 7 s on
 /// PostgreSQL, at every start). Two 64-bit sums of per-row hashes and the count.
+/// The shards a store recorded (2 bytes, big-endian).
+pub(crate) fn decode_shards(stored: &[u8]) -> Result<u16, StoreError> {
+    <[u8; 2]>::try_from(stored).map(u16::from_be_bytes).map_err(|_| StoreError::BadRow {
+        table: "store_meta",
+        what: format!("shards: {} bytes, not 2", stored.len()),
+    })
+}
+
 /// Compares the shards a store recorded (2 bytes, big-endian) with the configured number.
 pub(crate) fn shards_agree(stored: &[u8], configured: u16) -> Result<u16, StoreError> {
-    let stored =
-        <[u8; 2]>::try_from(stored).map(u16::from_be_bytes).map_err(|_| StoreError::BadRow {
-            table: "store_meta",
-            what: format!("shards: {} bytes, not 2", stored.len()),
-        })?;
+    let stored = decode_shards(stored)?;
     if stored == configured { Ok(stored) } else { Err(StoreError::Shards { stored, configured }) }
 }
 

@@ -244,6 +244,10 @@ impl PgStore {
             (s(c, BUFFER)?, s(c, BUFFER_TRIM)?, s(c, TELEMETRY)?, s(c, AUDIT)?, s(c, AUDIT_TRIM)?);
         let (rejects, downlink_counters, stat_add, batch_token) =
             (s(c, REJECTS)?, s(c, DOWNLINK_COUNTERS)?, s(c, STAT_ADD)?, s(c, BATCH_TOKEN)?);
+        let fence = match &batch.fence {
+            Some(_) => Some(s(c, super::leases::FENCE)?),
+            None => None,
+        };
         let cols = Columns::of(batch, self.buffer_max.is_some());
         let keep = i32::try_from(RECENT_FRAME_SLOTS * RECENT_ENTRY_HEX).unwrap_or(i32::MAX);
         let (audit_max, buffer_max) = (i(self.audit_max), self.buffer_max.map(i));
@@ -354,7 +358,22 @@ impl PgStore {
                 run!(stat_add, vec![&"accepted", &accepted]);
             }
             run!(batch_token, vec![&token]);
+            // Last in the pipeline, still before COMMIT: the shards' leases at the batch's
+            // epochs, locked until the transaction ends (a claim waits for it; a claim that
+            // came first leaves fewer rows, and the batch is refused and rolled back).
+            if let (Some(f), Some(stmt)) = (&batch.fence, &fence) {
+                run!(*stmt, vec![&f.instance, &f.shards, &f.epochs]);
+            }
             let counts = wait(futures::future::try_join_all(bulk))?;
+            if let Some(f) = &batch.fence {
+                let held = counts.last().copied().unwrap_or(0);
+                if held != f.shards.len() as u64 {
+                    return Err(StoreError::Fenced {
+                        instance: f.instance.clone(),
+                        lost: f.shards.len() as u64 - held.min(f.shards.len() as u64),
+                    });
+                }
+            }
             if buffer_max.is_some() && !t.eui.is_empty() {
                 // The trim's count: the position of its statement among the answers.
                 let trim_at = 1
@@ -530,6 +549,12 @@ impl IngestStore for PgStore {
             wait(c.execute(
                 "INSERT INTO store_meta (name, value) VALUES ('shards', $1) ON CONFLICT (name) DO NOTHING",
                 &[&configured.to_be_bytes().to_vec()],
+            ))?;
+            // A lease row per shard, free until claimed.
+            wait(c.execute(
+                "INSERT INTO shard_leases (shard) SELECT generate_series(0, $1 - 1)
+                 ON CONFLICT (shard) DO NOTHING",
+                &[&i32::from(configured)],
             ))?;
             Ok(wait(c.query_one("SELECT value FROM store_meta WHERE name = 'shards'", &[]))?.get(0))
         })?;

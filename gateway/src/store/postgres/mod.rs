@@ -14,6 +14,7 @@
 
 mod board;
 mod ingest;
+mod leases;
 mod queries;
 mod registry;
 mod simple;
@@ -33,6 +34,11 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX committed_batches_at ON committed_batches (committed_at);",
     // 3: telemetry partitioned by day; retention drops days.
     include_str!("telemetry_days.sql"),
+    // 4: shard leases (owner, epoch, expiry on the database's clock) and the instances seen.
+    "CREATE TABLE shard_leases (shard INT PRIMARY KEY, owner TEXT, epoch BIGINT NOT NULL DEFAULT 0,
+        expires_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch');
+     CREATE TABLE cluster_instances (instance TEXT PRIMARY KEY,
+        started_at TIMESTAMPTZ NOT NULL DEFAULT now(), seen_at TIMESTAMPTZ NOT NULL);",
 ];
 
 /// How long a connection attempt may take unless the URL says (`connect_timeout`).
