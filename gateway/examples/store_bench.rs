@@ -2,7 +2,8 @@
 //! a drain fleet's (per frame a counter window, a health row, a recent-frame entry and two
 //! telemetry points; one status message in ten) committed back to back, and the time per
 //! batch and frames per second printed for each. PostgreSQL is a durable cluster (fsync on)
-//! started here on a free loopback port.
+//! started here on a free loopback port; it runs twice, the second time with every batch
+//! fenced by the leases of the 64 shards it touches (the cost of fencing per batch).
 //!
 //! `cargo run --release -p gridsense-gateway --example store_bench [FRAMES_PER_BATCH BATCHES DEVICES]`
 
@@ -10,10 +11,13 @@ use std::time::Instant;
 
 use anyhow::Result;
 use gridsense_gateway::{
+    cluster::Fence,
     config::Synchronous,
     health::DeviceHealth,
     registry::Kind,
-    store::{Batch, IngestStore, MessageRecord, Point, RecentFrame, Store, postgres::PgStore},
+    store::{
+        Batch, IngestStore, Leases, MessageRecord, Point, RecentFrame, Store, postgres::PgStore,
+    },
 };
 use gridsense_protocol::{CounterWindow, Eui, examples};
 
@@ -70,13 +74,13 @@ fn batch(n: usize, devices: u64, round: u64) -> Batch {
 fn run(
     name: &str,
     store: &mut dyn IngestStore,
-    n: usize,
-    batches: u64,
-    devices: u64,
+    (n, batches, devices): (usize, u64, u64),
+    fence: Option<&Fence>,
 ) -> Result<f64> {
+    let make = |r| Batch { fence: fence.cloned(), ..batch(n, devices, r) };
     // One batch to warm statement caches.
-    store.commit(&batch(n, devices, 0))?;
-    let prepared: Vec<Batch> = (1..=batches).map(|r| batch(n, devices, r)).collect();
+    store.commit(&make(0))?;
+    let prepared: Vec<Batch> = (1..=batches).map(make).collect();
     let started = Instant::now();
     for b in &prepared {
         store.commit(b)?;
@@ -99,12 +103,28 @@ fn main() -> Result<()> {
     let key = dir.path().join("k");
     let mut sqlite =
         Store::open_keyed(&dir.path().join("s.db"), Synchronous::Normal, 10_000, &key)?;
-    let a = run("sqlite", &mut sqlite, n, batches, devices)?;
+    let shape = (n, batches, devices);
+    let a = run("sqlite", &mut sqlite, shape, None)?;
     let mut full = Store::open_keyed(&dir.path().join("f.db"), Synchronous::Full, 10_000, &key)?;
-    let b = run("sqlite-full", &mut full, n, batches, devices)?;
+    let b = run("sqlite-full", &mut full, shape, None)?;
     let pg = gridsense_tests::postgres::Postgres::start_durable()?;
     let mut postgres = PgStore::open(&pg.database(None)?, &key, 10_000)?;
-    let c = run("postgres", &mut postgres, n, batches, devices)?;
+    let c = run("postgres", &mut postgres, shape, None)?;
     println!("postgres ÷ sqlite (normal) = {:.2}; postgres ÷ sqlite (full) = {:.2}", c / a, c / b);
+    // The same with every batch fenced by its 64 shards' leases.
+    let mut fenced = PgStore::open(&pg.database(None)?, &key, 10_000)?;
+    fenced.fix_shards(64)?;
+    let mut fence = Fence { instance: "bench".into(), ..Fence::default() };
+    for shard in 0..64u16 {
+        let epoch = fenced.claim("bench", shard, 600_000)?.unwrap_or(0);
+        fence.shards.push(i32::from(shard));
+        fence.epochs.push(epoch);
+    }
+    let d = run("fenced", &mut fenced, shape, Some(&fence))?;
+    println!(
+        "fenced ÷ postgres = {:.2}; fencing costs {:.3} ms per batch",
+        d / c,
+        1_000.0 * n as f64 * (1.0 / d - 1.0 / c)
+    );
     Ok(())
 }
