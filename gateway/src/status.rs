@@ -225,6 +225,8 @@ pub struct DeliveryStatus {
     pub lookups_failed: AtomicU64,
     /// Cases posted again without a look-up that answered (possible duplicates, marked).
     pub resent_unverified: AtomicU64,
+    /// Due entries another instance's worker claimed first (a shared store), left to it.
+    pub claimed_elsewhere: AtomicU64,
     /// Cases dead-lettered because the platform does not offer what they need, by what.
     pub unsupported: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Why the platform's catalogue (`services.json`) could not be read, while it cannot.

@@ -384,10 +384,10 @@ fn the_outbox_delivers_retries_gives_up_and_requeues(b: &mut dyn Backend) {
     let due = s.outbox_due("alert", 120, 10).expect("due");
     assert_eq!(due.iter().map(|e| e.subject).collect::<Vec<_>>(), vec![1, 2], "in order");
     let (first, second) = (&due[0], &due[1]);
-    s.outbox_begin(first).expect("begin");
+    assert!(s.outbox_begin(first, 120).expect("begin"), "claimed");
     s.outbox_done(first, "webhook", None, 130).expect("done");
     assert_eq!(s.alert(1).expect("alert").and_then(|a| a.delivered_ms), Some(130));
-    s.outbox_begin(second).expect("begin");
+    assert!(s.outbox_begin(second, 120).expect("begin"), "claimed");
     s.outbox_failed(second, "503", Some(500), 140).expect("retry later");
     assert!(s.outbox_due("alert", 499, 10).expect("due").is_empty());
     let again = s.outbox_due("alert", 500, 10).expect("due");
@@ -600,6 +600,52 @@ fn shard_leases_on_postgres_claim_lapse_fence_and_hand_over() {
     assert!(
         view.leases.len() == 4 && view.leases.iter().all(|l| l.owner.as_deref() == Some("only"))
     );
+}
+
+#[test]
+fn two_delivery_workers_on_one_postgres_outbox_never_both_send_an_entry() {
+    use gridsense_gateway::store::OUTBOX_CLAIM_MS;
+    let pg = Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().expect("dir");
+    let url = pg.database(None).expect("db");
+    let key = dir.path().join("k");
+    let (mut a, mut b) =
+        (PgStore::open(&url, &key, 3).expect("a"), PgStore::open(&url, &key, 3).expect("b"));
+    let mut batch = Batch::default();
+    for id in 1..=20 {
+        batch.cases.outbox.push(gridsense_gateway::cases::OutboxRow {
+            channel: "alert",
+            subject: id,
+            op: "create",
+            at_ms: 100,
+        });
+    }
+    a.commit(&batch).expect("commit");
+    // Both see the same twenty due; each claims as it goes; every entry is claimed once.
+    let (due_a, due_b) = (
+        a.outbox_due("alert", 100, 50).expect("due"),
+        b.outbox_due("alert", 100, 50).expect("due"),
+    );
+    assert_eq!((due_a.len(), due_b.len()), (20, 20));
+    let mut claimed = Vec::new();
+    for (ea, eb) in due_a.iter().zip(due_b.iter().rev()) {
+        if a.outbox_begin(ea, 100).expect("a") {
+            claimed.push(("a", ea.subject));
+        }
+        if b.outbox_begin(eb, 100).expect("b") {
+            claimed.push(("b", eb.subject));
+        }
+    }
+    let mut subjects: Vec<i64> = claimed.iter().map(|(_, s)| *s).collect();
+    subjects.sort_unstable();
+    assert_eq!(subjects, (1..=20).collect::<Vec<_>>(), "each once: {claimed:?}");
+    assert!(claimed.iter().any(|(w, _)| *w == "a") && claimed.iter().any(|(w, _)| *w == "b"));
+    // A claim holds the entry off the others; a claimant that died is succeeded after it.
+    assert!(b.outbox_due("alert", 100 + OUTBOX_CLAIM_MS - 1, 50).expect("due").is_empty());
+    let after = b.outbox_due("alert", 100 + OUTBOX_CLAIM_MS, 50).expect("due");
+    assert_eq!(after.len(), 20, "nothing was done: all due again after the claim");
+    assert!(b.outbox_begin(&after[0], 100 + OUTBOX_CLAIM_MS).expect("b"));
+    assert_eq!(b.outbox_due("alert", 100 + OUTBOX_CLAIM_MS, 50).expect("due").len(), 19);
 }
 
 /// A TCP proxy in front of PostgreSQL that, once armed, forwards the next `COMMIT` and then

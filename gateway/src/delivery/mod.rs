@@ -416,16 +416,22 @@ async fn deliver_one(
     // each waiting for the ingest commit in progress).
     let record = !(matches!(worker.adapter, Adapter::Local) && entry.channel == "case");
     let e = entry.clone();
+    let begun = clock();
     let loaded = with_store(store, move |store| {
-        if record {
-            store.outbox_begin(&e)?;
+        // Claimed by another gateway instance's worker (a shared store): its to send.
+        if record && !store.outbox_begin(&e, begun)? {
+            return Ok(None);
         }
-        Ok(match e.channel.as_str() {
+        Ok(Some(match e.channel.as_str() {
             "case" => (store.case(e.subject)?, None),
             _ => (None, store.alert(e.subject)?),
-        })
+        }))
     })
     .await?;
+    let Some(loaded) = loaded else {
+        status.claimed_elsewhere.fetch_add(1, Relaxed);
+        return Ok(());
+    };
     let now = clock();
     let mut notes = Vec::new();
     let result = match loaded {

@@ -679,6 +679,12 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             "Cases posted again although no look-up could tell whether an earlier attempt arrived (marked; possible duplicates).",
             d.resent_unverified.load(Relaxed),
         ),
+        (
+            "gridsense_delivery_claimed_elsewhere_total",
+            "counter",
+            "Due outbox entries another gateway instance's worker claimed first (a shared store): left to it.",
+            d.claimed_elsewhere.load(Relaxed),
+        ),
     ] {
         metric(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");

@@ -28,7 +28,7 @@ pub use case_lookup::CaseLookup;
 pub use ingest::IngestStore;
 pub use leases::Leases;
 pub use maintenance::Maintenance;
-pub use outbox::Outbox;
+pub use outbox::{OUTBOX_CLAIM_MS, Outbox};
 pub use queries::Queries;
 pub use registry::Registry;
 pub use telemetry::TelemetryBuffer;

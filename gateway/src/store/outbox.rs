@@ -6,6 +6,10 @@ use rusqlite::{OptionalExtension, params};
 use super::{cases::*, *};
 use crate::cases::CaseState;
 
+/// How long a delivery worker's claim on an outbox entry holds off the others (PostgreSQL),
+/// ms: longer than a request with its look-ups takes.
+pub const OUTBOX_CLAIM_MS: i64 = 60_000;
+
 /// What the delivery workers need: due outbox entries, their outcomes, alerts and the platform's ids and states.
 pub trait Outbox: CaseLookup + Send {
     /// Outbox entries due at `now_ms` on a channel, oldest first.
@@ -19,9 +23,13 @@ pub trait Outbox: CaseLookup + Send {
     /// The earliest time a pending entry of a channel is due.
     fn outbox_next_due(&self, channel: &str) -> Result<Option<i64>, StoreError>;
 
-    /// Records that an attempt is about to be made (before the request goes out, so a crash
-    /// mid-request is known to have possibly reached the platform).
-    fn outbox_begin(&mut self, entry: &OutboxEntry) -> Result<(), StoreError>;
+    /// Claims a due entry and records that an attempt is about to be made (before the request
+    /// goes out, so a crash mid-request is known to have possibly reached the platform).
+    /// False: another delivery worker (another gateway instance on a shared store) claimed it
+    /// first — leave it to that one. A claim on PostgreSQL holds the entry for
+    /// [`OUTBOX_CLAIM_MS`] (its outcome, or a failure's retry time, replaces it); a claimant
+    /// that died is succeeded after that. A SQLite store has one gateway: always true.
+    fn outbox_begin(&mut self, entry: &OutboxEntry, now_ms: i64) -> Result<bool, StoreError>;
 
     /// Marks an entry delivered; for a case `create`, records the platform's id.
     fn outbox_done(
@@ -104,9 +112,9 @@ impl Outbox for Store {
         )?)
     }
 
-    fn outbox_begin(&mut self, entry: &OutboxEntry) -> Result<(), StoreError> {
+    fn outbox_begin(&mut self, entry: &OutboxEntry, _now_ms: i64) -> Result<bool, StoreError> {
         self.conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1", [entry.id])?;
-        Ok(())
+        Ok(true)
     }
 
     fn outbox_done(

@@ -122,12 +122,15 @@ impl Outbox for PgStore {
         })
     }
 
-    fn outbox_begin(&mut self, entry: &OutboxEntry) -> Result<(), StoreError> {
+    fn outbox_begin(&mut self, entry: &OutboxEntry, now_ms: i64) -> Result<bool, StoreError> {
+        // A conditional update is the claim: of two workers that both saw the entry due, the
+        // second finds it no longer due (the first moved it on) and leaves it.
         self.with(|c| {
-            wait(
-                c.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = $1", &[&entry.id]),
-            )?;
-            Ok(())
+            Ok(wait(c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_ms = $2 + $3
+                 WHERE id = $1 AND state = 'pending' AND next_ms <= $2",
+                &[&entry.id, &now_ms, &crate::store::OUTBOX_CLAIM_MS],
+            ))? == 1)
         })
     }
 
