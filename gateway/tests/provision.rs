@@ -9,6 +9,8 @@ mod common;
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
+use gridsense_gateway::broker::provision::shard_session_user;
+use gridsense_protocol::topic::Lane;
 use gridsense_simulator::city::Counts;
 use gridsense_tests::{Mosquitto, fixtures};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -127,6 +129,34 @@ async fn devices_get_their_own_topics_and_nothing_else() {
     let mut wanted: Vec<_> = own.iter().map(|t| (t.clone(), b"own".to_vec())).collect();
     wanted.sort();
     assert_eq!(received, wanted);
+
+    // A shard's session account reads that shard's lane only, whatever it subscribes to: the
+    // 64 shards' two lanes and the legacy topic each have one (with the gateway's password).
+    assert!(said.contains("129 shard-session accounts"), "{said}");
+    let user = shard_session_user(gw_user, 0x1d, Lane::Up);
+    let (shard, mut shard_loop, code) = connect(broker.addr(), &user, gw_password).await;
+    assert_eq!(code, ConnectReturnCode::Success, "{}", broker.log());
+    shard.subscribe("gridsense/+/+/up", QoS::AtLeastOnce).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut sent = false;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), shard_loop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
+                for level in ["1d", "00", "1e"] {
+                    let topic = format!("gridsense/{level}/{}/up", a.eui);
+                    device_a
+                        .publish(topic, QoS::AtLeastOnce, false, level.as_bytes().to_vec())
+                        .await
+                        .unwrap();
+                }
+                sent = true;
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p.payload.to_vec()),
+            _ => {}
+        }
+    }
+    assert_eq!(got, [b"1d".to_vec()], "only its own shard");
 }
 
 /// A running gateway applies registry changes without a restart: a re-keyed device starts a

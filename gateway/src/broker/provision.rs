@@ -8,6 +8,7 @@
 use std::{fmt::Write as _, fs, path::Path};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
+use gridsense_protocol::topic::{Lane, MAX_SHARDS, shard_filter};
 
 /// Mosquitto 2.0's default PBKDF2 iteration count.
 pub const ITERATIONS: u32 = 101;
@@ -20,13 +21,17 @@ pub fn password_line(user: &str, password: &str, salt: &[u8; SALT_LEN]) -> Strin
     format!("{user}:$7${ITERATIONS}${}${}", STANDARD.encode(salt), STANDARD.encode(hash))
 }
 
-/// The ACL file: the gateway reads every uplink (both lanes of every shard, and version 1's
-/// topic) and writes every downlink; every other user (a device, named by its EUI) writes only
-/// its own uplink topics — `gridsense/<shard>/<eui>/up` and `…/urgent` under any shard level,
-/// which Mosquitto's patterns cannot check (the gateway does: `wrong_shard`), and version 1's
+/// The ACL file: the gateway's account reads every uplink (both lanes of every shard, and
+/// version 1's topic) and writes every downlink; each shard-and-lane account
+/// ([`shard_session_user`]) reads only that shard's lane, and the `-legacy` account only
+/// version 1's topic (one persistent session each: with `use_username_as_clientid` a session
+/// is its account's, so a shard's session can move between gateway instances and no other
+/// account can take it over); every other user (a device, named by its EUI) writes only its
+/// own uplink topics — `gridsense/<shard>/<eui>/up` and `…/urgent` under any shard level, which
+/// Mosquitto's patterns cannot check (the gateway does: `wrong_shard`), and version 1's
 /// `gridsense/<eui>/up` — and reads only `gridsense/<eui>/down`.
-pub fn acl(gateway_user: &str) -> String {
-    format!(
+pub fn acl(gateway_user: &str, shards: u16) -> String {
+    let mut out = format!(
         "# Written by `gridsense provision broker`. Reload: kill -HUP $(pidof mosquitto)\n\
          user {gateway_user}\n\
          topic read gridsense/+/+/up\n\
@@ -34,13 +39,37 @@ pub fn acl(gateway_user: &str) -> String {
          topic read gridsense/+/up\n\
          topic write gridsense/+/down\n\
          \n\
-         # Devices: user name = EUI (16 lowercase hex digits); the shard level is checked by\n\
+         # One account per shard and lane, and one for version 1's topic.\n\
+         user {gateway_user}-legacy\n\
+         topic read gridsense/+/up\n\
+         topic write gridsense/+/down\n"
+    );
+    for shard in 0..shards.min(MAX_SHARDS) {
+        let shard = u8::try_from(shard).unwrap_or(u8::MAX);
+        for lane in [Lane::Up, Lane::Urgent] {
+            let _ = write!(
+                out,
+                "user {}\ntopic read {}\ntopic write gridsense/+/down\n",
+                shard_session_user(gateway_user, shard, lane),
+                shard_filter(shard, lane),
+            );
+        }
+    }
+    out.push_str(
+        "\n# Devices: user name = EUI (16 lowercase hex digits); the shard level is checked by\n\
          # the gateway (SPEC.md §2).\n\
          pattern write gridsense/+/%u/up\n\
          pattern write gridsense/+/%u/urgent\n\
          pattern write gridsense/%u/up\n\
-         pattern read gridsense/%u/down\n"
-    )
+         pattern read gridsense/%u/down\n",
+    );
+    out
+}
+
+/// The account (and so, with `use_username_as_clientid`, the session) of one shard's lane:
+/// `GATEWAY-SS-up` or `GATEWAY-SS-urgent`.
+pub fn shard_session_user(gateway_user: &str, shard: u8, lane: Lane) -> String {
+    format!("{gateway_user}-{shard:02x}-{}", lane.as_str())
 }
 
 /// What `provision broker` wrote.
@@ -58,10 +87,13 @@ fn random_salt() -> std::io::Result<[u8; SALT_LEN]> {
     Ok(salt)
 }
 
-/// Writes `passwd`, `acl` and `gateway.credentials` (user:password, mode 0600) into `dir`.
+/// Writes `passwd`, `acl` and `gateway.credentials` (user:password, mode 0600) into `dir`:
+/// the gateway's account, one per shard and lane of `shards` and the legacy one (all with the
+/// gateway's password), and the devices'.
 pub fn write_broker_files(
     dir: &Path,
     gateway_user: &str,
+    shards: u16,
     devices: &[(String, String)],
 ) -> std::io::Result<BrokerFiles> {
     fs::create_dir_all(dir)?;
@@ -70,6 +102,16 @@ pub fn write_broker_files(
     let gateway_password = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
     let mut passwd = String::new();
     let _ = writeln!(passwd, "{}", password_line(gateway_user, &gateway_password, &random_salt()?));
+    let legacy = format!("{gateway_user}-legacy");
+    let _ = writeln!(passwd, "{}", password_line(&legacy, &gateway_password, &random_salt()?));
+    for shard in 0..shards.min(MAX_SHARDS) {
+        let shard = u8::try_from(shard).unwrap_or(u8::MAX);
+        for lane in [Lane::Up, Lane::Urgent] {
+            let user = shard_session_user(gateway_user, shard, lane);
+            let _ =
+                writeln!(passwd, "{}", password_line(&user, &gateway_password, &random_salt()?));
+        }
+    }
     for (user, password) in devices {
         let _ = writeln!(passwd, "{}", password_line(user, password, &random_salt()?));
     }
@@ -84,7 +126,7 @@ pub fn write_broker_files(
         Ok(())
     };
     write_private("passwd", &passwd)?;
-    fs::write(dir.join("acl"), acl(gateway_user))?;
+    fs::write(dir.join("acl"), acl(gateway_user, shards))?;
     write_private("gateway.credentials", &format!("{gateway_user}:{gateway_password}\n"))?;
     Ok(BrokerFiles { devices: devices.len(), gateway_password })
 }

@@ -449,20 +449,24 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Provision(ProvisionCommand::Broker { out, gateway_user, config }) => {
             let config = load_config(config.as_deref())?;
             let store = app::open_store(&config)?;
+            let shards = store.fix_shards(config.cluster.shards)?;
             let files = crate::broker::provision::write_broker_files(
                 &out,
                 &gateway_user,
+                shards,
                 &store.credentials()?,
             )
             .with_context(|| format!("writing {}", out.display()))?;
             let dir = out.display();
             println!(
-                "gridsense provision broker: {n} device accounts and `{gateway_user}` written to \
-                 {dir}/passwd and {dir}/acl (gateway password in {dir}/gateway.credentials). In \
+                "gridsense provision broker: {n} device accounts, `{gateway_user}` and its \
+                 {sessions} shard-session accounts written to {dir}/passwd and {dir}/acl \
+                 (gateway password in {dir}/gateway.credentials). In \
                  mosquitto.conf: password_file {dir}/passwd, acl_file {dir}/acl, allow_anonymous \
                  false, use_username_as_clientid true (deploy/mosquitto.conf); reload with: kill \
                  -HUP $(pidof mosquitto)",
                 n = files.devices,
+                sessions = u32::from(shards) * 2 + 1,
             );
             Ok(())
         }
