@@ -558,7 +558,7 @@ fn shard_leases_on_postgres_claim_lapse_fence_and_hand_over() {
     let (mut a, b) =
         (PgStore::open(&url, &key, 3).expect("a"), PgStore::open(&url, &key, 3).expect("b"));
     a.fix_shards(4).expect("shards");
-    let view = a.cluster_view("a", 5_000).expect("view");
+    let view = a.cluster_view(Some("a"), 5_000).expect("view");
     assert_eq!(view.instances, ["a"]);
     assert!(view.leases.iter().all(|l| l.owner.is_none()), "{view:?}");
     // The policy, on the database's clock: a lone instance claims every shard.
@@ -587,16 +587,30 @@ fn shard_leases_on_postgres_claim_lapse_fence_and_hand_over() {
     assert_eq!(a.renew("a", &[(0, 1), (1, 1)], 5_000).expect("renew"), [1], "0 was lost");
     assert!(matches!(a.commit(&fenced(vec![1, 1], 3)), Err(StoreError::Fenced { .. })));
     // Both are live; `b` hands shard 0 back, and `a` may claim it at a new epoch.
-    let view = b.cluster_view("b", 5_000).expect("view");
+    let view = b.cluster_view(Some("b"), 5_000).expect("view");
     assert_eq!(view.instances, ["a", "b"]);
     assert_eq!(view.leases[0].owner.as_deref(), Some("b"));
     assert!(b.release("b", 0, 2).expect("release"));
     assert!(!b.release("b", 0, 2).expect("released already"));
     assert_eq!(a.claim("a", 0, 5_000).expect("claim"), Some(3));
+    // `gridsense cluster status` shows it (and, only looking, does not count as an instance).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gridsense"))
+        .args(["cluster", "status"])
+        .env("GRIDSENSE_STORE_URL", &url)
+        .env("GRIDSENSE_STORE_KEY_FILE", &key)
+        .output()
+        .expect("gridsense cluster status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("cluster: 4 shards on postgres://"), "{text}");
+    assert!(text.contains("instances seen within a lease: 2"), "{text}");
+    assert!(text.contains("  a: 4 shards") && text.contains("  b: 0 shards"), "{text}");
+    assert!(text.contains("held by nobody: 0"), "{text}");
+    assert!(!text.contains(gridsense_tests::postgres::PASSWORD), "no password shown: {text}");
     // A SQLite store is one process's: it owns every shard.
     let sqlite = Store::open(&dir.path().join("s.db"), Synchronous::Normal, 3).expect("sqlite");
     sqlite.fix_shards(4).expect("shards");
-    let view = sqlite.cluster_view("only", 5_000).expect("view");
+    let view = sqlite.cluster_view(Some("only"), 5_000).expect("view");
     assert!(
         view.leases.len() == 4 && view.leases.iter().all(|l| l.owner.as_deref() == Some("only"))
     );

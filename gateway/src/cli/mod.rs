@@ -1,6 +1,7 @@
 //! Command-line interface of the `gridsense` binary.
 
 pub mod cases;
+pub mod cluster;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod walkthrough;
@@ -82,6 +83,23 @@ pub enum Command {
     /// The store itself: move a pilot's SQLite store to PostgreSQL.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// The gateway instances sharing a store, and who holds which shard.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `gridsense cluster …`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Prints the shards' leases: each live instance with its shards, and those nobody holds.
+    Status {
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Instances seen within this many ms count as live.
+        #[arg(long, default_value_t = 5_000)]
+        lease_ms: i64,
+    },
 }
 
 /// `gridsense store …`
@@ -568,6 +586,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                 "gridsense tokens add: {role} token {:?} (shown once; only its hash is stored):\n{token}",
                 name.trim()
             );
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Status { config, lease_ms }) => {
+            let config = load_config(config.as_deref())?;
+            let store = app::open_store(&config)?;
+            let target = crate::store::target(&config.store);
+            if config.store.url.is_empty() {
+                println!(
+                    "cluster: {} shards on {target}: a SQLite store is served by one gateway, which holds every shard (it holds {target}.lock while it runs); several instances share a PostgreSQL store (store.url)",
+                    store.fix_shards(config.cluster.shards)?
+                );
+                return Ok(());
+            }
+            let view = store.cluster_view(None, lease_ms)?;
+            print!("{}", cluster::render(&view, &target, crate::status::wall_clock()()));
             Ok(())
         }
         Command::Store(StoreCommand::Upgrade { config }) => {

@@ -8,10 +8,10 @@ use crate::cluster::{Lease, View};
 
 /// Shard leases, on the store's clock.
 pub trait Leases {
-    /// Records that `instance` is alive (now, on the database's clock) and returns what the
-    /// cluster looks like: the database's time, the instances seen within `lease_ms`, and
-    /// every shard's lease.
-    fn cluster_view(&self, instance: &str, lease_ms: i64) -> Result<View, StoreError>;
+    /// Records that `instance` is alive (now, on the database's clock; `None`: only looking,
+    /// as `gridsense cluster status` does) and returns what the cluster looks like: the
+    /// database's time, the instances seen within `lease_ms`, and every shard's lease.
+    fn cluster_view(&self, instance: Option<&str>, lease_ms: i64) -> Result<View, StoreError>;
 
     /// Claims `shard` for `instance` if it is free or lapsed: its new epoch, or `None` when
     /// another instance holds it.
@@ -33,7 +33,9 @@ pub trait Leases {
 }
 
 impl Leases for Store {
-    fn cluster_view(&self, instance: &str, lease_ms: i64) -> Result<View, StoreError> {
+    fn cluster_view(&self, instance: Option<&str>, lease_ms: i64) -> Result<View, StoreError> {
+        // The one gateway holding this file (or the one that will).
+        let instance = instance.unwrap_or("this gateway");
         let shards: Option<Vec<u8>> = self
             .conn
             .query_row("SELECT value FROM store_meta WHERE name = 'shards'", [], |r| r.get(0))

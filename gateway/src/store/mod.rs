@@ -1000,5 +1000,5 @@ pub trait Operator: CaseBoard + Queries + Tokens + Send {}
 impl<T: CaseBoard + Queries + Tokens + Send> Operator for T {}
 
 /// A store that serves every consumer: what a backend opens.
-pub trait Backend: IngestStore + Outbox + TelemetryBuffer + Registry + Operator {}
-impl<T: IngestStore + Outbox + TelemetryBuffer + Registry + Operator> Backend for T {}
+pub trait Backend: IngestStore + Outbox + TelemetryBuffer + Registry + Operator + Leases {}
+impl<T: IngestStore + Outbox + TelemetryBuffer + Registry + Operator + Leases> Backend for T {}

@@ -18,14 +18,19 @@ pub(crate) const FENCE: &str = "SELECT l.shard FROM shard_leases l
     WHERE l.epoch = h.epoch AND l.owner = $1 FOR SHARE OF l";
 
 impl Leases for PgStore {
-    fn cluster_view(&self, instance: &str, lease_ms: i64) -> Result<View, StoreError> {
+    fn cluster_view(&self, instance: Option<&str>, lease_ms: i64) -> Result<View, StoreError> {
         self.with(|c| {
-            let now = wait(c.query_one(
-                "INSERT INTO cluster_instances (instance, seen_at) VALUES ($1, now())
-                 ON CONFLICT (instance) DO UPDATE SET seen_at = now()
-                 RETURNING (extract(epoch FROM now()) * 1000)::bigint",
-                &[&instance],
-            ))?
+            let now = match instance {
+                Some(instance) => wait(c.query_one(
+                    "INSERT INTO cluster_instances (instance, seen_at) VALUES ($1, now())
+                     ON CONFLICT (instance) DO UPDATE SET seen_at = now()
+                     RETURNING (extract(epoch FROM now()) * 1000)::bigint",
+                    &[&instance],
+                ))?,
+                None => {
+                    wait(c.query_one("SELECT (extract(epoch FROM now()) * 1000)::bigint", &[]))?
+                }
+            }
             .get(0);
             let instances = wait(c.query(
                 "SELECT instance FROM cluster_instances
