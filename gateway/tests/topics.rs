@@ -1,7 +1,8 @@
 //! The topic scheme through a real Mosquitto (protocol/SPEC.md §2): the gateway takes a
 //! device's frames on both lanes of its shard and on version 1's topic, and refuses — counted
 //! as `wrong_shard`, acknowledged, nothing stored — a frame whose shard level is not its EUI's.
-//! A store made with one number of shards refuses a gateway configured with another.
+//! A store made with one number of shards refuses a gateway configured with another, and a
+//! SQLite store refuses a second gateway instance while one runs on it.
 
 // Test code: a panic is how a failure is reported.
 #![allow(clippy::panic, clippy::indexing_slicing, clippy::unwrap_used)]
@@ -63,4 +64,26 @@ async fn both_lanes_of_a_devices_shard_and_version_1s_topic_are_taken_another_sh
         panic!("a store made with 16 shards took a gateway configured with 64")
     };
     assert!(format!("{e:#}").contains("made with 16 shards"), "{e:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_one_sqlite_store_is_refused_and_says_why() {
+    let broker = Mosquitto::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 42, Counts { covers: 1, drains: 0, beacons: 0 }).unwrap();
+    let config = common::config(dir.path(), broker.addr());
+    common::import(&config, dir.path());
+    let (gateway, stop) = common::start(&config, app::wall_clock()).await;
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let Err(e) = app::start(&config, app::wall_clock(), stop_rx) else {
+        panic!("two gateways on one SQLite store")
+    };
+    let said = format!("{e:#}");
+    assert!(said.contains("is in use") && said.contains(".lock"), "{said}");
+    stop.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    // Once the first has stopped, a gateway starts on it again.
+    let (again, stop) = common::start(&config, app::wall_clock()).await;
+    stop.send(true).unwrap();
+    again.task.await.unwrap().unwrap();
 }
