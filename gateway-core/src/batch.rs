@@ -143,6 +143,7 @@ impl Batch {
             && self.rule_states.is_empty()
             && self.cases.is_empty()
             && self.fixes.is_empty()
+            && self.recent.is_empty()
     }
 }
 
@@ -153,4 +154,27 @@ pub struct RegistryChange {
     pub eui: Eui,
     /// Its key, site and attributes when active; `None`: no longer accepted.
     pub active: Option<(DeviceKey, crate::cases::Site, crate::rules::Attributes)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_only_held_back_recent_frames_is_not_empty() {
+        // The sweep of frames held back for fast senders can be all a batch holds (a poll
+        // with no frame): it must still be committed, not dropped as empty.
+        let batch = Batch {
+            recent: vec![RecentFrame {
+                eui: Eui(1),
+                counter: 7,
+                received_ms: 1_000,
+                kind: "drain_reading",
+                samples: 1,
+            }],
+            ..Batch::default()
+        };
+        assert!(!batch.is_empty());
+        assert!(Batch::default().is_empty());
+    }
 }
