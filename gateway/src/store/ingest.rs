@@ -124,20 +124,7 @@ impl IngestStore for Store {
         })?;
         rows.map(|row| {
             let (id, eui, kind, settings, counter, sent_ms, attempts) = row?;
-            let request = match kind.as_str() {
-                "configure" => {
-                    Request::Configure(serde_json::from_str(&settings).map_err(|e| {
-                        StoreError::BadRow { table: "requests", what: e.to_string() }
-                    })?)
-                }
-                "status_request" => Request::StatusRequest,
-                other => {
-                    return Err(StoreError::BadRow {
-                        table: "requests",
-                        what: format!("kind {other:?}"),
-                    });
-                }
-            };
+            let request = request_from(&kind, &settings)?;
             Ok((Eui(eui as u64), Pending { id, request, counter, sent_ms, attempts }))
         })
         .collect()

@@ -430,6 +430,28 @@ pub(crate) fn kind_column(
     kind_named(name, table)
 }
 
+/// An operator's request as both stores keep it: its kind and its settings (JSON).
+pub(crate) fn request_columns(request: &Request) -> (&'static str, String) {
+    match request {
+        Request::Configure(settings) => {
+            ("configure", serde_json::to_string(settings).unwrap_or_default())
+        }
+        Request::StatusRequest => ("status_request", "[]".to_owned()),
+    }
+}
+
+/// The request stored as `kind` and `settings` ([`request_columns`]).
+pub(crate) fn request_from(kind: &str, settings: &str) -> Result<Request, StoreError> {
+    let bad = |what: String| StoreError::BadRow { table: "requests", what };
+    match kind {
+        "configure" => {
+            Ok(Request::Configure(serde_json::from_str(settings).map_err(|e| bad(e.to_string()))?))
+        }
+        "status_request" => Ok(Request::StatusRequest),
+        other => Err(bad(format!("kind {other:?}"))),
+    }
+}
+
 /// A device kind stored by `name` in `table` (either store).
 pub(crate) fn kind_named(name: &str, table: &'static str) -> Result<Kind, StoreError> {
     Kind::parse(name).ok_or_else(|| StoreError::BadRow { table, what: format!("kind {name:?}") })

@@ -157,12 +157,7 @@ impl Registry for Store {
     }
 
     fn add_request(&mut self, eui: Eui, request: &Request, now_ms: i64) -> Result<i64, StoreError> {
-        let (kind, settings) = match request {
-            Request::Configure(settings) => {
-                ("configure", serde_json::to_string(settings).unwrap_or_default())
-            }
-            Request::StatusRequest => ("status_request", "[]".to_owned()),
-        };
+        let (kind, settings) = request_columns(request);
         self.conn.execute(
             "INSERT INTO requests (eui, kind, settings, requested_ms) VALUES (?1, ?2, ?3, ?4)",
             params![eui.0 as i64, kind, settings, now_ms],

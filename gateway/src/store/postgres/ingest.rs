@@ -11,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use super::{Conn, PgStore, e, eui, i, wait};
 use crate::{
     cases::{OpenIncident, Sequences, Site},
-    downlink::{Pending, Request, RequestUpdate},
+    downlink::{Pending, RequestUpdate},
     health::DeviceHealth,
     registry::Registered,
     rules::{Attributes, RuleState, Severity},
@@ -505,20 +505,7 @@ impl IngestStore for PgStore {
             .map(|r| {
                 let kind: String = r.get(2);
                 let settings: String = r.get(3);
-                let request = match kind.as_str() {
-                    "configure" => {
-                        Request::Configure(serde_json::from_str(&settings).map_err(|e| {
-                            StoreError::BadRow { table: "requests", what: e.to_string() }
-                        })?)
-                    }
-                    "status_request" => Request::StatusRequest,
-                    other => {
-                        return Err(StoreError::BadRow {
-                            table: "requests",
-                            what: format!("kind {other:?}"),
-                        });
-                    }
-                };
+                let request = crate::store::request_from(&kind, &settings)?;
                 let counter = r.get::<_, Option<i64>>(4).and_then(|v| u32::try_from(v).ok());
                 let attempts = u32::try_from(r.get::<_, i64>(6)).unwrap_or(u32::MAX);
                 Ok((

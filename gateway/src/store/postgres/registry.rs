@@ -141,12 +141,7 @@ impl Registry for PgStore {
     }
 
     fn add_request(&mut self, eui: Eui, request: &Request, now_ms: i64) -> Result<i64, StoreError> {
-        let (kind, settings) = match request {
-            Request::Configure(settings) => {
-                ("configure", serde_json::to_string(settings).unwrap_or_default())
-            }
-            Request::StatusRequest => ("status_request", "[]".to_owned()),
-        };
+        let (kind, settings) = crate::store::request_columns(request);
         self.with(|c| {
             Ok(wait(c.query_one(
                 "INSERT INTO requests (eui, kind, settings, requested_ms) VALUES ($1, $2, $3, $4)
