@@ -6,10 +6,7 @@ use gridsense_protocol::Eui;
 use rusqlite::{OptionalExtension, params};
 
 use super::{cases::*, *};
-use crate::{
-    calendar::Calendar,
-    cases::{CaseState, lifecycle},
-};
+use crate::{calendar::Calendar, cases::CaseState};
 
 /// The local case board: the operators' lifecycle moves, lists, traces, clusters, patrols, outbox views and platform callbacks.
 pub trait CaseBoard: CaseLookup + Maintenance {
@@ -193,30 +190,15 @@ impl CaseBoard for Store {
             })
             .optional()?;
         let Some((state, limit)) = row else { return Ok(Err(TransitionError::NotFound(case_id))) };
-        let from = CaseState::parse(&state).ok_or_else(|| StoreError::BadRow {
-            table: "cases",
-            what: format!("state {state:?}"),
-        })?;
-        let m = match lifecycle::step(from, to, &limit, now_ms, calendar) {
+        let m = match decide_move(&state, &limit, to, now_ms, calendar)? {
             Ok(m) => m,
-            Err(e) => return Ok(Err(TransitionError::Lifecycle(e))),
+            Err(e) => return Ok(Err(e)),
         };
+        let from = m.from;
         tx.execute(
-            "UPDATE cases SET state = ?2, updated_ms = ?3 WHERE id = ?1",
-            params![case_id, to.as_str(), now_ms],
+            &move_update(&m, '?'),
+            params![case_id, to.as_str(), now_ms, m.handling_due_ms],
         )?;
-        if let Some(col) = m.stamp.map(stamp_column) {
-            tx.execute(
-                &format!("UPDATE cases SET {col} = ?2 WHERE id = ?1"),
-                params![case_id, now_ms],
-            )?;
-        }
-        if let Some(due) = m.handling_due_ms {
-            tx.execute(
-                "UPDATE cases SET handling_due_ms = ?2 WHERE id = ?1",
-                params![case_id, due],
-            )?;
-        }
         tx.execute(
             "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![case_id, now_ms, from.as_str(), to.as_str(), actor, note],

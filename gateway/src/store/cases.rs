@@ -9,7 +9,10 @@ use serde::Serialize;
 
 use super::{Store, StoreError, kind_column};
 use crate::{
-    cases::{CaseState, Effects, LifecycleError, Site, lifecycle::Milestone},
+    cases::{
+        CaseState, Effects, LifecycleError, Site,
+        lifecycle::{self, Milestone},
+    },
     rules::{Attributes, RuleState, Severity},
 };
 
@@ -65,6 +68,32 @@ CREATE TABLE maintenance (
     id INTEGER PRIMARY KEY, scope TEXT NOT NULL, from_ms INTEGER NOT NULL, until_ms INTEGER NOT NULL,
     note TEXT NOT NULL, created_ms INTEGER NOT NULL
 );";
+
+/// A case move as both stores decide it from the case's stored row: its state (parsed, else
+/// a bad row) and the lifecycle's verdict (`Err`: not a legal move).
+pub(super) fn decide_move(
+    state: &str,
+    handling_limit: &str,
+    to: CaseState,
+    now_ms: i64,
+    calendar: &crate::calendar::Calendar,
+) -> Result<Result<lifecycle::Move, TransitionError>, StoreError> {
+    let from = CaseState::parse(state)
+        .ok_or_else(|| StoreError::BadRow { table: "cases", what: format!("state {state:?}") })?;
+    Ok(lifecycle::step(from, to, handling_limit, now_ms, calendar)
+        .map_err(TransitionError::Lifecycle))
+}
+
+/// The one UPDATE that applies a move (state, its time, the milestone's stamp, the handling
+/// deadline a dispatch restarts), with parameters 1 id, 2 state, 3 time, 4 deadline or NULL,
+/// written with `sigil` (`?` for SQLite, `$` for PostgreSQL).
+pub(super) fn move_update(m: &lifecycle::Move, sigil: char) -> String {
+    let stamp = m.stamp.map(stamp_column).map_or(String::new(), |c| format!(", {c} = {sigil}3"));
+    format!(
+        "UPDATE cases SET state = {sigil}2, updated_ms = {sigil}3,
+            handling_due_ms = COALESCE({sigil}4, handling_due_ms){stamp} WHERE id = {sigil}1"
+    )
+}
 
 /// The column that records a milestone.
 pub(super) const fn stamp_column(m: Milestone) -> &'static str {
@@ -358,8 +387,8 @@ pub struct CaseView {
 
 impl CaseView {
     /// The case's clock fields, for the lifecycle's timers.
-    pub fn clocks(&self) -> crate::cases::lifecycle::Clocks<'_> {
-        crate::cases::lifecycle::Clocks {
+    pub fn clocks(&self) -> lifecycle::Clocks<'_> {
+        lifecycle::Clocks {
             detected_ms: self.detected_ms,
             handling_limit: &self.handling_limit,
             deploy_due_ms: self.deploy_due_ms,

@@ -7,11 +7,14 @@ use tokio_postgres::{Row, types::ToSql};
 use super::{Conn, PgStore, eui, wait};
 use crate::{
     calendar::Calendar,
-    cases::{CaseState, lifecycle},
+    cases::CaseState,
     store::{
         AlertView, CallbackOutcome, CaseBoard, CaseFilter, CaseLookup, CaseView, ClusterMember,
         Outbox, OutboxEntry, OutboxView, StoreError, TraceEntry, TransitionError,
-        cases::{CASE_COLUMNS, event_entry, evidence_entry, frame_entry, stamp_column},
+        cases::{
+            CASE_COLUMNS, decide_move, event_entry, evidence_entry, frame_entry, move_update,
+            stamp_column,
+        },
     },
 };
 
@@ -293,30 +296,15 @@ impl PgStore {
         ))?;
         let Some(row) = row else { return Ok(Err(TransitionError::NotFound(case_id))) };
         let (state, limit): (String, String) = (row.get(0), row.get(1));
-        let from = CaseState::parse(&state).ok_or_else(|| StoreError::BadRow {
-            table: "cases",
-            what: format!("state {state:?}"),
-        })?;
-        let m = match lifecycle::step(from, to, &limit, now_ms, calendar) {
+        let m = match decide_move(&state, &limit, to, now_ms, calendar)? {
             Ok(m) => m,
-            Err(e) => return Ok(Err(TransitionError::Lifecycle(e))),
+            Err(e) => return Ok(Err(e)),
         };
+        let from = m.from;
         wait(tx.execute(
-            "UPDATE cases SET state = $2, updated_ms = $3 WHERE id = $1",
-            &[&case_id, &to.as_str(), &now_ms],
+            &move_update(&m, '$'),
+            &[&case_id, &to.as_str(), &now_ms, &m.handling_due_ms],
         ))?;
-        if let Some(col) = m.stamp.map(stamp_column) {
-            wait(tx.execute(
-                &format!("UPDATE cases SET {col} = $2 WHERE id = $1"),
-                &[&case_id, &now_ms],
-            ))?;
-        }
-        if let Some(due) = m.handling_due_ms {
-            wait(tx.execute(
-                "UPDATE cases SET handling_due_ms = $2 WHERE id = $1",
-                &[&case_id, &due],
-            ))?;
-        }
         wait(tx.execute(
             "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note)
              VALUES ($1, $2, $3, $4, $5, $6)",
