@@ -111,10 +111,8 @@ pub fn plan(me: &str, view: &View, local_now_ms: i64, policy: Policy) -> Plan {
 pub struct Fence {
     /// The instance that decided the batch.
     pub instance: String,
-    /// Its shards and their epochs, as one column each.
-    pub shards: Vec<i32>,
-    /// The epochs, in the order of `shards`.
-    pub epochs: Vec<i64>,
+    /// Its shards and the epoch it holds each at.
+    pub held: Vec<(u16, i64)>,
 }
 
 #[cfg(test)]

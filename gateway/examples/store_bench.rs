@@ -117,8 +117,7 @@ fn main() -> Result<()> {
     let mut fence = Fence { instance: "bench".into(), ..Fence::default() };
     for shard in 0..64u16 {
         let epoch = fenced.claim("bench", shard, 600_000)?.unwrap_or(0);
-        fence.shards.push(i32::from(shard));
-        fence.epochs.push(epoch);
+        fence.held.push((shard, epoch));
     }
     let d = run("fenced", &mut fenced, shape, Some(&fence))?;
     println!(

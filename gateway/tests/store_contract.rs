@@ -572,7 +572,8 @@ fn shard_leases_on_postgres_claim_lapse_fence_and_hand_over() {
     let fenced = |epochs: Vec<i64>, eui: u64| {
         let mut batch = Batch::default();
         batch.counters.insert(Eui(eui), CounterWindow::new());
-        batch.fence = Some(Fence { instance: "a".into(), shards: vec![0, 1], epochs });
+        batch.fence =
+            Some(Fence { instance: "a".into(), held: vec![(0, epochs[0]), (1, epochs[1])] });
         batch
     };
     a.commit(&fenced(vec![1, 1], 1)).expect("held: committed");

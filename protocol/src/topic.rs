@@ -23,8 +23,6 @@ use crate::{Direction, Eui};
 pub const TOPIC_PREFIX: &str = "gridsense";
 /// The filter for version 1's uplinks (`gridsense/{eui}/up`, no shard level).
 pub const UPLINK_FILTER: &str = "gridsense/+/up";
-/// The filter for version 1's uplinks; the same as [`UPLINK_FILTER`].
-pub const LEGACY_UPLINK_FILTER: &str = UPLINK_FILTER;
 /// Longest topic the scheme produces (`gridsense/` + 2 + `/` + 16 + `/urgent`).
 pub const MAX_TOPIC_LEN: usize = 36;
 /// The most shards a deployment may have (the shard level is two hex digits).
@@ -121,15 +119,6 @@ pub enum Route {
     LegacyUplink(Eui),
     /// `gridsense/{eui}/down`.
     Downlink(Eui),
-}
-
-impl Route {
-    /// The device the topic names.
-    pub const fn eui(&self) -> Eui {
-        match *self {
-            Route::Uplink { eui, .. } | Route::LegacyUplink(eui) | Route::Downlink(eui) => eui,
-        }
-    }
 }
 
 /// A topic outside the gridsense scheme.

@@ -1,5 +1,5 @@
-//! `gridsense cluster status`: who holds which shard, from the store (it only looks: it does
-//! not count as an instance).
+//! `gridsense cluster status`: who holds which shard, from the store (it does not count as
+//! an instance).
 
 use std::fmt::Write as _;
 

@@ -44,7 +44,7 @@ use std::{
     time::Duration,
 };
 
-use gridsense_protocol::topic::{LEGACY_UPLINK_FILTER, Lane, all_shards_filter};
+use gridsense_protocol::topic::{Lane, UPLINK_FILTER, all_shards_filter};
 use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
 use tokio::sync::{mpsc, watch};
 
@@ -166,7 +166,7 @@ pub async fn run(
 /// not yet moved to them.
 fn uplink_filters() -> Vec<String> {
     let lanes = [Lane::Up, Lane::Urgent].map(|lane| all_shards_filter(lane).as_str().to_owned());
-    let mut filters = vec![LEGACY_UPLINK_FILTER.to_owned()];
+    let mut filters = vec![UPLINK_FILTER.to_owned()];
     filters.extend(lanes);
     filters
 }
@@ -555,12 +555,7 @@ async fn acknowledge(batcher: &mut batcher::Batcher<Publish>, out: &Outputs) {
     }
 }
 
-/// Whether a failed commit may succeed later unchanged ([`StoreError::is_transient`]).
-fn transient(e: &StoreError) -> bool {
-    e.is_transient()
-}
-
-/// Commits `batch`; while the failure is [`transient`] (a full disk above all), retries the
+/// Commits `batch`; while the failure is [`StoreError::is_transient`] (a full disk above all), retries the
 /// same batch every second — up to five between attempts — holding its messages
 /// unacknowledged: the session's channel fills, reading from the broker stops, and the broker
 /// keeps the rest. `status.store_error` says why meanwhile (readiness, metrics). Returns the
@@ -597,7 +592,7 @@ async fn commit_until_durable(
                 let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 return Ok(Committed { store, accepted: batch.accepted, took_us });
             }
-            Err(e) if transient(&e) => {
+            Err(e) if e.is_transient() => {
                 if since.is_none() {
                     tracing::error!(
                         "commit failed: {e}; holding {} frames unacknowledged and retrying (the broker keeps the rest)",

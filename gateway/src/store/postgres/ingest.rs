@@ -244,8 +244,13 @@ impl PgStore {
             (s(c, BUFFER)?, s(c, BUFFER_TRIM)?, s(c, TELEMETRY)?, s(c, AUDIT)?, s(c, AUDIT_TRIM)?);
         let (rejects, downlink_counters, stat_add, batch_token) =
             (s(c, REJECTS)?, s(c, DOWNLINK_COUNTERS)?, s(c, STAT_ADD)?, s(c, BATCH_TOKEN)?);
+        // The fence's statement and its columns: shards, epochs.
         let fence = match &batch.fence {
-            Some(_) => Some(s(c, super::leases::FENCE)?),
+            Some(f) => Some((
+                s(c, super::leases::FENCE)?,
+                f.held.iter().map(|(s, _)| i32::from(*s)).collect::<Vec<i32>>(),
+                f.held.iter().map(|(_, e)| *e).collect::<Vec<i64>>(),
+            )),
             None => None,
         };
         let cols = Columns::of(batch, self.buffer_max.is_some());
@@ -361,16 +366,17 @@ impl PgStore {
             // Last in the pipeline, still before COMMIT: the shards' leases at the batch's
             // epochs, locked until the transaction ends (a claim waits for it; a claim that
             // came first leaves fewer rows, and the batch is refused and rolled back).
-            if let (Some(f), Some(stmt)) = (&batch.fence, &fence) {
-                run!(*stmt, vec![&f.instance, &f.shards, &f.epochs]);
+            if let (Some(f), Some((stmt, shards, epochs))) = (&batch.fence, &fence) {
+                run!(*stmt, vec![&f.instance, shards, epochs]);
             }
             let counts = wait(futures::future::try_join_all(bulk))?;
             if let Some(f) = &batch.fence {
                 let held = counts.last().copied().unwrap_or(0);
-                if held != f.shards.len() as u64 {
+                let wanted = f.held.len() as u64;
+                if held != wanted {
                     return Err(StoreError::Fenced {
                         instance: f.instance.clone(),
-                        lost: f.shards.len() as u64 - held.min(f.shards.len() as u64),
+                        lost: wanted - held.min(wanted),
                     });
                 }
             }
