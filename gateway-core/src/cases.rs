@@ -705,6 +705,29 @@ pub struct Cases {
     seq: Sequences,
     windows: Vec<MaintenanceWindow>,
     link_window_ms: i64,
+    /// With several gateway instances: the deployment's shards, and ids are minted per shard
+    /// ([`next_id`]).
+    sharded_ids: Option<u16>,
+}
+
+/// Ids minted for a shard's devices leave this remainder by the id stride: with several
+/// gateway instances each mints ids only for the shards it owns, so two never mint the same.
+pub const ID_STRIDE: i64 = gridsense_protocol::topic::MAX_SHARDS as i64;
+
+/// The next id after `last` (the highest used): `last + 1` for a single gateway; with
+/// `sharded` shards, the next id above `last` whose remainder by [`ID_STRIDE`] is the shard
+/// of `eui`. An owner raises `last` from the store when it claims a shard, after the previous
+/// owner's last commit for it, so ids stay unique across instances and hand-overs.
+fn next_id(last: &mut i64, sharded: Option<u16>, eui: Eui) -> i64 {
+    let id = match sharded {
+        None => last.saturating_add(1),
+        Some(shards) => {
+            let shard = i64::from(gridsense_protocol::topic::shard_of(eui, shards));
+            (*last / ID_STRIDE).saturating_add(1).saturating_mul(ID_STRIDE) + shard
+        }
+    };
+    *last = id;
+    id
 }
 
 /// Description limit of the platforms.
@@ -761,7 +784,35 @@ impl Cases {
             seq: Sequences::default(),
             windows: Vec::new(),
             link_window_ms,
+            sharded_ids: None,
         })
+    }
+
+    /// Mints ids per shard of `shards` (several gateway instances share the store): see
+    /// [`next_id`].
+    pub fn set_sharded_ids(&mut self, shards: u16) {
+        self.sharded_ids = Some(shards);
+    }
+
+    /// A shard claimed from another instance: the ids it used are skipped (`seq` read from
+    /// the store after the claim), and its devices' open incidents replace what this
+    /// instance knew of them.
+    pub fn adopt(&mut self, seq: Sequences, open: OpenIncidents, mine: &dyn Fn(Eui) -> bool) {
+        self.seq.incident = self.seq.incident.max(seq.incident);
+        self.seq.case = self.seq.case.max(seq.case);
+        self.seq.cluster = self.seq.cluster.max(seq.cluster);
+        self.seq.alert = self.seq.alert.max(seq.alert);
+        self.open.retain(|(eui, _), _| !mine(*eui));
+        for ((eui, condition), o) in open {
+            if mine(eui) {
+                self.open.insert((eui, condition), o);
+            }
+        }
+    }
+
+    /// Forgets the open incidents of the devices `gone` says (a shard handed over or lost).
+    pub fn forget(&mut self, gone: &dyn Fn(Eui) -> bool) {
+        self.open.retain(|(eui, _), _| !gone(*eui));
     }
 
     /// Restores ids and open incidents after a restart.
@@ -837,7 +888,7 @@ impl Cases {
             && !self.open.contains_key(&key)
         {
             // A new incident.
-            self.seq.incident += 1;
+            let incident = next_id(&mut self.seq.incident, self.sharded_ids, change.eui);
             // Under maintenance if the condition began or was detected during a window.
             let grid = place.grid_code.as_deref();
             let maintenance = self.windows.iter().any(|w| {
@@ -852,14 +903,14 @@ impl Cases {
                         id
                     }
                     _ => {
-                        self.seq.cluster += 1;
-                        self.clusters.insert(k, (self.seq.cluster, now));
-                        self.seq.cluster
+                        let id = next_id(&mut self.seq.cluster, self.sharded_ids, change.eui);
+                        self.clusters.insert(k, (id, now));
+                        id
                     }
                 }
             });
             let open = OpenIncident {
-                id: self.seq.incident,
+                id: incident,
                 severity,
                 onset_ms: change.onset_ms,
                 detected_ms: now,
@@ -978,7 +1029,7 @@ impl Cases {
         battery_mv: Option<u16>,
     ) -> Option<CaseRow> {
         let (class_code, class) = self.class_of(condition, site)?;
-        self.seq.case += 1;
+        let id = next_id(&mut self.seq.case, self.sharded_ids, change.eui);
         let detected = change.decided_ms;
         let c = &self.calendar;
         let description = clip(format!(
@@ -999,7 +1050,7 @@ impl Cases {
         ));
         Some(CaseRow {
             source: SOURCE_IOT,
-            id: self.seq.case,
+            id,
             incident_id: Some(open.id),
             key: format!("{}:{}:{}", change.eui, change.condition, open.onset_ms),
             eui: change.eui,
@@ -1047,11 +1098,11 @@ impl Cases {
             .get(&class_code)
             .cloned()
             .unwrap_or(ClassInfo { name: class_code.clone(), limit: Limit::Hours(24) });
-        self.seq.case += 1;
+        let id = next_id(&mut self.seq.case, self.sharded_ids, eui);
         let c = &self.calendar;
         let case = CaseRow {
             source: SOURCE_WORKER,
-            id: self.seq.case,
+            id,
             incident_id: None,
             key: format!("{eui}:report:{counter}"),
             eui,
@@ -1099,22 +1150,10 @@ impl Cases {
         grid_code: Option<String>,
         out: &mut Effects,
     ) {
-        self.seq.alert += 1;
+        let id = next_id(&mut self.seq.alert, self.sharded_ids, eui);
         let position = fix.map(|f| (f64::from(f.lat_udeg) / 1e6, f64::from(f.lon_udeg) / 1e6));
-        out.alerts.push(AlertRow {
-            id: self.seq.alert,
-            eui,
-            at_ms,
-            received_ms: now,
-            position,
-            grid_code,
-        });
-        out.outbox.push(OutboxRow {
-            channel: "alert",
-            subject: self.seq.alert,
-            op: "create",
-            at_ms: now,
-        });
+        out.alerts.push(AlertRow { id, eui, at_ms, received_ms: now, position, grid_code });
+        out.outbox.push(OutboxRow { channel: "alert", subject: id, op: "create", at_ms: now });
     }
 
     /// A check-in: a patrol record on the worker's local day.
@@ -1251,6 +1290,47 @@ mod tests {
         assert_eq!(fx.evidence[0].frame, Some(42));
         assert_eq!(fx.incidents[0].state, "open");
         assert_eq!(fx.events[0].to, Some(CaseState::Collected));
+    }
+
+    #[test]
+    fn ids_minted_per_shard_never_meet_across_instances_and_hand_overs() {
+        use gridsense_protocol::topic::shard_of;
+        // Devices of two shards (of 4), each shard at its own instance.
+        let in_shard = |s: u8| (1..).map(Eui).filter(move |e| shard_of(*e, 4) == s);
+        let (a, b): (Vec<Eui>, Vec<Eui>) =
+            (in_shard(0).take(4).collect(), in_shard(1).take(3).collect());
+        let raise = |c: &mut Cases, eui: Eui, t: i64| {
+            let mut fx = Effects::default();
+            let ch = ConditionChange { eui, ..change(0, "cover_displaced", None, MAJOR, t) };
+            c.on_change(&ch, &cover(), &place("210202001001001"), None, None, &mut fx);
+            (fx.incidents[0].id, fx.cases[0].id)
+        };
+        let (mut one, mut two) = (core(), core());
+        one.set_sharded_ids(4);
+        two.set_sharded_ids(4);
+        let mut ids = Vec::new();
+        for (i, (ea, eb)) in a.iter().zip(&b).enumerate() {
+            let t = T0 + i64::try_from(i).unwrap() * 10;
+            for (c, eui, shard) in [(&mut one, *ea, 0), (&mut two, *eb, 1)] {
+                let (incident, case) = raise(c, eui, t);
+                assert_eq!((incident % ID_STRIDE, case % ID_STRIDE), (shard, shard));
+                ids.extend([("incident", incident), ("case", case)]);
+            }
+        }
+        // Shard 0 moves to `two`, which raises its sequences from the store first.
+        let max = |kind: &str| ids.iter().filter(|x| x.0 == kind).map(|x| x.1).max().unwrap();
+        let stored =
+            Sequences { incident: max("incident"), case: max("case"), ..Sequences::default() };
+        two.adopt(stored, OpenIncidents::default(), &|e| shard_of(e, 4) == 0);
+        let (incident, case) = raise(&mut two, a[3], T0 + 100);
+        ids.extend([("incident", incident), ("case", case)]);
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "{ids:?}");
+        assert!(case > stored.case && case % ID_STRIDE == 0);
+        // A single gateway keeps counting by one.
+        assert_eq!(raise(&mut core(), a[0], T0), (1, 1));
     }
 
     #[test]

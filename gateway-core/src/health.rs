@@ -318,6 +318,21 @@ impl HealthTracker {
         }
     }
 
+    /// Forgets a device's health (its shard went to another gateway instance): no deadline,
+    /// no row, until [`HealthTracker::restore`] or its next frame here.
+    pub fn forget(&mut self, id: DeviceId) {
+        if let Some(old) = self.known(id).copied() {
+            if old.has(flag::ONLINE) {
+                self.online -= 1;
+                self.queue.unlink(id, old.kind);
+            }
+            if let Some(s) = self.slots.get_mut(id.index()) {
+                *s = Slot::EMPTY;
+            }
+            self.odd_firmware.remove(&id);
+        }
+    }
+
     /// A device's health, and its EUI.
     pub fn get(&self, id: DeviceId) -> Option<(Eui, DeviceHealth)> {
         let s = self.known(id)?;

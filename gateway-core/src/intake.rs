@@ -172,6 +172,16 @@ impl Intake {
         }
     }
 
+    /// The deployment's number of shards.
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// Every device numbered (registered or not), with its number.
+    pub fn numbered_devices(&self) -> impl Iterator<Item = (Eui, DeviceId)> + '_ {
+        self.index.iter().map(|(eui, id)| (*eui, *id))
+    }
+
     /// Restores a device's persisted counter window.
     pub fn restore_window(&mut self, eui: Eui, window: CounterWindow) {
         if let Some((_, slot)) = self.slot(eui) {

@@ -139,6 +139,24 @@ pub struct Pipeline {
     max_ahead_ms: i64,
 }
 
+/// What the store holds for the devices of shards being taken over
+/// ([`Pipeline::adopt_shards`]).
+#[derive(Debug, Default)]
+pub struct ShardState {
+    /// Counter windows.
+    pub counters: Vec<(Eui, gridsense_protocol::CounterWindow)>,
+    /// Next downlink counters.
+    pub downlink_counters: Vec<(Eui, u32)>,
+    /// Health rows (their offline deadlines follow from the last-seen times).
+    pub health: Vec<(Eui, DeviceHealth)>,
+    /// Rule states.
+    pub rule_states: Vec<(Eui, String, crate::rules::RuleState)>,
+    /// Open incidents.
+    pub open: crate::cases::OpenIncidents,
+    /// The highest ids used.
+    pub sequences: crate::cases::Sequences,
+}
+
 /// Frames per device per gateway minute (fixed windows): per device the minute it last
 /// counted in and its count there (8 bytes, indexed by [`DeviceId`]).
 #[derive(Debug, Default)]
@@ -395,6 +413,83 @@ impl Pipeline {
     pub fn restore_health(&mut self, eui: Eui, health: DeviceHealth) {
         if let Some(id) = self.intake.number(eui) {
             self.health.restore(id, eui, health);
+        }
+    }
+
+    /// Mints incident, case, cluster and alert ids per shard (several gateway instances share
+    /// the store; see [`crate::cases::ID_STRIDE`]).
+    pub fn set_sharded_ids(&mut self) {
+        let shards = self.intake.shards();
+        if let Some(layer) = &mut self.cases {
+            layer.cases.set_sharded_ids(shards);
+        }
+    }
+
+    /// The shard of a device (`[cluster] shards`).
+    pub fn shard_of(&self, eui: Eui) -> u16 {
+        u16::from(gridsense_protocol::topic::shard_of(eui, self.intake.shards()))
+    }
+
+    /// Forgets the hot state of every device in the shards `gone` marks (handed over to, or
+    /// lost to, another gateway instance): counter windows, health and its offline deadline,
+    /// rule states and their timers, open incidents, downlink counters, unflushed rows. So
+    /// timers fire only at a shard's owner, and nothing stale is written later.
+    pub fn forget_shards(&mut self, gone: &[bool]) {
+        let shards = self.intake.shards();
+        let is_gone = |eui: Eui| {
+            let s = gridsense_protocol::topic::shard_of(eui, shards);
+            gone.get(usize::from(s)).copied().unwrap_or(false)
+        };
+        let devices: Vec<(Eui, DeviceId)> =
+            self.intake.numbered_devices().filter(|(eui, _)| is_gone(*eui)).collect();
+        for (eui, id) in devices {
+            self.intake.restore_window(eui, gridsense_protocol::CounterWindow::new());
+            self.health.forget(id);
+            self.downlinks.restore_counter(id, 0);
+            self.dirty.remove(&id);
+            self.recent.devices.remove(&id);
+        }
+        if let Some(layer) = &mut self.cases {
+            layer.rules.forget(&is_gone);
+            layer.cases.forget(&is_gone);
+        }
+    }
+
+    /// Takes over shards claimed from another gateway instance: their devices' state is
+    /// replaced by what the store holds (read after the claim, so after the previous owner's
+    /// last commit for them). `state` may hold other devices' rows too: only those in `mine`
+    /// are taken.
+    pub fn adopt_shards(&mut self, mine: &[bool], state: ShardState) {
+        self.forget_shards(mine);
+        let shards = self.intake.shards();
+        let is_mine = |eui: Eui| {
+            let s = gridsense_protocol::topic::shard_of(eui, shards);
+            mine.get(usize::from(s)).copied().unwrap_or(false)
+        };
+        for (eui, window) in state.counters {
+            if is_mine(eui) {
+                self.intake.restore_window(eui, window);
+            }
+        }
+        for (eui, next) in state.downlink_counters {
+            if is_mine(eui)
+                && let Some(id) = self.intake.id_of(eui)
+            {
+                self.downlinks.restore_counter(id, next);
+            }
+        }
+        for (eui, h) in state.health {
+            if is_mine(eui) {
+                self.restore_health(eui, h);
+            }
+        }
+        for (eui, rule, st) in state.rule_states {
+            if is_mine(eui) {
+                self.restore_rule_state(eui, &rule, st);
+            }
+        }
+        if let Some(layer) = &mut self.cases {
+            layer.cases.adopt(state.sequences, state.open, &is_mine);
         }
     }
 
@@ -1261,5 +1356,56 @@ mod tests {
         p.finish(&mut later, 0, true);
         assert_eq!(later.events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventKind::Offline]);
         assert!(!later.health[&Eui(1)].online);
+    }
+
+    #[test]
+    fn a_shard_handed_over_keeps_no_timer_here_and_one_taken_over_gets_the_stored_state() {
+        let shards = 4;
+        let (p, key) = pipeline_of(&[1, 2]);
+        let mut p = p.with_shards(shards);
+        let shard = |n: u64| usize::from(p.shard_of(Eui(n)));
+        let (one, two) = (shard(1), shard(2));
+        assert_ne!(one, two, "the two devices are in different shards of {shards}");
+        let mut batch = Batch::default();
+        for n in [1, 2] {
+            let t = gridsense_protocol::topic::uplink_topic(
+                Eui(n),
+                shards,
+                gridsense_protocol::topic::Lane::Up,
+            );
+            let frame = seal(Eui(n), 5, &examples::uplinks()[1], &key);
+            assert!(matches!(p.handle(0, t.as_str(), &frame, &mut batch), Outcome::Accepted(_)));
+        }
+        p.finish(&mut batch, 0, true);
+        let stored = batch.health[&Eui(1)].clone();
+        // Device 1's shard goes: its deadline, row and window go with it.
+        let mut gone = vec![false; usize::from(shards)];
+        gone[one] = true;
+        p.forget_shards(&gone);
+        let mut later = Batch::default();
+        p.tick(1_000_000, &mut later);
+        p.finish(&mut later, 1_000_000, true);
+        let offline: Vec<Eui> = later.events.iter().map(|e| e.eui).collect();
+        assert_eq!(offline, [Eui(2)], "only the device still owned here went offline");
+        assert!(!later.health.contains_key(&Eui(1)));
+        // Taken back: the stored window (counter 5) and health (deadline from last seen).
+        let state = ShardState {
+            counters: batch.counters.iter().map(|(e, w)| (*e, w.clone())).collect(),
+            health: vec![(Eui(1), stored), (Eui(2), batch.health[&Eui(2)].clone())],
+            ..ShardState::default()
+        };
+        p.adopt_shards(&gone, state);
+        assert_eq!(p.next_deadline(), Some(120_000));
+        let mut again = Batch::default();
+        let t = gridsense_protocol::topic::uplink_topic(
+            Eui(1),
+            shards,
+            gridsense_protocol::topic::Lane::Up,
+        );
+        let replay = seal(Eui(1), 5, &examples::uplinks()[1], &key);
+        assert_eq!(p.handle(10, t.as_str(), &replay, &mut again), Outcome::Rejected("duplicate"));
+        let mut after = Batch::default();
+        p.tick(120_000, &mut after);
+        assert_eq!(after.events.iter().map(|e| e.eui).collect::<Vec<_>>(), [Eui(1)]);
     }
 }

@@ -1094,6 +1094,20 @@ impl Rules {
         }
     }
 
+    /// Forgets the rule states and timers of the devices `gone` says (their shard went to
+    /// another gateway instance); their rules and attributes stay.
+    pub fn forget(&mut self, gone: &dyn Fn(Eui) -> bool) {
+        let slots = &self.slots;
+        let is_gone = |id: DeviceId| slots.get(id.index()).is_some_and(|s| gone(s.eui));
+        self.timers.retain(|t| !is_gone(t.1));
+        self.dirty.retain(|d| !is_gone(d.0));
+        for slot in &mut self.slots {
+            if slot.states.is_some() && gone(slot.eui) {
+                slot.states = None;
+            }
+        }
+    }
+
     /// The current severity of each of a device's active conditions.
     pub fn active(&self, device: Device) -> BTreeMap<String, Severity> {
         let mut out = BTreeMap::new();
