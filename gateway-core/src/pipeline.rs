@@ -1390,7 +1390,7 @@ mod tests {
         assert!(!later.health.contains_key(&Eui(1)));
         // Taken back: the stored window (counter 5) and health (deadline from last seen).
         let state = ShardState {
-            counters: batch.counters.iter().map(|(e, w)| (*e, w.clone())).collect(),
+            counters: batch.counters.iter().map(|(e, w)| (*e, *w)).collect(),
             health: vec![(Eui(1), stored), (Eui(2), batch.health[&Eui(2)].clone())],
             ..ShardState::default()
         };
