@@ -52,6 +52,9 @@ pub struct Config {
     pub fix_interval_s: u32,
     /// Battery level below which a low-battery alarm is raised, mV.
     pub low_battery_mv: u16,
+    /// The deployment's shards: frames go on `gridsense/{shard}/{eui}/up` and urgent ones on
+    /// `…/urgent` (protocol SPEC §2); 0: version 1's `gridsense/{eui}/up`.
+    pub shards: u16,
 }
 
 impl Config {
@@ -75,6 +78,7 @@ impl Config {
             fast_report_interval_s: 60,
             fix_interval_s: 30,
             low_battery_mv: 3_300,
+            shards: 0,
         }
     }
 
@@ -110,6 +114,7 @@ impl Config {
             Setting::FixIntervalS(v) => self.fix_interval_s = v,
             Setting::LowBatteryMv(v) => self.low_battery_mv = v,
             Setting::CoverWaterMm(v) => self.cover_water_mm = v,
+            Setting::Shards(v) => self.shards = v,
         }
     }
 
@@ -129,15 +134,17 @@ impl Config {
             && self.drain_alarm_mm <= 20_000
             && self.low_battery_mv >= 1_800
             && self.low_battery_mv <= 5_000
+            && self.shards <= gridsense_protocol::topic::MAX_SHARDS
     }
 }
 
 /// Whether a device of `kind` has this setting.
 pub const fn supports(kind: DeviceKind, setting: &Setting) -> bool {
     match setting {
-        Setting::ReportIntervalS(_) | Setting::HeartbeatIntervalS(_) | Setting::LowBatteryMv(_) => {
-            true
-        }
+        Setting::ReportIntervalS(_)
+        | Setting::HeartbeatIntervalS(_)
+        | Setting::LowBatteryMv(_)
+        | Setting::Shards(_) => true,
         Setting::TiltThresholdDdeg(_) | Setting::TiltHoldMs(_) | Setting::CoverWaterMm(_) => {
             matches!(kind, DeviceKind::Cover)
         }

@@ -11,8 +11,9 @@
 //! 4. sleep until [`Device::poll_timeout`], a packet, or a user action.
 
 use gridsense_protocol::{
-    AckOutcome, AlarmKind, CounterVerdict, CounterWindow, DeviceKey, Downlink, DownlinkAck, Eui,
-    FirmwareVersion, FrameBuf, FrameError, RawFrame, ResetCause, Status, seal,
+    AckOutcome, AlarmKind, CounterVerdict, CounterWindow, DeviceKey, Direction, Downlink,
+    DownlinkAck, Eui, FirmwareVersion, FrameBuf, FrameError, RawFrame, ResetCause, Status, seal,
+    topic::{Lane, MAX_TOPIC_LEN, lane_of, topic, uplink_topic},
 };
 
 use crate::{
@@ -21,6 +22,18 @@ use crate::{
     outbox::{Outbox, OutboxStats, Sink, Urgent},
     sensing::{Context, Latch, Sensing, latch_message},
 };
+
+/// An MQTT topic, as the protocol crate writes it.
+pub type TopicName = heapless::String<MAX_TOPIC_LEN>;
+
+/// A frame to publish and the topic it goes on.
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// Its lane's topic, or version 1's.
+    pub topic: TopicName,
+    /// The sealed frame.
+    pub frame: &'a [u8],
+}
 
 /// How far above the low-battery level (mV) the battery must recover before the alarm clears.
 pub const BATTERY_HYSTERESIS_MV: u16 = 100;
@@ -96,6 +109,8 @@ pub struct Device<S: Sensing, C: CounterStore, const U: usize, const T: usize> {
     /// The sealed frame awaiting its PUBACK; resent byte-identical until then.
     in_flight: Option<FrameBuf>,
     in_flight_sent: bool,
+    /// The lane of the frame in flight.
+    in_flight_lane: Lane,
     downlinks: CounterWindow,
     health: Option<Health>,
     low_battery: Latch,
@@ -123,6 +138,7 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             counter,
             in_flight: None,
             in_flight_sent: false,
+            in_flight_lane: Lane::Up,
             downlinks: CounterWindow::new(),
             health: None,
             low_battery: Latch::default(),
@@ -260,20 +276,48 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
     /// The next frame to publish with QoS1: the frame awaiting its PUBACK (byte-identical), or
     /// the next waiting message sealed now with the next counter. `None` if nothing waits.
     pub fn poll_transmit(&mut self) -> Result<Option<&[u8]>, TransmitError<C::Error>> {
+        if !self.prepare_transmit()? {
+            return Ok(None);
+        }
+        Ok(self.in_flight.as_deref())
+    }
+
+    /// As [`Device::poll_transmit`], with the topic the frame goes on
+    /// ([`Device::transmit_topic`]).
+    pub fn poll_transmit_on(&mut self) -> Result<Option<Transmit<'_>>, TransmitError<C::Error>> {
+        if !self.prepare_transmit()? {
+            return Ok(None);
+        }
+        let topic = self.transmit_topic();
+        Ok(self.in_flight.as_deref().map(|frame| Transmit { topic, frame }))
+    }
+
+    /// Seals the next waiting message if nothing is in flight; false when nothing waits.
+    fn prepare_transmit(&mut self) -> Result<bool, TransmitError<C::Error>> {
         if self.in_flight.is_none() {
             if self.outbox.is_empty() {
-                return Ok(None);
+                return Ok(false);
             }
             let counter = self.counter.next(&mut self.store).map_err(TransmitError::Counter)?;
-            let Some(msg) = self.outbox.take_next() else { return Ok(None) };
+            let Some(msg) = self.outbox.take_next() else { return Ok(false) };
             self.in_flight = Some(seal(self.id.eui, counter, &msg, &self.id.key));
+            self.in_flight_lane = lane_of(&msg);
             self.in_flight_sent = false;
             self.stats.frames_sealed = self.stats.frames_sealed.saturating_add(1);
         } else if self.in_flight_sent {
             self.stats.resends = self.stats.resends.saturating_add(1);
         }
         self.in_flight_sent = true;
-        Ok(self.in_flight.as_deref())
+        Ok(true)
+    }
+
+    /// The topic the frame in flight goes on: its shard's lane once the device knows the
+    /// deployment's shards ([`Config::shards`]), else version 1's uplink topic.
+    pub fn transmit_topic(&self) -> TopicName {
+        match self.config.shards {
+            0 => topic(self.id.eui, Direction::Uplink),
+            shards => uplink_topic(self.id.eui, shards, self.in_flight_lane),
+        }
     }
 
     /// The broker acknowledged the frame in flight: it is delivered and can be forgotten.

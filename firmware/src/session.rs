@@ -162,7 +162,6 @@ where
     let eui = device.eui();
     let mut client_id: String<16> = String::new();
     let _ = write!(client_id, "{eui}");
-    let up = topic(eui, Direction::Uplink);
     let down = topic(eui, Direction::Downlink);
     loop {
         let ended = match platform.connect().await {
@@ -170,7 +169,7 @@ where
                 let mut rx = [0u8; RX_BUFFER];
                 let mut buffer = BumpBuffer::new(&mut rx);
                 let mut client: DeviceClient<'_, P::Transport> = Client::new(&mut buffer);
-                let names = Names { client_id: &client_id, up: &up, down: &down };
+                let names = Names { client_id: &client_id, down: &down };
                 let ended = serve(
                     platform,
                     device,
@@ -206,7 +205,6 @@ where
 #[derive(Clone, Copy)]
 struct Names<'a> {
     client_id: &'a str,
-    up: &'a str,
     down: &'a str,
 }
 
@@ -304,11 +302,10 @@ where
     }
 
     // Subscribe to the downlink topic and wait for a granted SUBACK, on every connection.
-    let (Ok(down), Ok(up)) = (MqttString::try_from(names.down), MqttString::try_from(names.up))
-    else {
+    let Ok(down) = MqttString::try_from(names.down) else {
         return Ended::Broken;
     };
-    let (Some(filter), Some(up_name)) = (TopicFilter::new(down), TopicName::new(up)) else {
+    let Some(filter) = TopicFilter::new(down) else {
         return Ended::Broken;
     };
     if client.subscribe(filter, &SubscriptionOptions::new().at_least_once()).await.is_err() {
@@ -318,7 +315,6 @@ where
     let mut awaiting_since: Option<Instant> = Some(last_tx);
     let mut subscribed = false;
     let mut blocked_until = Instant::ZERO;
-    let publication = PublicationOptions::new(TopicReference::Name(up_name)).at_least_once();
 
     loop {
         let now = platform.now();
@@ -329,8 +325,16 @@ where
             return Ended::Broken;
         }
         if subscribed && awaiting_since.is_none() && now >= blocked_until {
-            match device.poll_transmit() {
-                Ok(Some(frame)) => {
+            // Each frame on its own topic: its lane, once the device knows the shards.
+            match device.poll_transmit_on() {
+                Ok(Some(crate::device::Transmit { topic: up, frame })) => {
+                    let Some(name) =
+                        MqttString::try_from(up.as_str()).ok().and_then(TopicName::new)
+                    else {
+                        return Ended::Broken;
+                    };
+                    let publication =
+                        PublicationOptions::new(TopicReference::Name(name)).at_least_once();
                     if client.publish(&publication, Bytes::from(frame)).await.is_err() {
                         return Ended::Broken;
                     }

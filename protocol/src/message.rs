@@ -467,6 +467,10 @@ pub enum Setting {
     LowBatteryMv(u16),
     /// 11: water under a cover that alarms, in mm.
     CoverWaterMm(u16),
+    /// 12: publish on the sharded topics of a deployment with this many shards (1 … 256:
+    /// `gridsense/{shard}/{eui}/up`, urgent frames on `…/urgent`); 0: version 1's
+    /// `gridsense/{eui}/up`. The gateway sends it to a device heard on version 1's topic.
+    Shards(u16),
 }
 
 /// Everything the gateway sends to a device. Variants only ever grow at the end.

@@ -215,6 +215,7 @@ fn setting() -> impl Strategy<Value = Setting> {
         any::<u32>().prop_map(Setting::FixIntervalS),
         any::<u16>().prop_map(Setting::LowBatteryMv),
         any::<u16>().prop_map(Setting::CoverWaterMm),
+        any::<u16>().prop_map(Setting::Shards),
     ]
 }
 

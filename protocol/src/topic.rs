@@ -30,8 +30,20 @@ pub const MAX_SHARDS: u16 = 256;
 /// Shards of a deployment unless it says otherwise (`[cluster] shards`).
 pub const DEFAULT_SHARDS: u16 = 64;
 
+/// The lane a message goes on: urgent for what must never wait behind telemetry — an alarm
+/// raised or cleared, an SOS, an incident report — everything else on `up`.
+pub const fn lane_of(message: &crate::Uplink) -> Lane {
+    match message {
+        crate::Uplink::AlarmRaised(_)
+        | crate::Uplink::AlarmCleared(_)
+        | crate::Uplink::Sos(_)
+        | crate::Uplink::IncidentReport(_) => Lane::Urgent,
+        _ => Lane::Up,
+    }
+}
+
 /// Which of a device's two uplink topics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Lane {
     /// `…/up`: telemetry, status, everything not urgent.
     Up,

@@ -21,7 +21,7 @@ use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
     clock::SimClock,
-    fleet::{AnyModel, DeviceReport, POOLED_QUEUES, Planned, configure, uplink_topic},
+    fleet::{AnyModel, DeviceReport, POOLED_QUEUES, Planned, configure},
     inventory::Device as Record,
     model::{BeaconModel, CoverModel, DrainModel, Env, Model, secs},
     stats::Counters,
@@ -56,7 +56,7 @@ pub enum AnySlot {
 
 impl<M: Model> Slot<M> {
     /// Runs the device at `now`; returns the frames to publish and its next wake-up (ms).
-    fn step(&mut self, now_ms: u64, env: &Env, out: &mut Vec<Vec<u8>>) -> u64 {
+    fn step(&mut self, now_ms: u64, env: &Env, out: &mut Vec<(String, Vec<u8>)>) -> u64 {
         let now = gridsense_firmware::Instant::from_millis(now_ms);
         let t = secs(now);
         if self.pending_push <= t {
@@ -71,8 +71,10 @@ impl<M: Model> Slot<M> {
             self.device.handle_health(now, health);
         }
         self.device.handle_timeout(now);
-        while let Ok(Some(frame)) = self.device.poll_transmit() {
-            out.push(frame.to_vec());
+        while let Ok(Some(gridsense_firmware::device::Transmit { topic, frame })) =
+            self.device.poll_transmit_on()
+        {
+            out.push((topic.as_str().to_owned(), frame.to_vec()));
             self.device.handle_puback();
         }
         self.pending_push = self.model.next_push(t);
@@ -86,22 +88,12 @@ impl<M: Model> Slot<M> {
 }
 
 impl AnySlot {
-    fn step(&mut self, now_ms: u64, env: &Env, out: &mut Vec<Vec<u8>>) -> u64 {
+    fn step(&mut self, now_ms: u64, env: &Env, out: &mut Vec<(String, Vec<u8>)>) -> u64 {
         match self {
             AnySlot::Cover(s) => s.step(now_ms, env, out),
             AnySlot::Drain(s) => s.step(now_ms, env, out),
             AnySlot::Beacon(s) => s.step(now_ms, env, out),
         }
-    }
-
-    /// The uplink topic, made when publishing (rumqttc wants an owned topic anyway).
-    fn topic(&self) -> String {
-        let eui = match self {
-            AnySlot::Cover(s) => s.device.eui(),
-            AnySlot::Drain(s) => s.device.eui(),
-            AnySlot::Beacon(s) => s.device.eui(),
-        };
-        uplink_topic(eui)
     }
 
     fn report(&self) -> DeviceReport {
@@ -302,9 +294,9 @@ async fn schedule(
         let now_ms = clock.sim_ms().max(wake_ms);
         let Some(slot) = slots.get_mut(idx) else { continue };
         let next = slot.step(now_ms, &env, &mut frames);
-        for frame in frames.drain(..) {
+        for (topic, frame) in frames.drain(..) {
             counters.frame_sent(&frame);
-            if client.publish(slot.topic(), qos, false, frame).await.is_err() {
+            if client.publish(topic, qos, false, frame).await.is_err() {
                 break;
             }
         }

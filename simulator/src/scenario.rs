@@ -93,6 +93,9 @@ pub struct DeviceConfig {
     pub drain_deadband_mm: Option<u16>,
     /// Seconds between patrol fixes.
     pub fix_interval_s: Option<u32>,
+    /// The deployment's shards (devices publish on the sharded topics from the start; unset:
+    /// version 1's topic until the gateway moves them).
+    pub shards: Option<u16>,
 }
 
 impl DeviceConfig {
@@ -104,6 +107,7 @@ impl DeviceConfig {
         out.extend(self.heartbeat_interval_s.map(Setting::HeartbeatIntervalS));
         out.extend(self.drain_deadband_mm.map(Setting::DrainDeadbandMm));
         out.extend(self.fix_interval_s.map(Setting::FixIntervalS));
+        out.extend(self.shards.map(Setting::Shards));
         out
     }
 }

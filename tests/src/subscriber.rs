@@ -1,5 +1,6 @@
-//! An independent subscriber: records every frame on `gridsense/+/up` and decodes it with the
-//! protocol crate and the inventory's keys, as the gateway would.
+//! An independent subscriber: records every frame on the uplink topics — version 1's
+//! `gridsense/+/up` and both lanes of every shard — and decodes it with the protocol crate and
+//! the inventory's keys, as the gateway would.
 
 use std::{
     collections::HashMap,
@@ -9,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use gridsense_protocol::{DeviceKey, Eui, Header, Uplink, open, topic::UPLINK_FILTER};
+use gridsense_protocol::{
+    DeviceKey, Eui, Header, Uplink, open,
+    topic::{Lane, UPLINK_FILTER, all_shards_filter},
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// One frame as received.
@@ -55,7 +59,11 @@ impl Subscriber {
             ));
         }
         let (client, mut eventloop) = AsyncClient::new(options, 100);
-        client.subscribe(UPLINK_FILTER, QoS::AtLeastOnce).await?;
+        let lanes = [Lane::Up, Lane::Urgent].map(|l| all_shards_filter(l).as_str().to_owned());
+        let filters = [UPLINK_FILTER.to_owned(), lanes[0].clone(), lanes[1].clone()];
+        client
+            .subscribe_many(filters.map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)))
+            .await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
