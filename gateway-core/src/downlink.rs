@@ -121,9 +121,11 @@ struct Slot {
     next_counter: u32,
     /// `i64::MIN`: never.
     last_sync_ms: i64,
+    /// When the device was last told the deployment's shards (`i64::MIN`: never).
+    last_move_ms: i64,
 }
 
-const NEVER: Slot = Slot { next_counter: 0, last_sync_ms: i64::MIN };
+const NEVER: Slot = Slot { next_counter: 0, last_sync_ms: i64::MIN, last_move_ms: i64::MIN };
 
 /// The outcome's stable name.
 pub const fn outcome_name(o: AckOutcome) -> &'static str {
@@ -265,6 +267,28 @@ impl Downlinks {
         }
         // The device just spoke: it is awake, a good moment for what waits.
         self.send_pending(now_ms, device, out, updates);
+    }
+
+    /// A frame arrived on version 1's topic: the device is told the deployment's shards (a
+    /// `Config` of [`Setting::Shards`]), so that it moves to the sharded topics — again after
+    /// the ack timeout while it keeps using the old one (the setting is idempotent).
+    pub fn move_topics(
+        &mut self,
+        now_ms: i64,
+        device: Device,
+        shards: u16,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let timeout = self.config.ack_timeout_ms;
+        let Some(slot) = self.slot_mut(device.id) else { return };
+        if slot.last_move_ms != i64::MIN && now_ms.saturating_sub(slot.last_move_ms) < timeout {
+            return;
+        }
+        slot.last_move_ms = now_ms;
+        let counter = self.next(device.id);
+        let mut settings = heapless::Vec::new();
+        let _ = settings.push(Setting::Shards(shards));
+        out.push(Outgoing { eui: device.eui, counter, message: Downlink::Config { settings } });
     }
 
     /// Gives up on configurations whose last send timed out `max_attempts` times.
@@ -449,6 +473,7 @@ pub fn parse_setting(text: &str) -> Result<Setting, String> {
         "fix_interval_s" => Setting::FixIntervalS(u32v()?),
         "low_battery_mv" => Setting::LowBatteryMv(u16v()?),
         "cover_water_mm" => Setting::CoverWaterMm(u16v()?),
+        "shards" => Setting::Shards(u16v()?),
         other => return Err(format!("no setting named {other:?}")),
     })
 }

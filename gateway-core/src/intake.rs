@@ -82,6 +82,8 @@ pub struct Accepted {
     pub message: Uplink,
     /// Counters skipped since the device's previous highest one (frames lost or late).
     pub skipped: u32,
+    /// It came on version 1's topic (`gridsense/{eui}/up`).
+    pub legacy: bool,
 }
 
 /// Device keys and counter windows for the uplink check, and the dense numbering
@@ -236,9 +238,9 @@ impl Intake {
 
     /// Checks one uplink. Changes nothing: call [`Self::commit`] once it is stored.
     pub fn check(&self, topic: &str, payload: &[u8]) -> Result<Accepted, Reject> {
-        let topic_eui = match parse_route(topic).map_err(|_| Reject::BadTopic)? {
-            Route::LegacyUplink(eui) => eui,
-            Route::Uplink { eui, shard, .. } if shard == shard_of(eui, self.shards) => eui,
+        let (topic_eui, legacy) = match parse_route(topic).map_err(|_| Reject::BadTopic)? {
+            Route::LegacyUplink(eui) => (eui, true),
+            Route::Uplink { eui, shard, .. } if shard == shard_of(eui, self.shards) => (eui, false),
             Route::Uplink { eui, shard, .. } => return Err(Reject::WrongShard { eui, shard }),
             Route::Downlink(_) => return Err(Reject::BadTopic),
         };
@@ -255,7 +257,9 @@ impl Intake {
         let message = verified.decode::<Uplink>().map_err(Reject::Malformed)?;
         let device = Device { id, eui: header.eui, kind };
         match slot.window.check(header.counter) {
-            CounterVerdict::New { skipped } => Ok(Accepted { device, header, message, skipped }),
+            CounterVerdict::New { skipped } => {
+                Ok(Accepted { device, header, message, skipped, legacy })
+            }
             CounterVerdict::Duplicate => Err(Reject::Duplicate(header.eui, header.counter)),
             CounterVerdict::Replay => Err(Reject::Replay(header.eui, header.counter)),
             CounterVerdict::ResetSuspect => Err(Reject::ResetSuspect(header.eui, header.counter)),

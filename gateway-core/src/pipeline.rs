@@ -854,6 +854,9 @@ impl Pipeline {
             &mut outgoing,
             &mut batch.request_updates,
         );
+        if accepted.legacy {
+            self.downlinks.move_topics(now_ms, device, self.intake.shards(), &mut outgoing);
+        }
         self.seal_downlinks(outgoing, batch);
         // 7. Rules, incidents, cases.
         self.evaluate(now_ms, device, header.counter, &accepted.message, events_from, batch);

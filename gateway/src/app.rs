@@ -183,11 +183,14 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         )?;
         (Some(addr), Some(task))
     };
+    // The lease task's own connection: a long commit never delays a renewal.
+    let leases: Box<dyn crate::store::Leases + Send> = open_store(config)?;
     let task = tokio::spawn({
         let (config, status) = (config.clone(), status.clone());
         async move {
             let result =
-                ingest::run(&config, target, store, pipeline, clock, status, shutdown).await;
+                ingest::run(&config, target, store, leases, pipeline, clock, status, shutdown)
+                    .await;
             drop(checkpointer);
             result
         }

@@ -42,11 +42,49 @@ pub struct Cluster {
     /// Shards the devices are partitioned into by EUI (1 … 256; SPEC.md §2): fixed when the
     /// store is made — a store made with another number is refused.
     pub shards: u16,
+    /// This instance's name among the gateway instances sharing a PostgreSQL store: stable
+    /// across restarts (a restarted instance takes its own leases back at once, under new
+    /// epochs), unique among running ones. Empty: the host name and the process id.
+    pub instance_id: String,
+    /// How long a shard's lease lasts after its last renewal, ms: an instance that died is
+    /// replaced this long after its last renewal at most.
+    pub lease_ms: u64,
+    /// How often leases are renewed (and free ones claimed), ms.
+    pub renew_ms: u64,
 }
 
 impl Default for Cluster {
     fn default() -> Self {
-        Cluster { shards: gridsense_protocol::topic::DEFAULT_SHARDS }
+        Cluster {
+            shards: gridsense_protocol::topic::DEFAULT_SHARDS,
+            instance_id: String::new(),
+            lease_ms: 5_000,
+            renew_ms: 1_000,
+        }
+    }
+}
+
+/// The account (and so, with `use_username_as_clientid`, the session) of one shard's lane:
+/// `GATEWAY-SS-up` or `GATEWAY-SS-urgent` (`gridsense provision broker` writes them; each
+/// instance connects as the shards it owns).
+pub fn shard_session_user(
+    gateway_user: &str,
+    shard: u8,
+    lane: gridsense_protocol::topic::Lane,
+) -> String {
+    format!("{gateway_user}-{shard:02x}-{}", lane.as_str())
+}
+
+impl Cluster {
+    /// `instance_id`, or the host name and the process id when it is empty.
+    pub fn instance(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "gateway".into());
+        format!("{host}-{}", std::process::id())
     }
 }
 
@@ -625,6 +663,20 @@ impl Config {
         }
         if self.cluster.shards == 0 || self.cluster.shards > gridsense_protocol::topic::MAX_SHARDS {
             return Err(("cluster.shards", "must be between 1 and 256".into()));
+        }
+        if self.cluster.renew_ms == 0
+            || self.cluster.renew_ms.saturating_mul(2) > self.cluster.lease_ms
+        {
+            return Err((
+                "cluster.renew_ms",
+                "must be > 0 and at most half of cluster.lease_ms (a lease must survive a missed renewal)"
+                    .into(),
+            ));
+        }
+        if self.cluster.instance_id.len() > 64
+            || self.cluster.instance_id.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(("cluster.instance_id", "at most 64 characters, no spaces".into()));
         }
         if self.mqtt.inflight == 0 {
             return Err(("mqtt.inflight", "must be at least 1".into()));

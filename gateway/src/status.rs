@@ -34,8 +34,24 @@ pub struct Status {
     pub devices_registered: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
-    /// Broker connected and subscription granted.
+    /// Every broker session this instance wants is connected with its subscription granted
+    /// (and it wants at least one).
     pub connected: AtomicBool,
+    /// Broker sessions wanted (one per owned shard and lane, and the legacy one) and
+    /// connected with their subscription granted; `connected` follows from them.
+    pub sessions: std::sync::Mutex<(u64, u64)>,
+    /// Shards this instance holds.
+    pub shards_held: AtomicU64,
+    /// Shards claimed, handed over or lost since start (each one counted).
+    pub rebalances: AtomicU64,
+    /// Version 1 frames republished to their shard's topic (their shard is another
+    /// instance's).
+    pub frames_forwarded: AtomicU64,
+    /// Messages left unacknowledged for a shard's next owner (they came in while the shard
+    /// was handed over, or after it was lost).
+    pub left_for_next_owner: AtomicU64,
+    /// Batches the store refused because a shard's lease had moved on (fencing).
+    pub fenced: AtomicU64,
     /// Broker connections made.
     pub connects: AtomicU64,
     /// Messages received but not yet acknowledged.
@@ -101,6 +117,28 @@ impl Status {
         if taken_over {
             self.session_trouble_ms.store(now_ms, Relaxed);
         }
+    }
+
+    /// A session's subscription came up (`true`) or went down.
+    pub fn session_up(&self, up: bool) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.1 = if up { s.1 + 1 } else { s.1.saturating_sub(1) };
+            self.connected.store(s.0 > 0 && s.1 >= s.0, Relaxed);
+        }
+    }
+
+    /// Sets how many sessions are wanted (before new ones start, so that `connected` waits
+    /// for all of them).
+    pub fn want_sessions(&self, n: u64) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.0 = n;
+            self.connected.store(s.0 > 0 && s.1 >= s.0, Relaxed);
+        }
+    }
+
+    /// Sessions wanted and up.
+    pub fn session_counts(&self) -> (u64, u64) {
+        self.sessions.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// Records a reconnection on which the broker had kept no session for this client id.

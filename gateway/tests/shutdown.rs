@@ -95,8 +95,8 @@ async fn sigterm_stops_cleanly_and_a_restart_sees_no_duplicate() {
         assert!(Instant::now() < deadline, "{accepted} of {expected} after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, _, _) = terminate(child);
-    assert!(status.success());
+    let (status, said_again, _) = terminate(child);
+    assert!(status.success(), "{}", said_again);
     let totals = app::open_store(&config).unwrap().totals().unwrap();
     assert!(summary.frames() > 100, "{summary:?}");
     assert_eq!(totals.accepted, expected, "every frame once: {:?}", totals.rejects);

@@ -123,10 +123,15 @@ pub fn start_embedded(device_port: u16, client_port: u16) -> Result<Embedded, St
         random_hex()?,
     );
     let expected = login.clone();
+    // One session per shard and lane (and the legacy one): the client id and the user name
+    // are the gateway's with the same session suffix (`-SS-up`, `-legacy`, …).
     let gateway_auth = handler(move |id, user, pass| {
         use subtle::ConstantTimeEq;
-        id == expected.0
-            && user == expected.1
+        let suffix = |name: &str, base: &str| name.strip_prefix(base).map(str::to_owned);
+        let (a, b) = (suffix(id, &expected.0), suffix(user, &expected.1));
+        a.is_some()
+            && a == b
+            && a.as_deref().is_some_and(|s| s.is_empty() || s.starts_with('-'))
             && bool::from(pass.as_bytes().ct_eq(expected.2.as_bytes()))
     });
     let device_auth = handler(|id, user, _| device_login_ok(id, user));

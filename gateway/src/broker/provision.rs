@@ -10,6 +10,8 @@ use std::{fmt::Write as _, fs, path::Path};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use gridsense_protocol::topic::{Lane, MAX_SHARDS, shard_filter};
 
+pub use crate::config::shard_session_user;
+
 /// Mosquitto 2.0's default PBKDF2 iteration count.
 pub const ITERATIONS: u32 = 101;
 const SALT_LEN: usize = 12;
@@ -64,12 +66,6 @@ pub fn acl(gateway_user: &str, shards: u16) -> String {
          pattern read gridsense/%u/down\n",
     );
     out
-}
-
-/// The account (and so, with `use_username_as_clientid`, the session) of one shard's lane:
-/// `GATEWAY-SS-up` or `GATEWAY-SS-urgent`.
-pub fn shard_session_user(gateway_user: &str, shard: u8, lane: Lane) -> String {
-    format!("{gateway_user}-{shard:02x}-{}", lane.as_str())
 }
 
 /// What `provision broker` wrote.

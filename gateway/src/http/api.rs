@@ -621,9 +621,48 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         &mut out,
         "gridsense_broker_connected",
         "gauge",
-        "1 when the broker session is up and subscribed.",
+        "1 when every broker session this instance holds is up and subscribed.",
     );
     let _ = writeln!(out, "gridsense_broker_connected {}", u8::from(s.connected.load(Relaxed)));
+    metric(
+        &mut out,
+        "gridsense_broker_sessions",
+        "gauge",
+        "Broker sessions: wanted (two per shard held, and version 1's with shard 0) and up.",
+    );
+    let (wanted, up) = s.session_counts();
+    let _ = writeln!(out, "gridsense_broker_sessions{{state=\"wanted\"}} {wanted}");
+    let _ = writeln!(out, "gridsense_broker_sessions{{state=\"up\"}} {up}");
+    for (name, kind, help, value) in [
+        ("gridsense_shards_held", "gauge", "Shards this instance holds.", &s.shards_held),
+        (
+            "gridsense_shard_rebalances_total",
+            "counter",
+            "Shards claimed or lost by this instance (hand-overs included).",
+            &s.rebalances,
+        ),
+        (
+            "gridsense_batches_fenced_total",
+            "counter",
+            "Batches the store refused: a shard's lease had moved on (the instance was paused).",
+            &s.fenced,
+        ),
+        (
+            "gridsense_frames_forwarded_total",
+            "counter",
+            "Version 1 frames republished to their shard's topic (another instance's shard).",
+            &s.frames_forwarded,
+        ),
+        (
+            "gridsense_frames_left_for_next_owner_total",
+            "counter",
+            "Messages left unacknowledged for a shard's next owner (hand-over, lost lease).",
+            &s.left_for_next_owner,
+        ),
+    ] {
+        metric(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {}", value.load(Relaxed));
+    }
     metric(&mut out, "gridsense_cases_filed_total", "counter", "Cases filed.");
     let _ = writeln!(out, "gridsense_cases_filed_total {}", s.cases_filed.load(Relaxed));
     metric(&mut out, "gridsense_incidents_open", "gauge", "Incidents not closed.");

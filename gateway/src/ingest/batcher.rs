@@ -83,6 +83,11 @@ impl<T> Batcher<T> {
         }
     }
 
+    /// When the open batch must close at the latest (none while it is empty).
+    pub fn deadline(&self) -> Option<i64> {
+        self.opened_ms.map(|o| o.saturating_add(self.max_wait_ms))
+    }
+
     /// Messages held for acknowledgement (sealed and open batches).
     pub fn held(&self) -> usize {
         self.held.len()
@@ -103,6 +108,17 @@ impl<T> Batcher<T> {
         self.sealed.push_back(self.open);
         self.open = 0;
         self.opened_ms = None;
+    }
+
+    /// Every message held is given up (the store refused a batch: what was decided after it
+    /// rests on it too): none is acknowledged, the broker sends them again. Returns how many.
+    pub fn discard_all(&mut self) -> usize {
+        let n = self.held.len();
+        self.held.clear();
+        self.sealed.clear();
+        self.open = 0;
+        self.opened_ms = None;
+        n
     }
 
     /// The oldest sealed batch is durable: its messages, to acknowledge in the order they

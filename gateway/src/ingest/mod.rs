@@ -36,24 +36,31 @@
 //! time sync and a configuration); a full one makes the pipeline task wait, never drops.
 
 pub mod batcher;
+pub mod leases;
 pub mod session;
+pub mod sessions;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
-use gridsense_protocol::topic::{Lane, UPLINK_FILTER, all_shards_filter};
-use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
+use gridsense_protocol::topic::{Lane, Route, parse_route, shard_of, uplink_topic};
 use tokio::sync::{mpsc, watch};
 
+use self::{
+    leases::{News, Reply},
+    session::{SessionKey, Tagged},
+    sessions::Sessions,
+};
 use crate::{
     batch::Batch,
     config::Config,
-    pipeline::{Outcome, Pipeline},
+    pipeline::{Outcome, Pipeline, ShardState},
     status::{Changes, Clock, Status},
-    store::{IngestStore, StoreError},
+    store::{IngestStore, Leases, StoreError},
 };
 
 /// Why ingest stopped.
@@ -81,8 +88,9 @@ pub struct Target {
     pub credentials: Option<(String, String)>,
 }
 
-/// The session's options from the configuration.
-fn session_options(config: &Config, target: &Target) -> session::SessionOptions {
+/// The sessions' options from the configuration (each session has its own client id and
+/// account, [`SessionKey::name`]), with each session's in-flight window.
+fn session_options(config: &Config, target: &Target, window: u16) -> session::SessionOptions {
     let m = &config.mqtt;
     // With TLS, rumqttc verifies the broker's certificate against this host name.
     let host = if target.tls.is_some() {
@@ -96,42 +104,67 @@ fn session_options(config: &Config, target: &Target) -> session::SessionOptions 
         port: target.addr.port(),
         tls: target.tls.clone(),
         keep_alive_s: m.keep_alive_s,
-        inflight: m.inflight,
+        inflight: window,
         max_packet_bytes: m.max_packet_bytes,
         credentials: target.credentials.clone(),
     }
 }
 
-/// Runs ingest until `shutdown` turns true (then commits and acknowledges what it holds and
-/// disconnects) or the store fails.
+/// Each session's in-flight window (its Receive Maximum): `mqtt.inflight` shared by the
+/// shards' `up` sessions, at least 16. What an instance holds unacknowledged is bounded by
+/// this times its sessions (two per shard and the legacy one).
+pub fn session_window(inflight: u16, shards: u16) -> u16 {
+    (inflight / shards.max(1)).max(16)
+}
+
+/// Runs ingest until `shutdown` turns true (then commits and acknowledges what it holds,
+/// disconnects, and hands its shards over) or the store fails. `leases` is a store connection
+/// of the lease task's own.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &Config,
     target: Target,
     store: Box<dyn IngestStore>,
+    leases: Box<dyn Leases + Send>,
     pipeline: Pipeline,
     clock: Clock,
     status: Arc<Status>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
-    let credits = usize::from(config.mqtt.inflight);
-    let options = session::mqtt_options(&session_options(config, &target));
-    let (client, eventloop) = AsyncClient::new(options, credits * 2 + 16);
-    let (tx, rx) = mpsc::channel::<Publish>(credits);
-    status.queue_capacity.store(credits as u64, Relaxed);
-    let (ack_tx, ack_rx) = mpsc::channel::<Publish>(credits);
-    let (down_tx, down_rx) =
-        mpsc::channel::<(String, Vec<u8>)>(config.store.batch_max.saturating_mul(2).max(16));
+    let shards = config.cluster.shards;
+    let window = session_window(config.mqtt.inflight, shards);
+    // Every session's window: the sessions never find the channel full for long.
+    let sessions_max = usize::from(shards) * 2 + 1;
+    let capacity = sessions_max * usize::from(window);
+    let (tx, rx) = mpsc::channel::<Tagged>(capacity);
+    status.queue_capacity.store(capacity as u64, Relaxed);
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
-    let session = tokio::spawn(session::run(
-        eventloop,
-        client.clone(),
-        uplink_filters(),
-        tx,
+    let gate = Arc::new(leases::Gate::new(shards));
+    let exclusive = leases.exclusive();
+    let template = sessions::Template {
+        options: session_options(config, &target, window),
+        target,
+        reconnect_ms: (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
+    };
+    let sessions =
+        Sessions::new(template, tx, status.clone(), gate.clone(), shards, shutdown.clone());
+    let instance = config.cluster.instance();
+    let (news_tx, news_rx) = mpsc::channel::<News>(16);
+    // At most one reply per shard held, and a reset: never full.
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(usize::from(shards) + 8);
+    let lease_task = tokio::spawn(leases::run(
+        leases,
+        leases::Settings {
+            instance: instance.clone(),
+            lease_ms: i64::try_from(config.cluster.lease_ms).unwrap_or(i64::MAX),
+            renew_ms: config.cluster.renew_ms,
+        },
+        gate,
+        news_tx,
+        reply_rx,
         status.clone(),
-        session::Reconnect::new(config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
-        shutdown.clone(),
     ));
-    let acker = tokio::spawn(session::acker(client, ack_rx, down_rx));
+    tracing::info!(instance, shards, "gateway instance starting");
     let retention_ms = (config.telemetry.sink == crate::config::Sink::Store)
         .then(|| i64::from(config.store.telemetry_retention_days) * 86_400_000);
     let batching = Batching {
@@ -140,35 +173,111 @@ pub async fn run(
         retention_ms,
         poll_ms: config.downlink.poll_ms,
     };
-    let result = pipeline_task(
-        rx,
-        (ack_tx, down_tx),
-        store,
-        pipeline,
-        clock,
-        status.clone(),
-        batching,
-        shutdown,
-    )
-    .await;
-    // The ack channel is closed now: the acker queues the last acks, then DISCONNECT, which
-    // ends the session.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = acker.await;
-        let _ = session.await;
-    })
-    .await;
+    let mut out = Outputs {
+        sessions,
+        status: status.clone(),
+        clock: clock.clone(),
+        cluster: Cluster {
+            instance,
+            shards,
+            exclusive,
+            held: BTreeMap::new(),
+            replies: reply_tx,
+            news: news_rx,
+            told: false,
+        },
+    };
+    let result = pipeline_task(rx, &mut out, store, pipeline, batching, shutdown).await;
+    // Every ack queued, then DISCONNECT; then the leases are handed over.
+    out.sessions.close_all().await;
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     status.connected.store(false, Relaxed);
     result
 }
 
-/// What the session subscribes to: every shard's two lanes, and version 1's topic for devices
-/// not yet moved to them.
-fn uplink_filters() -> Vec<String> {
-    let lanes = [Lane::Up, Lane::Urgent].map(|lane| all_shards_filter(lane).as_str().to_owned());
-    let mut filters = vec![UPLINK_FILTER.to_owned()];
-    filters.extend(lanes);
-    filters
+/// This instance among the gateway instances: the shards the pipeline holds (state adopted,
+/// sessions running) and the link to the lease task.
+struct Cluster {
+    instance: String,
+    shards: u16,
+    /// A SQLite store: this process holds every shard, nothing to adopt or fence.
+    exclusive: bool,
+    held: BTreeMap<u16, i64>,
+    replies: mpsc::Sender<Reply>,
+    news: mpsc::Receiver<News>,
+    /// Whether any news came yet (the state restored at start is then cut to the shards held).
+    told: bool,
+}
+
+impl Cluster {
+    fn holds(&self, shard: u16) -> bool {
+        self.held.contains_key(&shard)
+    }
+
+    /// A mask over the shards.
+    fn mask(&self, shards: impl IntoIterator<Item = u16>) -> Vec<bool> {
+        let mut m = vec![false; usize::from(self.shards)];
+        for s in shards {
+            if let Some(x) = m.get_mut(usize::from(s)) {
+                *x = true;
+            }
+        }
+        m
+    }
+
+    /// The fence of a batch decided now (none for a SQLite store).
+    fn fence(&self) -> Option<crate::cluster::Fence> {
+        (!self.exclusive).then(|| crate::cluster::Fence {
+            instance: self.instance.clone(),
+            held: self.held.iter().map(|(s, e)| (*s, *e)).collect(),
+        })
+    }
+
+    fn reply(&self, r: Reply) {
+        if self.replies.try_send(r).is_err() {
+            tracing::warn!("lease task not told: {r:?}");
+        }
+    }
+}
+
+/// A shard's sessions: both lanes, and the legacy one with shard 0.
+fn sessions_of(shard: u16) -> Vec<SessionKey> {
+    let Ok(s) = u8::try_from(shard) else { return Vec::new() };
+    let mut keys = vec![SessionKey::Shard(s, Lane::Up), SessionKey::Shard(s, Lane::Urgent)];
+    if shard == 0 {
+        keys.push(SessionKey::Legacy);
+    }
+    keys
+}
+
+/// What the store holds for the devices of the shards in `mine`, read after their claim.
+fn shard_state(
+    store: &dyn IngestStore,
+    mine: &[bool],
+    shards: u16,
+) -> Result<ShardState, StoreError> {
+    let of = |eui: gridsense_protocol::Eui| {
+        mine.get(usize::from(shard_of(eui, shards))).copied().unwrap_or(false)
+    };
+    let mut state = ShardState {
+        counters: store.counters()?.into_iter().filter(|(e, _)| of(*e)).collect(),
+        downlink_counters: store.downlink_counters()?.into_iter().filter(|(e, _)| of(*e)).collect(),
+        open: store.open_incidents()?.into_iter().filter(|((e, _), _)| of(*e)).collect(),
+        sequences: store.sequences()?,
+        ..ShardState::default()
+    };
+    store.each_health(&mut |eui, h| {
+        if of(eui) {
+            state.health.push((eui, h));
+        }
+    })?;
+    store.each_rule_state(&mut |eui, rule, st| {
+        if of(eui) {
+            state.rule_states.push((eui, rule.to_owned(), st));
+        }
+    })?;
+    Ok(state)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,17 +294,18 @@ struct Batching {
 /// How often embedded telemetry is pruned, ms.
 const PRUNE_EVERY_MS: u64 = 3_600_000;
 
-#[allow(clippy::too_many_arguments)]
 async fn pipeline_task(
-    mut rx: mpsc::Receiver<Publish>,
-    (acks, downlinks): (mpsc::Sender<Publish>, mpsc::Sender<(String, Vec<u8>)>),
+    mut rx: mpsc::Receiver<Tagged>,
+    out: &mut Outputs,
     store: Box<dyn IngestStore>,
     mut pipeline: Pipeline,
-    clock: Clock,
-    status: Arc<Status>,
     batching: Batching,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
+    let (status, clock) = (out.status.clone(), out.clock.clone());
+    if !out.cluster.exclusive {
+        pipeline.set_sharded_ids();
+    }
     // A registry change announced by the store (PostgreSQL's NOTIFY) makes the poll due at
     // once; the poll reads the change feed by position either way.
     let registry_wake = Arc::new(tokio::sync::Notify::new());
@@ -204,12 +314,12 @@ async fn pipeline_task(
         Ok(false) => {}
         Err(e) => tracing::warn!("registry changes are polled only: {e}"),
     }
-    let mut w = Writer { store: Some(store), committing: None };
+    let mut w = Writer { store: Some(store), committing: None, fenced: false };
     // The shell's monotonic time, ms since the task started, for the batching policy.
     let origin = tokio::time::Instant::now();
     let mono = || i64::try_from(origin.elapsed().as_millis()).unwrap_or(i64::MAX);
     let at = |ms: i64| origin + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    let mut batcher: batcher::Batcher<Publish> =
+    let mut batcher: batcher::Batcher<Tagged> =
         batcher::Batcher::new(batching.max, batching.max_wait_ms);
     let mut poll = batcher::Every::new(batching.poll_ms);
     let mut prune = batcher::Every::new(PRUNE_EVERY_MS);
@@ -224,13 +334,16 @@ async fn pipeline_task(
         Some(r) => r?,
         None => 0,
     };
-    let out = Outputs { acks, downlinks, status: status.clone(), clock: clock.clone() };
     loop {
+        // A batch the store refused (a lease moved on): start over from the store.
+        if w.fenced {
+            reset(&mut w, out, &mut pipeline, &mut batcher);
+        }
         // Operators' new requests (`gridsense devices configure`) from the store, once the
         // commit in flight is settled.
         let polling = poll.due(mono());
         if polling {
-            w.settle(None, &out, &pipeline, &mut batcher).await?;
+            w.settle(None, out, &pipeline, &mut batcher).await?;
         }
         if polling && let Some(s) = w.store.take() {
             let (after, events_after, now) = (last_request, last_case_event, clock());
@@ -278,12 +391,14 @@ async fn pipeline_task(
                         last_case_event = last_case_event.max(event);
                         pipeline.case_finished(case, now, &mut batch);
                     }
+                    batch.fence = out.cluster.fence();
                     // Only when a live view listens: it allocates per changed row.
                     let changes =
                         (status.events.0.receiver_count() > 0).then(|| Changes::of(&batch));
                     if let Some(s) = w.store.take() {
                         let c = commit_until_durable(s, batch, status.clone(), shutdown.clone())
                             .await?;
+                        w.fenced |= c.fenced;
                         w.store = Some(c.store);
                     }
                     if let Some(changes) = changes.filter(Changes::is_visible) {
@@ -298,7 +413,7 @@ async fn pipeline_task(
             }
         }
         // Wait for the first message, the next offline deadline, the next poll, the commit in
-        // flight, or shutdown.
+        // flight, news of the leases, or shutdown.
         let poll_in =
             at(poll.next().unwrap_or(0)).saturating_duration_since(tokio::time::Instant::now());
         let deadline_in = pipeline
@@ -309,14 +424,20 @@ async fn pipeline_task(
         let first = tokio::select! {
             joined = done(&mut w.committing) => {
                 let joined = Some(joined);
-                w.settle(joined, &out, &pipeline, &mut batcher).await?;
+                w.settle(joined, out, &pipeline, &mut batcher).await?;
+                continue;
+            }
+            news = out.cluster.news.recv() => {
+                if let Some(news) = news {
+                    on_news(news, &mut w, out, &mut pipeline, &mut batcher, &shutdown).await?;
+                }
                 continue;
             }
             msg = rx.recv() => match msg {
                 Some(msg) => Some(msg),
-                // The session ended (it only does on shutdown): nothing more will come.
+                // Every session has ended (it only happens on shutdown).
                 None => {
-                    w.settle(None, &out, &pipeline, &mut batcher).await?;
+                    w.settle(None, out, &pipeline, &mut batcher).await?;
                     return Ok(());
                 }
             },
@@ -340,37 +461,57 @@ async fn pipeline_task(
             let mut next = Some(msg);
             while let Some(msg) = next.take() {
                 now = clock();
-                // A topic that is not UTF-8 is no device's: rejected as `bad_topic`.
-                let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
-                if let Outcome::Rejected(_) = pipeline.handle(now, topic, &msg.payload, &mut batch)
-                {
-                    rejected += 1;
-                }
-                let urgent = !batch.cases.outbox.is_empty();
-                let batcher::Next::TakeMoreUntil(until) = batcher.handled(mono(), msg, urgent)
-                else {
-                    break;
+                let until = match admit(msg, out).await {
+                    Some(msg) => {
+                        // A topic that is not UTF-8 is no device's: rejected as `bad_topic`.
+                        let topic = std::str::from_utf8(&msg.publish.topic).unwrap_or("");
+                        let verdict = pipeline.handle(now, topic, &msg.publish.payload, &mut batch);
+                        if let Outcome::Rejected(_) = verdict {
+                            rejected += 1;
+                        }
+                        let urgent = !batch.cases.outbox.is_empty();
+                        match batcher.handled(mono(), msg, urgent) {
+                            batcher::Next::TakeMoreUntil(until) => until,
+                            batcher::Next::Commit(_) => break,
+                        }
+                    }
+                    // Not this instance's to handle (forwarded, or its session's run ended).
+                    None => match batcher.deadline() {
+                        Some(until) => until,
+                        None => break,
+                    },
                 };
                 next = loop {
                     tokio::select! {
                         biased;
                         joined = done(&mut w.committing) => {
                             let joined = Some(joined);
-                            w.settle(joined, &out, &pipeline, &mut batcher).await?;
+                            w.settle(joined, out, &pipeline, &mut batcher).await?;
+                            if w.fenced {
+                                break None;
+                            }
                         }
                         m = tokio::time::timeout_at(at(until), rx.recv()) => break m.ok().flatten(),
                     }
                 };
             }
         }
+        if w.fenced {
+            // What this batch holds rests on the refused one: nothing of it is written.
+            continue;
+        }
         pipeline.finish(&mut batch, now, stopping);
         // The batch is decided: the one before it must be durable (and acknowledged) before
         // this one is written.
-        w.settle(None, &out, &pipeline, &mut batcher).await?;
+        w.settle(None, out, &pipeline, &mut batcher).await?;
+        if w.fenced {
+            continue;
+        }
         batcher.seal();
         let downlinks_sealed = std::mem::take(&mut batch.downlinks);
         if !batch.is_empty() || !downlinks_sealed.is_empty() {
             let Some(s) = w.store.take() else { break };
+            batch.fence = out.cluster.fence();
             let effects = Effects::of(&batch, &status, rejected, downlinks_sealed);
             let (status, shutdown) = (status.clone(), shutdown.clone());
             w.committing = Some(Committing {
@@ -380,12 +521,12 @@ async fn pipeline_task(
         } else {
             // Nothing to write (duplicates, rejects): acknowledged now, after the batch before.
             status.frames_rejected.fetch_add(rejected, Relaxed);
-            acknowledge(&mut batcher, &out).await;
+            acknowledge(&mut batcher, out).await;
         }
         if let Some(retention) = batching.retention_ms
             && prune.due(now)
         {
-            w.settle(None, &out, &pipeline, &mut batcher).await?;
+            w.settle(None, out, &pipeline, &mut batcher).await?;
             if let Some(mut s) = w.store.take() {
                 let (s, pruned) = tokio::task::spawn_blocking(move || {
                     let r = s.prune_telemetry(now.saturating_sub(retention), now);
@@ -401,19 +542,156 @@ async fn pipeline_task(
             }
         }
         if stopping {
-            w.settle(None, &out, &pipeline, &mut batcher).await?;
+            w.settle(None, out, &pipeline, &mut batcher).await?;
             return Ok(());
         }
     }
     Ok(())
 }
 
+/// Whether a message is handled here: not when its session's run has ended (its ack would go
+/// nowhere; the broker sends it again to the session's holder), and a version 1 frame whose
+/// device's shard is another instance's is republished to that shard's topic instead.
+async fn admit(t: Tagged, out: &Outputs) -> Option<Tagged> {
+    if !out.sessions.current(&t) {
+        out.status.unacked.fetch_sub(1, Relaxed);
+        out.status.left_for_next_owner.fetch_add(1, Relaxed);
+        return None;
+    }
+    if t.key == SessionKey::Legacy
+        && let Ok(Route::LegacyUplink(eui)) =
+            parse_route(std::str::from_utf8(&t.publish.topic).unwrap_or(""))
+        && !out.cluster.holds(u16::from(shard_of(eui, out.cluster.shards)))
+    {
+        let to = uplink_topic(eui, out.cluster.shards, Lane::Up);
+        out.sessions.forward(t, to.as_str().to_owned()).await;
+        return None;
+    }
+    Some(t)
+}
+
+/// Follows the lease task's news.
+async fn on_news(
+    news: News,
+    w: &mut Writer,
+    out: &mut Outputs,
+    pipeline: &mut Pipeline,
+    batcher: &mut batcher::Batcher<Tagged>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    // The commit in flight first: what it holds is acknowledged (or refused) before anything
+    // moves.
+    w.settle(None, out, pipeline, batcher).await?;
+    if w.fenced {
+        return Ok(());
+    }
+    let first = !std::mem::replace(&mut out.cluster.told, true);
+    match news {
+        News::Claimed(claimed) => {
+            let mine = out.cluster.mask(claimed.iter().map(|c| c.0));
+            if !out.cluster.exclusive
+                && let Some(s) = w.store.take()
+            {
+                // Read after the claim: after the previous owner's last commit for them.
+                let (m, shards) = (mine.clone(), out.cluster.shards);
+                let (s, state) = tokio::task::spawn_blocking(move || {
+                    let r = shard_state(&*s, &m, shards);
+                    (s, r)
+                })
+                .await?;
+                w.store = Some(s);
+                pipeline.adopt_shards(&mine, state?);
+            }
+            out.cluster.held.extend(claimed.iter().copied());
+            let keys: Vec<SessionKey> = claimed.iter().flat_map(|c| sessions_of(c.0)).collect();
+            out.sessions.start(&keys);
+        }
+        News::Release(release) => {
+            // Every changed health row goes with the last batch of these shards.
+            let mut batch = Batch::default();
+            pipeline.finish(&mut batch, (out.clock)(), true);
+            batch.fence = out.cluster.fence();
+            if !batch.is_empty()
+                && let Some(s) = w.store.take()
+            {
+                let c =
+                    commit_until_durable(s, batch, out.status.clone(), shutdown.clone()).await?;
+                w.fenced |= c.fenced;
+                w.store = Some(c.store);
+                if w.fenced {
+                    return Ok(());
+                }
+            }
+            let keys: Vec<SessionKey> = release.iter().flat_map(|r| sessions_of(r.0)).collect();
+            out.sessions.close(&keys).await;
+            pipeline.forget_shards(&out.cluster.mask(release.iter().map(|r| r.0)));
+            for (shard, epoch) in release {
+                out.cluster.held.remove(&shard);
+                out.cluster.reply(Reply::Released(shard, epoch));
+            }
+        }
+        News::Lost(lost) => {
+            for shard in &lost {
+                for key in sessions_of(*shard) {
+                    out.sessions.abort(key);
+                }
+                out.cluster.held.remove(shard);
+            }
+            pipeline.forget_shards(&out.cluster.mask(lost.iter().copied()));
+        }
+    }
+    if first && !out.cluster.exclusive {
+        // What was restored at start for the shards held elsewhere goes.
+        let others: Vec<bool> = (0..out.cluster.shards).map(|s| !out.cluster.holds(s)).collect();
+        pipeline.forget_shards(&others);
+    }
+    out.status.shards_held.store(out.cluster.held.len() as u64, Relaxed);
+    status_devices(out, pipeline);
+    Ok(())
+}
+
+fn status_devices(out: &Outputs, pipeline: &Pipeline) {
+    out.status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
+    out.status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
+}
+
+/// After a batch the store refused (a shard's lease moved on while it was decided): nothing
+/// held is acknowledged, every session stops, every shard's state is dropped, and the lease
+/// task claims again what is still this instance's — whose state is then read from the store
+/// and whose sessions start again, so the broker sends what was not acknowledged once more.
+/// A lease lost to a pause is a rebalance, not an error.
+fn reset(
+    w: &mut Writer,
+    out: &mut Outputs,
+    pipeline: &mut Pipeline,
+    batcher: &mut batcher::Batcher<Tagged>,
+) {
+    w.fenced = false;
+    let dropped = batcher.discard_all() as u64;
+    out.status.unacked.fetch_sub(dropped, Relaxed);
+    out.status.left_for_next_owner.fetch_add(dropped, Relaxed);
+    out.status.fenced.fetch_add(1, Relaxed);
+    for key in out.sessions.keys() {
+        out.sessions.abort(key);
+    }
+    tracing::warn!(
+        shards = out.cluster.held.len(),
+        dropped,
+        "the store refused a batch: a shard's lease moved on while it was decided (this instance was paused or cut off); starting over from the store for the shards still this instance's"
+    );
+    pipeline.forget_shards(&vec![true; usize::from(out.cluster.shards)]);
+    out.cluster.held.clear();
+    out.cluster.reply(Reply::Reset);
+    out.status.shards_held.store(0, Relaxed);
+    status_devices(out, pipeline);
+}
+
 /// Where the pipeline task's results go once a batch is durable.
 struct Outputs {
-    acks: mpsc::Sender<Publish>,
-    downlinks: mpsc::Sender<(String, Vec<u8>)>,
+    sessions: Sessions,
     status: Arc<Status>,
     clock: Clock,
+    cluster: Cluster,
 }
 
 /// What a batch does once durable: the figures it adds, the live notice, the delivery workers
@@ -481,9 +759,13 @@ async fn settle(
     joined: Joined,
     out: &Outputs,
     pipeline: &Pipeline,
-    batcher: &mut batcher::Batcher<Publish>,
-) -> Result<Box<dyn IngestStore>, IngestError> {
+    batcher: &mut batcher::Batcher<Tagged>,
+) -> Result<Committed, IngestError> {
     let committed = joined??;
+    if committed.fenced {
+        // Refused: nothing of it happened; the caller starts over.
+        return Ok(committed);
+    }
     let (status, e) = (&out.status, effects);
     status.last_commit_us.store(committed.took_us, Relaxed);
     status.frames_accepted.fetch_add(committed.accepted, Relaxed);
@@ -510,11 +792,11 @@ async fn settle(
         status.outbox_wake[1].notify_one();
     }
     // Committed with their counters: now they may go out.
-    for downlink in e.downlinks {
-        let _ = out.downlinks.send(downlink).await;
+    for (topic, frame) in e.downlinks {
+        out.sessions.downlink(topic, frame).await;
     }
     acknowledge(batcher, out).await;
-    Ok(committed.store)
+    Ok(committed)
 }
 
 /// The store, and the batch being written with it while the next one is decided.
@@ -522,6 +804,8 @@ struct Writer {
     /// The store, while no commit has it.
     store: Option<Box<dyn IngestStore>>,
     committing: Option<Committing>,
+    /// The store refused the last batch (fencing): start over before anything else.
+    fenced: bool,
 }
 
 impl Writer {
@@ -532,26 +816,26 @@ impl Writer {
         joined: Option<Joined>,
         out: &Outputs,
         pipeline: &Pipeline,
-        batcher: &mut batcher::Batcher<Publish>,
+        batcher: &mut batcher::Batcher<Tagged>,
     ) -> Result<(), IngestError> {
         if let Some(c) = self.committing.take() {
             let joined = match joined {
                 Some(j) => j,
                 None => c.handle.await,
             };
-            self.store = Some(settle(c.effects, joined, out, pipeline, batcher).await?);
+            let committed = settle(c.effects, joined, out, pipeline, batcher).await?;
+            self.fenced |= committed.fenced;
+            self.store = Some(committed.store);
         }
         Ok(())
     }
 }
 
 /// Acknowledges the oldest sealed batch's messages, in arrival order.
-async fn acknowledge(batcher: &mut batcher::Batcher<Publish>, out: &Outputs) {
+async fn acknowledge(batcher: &mut batcher::Batcher<Tagged>, out: &Outputs) {
     for msg in batcher.committed() {
         out.status.unacked.fetch_sub(1, Relaxed);
-        if out.acks.send(msg).await.is_err() {
-            tracing::warn!("ack not sent: the session has ended");
-        }
+        out.sessions.ack(msg).await;
     }
 }
 
@@ -559,8 +843,9 @@ async fn acknowledge(batcher: &mut batcher::Batcher<Publish>, out: &Outputs) {
 /// same batch every second — up to five between attempts — holding its messages
 /// unacknowledged: the session's channel fills, reading from the broker stops, and the broker
 /// keeps the rest. `status.store_error` says why meanwhile (readiness, metrics). Returns the
-/// frames accepted; any other failure, or shutdown while it waits, is returned as an error
-/// (nothing of the batch acknowledged).
+/// frames accepted; a batch refused because a shard's lease moved on comes back `fenced`
+/// (nothing of it written); any other failure, or shutdown while it waits, is returned as an
+/// error (nothing of the batch acknowledged).
 async fn commit_until_durable(
     mut store: Box<dyn IngestStore>,
     batch: Batch,
@@ -590,7 +875,11 @@ async fn commit_until_durable(
                     }
                 }
                 let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                return Ok(Committed { store, accepted: batch.accepted, took_us });
+                return Ok(Committed { store, accepted: batch.accepted, took_us, fenced: false });
+            }
+            Err(e @ StoreError::Fenced { .. }) => {
+                tracing::warn!("{e}");
+                return Ok(Committed { store, accepted: 0, took_us: 0, fenced: true });
             }
             Err(e) if e.is_transient() => {
                 if since.is_none() {
@@ -625,6 +914,8 @@ struct Committed {
     accepted: u64,
     /// How long the commit took (retries included), µs.
     took_us: u64,
+    /// Refused by the fencing check: nothing written.
+    fenced: bool,
 }
 
 async fn sleep_or_never(d: Option<Duration>) {

@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use gridsense_protocol::topic::{Lane, UPLINK_FILTER, shard_filter};
 use rumqttc::v5::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError,
     mqttbytes::{
@@ -221,6 +222,104 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Which of an instance's broker sessions a message came from: one per owned shard and lane,
+/// and the `legacy` one (version 1's topic) at the owner of shard 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SessionKey {
+    /// A shard's lane.
+    Shard(u8, Lane),
+    /// Version 1's `gridsense/{eui}/up`.
+    Legacy,
+}
+
+impl SessionKey {
+    /// The shard whose lease the session goes with (legacy: shard 0's).
+    pub fn shard(self) -> u16 {
+        match self {
+            SessionKey::Shard(s, _) => u16::from(s),
+            SessionKey::Legacy => 0,
+        }
+    }
+
+    /// What it subscribes to.
+    pub fn filter(self) -> String {
+        match self {
+            SessionKey::Shard(s, lane) => shard_filter(s, lane).as_str().to_owned(),
+            SessionKey::Legacy => UPLINK_FILTER.to_owned(),
+        }
+    }
+
+    /// Its client id (and account) from the gateway's: `BASE-SS-up`, `BASE-SS-urgent`,
+    /// `BASE-legacy`.
+    pub fn name(self, base: &str) -> String {
+        match self {
+            SessionKey::Shard(s, lane) => crate::config::shard_session_user(base, s, lane),
+            SessionKey::Legacy => format!("{base}-legacy"),
+        }
+    }
+}
+
+/// A message and the session (and the session's run, `generation`) it came in on: its ack
+/// goes back through that session, and only while that run lasts.
+#[derive(Debug)]
+pub struct Tagged {
+    /// The session.
+    pub key: SessionKey,
+    /// Which run of the session (a session started again is a new run).
+    pub generation: u64,
+    /// The message.
+    pub publish: Publish,
+}
+
+/// What one session needs besides its event loop and client.
+pub struct Link {
+    /// The session and its run.
+    pub key: SessionKey,
+    /// Its run.
+    pub generation: u64,
+    /// Where its messages go (shared by every session of the instance).
+    pub publishes: mpsc::Sender<Tagged>,
+    /// Live counters.
+    pub status: Arc<Status>,
+    /// The reconnect policy.
+    pub policy: Reconnect,
+    /// Whether the session may connect now: its shard's lease is known to be held. A session
+    /// whose lease may have lapsed (the process was paused) never connects again on its own —
+    /// a client-id takeover would throw out the shard's new owner.
+    pub may_connect: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Turns true when the gateway stops.
+    pub shutdown: watch::Receiver<bool>,
+    /// For the legacy session: frames it republished to their shard's topic, waiting for the
+    /// broker's PUBACK before the original is acknowledged.
+    pub forwards: Option<Arc<std::sync::Mutex<Forwards>>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("key", &self.key)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Frames republished by the legacy session to their shard's topic, by the order their
+/// PUBLISH was queued and then by packet id, until the broker acknowledges them: then the
+/// original is acknowledged (so a frame is never lost between the two sessions).
+#[derive(Debug, Default)]
+pub struct Forwards {
+    queued: std::collections::VecDeque<Publish>,
+    sent: std::collections::HashMap<u16, Publish>,
+}
+
+impl Forwards {
+    /// A republish is about to be queued on the client; `original` is acknowledged once the
+    /// broker has it.
+    pub fn queue(&mut self, original: Publish) {
+        self.queued.push_back(original);
+    }
+}
+
 /// Drives the event loop. `EventLoop::poll` is never raced against anything else: a poll
 /// dropped while it writes an outgoing packet (the socket's buffer full, the broker busy) drops
 /// that packet, and a lost PUBACK holds one of the broker's in-flight slots for this session
@@ -232,42 +331,51 @@ fn wall_ms() -> i64 {
 /// [`acker`]) free room; the Receive Maximum bounds `overflow` by `mqtt.inflight` (with MQTT
 /// 3.1.1, commits held by a full disk had let 10,011 messages pile up here at Mosquitto's
 /// `max_inflight_messages 1000`).
-pub async fn run(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    filters: Vec<String>,
-    publishes: mpsc::Sender<Publish>,
-    status: Arc<Status>,
-    mut policy: Reconnect,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
+    let Link { key, generation, publishes, status, mut policy, may_connect, shutdown, forwards } =
+        link;
+    let filters = vec![key.filter()];
     let mut overflow: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
+    // Connected (CONNACK seen, no error since), ever connected; subscribed (SUBACK granted,
+    // counted in the status while it lasts, however the task ends).
+    let (mut connected, mut ever) = (false, false);
+    let mut up = Up { status: status.clone(), up: false };
     loop {
         while let Some(publish) = overflow.pop_front() {
-            match publishes.try_send(publish) {
+            match publishes.try_send(Tagged { key, generation, publish }) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(publish)) => {
-                    overflow.push_front(publish);
+                Err(mpsc::error::TrySendError::Full(t)) => {
+                    overflow.push_front(t.publish);
                     break;
                 }
                 // The pipeline has ended: nothing more is handled or acknowledged.
                 Err(mpsc::error::TrySendError::Closed(_)) => overflow.clear(),
             }
         }
+        // Before (re)connecting: only while the shard's lease is held.
+        while !connected && !may_connect() {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let now = wall_ms();
                 policy.connected(now);
-                let reconnect = status.connects.fetch_add(1, Relaxed) > 0;
-                if reconnect && !ack.session_present {
+                connected = true;
+                status.connects.fetch_add(1, Relaxed);
+                if ever && !ack.session_present {
                     // The broker kept no session for this id between two connections of ours:
                     // another client connected with it and a clean start (Mosquitto closes
                     // ours and discards the session), or the broker lost its state.
                     status.session_lost(now);
                     tracing::error!(
-                        "the broker had no session for this gateway's client id on reconnecting: another client took the id with a clean start, or the broker lost its state — messages queued for the gateway meanwhile are gone; bind client ids to accounts (use_username_as_clientid)"
+                        session = key.name(""),
+                        "the broker had no session for this gateway session's client id on reconnecting: another client took the id with a clean start, or the broker lost its state — messages queued for it meanwhile are gone; bind client ids to accounts (use_username_as_clientid)"
                     );
                 }
+                ever = true;
                 // Subscribe on every CONNACK.
                 let wanted = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(wanted) {
@@ -277,7 +385,7 @@ pub async fn run(
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let granted =
                     ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_)));
-                status.connected.store(granted, Relaxed);
+                up.set(granted);
                 if !granted {
                     tracing::error!(codes = ?ack.return_codes, ?filters, "broker refused a subscription");
                 }
@@ -290,10 +398,34 @@ pub async fn run(
             Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => {
                 status.mqtt_acked.fetch_add(1, Relaxed);
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                // A republished legacy frame went out (or out again after a reconnect).
+                if let Some(f) = &forwards
+                    && let Ok(mut f) = f.lock()
+                    && !f.sent.contains_key(&pkid)
+                    && let Some(original) = f.queued.pop_front()
+                {
+                    f.sent.insert(pkid, original);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let original =
+                    forwards.as_ref().and_then(|f| f.lock().ok()?.sent.remove(&ack.pkid));
+                if let Some(original) = original {
+                    status.unacked.fetch_sub(1, Relaxed);
+                    status.frames_forwarded.fetch_add(1, Relaxed);
+                    // Never awaited here (PITFALLS.md); if the queue is full the broker sends
+                    // it again after a reconnect, and the shard's owner drops the duplicate.
+                    if let Err(e) = client.try_ack(&original) {
+                        tracing::warn!("forwarded frame's ack not queued: {e}");
+                    }
+                }
+            }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
-                status.connected.store(false, Relaxed);
+                connected = false;
+                up.set(false);
                 if *shutdown.borrow() {
                     return;
                 }
@@ -305,14 +437,17 @@ pub async fn run(
                 let retry = policy.lost(now, reason);
                 let taken_over = reason == DisconnectReason::SessionTakenOver;
                 status.disconnected(reason.as_str(), taken_over, &e.to_string(), now);
+                let session = key.name("");
                 if reason == DisconnectReason::SessionTakenOver {
                     tracing::error!(
+                        session,
                         repeats = retry.repeats,
-                        "broker session taken over: another client connected with this gateway's client id ({e}); bind client ids to accounts (use_username_as_clientid) — retrying in {} ms",
+                        "broker session taken over: another client connected with this session's client id ({e}); bind client ids to accounts (use_username_as_clientid) — retrying in {} ms",
                         retry.delay_ms
                     );
                 } else if retry.repeats > 1 {
                     tracing::warn!(
+                        session,
                         reason = reason.as_str(),
                         repeats = retry.repeats,
                         "broker connection lost again, {} times in a row: {e}; retrying in {} ms",
@@ -321,6 +456,7 @@ pub async fn run(
                     );
                 } else {
                     tracing::warn!(
+                        session,
                         reason = reason.as_str(),
                         "broker connection: {e}; retrying in {} ms",
                         retry.delay_ms
@@ -332,16 +468,49 @@ pub async fn run(
     }
 }
 
-/// Hands acknowledgements (in order) and downlinks to the client, waiting for room in its
-/// request queue (the session task keeps draining it); when the pipeline has ended and every
-/// ack is queued, asks for a DISCONNECT. The session task itself never awaits the client, so
-/// the two cannot deadlock (PITFALLS.md).
+/// A session's subscription counted as up in the status while it lasts (and no longer once
+/// the session's task ends, aborted included).
+struct Up {
+    status: Arc<Status>,
+    up: bool,
+}
+
+impl Up {
+    fn set(&mut self, up: bool) {
+        if up != self.up {
+            self.status.session_up(up);
+            self.up = up;
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
+/// What a session's client sends besides acks.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A sealed downlink to a device.
+    Downlink(String, Vec<u8>),
+    /// A version 1 frame republished to its shard's topic (legacy session only); the original
+    /// is acknowledged once the broker has the copy.
+    Forward(String, Publish),
+}
+
+/// Hands acknowledgements (in order), downlinks and forwarded frames to the client, waiting
+/// for room in its request queue (the session task keeps draining it); when the pipeline has
+/// ended (or the session is handed over) and every ack is queued, asks for a DISCONNECT. The
+/// session task itself never awaits the client, so the two cannot deadlock (PITFALLS.md).
 pub async fn acker(
     client: AsyncClient,
     mut acks: mpsc::Receiver<Publish>,
-    mut downlinks: mpsc::Receiver<(String, Vec<u8>)>,
+    mut outbound: mpsc::Receiver<Outbound>,
+    forwards: Option<Arc<std::sync::Mutex<Forwards>>>,
 ) {
-    let mut downlinks_open = true;
+    let mut outbound_open = true;
     loop {
         tokio::select! {
             biased;
@@ -353,13 +522,22 @@ pub async fn acker(
                 }
                 None => break,
             },
-            downlink = downlinks.recv(), if downlinks_open => match downlink {
-                Some((topic, frame)) => {
+            out = outbound.recv(), if outbound_open => match out {
+                Some(Outbound::Downlink(topic, frame)) => {
                     if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, frame).await {
                         tracing::warn!("downlink not queued: {e}");
                     }
                 }
-                None => downlinks_open = false,
+                Some(Outbound::Forward(topic, original)) => {
+                    let payload = original.payload.clone();
+                    if let Some(f) = &forwards && let Ok(mut f) = f.lock() {
+                        f.queue(original);
+                    }
+                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
+                        tracing::warn!("forwarded frame not queued: {e}");
+                    }
+                }
+                None => outbound_open = false,
             },
         }
     }

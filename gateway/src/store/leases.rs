@@ -13,8 +13,13 @@ pub trait Leases {
     /// database's time, the instances seen within `lease_ms`, and every shard's lease.
     fn cluster_view(&self, instance: Option<&str>, lease_ms: i64) -> Result<View, StoreError>;
 
-    /// Claims `shard` for `instance` if it is free or lapsed: its new epoch, or `None` when
-    /// another instance holds it.
+    /// True when only this process can write the store (SQLite): what it read at start is
+    /// what is there, and it holds every shard.
+    fn exclusive(&self) -> bool;
+
+    /// Claims `shard` for `instance` if it is free, lapsed, or recorded as `instance`'s own (a
+    /// restarted instance taking its leases back): its new epoch — raised, so whatever held
+    /// it before is fenced off — or `None` when another instance holds it.
     fn claim(&self, instance: &str, shard: u16, lease_ms: i64) -> Result<Option<i64>, StoreError>;
 
     /// Renews the leases `instance` holds at these epochs (a lapsed one too, while nobody
@@ -27,12 +32,21 @@ pub trait Leases {
         lease_ms: i64,
     ) -> Result<Vec<u16>, StoreError>;
 
+    /// `instance` stops (after releasing its leases): it no longer counts among the live
+    /// instances, so the others take its share at their next look instead of a lease time
+    /// later.
+    fn leave(&self, instance: &str) -> Result<(), StoreError>;
+
     /// Hands a shard over (after its last batch is committed and acknowledged): free for the
     /// next claim at once. False when `instance` no longer held it at that epoch.
     fn release(&self, instance: &str, shard: u16, epoch: i64) -> Result<bool, StoreError>;
 }
 
 impl Leases for Store {
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     fn cluster_view(&self, instance: Option<&str>, lease_ms: i64) -> Result<View, StoreError> {
         // The one gateway holding this file (or the one that will).
         let instance = instance.unwrap_or("this gateway");
@@ -69,5 +83,9 @@ impl Leases for Store {
 
     fn release(&self, _: &str, _: u16, _: i64) -> Result<bool, StoreError> {
         Ok(true)
+    }
+
+    fn leave(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
     }
 }

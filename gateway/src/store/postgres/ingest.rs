@@ -543,15 +543,19 @@ impl IngestStore for PgStore {
                 "INSERT INTO store_meta (name, value) VALUES ('shards', $1) ON CONFLICT (name) DO NOTHING",
                 &[&configured.to_be_bytes().to_vec()],
             ))?;
-            // A lease row per shard, free until claimed.
+            Ok(wait(c.query_one("SELECT value FROM store_meta WHERE name = 'shards'", &[]))?.get(0))
+        })?;
+        let shards = super::super::shards_agree(&stored, configured)?;
+        // A lease row per shard of the store's number, free until claimed.
+        self.with(|c| {
             wait(c.execute(
                 "INSERT INTO shard_leases (shard) SELECT generate_series(0, $1 - 1)
                  ON CONFLICT (shard) DO NOTHING",
-                &[&i32::from(configured)],
+                &[&i32::from(shards)],
             ))?;
-            Ok(wait(c.query_one("SELECT value FROM store_meta WHERE name = 'shards'", &[]))?.get(0))
+            Ok(())
         })?;
-        super::super::shards_agree(&stored, configured)
+        Ok(shards)
     }
 
     fn wake_on_registry_changes(

@@ -18,6 +18,10 @@ pub(crate) const FENCE: &str = "SELECT l.shard FROM shard_leases l
     WHERE l.epoch = h.epoch AND l.owner = $1 FOR SHARE OF l";
 
 impl Leases for PgStore {
+    fn exclusive(&self) -> bool {
+        false
+    }
+
     fn cluster_view(&self, instance: Option<&str>, lease_ms: i64) -> Result<View, StoreError> {
         self.with(|c| {
             let now = match instance {
@@ -63,7 +67,8 @@ impl Leases for PgStore {
             Ok(wait(c.query_opt(
                 "UPDATE shard_leases SET owner = $1, epoch = epoch + 1,
                         expires_at = now() + $3 * interval '1 millisecond'
-                 WHERE shard = $2 AND (owner IS NULL OR expires_at <= now()) RETURNING epoch",
+                 WHERE shard = $2 AND (owner IS NULL OR expires_at <= now() OR owner = $1)
+                 RETURNING epoch",
                 &[&instance, &i32::from(shard), &(lease_ms as f64)],
             ))?
             .map(|r| r.get(0)))
@@ -99,6 +104,13 @@ impl Leases for PgStore {
                  WHERE shard = $2 AND epoch = $3 AND owner = $1",
                 &[&instance, &i32::from(shard), &epoch],
             ))? == 1)
+        })
+    }
+
+    fn leave(&self, instance: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            wait(c.execute("DELETE FROM cluster_instances WHERE instance = $1", &[&instance]))?;
+            Ok(())
         })
     }
 }
