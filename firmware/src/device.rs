@@ -111,6 +111,15 @@ pub struct Device<S: Sensing, C: CounterStore, const U: usize, const T: usize> {
     in_flight_sent: bool,
     /// The lane of the frame in flight.
     in_flight_lane: Lane,
+    /// The counter of the frame in flight, and whether it is to be kept until the gateway
+    /// confirms it (an urgent frame on a sharded topic, not already held).
+    in_flight_counter: u32,
+    in_flight_confirm: bool,
+    /// Urgent frames awaiting the gateway's `UplinkAck`.
+    confirm: crate::confirm::Confirmations,
+    /// Whether urgent frames wait for the gateway's confirmation (off for a transport that
+    /// takes no downlink, such as the pooled load).
+    confirmations: bool,
     downlinks: CounterWindow,
     health: Option<Health>,
     low_battery: Latch,
@@ -139,6 +148,10 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             in_flight: None,
             in_flight_sent: false,
             in_flight_lane: Lane::Up,
+            in_flight_counter: 0,
+            in_flight_confirm: false,
+            confirm: crate::confirm::Confirmations::default(),
+            confirmations: true,
             downlinks: CounterWindow::new(),
             health: None,
             low_battery: Latch::default(),
@@ -195,7 +208,24 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
 
     /// Whether anything waits to be sent or acknowledged.
     pub fn has_pending(&self) -> bool {
-        self.in_flight.is_some() || !self.outbox.is_empty()
+        self.in_flight.is_some() || !self.outbox.is_empty() || self.confirm.has_resend()
+    }
+
+    /// Urgent frames sent and awaiting the gateway's confirmation, and the counts of
+    /// confirmed, resent and given-up ones.
+    pub const fn confirmations(&self) -> &crate::confirm::Confirmations {
+        &self.confirm
+    }
+
+    /// Whether urgent frames are kept until the gateway confirms them (default on; off for a
+    /// transport that takes no downlink).
+    pub fn set_confirmations(&mut self, on: bool) {
+        self.confirmations = on;
+    }
+
+    /// Connected again (to either broker): unconfirmed urgent frames go again.
+    pub fn reconnected(&mut self) {
+        self.confirm.reconnected();
     }
 
     /// Whether a frame awaits its PUBACK.
@@ -245,6 +275,7 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
 
     /// Heartbeats due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.confirm.tick(now);
         if now >= self.next_status {
             self.outbox.status(self.status(now));
             self.next_status = now.add_secs(self.config.heartbeat_interval_s);
@@ -253,10 +284,11 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
 
     /// The earliest instant the device needs to run again.
     pub fn poll_timeout(&self) -> Instant {
-        match self.sensing.next_sample_at(&self.config) {
+        let next = match self.sensing.next_sample_at(&self.config) {
             Some(at) => at.min(self.next_status),
             None => self.next_status,
-        }
+        };
+        self.confirm.next_due().map_or(next, |due| due.min(next))
     }
 
     fn status(&self, now: Instant) -> Status {
@@ -295,6 +327,15 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
     /// Seals the next waiting message if nothing is in flight; false when nothing waits.
     fn prepare_transmit(&mut self) -> Result<bool, TransmitError<C::Error>> {
         if self.in_flight.is_none() {
+            // An urgent frame whose confirmation is overdue goes first, byte-identical.
+            if let Some((counter, frame)) = self.confirm.next_resend() {
+                self.in_flight = Some(frame);
+                self.in_flight_lane = Lane::Urgent;
+                (self.in_flight_counter, self.in_flight_confirm) = (counter, false);
+                self.in_flight_sent = true;
+                self.stats.resends = self.stats.resends.saturating_add(1);
+                return Ok(true);
+            }
             if self.outbox.is_empty() {
                 return Ok(false);
             }
@@ -302,6 +343,11 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             let Some(msg) = self.outbox.take_next() else { return Ok(false) };
             self.in_flight = Some(seal(self.id.eui, counter, &msg, &self.id.key));
             self.in_flight_lane = lane_of(&msg);
+            self.in_flight_counter = counter;
+            // Only the gateway of the sharded topics confirms (SPEC §7.2).
+            self.in_flight_confirm = self.confirmations
+                && self.config.shards != 0
+                && self.in_flight_lane == Lane::Urgent;
             self.in_flight_sent = false;
             self.stats.frames_sealed = self.stats.frames_sealed.saturating_add(1);
         } else if self.in_flight_sent {
@@ -322,8 +368,11 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
 
     /// The broker acknowledged the frame in flight: it is delivered and can be forgotten.
     pub fn handle_puback(&mut self) {
-        if self.in_flight.take().is_some() {
+        if let Some(frame) = self.in_flight.take() {
             self.stats.frames_acked = self.stats.frames_acked.saturating_add(1);
+            if core::mem::take(&mut self.in_flight_confirm) {
+                self.confirm.keep(self.in_flight_counter, frame);
+            }
         }
     }
 
@@ -345,7 +394,10 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
                 self.clock.sync(now, *gateway);
                 Some(AckOutcome::Applied)
             }
-            Downlink::UplinkAck { .. } => None,
+            Downlink::UplinkAck { counter } => {
+                self.confirm.confirmed(*counter);
+                None
+            }
             Downlink::StatusRequest => {
                 self.outbox.status(self.status(now));
                 None

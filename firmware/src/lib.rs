@@ -20,6 +20,7 @@ extern crate std;
 pub mod backoff;
 pub mod beacon;
 mod config;
+pub mod confirm;
 pub mod counter;
 pub mod cover;
 pub mod device;

@@ -387,6 +387,8 @@ where
                 awaiting_since = None;
                 backoff.reset();
                 stats.connects = stats.connects.saturating_add(1);
+                // What the gateway has not confirmed yet goes again on this connection.
+                device.reconnected();
             }
             Ok(Event::PublishAcknowledged(_)) => {
                 device.handle_puback();

@@ -463,3 +463,77 @@ fn a_restarted_device_never_reuses_a_counter() {
         store = *dev.store();
     }
 }
+
+#[test]
+fn an_urgent_frame_is_kept_until_the_gateway_confirms_it_and_resent_identical_until_then() {
+    let mut dev = boot(Drain::new());
+    dev.configure(&[Setting::Shards(4)]);
+    dev.handle_input(Instant::ZERO, DrainInput { level_mm: 4_500 });
+    let mut sent = Vec::new();
+    while let Some(t) = dev.poll_transmit_on().unwrap() {
+        sent.push((t.topic.as_str().to_owned(), t.frame.to_vec()));
+        dev.handle_puback();
+    }
+    let shard = gridsense_protocol::topic::shard_of(EUI, 4);
+    let lane = format!("gridsense/{shard:02x}/{EUI}/urgent");
+    let urgent: Vec<Vec<u8>> =
+        sent.iter().filter(|(topic, _)| topic == &lane).map(|(_, f)| f.clone()).collect();
+    assert!(!urgent.is_empty(), "the level's warning and alarm on the urgent lane: {sent:?}");
+    assert!(
+        sent.iter().all(|(topic, f)| {
+            let (_, m) = open::<Uplink>(f, &KEY).unwrap();
+            topic.ends_with(gridsense_protocol::topic::lane_of(&m).as_str())
+        }),
+        "every frame on its lane"
+    );
+    assert_eq!(dev.confirmations().len(), urgent.len(), "kept after their PUBACK");
+    let mut resent = |dev: &mut Dev<Drain>| {
+        let mut out = Vec::new();
+        while let Some(t) = dev.poll_transmit_on().unwrap() {
+            // Readings due meanwhile go on `up`.
+            if t.topic.as_str() == lane {
+                out.push(t.frame.to_vec());
+            }
+            dev.handle_puback();
+        }
+        out
+    };
+    // No confirmation within the timeout: the same bytes again, on the urgent lane.
+    dev.handle_timeout(Instant::from_secs(1));
+    assert!(resent(&mut dev).is_empty(), "not before the timeout");
+    dev.handle_timeout(Instant::from_secs(12));
+    assert_eq!(resent(&mut dev), urgent);
+    // Reconnected: once more.
+    dev.reconnected();
+    assert_eq!(resent(&mut dev), urgent);
+    // Confirmed: forgotten, never sent again.
+    for (i, f) in urgent.iter().enumerate() {
+        let (h, _) = open::<Uplink>(f, &KEY).unwrap();
+        let ack = seal(EUI, i as u32, &Downlink::UplinkAck { counter: h.counter }, &KEY);
+        dev.handle_downlink(Instant::from_secs(13), &ack).unwrap();
+    }
+    assert!(dev.confirmations().is_empty());
+    let resends = dev.stats().resends;
+    dev.handle_timeout(Instant::from_secs(40));
+    while dev.poll_transmit_on().unwrap().is_some() {
+        dev.handle_puback();
+    }
+    assert_eq!(dev.stats().resends, resends, "nothing resent after the confirmation");
+    let c = dev.confirmations();
+    let n = urgent.len() as u32;
+    assert_eq!((c.confirmed, c.resent, c.dropped), (n, 2 * n, 0));
+}
+
+#[test]
+fn a_device_on_version_1s_topic_waits_for_no_confirmation() {
+    let mut dev = boot(Drain::new());
+    dev.handle_input(Instant::ZERO, DrainInput { level_mm: 4_500 });
+    let topics: Vec<String> = std::iter::from_fn(|| {
+        let t = dev.poll_transmit_on().unwrap()?.topic.as_str().to_owned();
+        dev.handle_puback();
+        Some(t)
+    })
+    .collect();
+    assert!(topics.iter().all(|t| t == &format!("gridsense/{EUI}/up")), "{topics:?}");
+    assert!(dev.confirmations().is_empty());
+}

@@ -269,6 +269,18 @@ impl Downlinks {
         self.send_pending(now_ms, device, out, updates);
     }
 
+    /// An urgent frame with `counter` is durable (it is sent with the batch that stores it, so
+    /// after the commit): the device may forget it (`UplinkAck`, protocol SPEC §7.2). Sent
+    /// again for every copy that arrives, since a copy means the device did not get it.
+    pub fn confirm(&mut self, device: Device, counter: u32, out: &mut Vec<Outgoing>) {
+        let next = self.next(device.id);
+        out.push(Outgoing {
+            eui: device.eui,
+            counter: next,
+            message: Downlink::UplinkAck { counter },
+        });
+    }
+
     /// A frame arrived on version 1's topic: the device is told the deployment's shards (a
     /// `Config` of [`Setting::Shards`]), so that it moves to the sharded topics — again after
     /// the ack timeout while it keeps using the old one (the setting is idempotent).

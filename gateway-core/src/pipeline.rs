@@ -24,7 +24,7 @@ use std::{
 
 use gridsense_protocol::{
     DeviceTime, Direction, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal,
-    topic::parse_topic,
+    topic::{Lane, lane_of, parse_topic},
 };
 
 use crate::{
@@ -793,7 +793,22 @@ impl Pipeline {
         // 1. Decode, look up, verify, counter window.
         let mut accepted = match self.intake.check(topic, payload) {
             Ok(accepted) => accepted,
-            Err(reject) => return self.reject(now_ms, topic, payload, &reject, batch),
+            Err(reject) => {
+                // A copy of an urgent frame: the device did not get its confirmation (or it
+                // is on its way); it gets one more, with the batch that drops the copy.
+                if let Reject::Duplicate(eui, counter) = reject
+                    && matches!(
+                        gridsense_protocol::topic::parse_route(topic),
+                        Ok(gridsense_protocol::topic::Route::Uplink { lane: Lane::Urgent, .. })
+                    )
+                    && let Some(device) = self.intake.device(eui)
+                {
+                    let mut outgoing = Vec::new();
+                    self.downlinks.confirm(device, counter, &mut outgoing);
+                    self.seal_downlinks(outgoing, batch);
+                }
+                return self.reject(now_ms, topic, payload, &reject, batch);
+            }
         };
         // 1b. Times too far ahead of the receive time are clamped to it (a device clock
         // running ahead), before anything dates readings, incidents or cases by them; the
@@ -856,6 +871,9 @@ impl Pipeline {
         );
         if accepted.legacy {
             self.downlinks.move_topics(now_ms, device, self.intake.shards(), &mut outgoing);
+        } else if lane_of(&accepted.message) == Lane::Urgent {
+            // Confirmed end to end once durable: the device keeps it until then.
+            self.downlinks.confirm(device, header.counter, &mut outgoing);
         }
         self.seal_downlinks(outgoing, batch);
         // 7. Rules, incidents, cases.
@@ -1371,11 +1389,7 @@ mod tests {
         assert_ne!(one, two, "the two devices are in different shards of {shards}");
         let mut batch = Batch::default();
         for n in [1, 2] {
-            let t = gridsense_protocol::topic::uplink_topic(
-                Eui(n),
-                shards,
-                gridsense_protocol::topic::Lane::Up,
-            );
+            let t = gridsense_protocol::topic::uplink_topic(Eui(n), shards, Lane::Up);
             let frame = seal(Eui(n), 5, &examples::uplinks()[1], &key);
             assert!(matches!(p.handle(0, t.as_str(), &frame, &mut batch), Outcome::Accepted(_)));
         }
@@ -1400,15 +1414,51 @@ mod tests {
         p.adopt_shards(&gone, state);
         assert_eq!(p.next_deadline(), Some(120_000));
         let mut again = Batch::default();
-        let t = gridsense_protocol::topic::uplink_topic(
-            Eui(1),
-            shards,
-            gridsense_protocol::topic::Lane::Up,
-        );
+        let t = gridsense_protocol::topic::uplink_topic(Eui(1), shards, Lane::Up);
         let replay = seal(Eui(1), 5, &examples::uplinks()[1], &key);
         assert_eq!(p.handle(10, t.as_str(), &replay, &mut again), Outcome::Rejected("duplicate"));
         let mut after = Batch::default();
         p.tick(120_000, &mut after);
         assert_eq!(after.events.iter().map(|e| e.eui).collect::<Vec<_>>(), [Eui(1)]);
+    }
+
+    #[test]
+    fn an_urgent_frame_is_confirmed_with_its_batch_and_again_for_every_copy() {
+        use gridsense_protocol::{Downlink, open, topic::uplink_topic};
+        let (p, key) = pipeline_of(&[1]);
+        let mut p = p.with_shards(4);
+        let alarm = Uplink::AlarmRaised(gridsense_protocol::AlarmRaised {
+            kind: gridsense_protocol::AlarmKind::CoverRemoved,
+            value: 1,
+            since: DeviceTime(1_000),
+        });
+        let urgent = uplink_topic(Eui(1), 4, Lane::Urgent);
+        let frame = seal(Eui(1), 7, &alarm, &key);
+        let acks = |batch: &Batch| -> Vec<u32> {
+            batch
+                .downlinks
+                .iter()
+                .filter_map(|(_, f)| match open::<Downlink>(f, &key).ok()?.1 {
+                    Downlink::UplinkAck { counter } => Some(counter),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut batch = Batch::default();
+        assert!(matches!(p.handle(0, &urgent, &frame, &mut batch), Outcome::Accepted(_)));
+        assert_eq!(acks(&batch), [7]);
+        let mut again = Batch::default();
+        assert_eq!(p.handle(10, &urgent, &frame, &mut again), Outcome::Rejected("duplicate"));
+        assert_eq!(acks(&again), [7], "a copy means the confirmation was missed: sent again");
+        // Telemetry is not confirmed frame by frame; version 1's topic gets the move instead.
+        let mut plain = Batch::default();
+        let reading = seal(Eui(1), 8, &examples::uplinks()[1], &key);
+        p.handle(20, &uplink_topic(Eui(1), 4, Lane::Up), &reading, &mut plain);
+        assert!(acks(&plain).is_empty());
+        let mut legacy = Batch::default();
+        let old = seal(Eui(1), 9, &alarm, &key);
+        p.handle(30, &topic(Eui(1), Direction::Uplink), &old, &mut legacy);
+        assert!(acks(&legacy).is_empty(), "version 1 devices do not wait for it");
+        assert_eq!(legacy.downlinks.len(), 1, "but are told the shards");
     }
 }

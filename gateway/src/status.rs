@@ -52,6 +52,8 @@ pub struct Status {
     pub left_for_next_owner: AtomicU64,
     /// Batches the store refused because a shard's lease had moved on (fencing).
     pub fenced: AtomicU64,
+    /// This instance's name among the gateway instances (`[cluster] instance_id`).
+    pub instance: std::sync::OnceLock<String>,
     /// Broker connections made.
     pub connects: AtomicU64,
     /// Messages received but not yet acknowledged.

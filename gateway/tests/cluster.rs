@@ -242,6 +242,8 @@ struct Outcome {
     sent: u64,
     stored: u64,
     duplicates_dropped: u64,
+    /// Every reject by reason (duplicates are the expected ones).
+    rejects: BTreeMap<String, u64>,
     cases: usize,
     stolen: usize,
 }
@@ -291,6 +293,7 @@ async fn outcome(c: &mut Cluster, subscriber: &Subscriber) -> Outcome {
         sent,
         stored: totals.accepted,
         duplicates_dropped: totals.rejects.get("duplicate").copied().unwrap_or(0),
+        rejects: totals.rejects.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         cases: cases.len(),
         stolen: stolen.len(),
     }
@@ -322,7 +325,36 @@ async fn gateway_failover_kill_9_loses_nothing_and_files_one_case_per_theft() {
     }
     let names = c.names();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    c.balanced(&refs, Duration::from_secs(30)).await;
+    let took = c.balanced(&refs, Duration::from_secs(30)).await;
+    // What an operator sees: every instance with its share, nobody's shards none.
+    let status = common::cli(&c.instances[0].config, &["cluster", "status"]);
+    for name in &names {
+        assert!(status.contains(&format!("  {name}: 2")), "{status}");
+    }
+    assert!(status.contains("held by nobody: 0"), "{status}");
+    // The same from any instance's API.
+    let url = format!("http://127.0.0.1:{}/api/v1/cluster", c.instances[2].http);
+    let api: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    let listed: Vec<&str> = api["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, refs, "{api}");
+    let held: usize = api["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["shards"].as_array().unwrap().len())
+        .sum();
+    assert_eq!((held, api["unheld"].as_array().unwrap().len()), (64, 0), "{api}");
+    assert_eq!(api["this_instance"]["instance"], "gw3", "{api}");
+    gridsense_tests::evidence!(
+        "edge: three instances started together shared 64 shards evenly in {} ms; `gridsense cluster status`: {}",
+        took.as_millis(),
+        status.lines().map(str::trim).collect::<Vec<_>>().join(" | ")
+    );
     let subscriber = Subscriber::start(c.broker.addr()).await.unwrap();
     let kills = kills();
     let real = Duration::from_secs(6 + 5 * kills as u64);
@@ -414,7 +446,17 @@ async fn gateway_zombie_paused_past_its_lease_commits_nothing_and_takes_no_sessi
         o.cases,
         o.stolen
     );
-    assert_eq!(o.stored, o.sent, "lost or duplicated");
+    if o.stored != o.sent {
+        let kept = c.dir.path().to_owned();
+        std::mem::forget(c);
+        panic!(
+            "lost or duplicated: {} of {}, rejects {:?}; logs kept in {}",
+            o.stored,
+            o.sent,
+            o.rejects,
+            kept.display()
+        );
+    }
     assert_eq!(others_after, others_before, "the zombie took a session back from a new owner");
 }
 

@@ -141,16 +141,22 @@ pub fn make_slot(planned: Planned, clock: &SimClock) -> AnySlot {
         AnyModel::Cover(m, baseline, settings) => {
             let mut s = slot(&record, &key, Cover::new(baseline), m, clock);
             configure(&mut s.device, &settings);
+            // No downlink reaches a pooled device: nothing would ever confirm its alarms.
+            s.device.set_confirmations(false);
             AnySlot::Cover(s)
         }
         AnyModel::Drain(m, settings) => {
             let mut s = slot(&record, &key, Drain::new(), m, clock);
             configure(&mut s.device, &settings);
+            // No downlink reaches a pooled device: nothing would ever confirm its alarms.
+            s.device.set_confirmations(false);
             AnySlot::Drain(s)
         }
         AnyModel::Beacon(m, settings) => {
             let mut s = slot(&record, &key, Beacon::new(), m, clock);
             configure(&mut s.device, &settings);
+            // No downlink reaches a pooled device: nothing would ever confirm its alarms.
+            s.device.set_confirmations(false);
             AnySlot::Beacon(s)
         }
     }

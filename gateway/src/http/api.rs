@@ -367,6 +367,62 @@ fn instant(name: &str, v: &str, cal: &crate::calendar::Calendar) -> Result<i64, 
         .ok_or_else(|| format!("{name}: {v:?} does not exist"))
 }
 
+/// `GET /api/v1/cluster`: the gateway instances sharing the store, the shards each holds and
+/// when its next lease lapses, the shards nobody holds, and this instance's own figures.
+async fn cluster(State(state): State<ApiState>) -> Response {
+    let lease_ms = 5_000;
+    let view = match blocking(&state, move |s| s.cluster_view(None, lease_ms)).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let instances: Vec<serde_json::Value> = view
+        .instances
+        .iter()
+        .map(|name| {
+            let held: Vec<&crate::cluster::Lease> = view
+                .leases
+                .iter()
+                .filter(|l| l.owner.as_deref() == Some(name.as_str()) && l.expires_in_ms > 0)
+                .collect();
+            serde_json::json!({
+                "instance": name,
+                "shards": held.iter().map(|l| l.shard).collect::<Vec<_>>(),
+                "next_expiry_ms": held.iter().map(|l| l.expires_in_ms).min(),
+            })
+        })
+        .collect();
+    let unheld: Vec<serde_json::Value> = view
+        .leases
+        .iter()
+        .filter(|l| l.owner.is_none() || l.expires_in_ms <= 0)
+        .map(|l| {
+            serde_json::json!({
+                "shard": l.shard,
+                "last_owner": l.owner,
+                "lapsed_ms": l.owner.as_ref().map(|_| -l.expires_in_ms),
+            })
+        })
+        .collect();
+    let s = &state.status;
+    let (wanted, up) = s.session_counts();
+    Json(serde_json::json!({
+        "db_now_ms": view.db_now_ms,
+        "shards": view.leases.len(),
+        "instances": instances,
+        "unheld": unheld,
+        "this_instance": {
+            "instance": s.instance.get(),
+            "shards_held": s.shards_held.load(Relaxed),
+            "rebalances": s.rebalances.load(Relaxed),
+            "batches_fenced": s.fenced.load(Relaxed),
+            "sessions_wanted": wanted,
+            "sessions_up": up,
+            "frames_forwarded": s.frames_forwarded.load(Relaxed),
+        },
+    }))
+    .into_response()
+}
+
 async fn stats(
     State(state): State<ApiState>,
     query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
@@ -840,6 +896,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/map", get(map))
         .route("/api/v1/incidents", get(incidents))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/events", get(events))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -149,6 +149,7 @@ pub async fn run(
     let sessions =
         Sessions::new(template, tx, status.clone(), gate.clone(), shards, shutdown.clone());
     let instance = config.cluster.instance();
+    let _ = status.instance.set(instance.clone());
     let (news_tx, news_rx) = mpsc::channel::<News>(16);
     // At most one reply per shard held, and a reset: never full.
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(usize::from(shards) + 8);

@@ -1018,8 +1018,8 @@ pub fn target(c: &crate::config::Store) -> String {
 
 /// What the HTTP side (API, dashboard, board, Open311, auth) needs: operators' views and case
 /// moves, and the tokens that let them in.
-pub trait Operator: CaseBoard + Queries + Tokens + Send {}
-impl<T: CaseBoard + Queries + Tokens + Send> Operator for T {}
+pub trait Operator: CaseBoard + Queries + Tokens + Leases + Send {}
+impl<T: CaseBoard + Queries + Tokens + Leases + Send> Operator for T {}
 
 /// A store that serves every consumer: what a backend opens.
 pub trait Backend: IngestStore + Outbox + TelemetryBuffer + Registry + Operator + Leases {}
