@@ -57,7 +57,10 @@ async fn main() -> Result<()> {
         MqttOptions::new("bare-subscriber", broker.addr().ip().to_string(), broker.addr().port());
     options.set_inflight(1_000);
     let (client, mut eventloop) = AsyncClient::new(options, 100);
-    client.subscribe("gridsense/+/up", QoS::AtLeastOnce).await?;
+    // Version 1's topic and both lanes of every shard (the load publishes on its shards').
+    for filter in ["gridsense/+/up", "gridsense/+/+/up", "gridsense/+/+/urgent"] {
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+    }
     let counter = bare.clone();
     tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use gridsense_gateway::{app, config::Config, store::CaseFilter};
-use gridsense_protocol::topic::UPLINK_FILTER;
+use gridsense_protocol::topic::{Lane, UPLINK_FILTER, all_shards_filter};
 use gridsense_simulator::{
     city::{self, Counts},
     fleet::{self, Plan, RunOptions},
@@ -90,6 +90,8 @@ struct Args {
     from_json: Option<PathBuf>,
     /// `sqlite` (default) or `postgres` (a durable PostgreSQL started here, fsync on).
     store: String,
+    /// Gateway instances sharing the PostgreSQL store (1 unless `--store postgres`).
+    instances: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -100,6 +102,7 @@ fn parse_args() -> Result<Args> {
         million: 0,
         from_json: None,
         store: "sqlite".into(),
+        instances: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -117,10 +120,17 @@ fn parse_args() -> Result<Args> {
             "--from-json" => args.from_json = Some(PathBuf::from(value)),
             "--store" if value == "sqlite" || value == "postgres" => args.store = value,
             "--store" => bail!("--store {value:?}: sqlite or postgres"),
+            "--instances" => args.instances = value.parse().context("--instances")?,
             other => bail!(
-                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --store)"
+                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --store, --instances)"
             ),
         }
+    }
+    if args.instances != 1 && args.store != "postgres" {
+        bail!(
+            "--instances {}: several instances share a PostgreSQL store (--store postgres)",
+            args.instances
+        );
     }
     Ok(args)
 }
@@ -229,20 +239,21 @@ impl Gateway {
         broker: std::net::SocketAddr,
         grids: &Path,
         store_url: &str,
+        instance: &str,
     ) -> Result<Self> {
         let http = free_port()?;
         let db = dir.join("gridsense.db");
         let text = format!(
             "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"gridsense-bench\"\n\n[store]\npath = \"{}\"\nurl = \"{store_url}\"\n\n\
-             [geo]\ngrids = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nauth = \"off\"\n",
+             [geo]\ngrids = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nauth = \"off\"\n\n[cluster]\ninstance_id = \"{instance}\"\n",
             db.display(),
             grids.display()
         );
-        let path = dir.join("gateway.toml");
+        let path = dir.join(format!("gateway-{instance}.toml"));
         std::fs::write(&path, &text)?;
         // Registered (migrated) before the gateway starts: no schema change races it.
         let store = app::open_store(&gridsense_gateway::config::load(Some(&path), &[])?)?;
-        let log = std::fs::File::create(dir.join("gateway.log"))?;
+        let log = std::fs::File::create(dir.join(format!("gateway-{instance}.log")))?;
         let child = Command::new(gateway_binary()?)
             .args(["run", "--config"])
             .arg(&path)
@@ -282,6 +293,55 @@ impl Gateway {
     }
 }
 
+/// The gateway instances sharing the store (one unless `--instances`).
+struct Gateways(Vec<Gateway>);
+
+impl Gateways {
+    fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(Gateway::pid).collect()
+    }
+
+    fn accepted(&self) -> Result<u64> {
+        self.0.first().context("no gateway")?.accepted()
+    }
+
+    fn store(&self) -> Result<&dyn gridsense_gateway::store::Backend> {
+        Ok(&*self.0.first().context("no gateway")?.store)
+    }
+
+    /// Waits until every instance holds its even share of the shards.
+    fn balanced(&self) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let view = self.store()?.cluster_view(None, 5_000)?;
+            let mut shares = std::collections::BTreeMap::<String, usize>::new();
+            for l in view.leases.iter().filter(|l| l.expires_in_ms > 0) {
+                if let Some(o) = &l.owner {
+                    *shares.entry(o.clone()).or_default() += 1;
+                }
+            }
+            let even = view.leases.len() / self.0.len();
+            if shares.len() == self.0.len()
+                && shares.values().all(|n| *n >= even)
+                && shares.values().sum::<usize>() == view.leases.len()
+            {
+                return Ok(format!("{shares:?}"));
+            }
+            if Instant::now() > deadline {
+                bail!("instances not balanced within 120 s: {shares:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(self) -> Result<()> {
+        for g in self.0 {
+            g.stop()?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -298,7 +358,11 @@ fn bare_subscriber(broker: std::net::SocketAddr) -> Arc<AtomicU64> {
     let (client, mut eventloop) = AsyncClient::new(options, 1_000);
     let seen = count.clone();
     tokio::spawn(async move {
-        let _ = client.subscribe(UPLINK_FILTER, QoS::AtLeastOnce).await;
+        // Version 1's topic and both lanes of every shard (the load publishes on its shards').
+        let lanes = [Lane::Up, Lane::Urgent].map(|l| all_shards_filter(l).as_str().to_owned());
+        for filter in [UPLINK_FILTER.to_owned(), lanes[0].clone(), lanes[1].clone()] {
+            let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+        }
         while let Ok(event) = eventloop.poll().await {
             if let Event::Incoming(Packet::Publish(_)) = event {
                 seen.fetch_add(1, Relaxed);
@@ -308,10 +372,14 @@ fn bare_subscriber(broker: std::net::SocketAddr) -> Arc<AtomicU64> {
     count
 }
 
-async fn wait_stored(gateway: &Gateway, expected: u64, limit: Duration) -> Result<(u64, f64)> {
+async fn wait_stored(
+    accepted: impl Fn() -> Result<u64>,
+    expected: u64,
+    limit: Duration,
+) -> Result<(u64, f64)> {
     let started = Instant::now();
     loop {
-        let stored = gateway.accepted()?;
+        let stored = accepted()?;
         if stored >= expected || started.elapsed() > limit {
             return Ok((stored, started.elapsed().as_secs_f64()));
         }
@@ -326,11 +394,12 @@ async fn step(
     plan: Plan,
     covers: &[inventory::Device],
     broker: &Mosquitto,
-    gateway: &Gateway,
+    gateway: &Gateways,
     bare: &AtomicU64,
     seconds: u64,
     db_pids: &dyn Fn() -> Vec<u32>,
 ) -> Result<Step> {
+    let gw_cpu = || gateway.pids().into_iter().map(cpu_s).sum::<f64>();
     let db_cpu = || db_pids().into_iter().map(cpu_s).sum::<f64>();
     let alarms_client = {
         let mut options = MqttOptions::new(
@@ -355,23 +424,23 @@ async fn step(
     tokio::time::sleep(Duration::from_secs(WARMUP_S)).await;
 
     let (t0, bare0, acc0) = (Instant::now(), bare.load(Relaxed), gateway.accepted()?);
-    let (gw0, br0, db0) = (cpu_s(gateway.pid()), cpu_s(broker.pid()), db_cpu());
+    let (gw0, br0, db0) = (gw_cpu(), cpu_s(broker.pid()), db_cpu());
     let window_end = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let sent = alarms::publish_paced(&alarms_client, covers, ALARM_RATE, Some(window_end)).await?;
     tokio::time::sleep_until(window_end).await;
     let window = t0.elapsed().as_secs_f64();
     let (bare1, acc1) = (bare.load(Relaxed), gateway.accepted()?);
-    let (gw1, br1, db1) = (cpu_s(gateway.pid()), cpu_s(broker.pid()), db_cpu());
-    let rss = mem_mib(gateway.pid(), "VmRSS:");
+    let (gw1, br1, db1) = (gw_cpu(), cpu_s(broker.pid()), db_cpu());
+    let rss = gateway.pids().into_iter().map(|p| mem_mib(p, "VmRSS:")).sum::<f64>();
 
     let summary = sim.await??;
     let published = summary.frames() + sent.len() as u64;
     let (stored_total, catch_up) =
-        wait_stored(gateway, base + published, Duration::from_secs(120)).await?;
+        wait_stored(|| gateway.accepted(), base + published, Duration::from_secs(120)).await?;
     let stored = stored_total - base;
 
     // Alarm → case on the board (committed, then delivered by the local platform adapter).
-    let store = &gateway.store;
+    let store = gateway.store()?;
     let filter = CaseFilter { limit: 1_000_000, ..CaseFilter::default() };
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut latencies, mut decided) = (Vec::new(), Vec::new());
@@ -426,8 +495,13 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     app::open_store(&config)?.import(&devices, 0)?;
     println!("million: {n} devices imported in {:.1} s", started.elapsed().as_secs_f64());
     drop(devices);
-    let gateway =
-        Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), store_url)?;
+    let gateway = Gateway::start(
+        dir.path(),
+        broker.addr(),
+        &city_dir.join("grids.geojson"),
+        store_url,
+        "gw1",
+    )?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let registered = mem_mib(gateway.pid(), "VmRSS:");
     println!(
@@ -441,7 +515,8 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     let options = RunOptions::pooled(broker.addr(), scenario, 1.0, Duration::from_secs(62));
     let (_keep, stop) = tokio::sync::watch::channel(false);
     let summary = fleet::run(plan, &options, stop).await?;
-    let (stored, _) = wait_stored(&gateway, summary.frames(), Duration::from_secs(300)).await?;
+    let (stored, _) =
+        wait_stored(|| gateway.accepted(), summary.frames(), Duration::from_secs(300)).await?;
     let reported = mem_mib(gateway.pid(), "VmRSS:");
     let hwm = mem_mib(gateway.pid(), "VmHWM:");
     println!(
@@ -450,8 +525,13 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     );
     gateway.stop()?;
     let started = Instant::now();
-    let gateway =
-        Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), store_url)?;
+    let gateway = Gateway::start(
+        dir.path(),
+        broker.addr(),
+        &city_dir.join("grids.geojson"),
+        store_url,
+        "gw1",
+    )?;
     let restart_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = mem_mib(gateway.pid(), "VmRSS:");
@@ -751,8 +831,21 @@ async fn main() -> Result<()> {
         devices.iter().filter(|d| d.record.kind == Kind::Cover).cloned().collect();
     let mut plan = fleet::plan(&city_dir, &scenario::load("load")?)?;
     plan.devices.retain(|d| d.record.record.kind == Kind::Drain);
-    let gateway =
-        Gateway::start(dir.path(), broker.addr(), &city_dir.join("grids.geojson"), &store_url)?;
+    let mut list = Vec::new();
+    for i in 1..=args.instances {
+        let grids = city_dir.join("grids.geojson");
+        list.push(Gateway::start(
+            dir.path(),
+            broker.addr(),
+            &grids,
+            &store_url,
+            &format!("gw{i}"),
+        )?);
+    }
+    let gateway = Gateways(list);
+    if args.instances > 1 {
+        println!("{} instances, shards held: {}", args.instances, gateway.balanced()?);
+    }
     let bare = bare_subscriber(broker.addr());
     tokio::time::sleep(Duration::from_secs(1)).await;
 

@@ -206,6 +206,25 @@ impl Cluster {
         }
     }
 
+    /// Waits until every running instance has every session of its shards subscribed: a
+    /// session that never subscribed has nothing queued for it at the broker (a frame on a
+    /// topic nobody subscribes to is dropped), so the fleet starts after that.
+    async fn subscribed(&self, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let mut all = true;
+            for i in self.instances.iter().filter(|i| i.child.is_some()) {
+                let m = i.metrics().await;
+                all &= metric(&m, "gridsense_broker_connected") == 1;
+            }
+            if all {
+                return;
+            }
+            assert!(started.elapsed() < within, "sessions not all subscribed in {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn names(&self) -> Vec<String> {
         self.instances.iter().map(|i| i.name.clone()).collect()
     }
@@ -326,6 +345,7 @@ async fn gateway_failover_kill_9_loses_nothing_and_files_one_case_per_theft() {
     let names = c.names();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let took = c.balanced(&refs, Duration::from_secs(30)).await;
+    c.subscribed(Duration::from_secs(30)).await;
     // What an operator sees: every instance with its share, nobody's shards none.
     let status = common::cli(&c.instances[0].config, &["cluster", "status"]);
     for name in &names {
@@ -400,6 +420,7 @@ async fn gateway_zombie_paused_past_its_lease_commits_nothing_and_takes_no_sessi
     let names = c.names();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     c.balanced(&refs, Duration::from_secs(30)).await;
+    c.subscribed(Duration::from_secs(30)).await;
     let subscriber = Subscriber::start(c.broker.addr()).await.unwrap();
     let sim = fleet(&c, Duration::from_secs(16));
     tokio::time::sleep(Duration::from_millis(4_000 + jitter_ms())).await;
@@ -470,6 +491,7 @@ async fn rolling_restart_under_load_loses_nothing() {
     let names = c.names();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     c.balanced(&refs, Duration::from_secs(30)).await;
+    c.subscribed(Duration::from_secs(30)).await;
     let subscriber = Subscriber::start(c.broker.addr()).await.unwrap();
     let sim = fleet(&c, Duration::from_secs(22));
     let mut handovers = Vec::new();
