@@ -487,7 +487,7 @@ fn an_urgent_frame_is_kept_until_the_gateway_confirms_it_and_resent_identical_un
         "every frame on its lane"
     );
     assert_eq!(dev.confirmations().len(), urgent.len(), "kept after their PUBACK");
-    let mut resent = |dev: &mut Dev<Drain>| {
+    let resent = |dev: &mut Dev<Drain>| {
         let mut out = Vec::new();
         while let Some(t) = dev.poll_transmit_on().unwrap() {
             // Readings due meanwhile go on `up`.
