@@ -58,6 +58,8 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Messages received but not yet acknowledged.
     pub unacked: AtomicU64,
+    /// Of those, waiting at their session for room in the pipeline's channel.
+    pub overflowed: AtomicU64,
     /// PUBLISH packets received from the broker since start.
     pub mqtt_received: AtomicU64,
     /// PUBACK packets written to the broker since start.

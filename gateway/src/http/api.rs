@@ -692,6 +692,12 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     for (name, kind, help, value) in [
         ("gridsense_shards_held", "gauge", "Shards this instance holds.", &s.shards_held),
         (
+            "gridsense_queue_overflowed",
+            "gauge",
+            "Messages waiting at their session for room in the pipeline's channel (as of each session's last look).",
+            &s.overflowed,
+        ),
+        (
             "gridsense_shard_rebalances_total",
             "counter",
             "Shards claimed or lost by this instance (hand-overs included).",

@@ -40,8 +40,13 @@ pub struct Template {
 #[derive(Debug)]
 struct Running {
     generation: u64,
-    acks: mpsc::Sender<Publish>,
-    outbound: mpsc::Sender<Outbound>,
+    /// Acks for the pipeline to hand over without waiting: the session's task may be waiting
+    /// for room in the pipeline's channel, so a bounded queue here could close a circle. Its
+    /// length is bounded by the messages of this session the pipeline holds (which are
+    /// bounded by the channel and the batch size).
+    acks: mpsc::UnboundedSender<Publish>,
+    /// Downlinks and forwarded frames, likewise: at most two per frame of a committed batch.
+    outbound: mpsc::UnboundedSender<Outbound>,
     session: JoinHandle<()>,
     acker: JoinHandle<()>,
 }
@@ -111,8 +116,8 @@ impl Sessions {
         let window = usize::from(o.inflight);
         let (client, eventloop) =
             AsyncClient::new(session::mqtt_options(&options), window * 2 + 16);
-        let (acks, ack_rx) = mpsc::channel::<Publish>(window.max(1));
-        let (outbound, out_rx) = mpsc::channel::<Outbound>(64);
+        let (acks, ack_rx) = mpsc::unbounded_channel::<Publish>();
+        let (outbound, out_rx) = mpsc::unbounded_channel::<Outbound>();
         let forwards = (key == SessionKey::Legacy)
             .then(|| Arc::new(std::sync::Mutex::new(Forwards::default())));
         let gate = self.gate.clone();
@@ -182,7 +187,7 @@ impl Sessions {
     /// ended: the broker redelivers it, and the counter window drops it then).
     pub async fn ack(&self, t: Tagged) {
         if let Some(r) = self.running.get(&t.key).filter(|r| r.generation == t.generation)
-            && r.acks.send(t.publish).await.is_err()
+            && r.acks.send(t.publish).is_err()
         {
             tracing::warn!("ack not sent: the session has ended");
         }
@@ -194,7 +199,7 @@ impl Sessions {
         let key = self.up_session(eui);
         match self.running.get(&key) {
             Some(r) => {
-                let _ = r.outbound.send(Outbound::Downlink(topic, frame)).await;
+                let _ = r.outbound.send(Outbound::Downlink(topic, frame));
             }
             None => tracing::warn!(%eui, "downlink not sent: its shard is no longer held here"),
         }
@@ -206,7 +211,7 @@ impl Sessions {
         if let Some(r) = self.running.get(&SessionKey::Legacy)
             && r.generation == t.generation
         {
-            let _ = r.outbound.send(Outbound::Forward(to, t.publish)).await;
+            let _ = r.outbound.send(Outbound::Forward(to, t.publish));
         }
     }
 
