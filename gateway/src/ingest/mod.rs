@@ -1,39 +1,48 @@
-//! The ingest shell: MQTT 5 in, SQLite out, acknowledgements only after the commit.
+//! The ingest shell: MQTT 5 in, the store out, acknowledgements only after the commit.
 //!
-//! Three tasks:
-//! - the **session task** ([`session::run`]) owns the rumqttc (`v5`) event loop and only
-//!   drives `EventLoop::poll`, never racing it against anything (a poll dropped mid-write drops
-//!   an outgoing PUBACK): persistent session (clean start off, a session that never expires),
-//!   manual acks, a Maximum Packet Size and a Receive Maximum announced in CONNECT, subscribe
-//!   and check the SUBACK on every CONNACK, reconnect with a backoff that a connection dropped
-//!   right after its CONNACK does not reset. It forwards each PUBLISH into a channel bounded by
-//!   the in-flight credits, and keeps polling while that channel is full (the keep-alive must
-//!   not lapse); the broker holds back the rest (Receive Maximum).
-//! - the **acker** ([`session::acker`]) hands the acks the pipeline returns (in order) and the
-//!   sealed downlinks to the client. It awaits the client's bounded request queue, which the
-//!   session task drains; the session task itself never awaits the client, so the two cannot
-//!   deadlock (PITFALLS.md).
+//! The tasks:
+//! - one **session task** per broker session ([`session::run`], started and stopped by
+//!   [`sessions::Sessions`]): one persistent session per shard this instance holds and lane,
+//!   and version 1's with shard 0. Each owns its rumqttc (`v5`) event loop and only drives
+//!   `EventLoop::poll`, never racing it against anything (a poll dropped mid-write drops an
+//!   outgoing PUBACK): clean start off, a session that never expires, manual acks, a Maximum
+//!   Packet Size and a Receive Maximum announced in CONNECT, subscribe and check the SUBACK on
+//!   every CONNACK, reconnect with a backoff that a connection dropped right after its CONNACK
+//!   does not reset — and only while the shard's lease is known to be held ([`leases::Gate`]).
+//!   It forwards each PUBLISH, tagged with its session and run, into the pipeline's channel;
+//!   when that is full it waits for room (at most half the keep-alive, then one poll for the
+//!   ping and the queued acks) and the broker keeps the rest.
+//! - one **acker** per session ([`session::acker`]) hands the acks the pipeline returns (in
+//!   order), the sealed downlinks and the forwarded version 1 frames to the client. It awaits
+//!   the client's bounded request queue, which the session task drains; the session task
+//!   never awaits the client, and the pipeline never awaits the acker, so none can close a
+//!   circle (PITFALLS.md).
+//! - the **lease task** ([`leases::run`]) renews, claims and hands over shard leases and tells
+//!   the pipeline task ([`leases::News`]).
 //! - the **pipeline task** runs each message through [`Pipeline::handle`] as it arrives,
 //!   collecting up to `batch_max` messages or `batch_max_ms` (less when a message queued a case
-//!   or an alert: those are committed at once), commits the batch in one transaction, then hands the
-//!   messages back for acknowledgement in arrival order. The commit runs as a task of its own
-//!   while the next batch is decided (two batches in flight at most: a batch's commit starts
-//!   only once the one before it is durable and acknowledged), so deciding and writing overlap
-//!   instead of taking turns. What it decides — when a batch
-//!   closes, what is held for acknowledgement, how long to wait before retrying a commit, when
-//!   the periodic work is due — is [`batcher`]'s, plain state tested in virtual time; the task
-//!   only waits, reads, commits and sends. Offline deadlines are ticked on the
-//!   same task, so health events are committed the same way. If a commit fails nothing is
-//!   acknowledged. A full disk (or another failure that may pass) holds the batch and retries
-//!   it until it is durable, saying why in the status, readiness and metrics; any other
-//!   failure stops the task with the error: the broker redelivers to the restarted gateway,
-//!   and every step downstream is idempotent. Every message is acknowledged once handled —
-//!   accepted or rejected — so no message can hold the session.
+//!   or an alert: those are committed at once), commits the batch in one transaction — fenced
+//!   by the epochs of the shards held — then hands the messages back for acknowledgement in
+//!   arrival order, each through the session it came in on. The commit runs as a task of its
+//!   own while the next batch is decided (two batches in flight at most: a batch's commit
+//!   starts only once the one before it is durable and acknowledged). What it decides — when a
+//!   batch closes, what is held for acknowledgement, how long to wait before retrying a commit,
+//!   when the periodic work is due — is [`batcher`]'s, plain state tested in virtual time; the
+//!   task only waits, reads, commits and sends. Between batches it follows the lease news:
+//!   adopt a claimed shard's state and start its sessions; hand one over (its last batch
+//!   committed and acknowledged, its sessions closed, its state forgotten); drop a lost one at
+//!   once. Offline deadlines are ticked on the same task, so health events are committed the
+//!   same way. If a commit fails nothing is acknowledged. A full disk (or another failure that
+//!   may pass) holds the batch and retries it until it is durable, saying why in the status,
+//!   readiness and metrics; a batch refused by the fencing check starts the instance over from
+//!   the store for the shards still its own; any other failure stops the task with the error:
+//!   the broker redelivers to the restarted gateway, and every step downstream is idempotent.
+//!   Every message is acknowledged once handled — accepted or rejected — so no message can
+//!   hold a session.
 //!
-//! Every channel is bounded: the session's channel to the pipeline by the in-flight credits
-//! (`mqtt.inflight`, also the Receive Maximum), the acks back by the same (an ack is for a
-//! message held), the sealed downlinks by twice `store.batch_max` (a frame prompts at most a
-//! time sync and a configuration); a full one makes the pipeline task wait, never drops.
+//! The pipeline's channel is bounded by every session's in-flight window (the Receive Maximum,
+//! `mqtt.inflight` shared by the shards, at least 16 each); the acks, downlinks and forwards
+//! to a session are bounded by what the pipeline holds of that session's messages.
 
 pub mod batcher;
 pub mod leases;

@@ -331,13 +331,14 @@ impl Forwards {
 /// dropped while it writes an outgoing packet (the socket's buffer full, the broker busy) drops
 /// that packet, and a lost PUBACK holds one of the broker's in-flight slots for this session
 /// until it reconnects — enough of them and the broker stops sending altogether (seen at
-/// 50,000 frames/s offered, before this was a separate task). Nor does it ever stop polling:
-/// a session that stops reading misses its keep-alive, and the broker then drops it and
-/// redelivers everything unacknowledged (seen when a full disk held commits for a minute).
-/// When the pipeline's channel is full, messages wait in `overflow` and move on as acks (from
-/// [`acker`]) free room; the Receive Maximum bounds `overflow` by `mqtt.inflight` (with MQTT
-/// 3.1.1, commits held by a full disk had let 10,011 messages pile up here at Mosquitto's
-/// `max_inflight_messages 1000`).
+/// 50,000 frames/s offered, before this was a separate task). Nor does it stop polling for
+/// longer than half the keep-alive: a session that stops reading misses its keep-alive, and
+/// the broker then drops it and redelivers everything unacknowledged (seen when a full disk
+/// held commits for a minute). When the pipeline's channel is full, messages wait in
+/// `overflow` while the task waits for room (then one poll, for the ping and the acks queued
+/// meanwhile); the Receive Maximum should bound `overflow` by the session's window, though
+/// under overload with many sessions it has held ~800 (`gridsense_queue_overflowed`; issue
+/// 17's flow control looks at why).
 pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
     let Link { key, generation, publishes, status, mut policy, may_connect, shutdown, forwards } =
         link;
