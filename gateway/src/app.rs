@@ -79,7 +79,8 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
     };
     // Built once here: a CA file that cannot be used stops the start, instead of every
     // connection attempt.
-    let tls = if broker::is_tls(&config.mqtt.url) {
+    let brokers = config.mqtt.brokers();
+    let tls = if brokers.first().is_some_and(|u| broker::is_tls(u)) {
         Some(
             gridsense_common::tls::client_config(std::path::Path::new(&config.mqtt.ca_file))
                 .context("mqtt.ca_file")?,
@@ -132,28 +133,35 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         tracing::info!(grids, "grid layer loaded");
     }
     let (pipeline, tables) = with_cases(config, &*store, pipeline)?;
-    let (target, device_listener, tool_listener) = if config.mqtt.url.is_empty() {
+    let (targets, device_listener, tool_listener) = if brokers.is_empty() {
         let embedded =
             broker::start_embedded(config.broker.device_port, config.broker.client_port)?;
         let (client_id, user, password) = embedded.gateway_login;
         let target = ingest::Target {
             addr: embedded.gateway,
+            host: embedded.gateway.ip().to_string(),
             tls: None,
             client_id,
             credentials: Some((user, password)),
         };
-        (target, Some(embedded.devices), Some(embedded.clients))
+        (vec![target], Some(embedded.devices), Some(embedded.clients))
     } else {
         let m = &config.mqtt;
-        let target = ingest::Target {
-            addr: broker::parse_url(&m.url)?,
-            tls,
-            client_id: m.client_id.clone(),
-            credentials: (!m.username.is_empty()).then(|| (m.username.clone(), m.password.clone())),
-        };
-        (target, None, None)
+        let mut targets = Vec::new();
+        for url in &brokers {
+            targets.push(ingest::Target {
+                addr: broker::parse_url(url)?,
+                host: gridsense_common::tls::url_host(url).to_owned(),
+                tls: tls.clone(),
+                client_id: m.client_id.clone(),
+                credentials: (!m.username.is_empty())
+                    .then(|| (m.username.clone(), m.password.clone())),
+            });
+        }
+        (targets, None, None)
     };
-    let broker = tool_listener.unwrap_or(target.addr);
+    let first = targets.first().map(|t| t.addr).context("no broker")?;
+    let broker = tool_listener.unwrap_or(first);
     let status = Arc::new(Status::default());
     status.devices_unassigned.store(unassigned_devices, std::sync::atomic::Ordering::Relaxed);
     status
@@ -189,7 +197,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         let (config, status) = (config.clone(), status.clone());
         async move {
             let result =
-                ingest::run(&config, target, store, leases, pipeline, clock, status, shutdown)
+                ingest::run(&config, targets, store, leases, pipeline, clock, status, shutdown)
                     .await;
             drop(checkpointer);
             result

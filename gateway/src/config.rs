@@ -347,8 +347,11 @@ impl Default for Telemetry {
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
     /// `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS (then `ca_file` is required); empty
-    /// starts the embedded broker.
+    /// (and no `urls`) starts the embedded broker.
     pub url: String,
+    /// Two independent brokers instead of `url`: every shard's sessions are held on both, and
+    /// devices fail over between them. Both `mqtt://` or both `mqtts://`.
+    pub urls: Vec<String>,
     /// PEM file of the CA(s) the broker's certificate must chain to (`mqtts://` only). The
     /// certificate must name the URL's host.
     pub ca_file: String,
@@ -374,10 +377,24 @@ pub struct Mqtt {
     pub reconnect_max_ms: u64,
 }
 
+impl Mqtt {
+    /// The brokers: `urls` when given, else `url` alone, else none (the embedded broker).
+    pub fn brokers(&self) -> Vec<&str> {
+        if !self.urls.is_empty() {
+            self.urls.iter().map(String::as_str).collect()
+        } else if !self.url.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 impl Default for Mqtt {
     fn default() -> Self {
         Mqtt {
             url: String::new(),
+            urls: Vec::new(),
             ca_file: String::new(),
             client_id: "gridsense-gateway".into(),
             username: String::new(),
@@ -643,7 +660,21 @@ impl Config {
         if !self.mqtt.url.is_empty() {
             parse_url(&self.mqtt.url).map_err(|e| ("mqtt.url", e.to_string()))?;
         }
-        match (is_tls(&self.mqtt.url), self.mqtt.ca_file.is_empty()) {
+        if !self.mqtt.urls.is_empty() && !self.mqtt.url.is_empty() {
+            return Err(("mqtt.urls", "give either url or urls, not both".into()));
+        }
+        if self.mqtt.urls.len() > 2 {
+            return Err(("mqtt.urls", "at most two brokers".into()));
+        }
+        for u in &self.mqtt.urls {
+            parse_url(u).map_err(|e| ("mqtt.urls", e.to_string()))?;
+        }
+        let tls: Vec<bool> = self.mqtt.brokers().iter().map(|u| is_tls(u)).collect();
+        if tls.iter().any(|t| Some(t) != tls.first()) {
+            return Err(("mqtt.urls", "both brokers mqtt:// or both mqtts://".into()));
+        }
+        let any_tls = tls.first().copied().unwrap_or(false);
+        match (any_tls, self.mqtt.ca_file.is_empty()) {
             (true, true) => {
                 return Err((
                     "mqtt.ca_file",
@@ -861,6 +892,24 @@ mod tests {
         assert!(err.contains("telemetry.url"), "{err}");
         let (_d, path) = write("[store\n");
         assert!(load(Some(&path), &[]).is_err());
+    }
+
+    #[test]
+    fn two_brokers_are_named_by_urls_and_checked() {
+        let (_d, path) = write("[mqtt]\nurls = [\"mqtt://127.0.0.1:1\", \"mqtt://127.0.0.1:2\"]\n");
+        let c = load(Some(&path), &[]).unwrap();
+        assert_eq!(c.mqtt.brokers(), ["mqtt://127.0.0.1:1", "mqtt://127.0.0.1:2"]);
+        for (text, says) in [
+            ("url = \"mqtt://127.0.0.1:1\"\nurls = [\"mqtt://127.0.0.1:2\"]", "not both"),
+            ("urls = [\"mqtt://a:1\", \"mqtt://b:1\", \"mqtt://c:1\"]", "at most two"),
+            ("urls = [\"mqtt://127.0.0.1:1\", \"mqtts://127.0.0.1:2\"]", "both brokers"),
+            ("urls = [\"http://127.0.0.1:1\"]", "mqtt.urls"),
+        ] {
+            let (_d, path) = write(&format!("[mqtt]\n{text}\n"));
+            let err = load(Some(&path), &[]).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("mqtt.urls"), "{text}: {err}");
+        }
+        assert!(Config::default().mqtt.brokers().is_empty(), "none: the embedded broker");
     }
 }
 

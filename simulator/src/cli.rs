@@ -62,9 +62,11 @@ pub enum TransportArg {
 /// `gridsim run` arguments.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Broker, `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS (with `--ca-file`).
-    #[arg(long)]
-    pub broker: String,
+    /// Broker, `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS (with `--ca-file`). Give it
+    /// twice for two brokers: devices start on the first and fail over to the other when a
+    /// connection attempt fails.
+    #[arg(long, required = true, num_args = 1)]
+    pub broker: Vec<String>,
     /// PEM file of the CA(s) the broker's certificate must chain to (`mqtts://` only).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
@@ -158,11 +160,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let (broker, tls) = broker_tls(&args.broker, args.ca_file.as_deref())?;
+            if args.broker.len() > 2 {
+                bail!("--broker: at most two brokers");
+            }
+            let first = args.broker.first().context("--broker")?;
+            let (broker, tls) = broker_tls(first, args.ca_file.as_deref())?;
+            let failover = args
+                .broker
+                .iter()
+                .skip(1)
+                .map(|u| broker_tls(u, args.ca_file.as_deref()).map(|(a, _)| a))
+                .collect::<Result<Vec<_>>>()?;
             let scenario = scenario::load(&args.scenario)?;
             let plan = fleet::plan(&args.city, &scenario)?;
             let options = fleet::RunOptions {
                 broker,
+                failover,
                 tls,
                 speed: args.speed.unwrap_or(scenario.speed),
                 duration: args.duration.or(scenario.duration.map(|s| s.0)),

@@ -77,6 +77,9 @@ pub enum Transport {
 pub struct RunOptions {
     /// Broker address (loopback in tests).
     pub broker: SocketAddr,
+    /// Other brokers a per-device device fails over to when a connection attempt fails (in
+    /// turn, after its backoff).
+    pub failover: Vec<SocketAddr>,
     /// TLS to the broker, verifying its certificate (per-device and pooled transports).
     pub tls: Option<crate::tls::Tls>,
     /// Scenario.
@@ -102,6 +105,7 @@ impl RunOptions {
     pub fn pooled(broker: SocketAddr, scenario: Scenario, speed: f64, duration: Duration) -> Self {
         RunOptions {
             broker,
+            failover: Vec::new(),
             tls: None,
             scenario,
             speed,
@@ -436,6 +440,7 @@ where
 #[derive(Clone)]
 struct Shared {
     broker: SocketAddr,
+    failover: Arc<[SocketAddr]>,
     clock: SimClock,
     env: Arc<Env>,
     shutdown: watch::Receiver<bool>,
@@ -446,8 +451,17 @@ struct Shared {
 }
 
 fn spawn_planned(set: &mut JoinSet<Result<DeviceReport>>, planned: Planned, shared: &Shared) {
-    let Shared { broker, clock, ref env, ref shutdown, ref counters, seed, radio, ref tls } =
-        *shared;
+    let Shared {
+        broker,
+        ref failover,
+        clock,
+        ref env,
+        ref shutdown,
+        ref counters,
+        seed,
+        radio,
+        ref tls,
+    } = *shared;
     let env = env.clone();
     let id = identity(&planned);
     let radio = radio.map(|r| {
@@ -465,6 +479,7 @@ fn spawn_planned(set: &mut JoinSet<Result<DeviceReport>>, planned: Planned, shar
         Rng::derive(seed, 100, planned.record.eui.0),
     )
     .with_tls(tls.clone())
+    .with_failover(failover)
     .counting(counters.clone());
     let password = planned.record.record.mqtt_password.clone();
     let (shutdown, counters) = (shutdown.clone(), counters.clone());
@@ -600,6 +615,7 @@ pub async fn run(
             }
             let shared = Shared {
                 broker: options.broker,
+                failover: options.failover.clone().into(),
                 clock,
                 env: plan.env.clone(),
                 shutdown: shutdown.clone(),

@@ -77,7 +77,11 @@ impl Outages {
 pub struct SimPlatform {
     counters: Option<Arc<crate::stats::Counters>>,
     clock: SimClock,
+    /// The broker connected to next; a failed attempt moves on to the next one.
     broker: SocketAddr,
+    /// Every broker the device knows (the first is `broker` at boot).
+    brokers: Arc<[SocketAddr]>,
+    next: usize,
     tls: Option<crate::tls::Tls>,
     outages: Outages,
     rng: Rng,
@@ -86,7 +90,35 @@ pub struct SimPlatform {
 impl SimPlatform {
     /// A platform for a device with the given outages.
     pub fn new(clock: SimClock, broker: SocketAddr, outages: Outages, rng: Rng) -> Self {
-        SimPlatform { counters: None, clock, broker, tls: None, outages, rng }
+        SimPlatform {
+            counters: None,
+            clock,
+            broker,
+            brokers: Arc::from([broker]),
+            next: 0,
+            tls: None,
+            outages,
+            rng,
+        }
+    }
+
+    /// Other brokers to fail over to, in turn, when a connection attempt fails.
+    #[must_use]
+    pub fn with_failover(mut self, others: &[SocketAddr]) -> Self {
+        if !others.is_empty() {
+            self.brokers = std::iter::once(self.broker).chain(others.iter().copied()).collect();
+        }
+        self
+    }
+
+    /// A connection attempt failed: the next one goes to the next broker.
+    fn fail_over(&mut self) {
+        if self.brokers.len() > 1 {
+            self.next = (self.next + 1) % self.brokers.len();
+            if let Some(b) = self.brokers.get(self.next) {
+                self.broker = *b;
+            }
+        }
     }
 
     /// Connects over TLS, verifying the broker's certificate.
@@ -120,10 +152,20 @@ impl Platform for SimPlatform {
         if self.outages.cut_now(&self.clock) {
             return Err(LinkError::Outage);
         }
-        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(self.broker))
-            .await
-            .map_err(|_| LinkError::Timeout)?
-            .map_err(|e| LinkError::Io(e.kind()))?;
+        let stream =
+            match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(self.broker))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.fail_over();
+                    return Err(LinkError::Io(e.kind()));
+                }
+                Err(_) => {
+                    self.fail_over();
+                    return Err(LinkError::Timeout);
+                }
+            };
         let _ = stream.set_nodelay(true);
         if let Some(c) = &self.counters {
             c.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

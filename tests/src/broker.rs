@@ -153,6 +153,14 @@ impl Mosquitto {
         wait_until_listening(self.addr, "mosquitto")
     }
 
+    /// `kill -9`: gone at once, whatever it had acknowledged and not delivered with it. It is
+    /// not started again.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Its process id (for CPU and memory readings).
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -63,19 +63,33 @@ pub async fn run_clocked(
     run_on(dir, scenario_text, broker, (clock.speed(), Some(clock)), real, transport).await
 }
 
+/// As [`run`] (per device), with every device knowing two brokers: it starts on the first and
+/// fails over to the second when a connection attempt fails.
+pub async fn run_two_brokers(
+    dir: &Path,
+    scenario_text: &str,
+    brokers: [SocketAddr; 2],
+    speed: f64,
+    real: Duration,
+) -> Result<Summary> {
+    run_on(dir, scenario_text, &brokers, (speed, None), real, Transport::PerDevice).await
+}
+
 async fn run_on(
     dir: &Path,
     scenario_text: &str,
-    broker: SocketAddr,
+    broker: impl Brokers,
     (speed, clock): (f64, Option<SimClock>),
     real: Duration,
     transport: Transport,
 ) -> Result<Summary> {
     let scenario = scenario::parse("test.toml", scenario_text)?;
     let plan = fleet::plan(dir, &scenario)?;
+    let (broker, failover) = broker.split();
     let options = RunOptions {
         tls: None,
         broker,
+        failover,
         scenario,
         speed,
         duration: Some(real),
@@ -86,6 +100,23 @@ async fn run_on(
     };
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     fleet::run(plan, &options, stop).await
+}
+
+/// One broker, or a first one and the others to fail over to.
+trait Brokers {
+    fn split(self) -> (SocketAddr, Vec<SocketAddr>);
+}
+
+impl Brokers for SocketAddr {
+    fn split(self) -> (SocketAddr, Vec<SocketAddr>) {
+        (self, Vec::new())
+    }
+}
+
+impl Brokers for &[SocketAddr; 2] {
+    fn split(self) -> (SocketAddr, Vec<SocketAddr>) {
+        (self[0], vec![self[1]])
+    }
 }
 
 /// The device time at which the run started: the earliest status (every device sends one at

@@ -226,6 +226,7 @@ pub async fn run(options: DemoOptions, mut stop: watch::Receiver<bool>) -> Resul
     let run_options = RunOptions {
         tls: None,
         broker: devices_addr,
+        failover: Vec::new(),
         scenario,
         speed,
         duration: options.duration,

@@ -88,6 +88,8 @@ pub enum IngestError {
 pub struct Target {
     /// The broker's address.
     pub addr: SocketAddr,
+    /// The broker's host as its URL names it (what TLS checks the certificate against).
+    pub host: String,
     /// TLS (built once at start from `mqtt.ca_file`) for `mqtts://`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The client id: `mqtt.client_id`, or the embedded broker's own for the gateway.
@@ -102,11 +104,8 @@ pub struct Target {
 fn session_options(config: &Config, target: &Target, window: u16) -> session::SessionOptions {
     let m = &config.mqtt;
     // With TLS, rumqttc verifies the broker's certificate against this host name.
-    let host = if target.tls.is_some() {
-        gridsense_common::tls::url_host(&m.url).to_owned()
-    } else {
-        target.addr.ip().to_string()
-    };
+    let host =
+        if target.tls.is_some() { target.host.clone() } else { target.addr.ip().to_string() };
     session::SessionOptions {
         client_id: target.client_id.clone(),
         host,
@@ -132,7 +131,7 @@ pub fn session_window(inflight: u16, shards: u16) -> u16 {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &Config,
-    target: Target,
+    targets: Vec<Target>,
     store: Box<dyn IngestStore>,
     leases: Box<dyn Leases + Send>,
     pipeline: Pipeline,
@@ -143,20 +142,23 @@ pub async fn run(
     let shards = config.cluster.shards;
     let window = session_window(config.mqtt.inflight, shards);
     // Every session's window: the sessions never find the channel full for long.
-    let sessions_max = usize::from(shards) * 2 + 1;
+    let sessions_max = (usize::from(shards) * 2 + 1) * targets.len().max(1);
     let capacity = sessions_max * usize::from(window);
     let (tx, rx) = mpsc::channel::<Tagged>(capacity);
     status.queue_capacity.store(capacity as u64, Relaxed);
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
     let gate = Arc::new(leases::Gate::new(shards));
     let exclusive = leases.exclusive();
-    let template = sessions::Template {
-        options: session_options(config, &target, window),
-        target,
-        reconnect_ms: (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
-    };
+    let templates = targets
+        .into_iter()
+        .map(|target| sessions::Template {
+            options: session_options(config, &target, window),
+            target,
+            reconnect_ms: (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
+        })
+        .collect();
     let sessions =
-        Sessions::new(template, tx, status.clone(), gate.clone(), shards, shutdown.clone());
+        Sessions::new(templates, tx, status.clone(), gate.clone(), shards, shutdown.clone());
     let instance = config.cluster.instance();
     let _ = status.instance.set(instance.clone());
     let (news_tx, news_rx) = mpsc::channel::<News>(16);
@@ -567,6 +569,12 @@ async fn admit(t: Tagged, out: &Outputs) -> Option<Tagged> {
         out.status.unacked.fetch_sub(1, Relaxed);
         out.status.left_for_next_owner.fetch_add(1, Relaxed);
         return None;
+    }
+    if out.sessions.brokers() > 1
+        && let Ok(Route::Uplink { eui, .. } | Route::LegacyUplink(eui)) =
+            parse_route(std::str::from_utf8(&t.publish.topic).unwrap_or(""))
+    {
+        out.sessions.heard(eui, t.broker);
     }
     if t.key == SessionKey::Legacy
         && let Ok(Route::LegacyUplink(eui)) =

@@ -270,6 +270,8 @@ impl SessionKey {
 /// goes back through that session, and only while that run lasts.
 #[derive(Debug)]
 pub struct Tagged {
+    /// The broker it came through (an index into `mqtt.urls`).
+    pub broker: u8,
     /// The session.
     pub key: SessionKey,
     /// Which run of the session (a session started again is a new run).
@@ -280,6 +282,8 @@ pub struct Tagged {
 
 /// What one session needs besides its event loop and client.
 pub struct Link {
+    /// The broker (an index into `mqtt.urls`).
+    pub broker: u8,
     /// The session and its run.
     pub key: SessionKey,
     /// Its run.
@@ -340,8 +344,17 @@ impl Forwards {
 /// under overload with many sessions it has held ~800 (`gridsense_queue_overflowed`; issue
 /// 17's flow control looks at why).
 pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
-    let Link { key, generation, publishes, status, mut policy, may_connect, shutdown, forwards } =
-        link;
+    let Link {
+        broker,
+        key,
+        generation,
+        publishes,
+        status,
+        mut policy,
+        may_connect,
+        shutdown,
+        forwards,
+    } = link;
     let filters = vec![key.filter()];
     let keep_alive = eventloop.options.keep_alive();
     let mut overflow: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
@@ -353,7 +366,7 @@ pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
     let mut up = Up { status: status.clone(), up: false };
     loop {
         while let Some(publish) = overflow.pop_front() {
-            match publishes.try_send(Tagged { key, generation, publish }) {
+            match publishes.try_send(Tagged { broker, key, generation, publish }) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(t)) => {
                     overflow.push_front(t.publish);
@@ -383,7 +396,7 @@ pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
             match tokio::time::timeout(keep_alive / 2, publishes.reserve()).await {
                 Ok(Ok(permit)) => {
                     if let Some(publish) = overflow.pop_front() {
-                        permit.send(Tagged { key, generation, publish });
+                        permit.send(Tagged { broker, key, generation, publish });
                     }
                     continue;
                 }

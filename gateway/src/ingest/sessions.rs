@@ -1,5 +1,6 @@
 //! The instance's broker sessions: one per owned shard and lane, and the legacy one (version
-//! 1's topic) with shard 0. Each has its own client (client id and account
+//! 1's topic) with shard 0 — on every broker (`mqtt.urls`: two independent brokers, the
+//! devices failing over between them). Each has its own client (client id and account
 //! [`SessionKey::name`]), session task ([`session::run`]) and acker ([`session::acker`]); all
 //! of them feed one channel to the pipeline task with each message tagged by its session and
 //! run, and the pipeline's acks go back to the session (and run) the message came in on.
@@ -9,7 +10,11 @@
 //! its last batch is durable; a lost shard's sessions are aborted — no ack, no reconnect, the
 //! broker keeps what was not acknowledged for the new owner.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use gridsense_protocol::{Eui, topic::parse_topic};
 use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
@@ -54,20 +59,24 @@ struct Running {
 /// The running sessions.
 #[derive(Debug)]
 pub struct Sessions {
-    template: Template,
+    /// One per broker.
+    templates: Vec<Template>,
     tx: mpsc::Sender<Tagged>,
     status: Arc<Status>,
     gate: Arc<Gate>,
     shutdown: watch::Receiver<bool>,
-    running: BTreeMap<SessionKey, Running>,
+    /// By broker and session.
+    running: BTreeMap<(u8, SessionKey), Running>,
     generation: u64,
     shards: u16,
+    /// With two brokers: the broker each device was last heard on (its downlinks go there).
+    heard: Mutex<HashMap<Eui, u8>>,
 }
 
 impl Sessions {
     /// No session yet; messages will go into `tx`.
     pub fn new(
-        template: Template,
+        templates: Vec<Template>,
         tx: mpsc::Sender<Tagged>,
         status: Arc<Status>,
         gate: Arc<Gate>,
@@ -75,7 +84,7 @@ impl Sessions {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Sessions {
-            template,
+            templates,
             tx,
             status,
             gate,
@@ -83,6 +92,7 @@ impl Sessions {
             running: BTreeMap::new(),
             generation: 0,
             shards,
+            heard: Mutex::new(HashMap::new()),
         }
     }
 
@@ -93,18 +103,22 @@ impl Sessions {
     /// Starts these sessions (those not running). All count as wanted before any starts, so
     /// the instance reads as connected only once every one is subscribed.
     pub fn start(&mut self, keys: &[SessionKey]) {
-        let new: Vec<SessionKey> =
-            keys.iter().copied().filter(|k| !self.running.contains_key(k)).collect();
+        let brokers = u8::try_from(self.templates.len()).unwrap_or(u8::MAX);
+        let new: Vec<(u8, SessionKey)> = keys
+            .iter()
+            .flat_map(|k| (0..brokers).map(move |b| (b, *k)))
+            .filter(|bk| !self.running.contains_key(bk))
+            .collect();
         self.status.want_sessions((self.running.len() + new.len()) as u64);
-        for key in new {
-            self.start_one(key);
+        for (broker, key) in new {
+            self.start_one(broker, key);
         }
     }
 
-    fn start_one(&mut self, key: SessionKey) {
+    fn start_one(&mut self, broker: u8, key: SessionKey) {
         self.generation += 1;
         let generation = self.generation;
-        let t = &self.template;
+        let Some(t) = self.templates.get(usize::from(broker)) else { return };
         let o = &t.options;
         let options = SessionOptions {
             client_id: key.name(&t.target.client_id),
@@ -118,11 +132,12 @@ impl Sessions {
             AsyncClient::new(session::mqtt_options(&options), window * 2 + 16);
         let (acks, ack_rx) = mpsc::unbounded_channel::<Publish>();
         let (outbound, out_rx) = mpsc::unbounded_channel::<Outbound>();
-        let forwards = (key == SessionKey::Legacy)
-            .then(|| Arc::new(std::sync::Mutex::new(Forwards::default())));
+        let forwards =
+            (key == SessionKey::Legacy).then(|| Arc::new(Mutex::new(Forwards::default())));
         let gate = self.gate.clone();
         let shard = key.shard();
         let link = Link {
+            broker,
             key,
             generation,
             publishes: self.tx.clone(),
@@ -134,15 +149,22 @@ impl Sessions {
         };
         let session = tokio::spawn(session::run(eventloop, client.clone(), link));
         let acker = tokio::spawn(session::acker(client, ack_rx, out_rx, forwards));
-        self.running.insert(key, Running { generation, acks, outbound, session, acker });
+        self.running.insert((broker, key), Running { generation, acks, outbound, session, acker });
+    }
+
+    /// The running sessions of `key`, on every broker.
+    fn of(&self, key: SessionKey) -> Vec<(u8, SessionKey)> {
+        self.running.keys().filter(|(_, k)| *k == key).copied().collect()
     }
 
     /// Stops a session at once: no more acks, no reconnect; the broker keeps what it did not
     /// get acknowledged.
     pub fn abort(&mut self, key: SessionKey) {
-        if let Some(r) = self.running.remove(&key) {
-            r.session.abort();
-            r.acker.abort();
+        for bk in self.of(key) {
+            if let Some(r) = self.running.remove(&bk) {
+                r.session.abort();
+                r.acker.abort();
+            }
         }
         self.wanted();
     }
@@ -152,10 +174,12 @@ impl Sessions {
     pub async fn close(&mut self, keys: &[SessionKey]) {
         let mut closing = Vec::new();
         for key in keys {
-            if let Some(r) = self.running.remove(key) {
-                drop(r.acks);
-                drop(r.outbound);
-                closing.push((r.acker, r.session));
+            for bk in self.of(*key) {
+                if let Some(r) = self.running.remove(&bk) {
+                    drop(r.acks);
+                    drop(r.outbound);
+                    closing.push((r.acker, r.session));
+                }
             }
         }
         self.wanted();
@@ -173,31 +197,54 @@ impl Sessions {
 
     /// Closes every session gracefully.
     pub async fn close_all(&mut self) {
-        let keys: Vec<SessionKey> = self.running.keys().copied().collect();
+        let keys = self.keys();
         self.close(&keys).await;
     }
 
     /// Whether a message came in on a session's current run (else its ack has nowhere to go,
     /// and it must not be handled: the broker sends it again to whoever holds the session).
     pub fn current(&self, t: &Tagged) -> bool {
-        self.running.get(&t.key).is_some_and(|r| r.generation == t.generation)
+        self.running.get(&(t.broker, t.key)).is_some_and(|r| r.generation == t.generation)
+    }
+
+    /// Brokers this instance holds its sessions on.
+    pub fn brokers(&self) -> usize {
+        self.templates.len()
+    }
+
+    /// With two brokers: `eui` was heard through `broker` (its downlinks go there).
+    pub fn heard(&self, eui: Eui, broker: u8) {
+        if self.templates.len() > 1
+            && let Ok(mut h) = self.heard.lock()
+            && h.get(&eui) != Some(&broker)
+        {
+            h.insert(eui, broker);
+        }
     }
 
     /// Acknowledges a message through the session it came in on (dropped when that run has
     /// ended: the broker redelivers it, and the counter window drops it then).
     pub async fn ack(&self, t: Tagged) {
-        if let Some(r) = self.running.get(&t.key).filter(|r| r.generation == t.generation)
+        if let Some(r) =
+            self.running.get(&(t.broker, t.key)).filter(|r| r.generation == t.generation)
             && r.acks.send(t.publish).is_err()
         {
             tracing::warn!("ack not sent: the session has ended");
         }
     }
 
-    /// Sends a sealed downlink through the device's shard's `up` session.
+    /// Sends a sealed downlink through the device's shard's `up` session on the broker the
+    /// device was last heard on (the first broker when it was not heard yet, or that broker's
+    /// session is down to none).
     pub async fn downlink(&self, topic: String, frame: Vec<u8>) {
         let Ok((eui, _)) = parse_topic(&topic) else { return };
         let key = self.up_session(eui);
-        match self.running.get(&key) {
+        let last = self.heard.lock().ok().and_then(|h| h.get(&eui).copied()).unwrap_or(0);
+        let r = self
+            .running
+            .get(&(last, key))
+            .or_else(|| self.running.iter().find(|((_, k), _)| *k == key).map(|(_, r)| r));
+        match r {
             Some(r) => {
                 let _ = r.outbound.send(Outbound::Downlink(topic, frame));
             }
@@ -208,7 +255,7 @@ impl Sessions {
     /// Republishes a version 1 frame to its device's shard topic through the legacy session;
     /// the original is acknowledged once the broker has the copy.
     pub async fn forward(&self, t: Tagged, to: String) {
-        if let Some(r) = self.running.get(&SessionKey::Legacy)
+        if let Some(r) = self.running.get(&(t.broker, SessionKey::Legacy))
             && r.generation == t.generation
         {
             let _ = r.outbound.send(Outbound::Forward(to, t.publish));
@@ -223,6 +270,10 @@ impl Sessions {
 
     /// Sessions running.
     pub fn keys(&self) -> Vec<SessionKey> {
-        self.running.keys().copied().collect()
+        let mut keys: Vec<SessionKey> = self.running.keys().map(|(_, k)| *k).collect();
+        keys.dedup();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 }
