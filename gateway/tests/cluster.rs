@@ -225,6 +225,19 @@ impl Cluster {
         }
     }
 
+    /// Starts every instance and waits until they share the shards evenly and every session
+    /// is subscribed: the instances' names, and how long the sharing took.
+    async fn start_all(&mut self) -> (Vec<String>, Duration) {
+        for i in &mut self.instances {
+            i.start();
+        }
+        let names = self.names();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let took = self.balanced(&refs, Duration::from_secs(30)).await;
+        self.subscribed(Duration::from_secs(30)).await;
+        (names, took)
+    }
+
     fn names(&self) -> Vec<String> {
         self.instances.iter().map(|i| i.name.clone()).collect()
     }
@@ -288,19 +301,7 @@ async fn outcome(c: &mut Cluster, subscriber: &Subscriber) -> Outcome {
     c.stop_all();
     let store = app::open_store(&c.config).unwrap();
     let totals = store.totals().unwrap();
-    let keys = fixtures::keys(c.path()).unwrap();
-    let stolen: BTreeSet<String> = subscriber
-        .decoded(&keys)
-        .into_iter()
-        .filter_map(|(h, m)| match m {
-            gridsense_protocol::Uplink::AlarmRaised(a)
-                if a.kind == gridsense_protocol::AlarmKind::CoverRemoved =>
-            {
-                Some(h.eui.to_string())
-            }
-            _ => None,
-        })
-        .collect();
+    let stolen = common::stolen_covers(subscriber, c.path());
     let cases = store
         .cases(&gridsense_gateway::store::CaseFilter { limit: 100, ..Default::default() })
         .unwrap();
@@ -339,13 +340,8 @@ fn percentile(sorted: &[u128], p: usize) -> u128 {
 async fn gateway_failover_kill_9_loses_nothing_and_files_one_case_per_theft() {
     let _one = SERIAL.lock().await;
     let mut c = Cluster::new(81, 3);
-    for i in &mut c.instances {
-        i.start();
-    }
-    let names = c.names();
+    let (names, took) = c.start_all().await;
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let took = c.balanced(&refs, Duration::from_secs(30)).await;
-    c.subscribed(Duration::from_secs(30)).await;
     // What an operator sees: every instance with its share, nobody's shards none.
     let status = common::cli(&c.instances[0].config, &["cluster", "status"]);
     for name in &names {
@@ -414,13 +410,8 @@ async fn gateway_failover_kill_9_loses_nothing_and_files_one_case_per_theft() {
 async fn gateway_zombie_paused_past_its_lease_commits_nothing_and_takes_no_session_back() {
     let _one = SERIAL.lock().await;
     let mut c = Cluster::new(82, 3);
-    for i in &mut c.instances {
-        i.start();
-    }
-    let names = c.names();
+    let (names, _) = c.start_all().await;
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    c.balanced(&refs, Duration::from_secs(30)).await;
-    c.subscribed(Duration::from_secs(30)).await;
     let subscriber = Subscriber::start(c.broker.addr()).await.unwrap();
     let sim = fleet(&c, Duration::from_secs(16));
     tokio::time::sleep(Duration::from_millis(4_000 + jitter_ms())).await;
@@ -485,13 +476,8 @@ async fn gateway_zombie_paused_past_its_lease_commits_nothing_and_takes_no_sessi
 async fn rolling_restart_under_load_loses_nothing() {
     let _one = SERIAL.lock().await;
     let mut c = Cluster::new(83, 3);
-    for i in &mut c.instances {
-        i.start();
-    }
-    let names = c.names();
+    let (names, _) = c.start_all().await;
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    c.balanced(&refs, Duration::from_secs(30)).await;
-    c.subscribed(Duration::from_secs(30)).await;
     let subscriber = Subscriber::start(c.broker.addr()).await.unwrap();
     let sim = fleet(&c, Duration::from_secs(22));
     let mut handovers = Vec::new();

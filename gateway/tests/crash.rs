@@ -134,19 +134,7 @@ async fn kill_9(store_url: Option<&str>, name: &str) {
     let raw: usize = series.iter().map(|(_, samples)| samples.len()).sum();
     assert_eq!(raw, points.len(), "raw samples in VictoriaMetrics vs distinct points");
     // Every stolen cover is exactly one case, whatever the kills interrupted.
-    let keys = fixtures::keys(dir.path()).unwrap();
-    let stolen: std::collections::BTreeSet<String> = subscriber
-        .decoded(&keys)
-        .into_iter()
-        .filter_map(|(h, m)| match m {
-            gridsense_protocol::Uplink::AlarmRaised(a)
-                if a.kind == gridsense_protocol::AlarmKind::CoverRemoved =>
-            {
-                Some(h.eui.to_string())
-            }
-            _ => None,
-        })
-        .collect();
+    let stolen = common::stolen_covers(&subscriber, dir.path());
     let cases = store
         .cases(&gridsense_gateway::store::CaseFilter { limit: 100, ..Default::default() })
         .unwrap();

@@ -78,6 +78,21 @@ pub struct Expected {
     pub points: BTreeSet<((String, String, String), i64)>,
 }
 
+/// The covers the subscriber saw report "cover removed" (stolen), by EUI.
+pub fn stolen_covers(subscriber: &Subscriber, dir: &Path) -> BTreeSet<String> {
+    let keys = fixtures::keys(dir).unwrap();
+    subscriber
+        .decoded(&keys)
+        .into_iter()
+        .filter_map(|(h, m)| match m {
+            Uplink::AlarmRaised(a) if a.kind == gridsense_protocol::AlarmKind::CoverRemoved => {
+                Some(h.eui.to_string())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Decodes what the subscriber saw with the inventory's keys.
 pub fn expected(subscriber: &Subscriber, dir: &Path) -> Expected {
     let devices = inventory::load(&dir.join("devices.json")).unwrap();
