@@ -106,6 +106,47 @@ pub fn plan(me: &str, view: &View, local_now_ms: i64, policy: Policy) -> Plan {
     Plan { renew: held, claim: free, release, share, skewed_ms: None }
 }
 
+/// A set of shards, and whether a device is in one of them (its EUI's shard among `shards`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardMask {
+    shards: u16,
+    bits: Vec<bool>,
+}
+
+impl ShardMask {
+    /// These of `shards` shards (others out of range are ignored).
+    pub fn of(shards: u16, set: impl IntoIterator<Item = u16>) -> Self {
+        let mut bits = vec![false; usize::from(shards)];
+        for s in set {
+            if let Some(b) = bits.get_mut(usize::from(s)) {
+                *b = true;
+            }
+        }
+        ShardMask { shards, bits }
+    }
+
+    /// Every shard.
+    pub fn all(shards: u16) -> Self {
+        ShardMask { shards, bits: vec![true; usize::from(shards)] }
+    }
+
+    /// The other shards.
+    #[must_use]
+    pub fn complement(&self) -> Self {
+        ShardMask { shards: self.shards, bits: self.bits.iter().map(|b| !b).collect() }
+    }
+
+    /// Whether `shard` is in the set.
+    pub fn contains(&self, shard: u16) -> bool {
+        self.bits.get(usize::from(shard)).copied().unwrap_or(false)
+    }
+
+    /// Whether the device's shard is in the set.
+    pub fn has_device(&self, eui: gridsense_protocol::Eui) -> bool {
+        self.contains(u16::from(gridsense_protocol::topic::shard_of(eui, self.shards)))
+    }
+}
+
 /// The shards a batch was decided under, checked by the store in the batch's transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Fence {

@@ -30,6 +30,7 @@ use gridsense_protocol::{
 use crate::{
     batch::{AuditRecord, Batch, MessageRecord},
     cases::{Cases, MaintenanceWindow, Place, Site},
+    cluster::ShardMask,
     downlink::{DownlinkConfig, Downlinks, Outgoing, Pending},
     geo::GridLayer,
     health::{DeviceHealth, EventKind, HealthConfig, HealthEvent, HealthTracker},
@@ -434,12 +435,8 @@ impl Pipeline {
     /// lost to, another gateway instance): counter windows, health and its offline deadline,
     /// rule states and their timers, open incidents, downlink counters, unflushed rows. So
     /// timers fire only at a shard's owner, and nothing stale is written later.
-    pub fn forget_shards(&mut self, gone: &[bool]) {
-        let shards = self.intake.shards();
-        let is_gone = |eui: Eui| {
-            let s = gridsense_protocol::topic::shard_of(eui, shards);
-            gone.get(usize::from(s)).copied().unwrap_or(false)
-        };
+    pub fn forget_shards(&mut self, gone: &ShardMask) {
+        let is_gone = |eui: Eui| gone.has_device(eui);
         let devices: Vec<(Eui, DeviceId)> =
             self.intake.numbered_devices().filter(|(eui, _)| is_gone(*eui)).collect();
         for (eui, id) in devices {
@@ -459,13 +456,9 @@ impl Pipeline {
     /// replaced by what the store holds (read after the claim, so after the previous owner's
     /// last commit for them). `state` may hold other devices' rows too: only those in `mine`
     /// are taken.
-    pub fn adopt_shards(&mut self, mine: &[bool], state: ShardState) {
+    pub fn adopt_shards(&mut self, mine: &ShardMask, state: ShardState) {
         self.forget_shards(mine);
-        let shards = self.intake.shards();
-        let is_mine = |eui: Eui| {
-            let s = gridsense_protocol::topic::shard_of(eui, shards);
-            mine.get(usize::from(s)).copied().unwrap_or(false)
-        };
+        let is_mine = |eui: Eui| mine.has_device(eui);
         for (eui, window) in state.counters {
             if is_mine(eui) {
                 self.intake.restore_window(eui, window);
@@ -1396,8 +1389,7 @@ mod tests {
         p.finish(&mut batch, 0, true);
         let stored = batch.health[&Eui(1)].clone();
         // Device 1's shard goes: its deadline, row and window go with it.
-        let mut gone = vec![false; usize::from(shards)];
-        gone[one] = true;
+        let gone = ShardMask::of(shards, [u16::try_from(one).unwrap()]);
         p.forget_shards(&gone);
         let mut later = Batch::default();
         p.tick(1_000_000, &mut later);

@@ -238,7 +238,7 @@ async fn round(
         Err(e) => return (store, Err(e)),
     };
     let wall = crate::status::wall_clock()();
-    let cluster::Plan { renew, claim, release, skewed_ms: skewed, .. } =
+    let cluster::Plan { claim, release, skewed_ms: skewed, .. } =
         decide(&settings.instance, &view, wall, policy, h);
     if let Some(ms) = skewed {
         tracing::error!(
@@ -248,16 +248,12 @@ async fn round(
         );
     }
     let me = settings.instance.clone();
+    // Everything held is renewed (the plan's renewals are those of it the store still shows
+    // as this instance's; whatever else fails to renew is lost).
     let held_now: Vec<(u16, i64)> = h.held.iter().map(|(s, e)| (*s, *e)).collect();
-    let renew_all: Vec<(u16, i64)> = renew
-        .into_iter()
-        .chain(held_now.iter().copied())
-        .collect::<BTreeMap<_, _>>()
-        .into_iter()
-        .collect();
     let (store, renewed) = {
-        let (me, list) = (me.clone(), renew_all.clone());
-        blocking(store, move |s| s.renew(&me, &list, lease_ms)).await
+        let me = me.clone();
+        blocking(store, move |s| s.renew(&me, &held_now, lease_ms)).await
     };
     let renewed: BTreeSet<u16> = match renewed {
         Ok(r) => r.into_iter().collect(),

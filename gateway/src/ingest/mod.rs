@@ -66,6 +66,7 @@ use self::{
 };
 use crate::{
     batch::Batch,
+    cluster::ShardMask,
     config::Config,
     pipeline::{Outcome, Pipeline, ShardState},
     status::{Changes, Clock, Status},
@@ -227,15 +228,9 @@ impl Cluster {
         self.held.contains_key(&shard)
     }
 
-    /// A mask over the shards.
-    fn mask(&self, shards: impl IntoIterator<Item = u16>) -> Vec<bool> {
-        let mut m = vec![false; usize::from(self.shards)];
-        for s in shards {
-            if let Some(x) = m.get_mut(usize::from(s)) {
-                *x = true;
-            }
-        }
-        m
+    /// These shards, as a set.
+    fn mask(&self, shards: impl IntoIterator<Item = u16>) -> ShardMask {
+        ShardMask::of(self.shards, shards)
     }
 
     /// The fence of a batch decided now (none for a SQLite store).
@@ -264,14 +259,8 @@ fn sessions_of(shard: u16) -> Vec<SessionKey> {
 }
 
 /// What the store holds for the devices of the shards in `mine`, read after their claim.
-fn shard_state(
-    store: &dyn IngestStore,
-    mine: &[bool],
-    shards: u16,
-) -> Result<ShardState, StoreError> {
-    let of = |eui: gridsense_protocol::Eui| {
-        mine.get(usize::from(shard_of(eui, shards))).copied().unwrap_or(false)
-    };
+fn shard_state(store: &dyn IngestStore, mine: &ShardMask) -> Result<ShardState, StoreError> {
+    let of = |eui: gridsense_protocol::Eui| mine.has_device(eui);
     let mut state = ShardState {
         counters: store.counters()?.into_iter().filter(|(e, _)| of(*e)).collect(),
         downlink_counters: store.downlink_counters()?.into_iter().filter(|(e, _)| of(*e)).collect(),
@@ -611,9 +600,9 @@ async fn on_news(
                 && let Some(s) = w.store.take()
             {
                 // Read after the claim: after the previous owner's last commit for them.
-                let (m, shards) = (mine.clone(), out.cluster.shards);
+                let m = mine.clone();
                 let (s, state) = tokio::task::spawn_blocking(move || {
-                    let r = shard_state(&*s, &m, shards);
+                    let r = shard_state(&*s, &m);
                     (s, r)
                 })
                 .await?;
@@ -660,8 +649,8 @@ async fn on_news(
     }
     if first && !out.cluster.exclusive {
         // What was restored at start for the shards held elsewhere goes.
-        let others: Vec<bool> = (0..out.cluster.shards).map(|s| !out.cluster.holds(s)).collect();
-        pipeline.forget_shards(&others);
+        let held = out.cluster.mask(out.cluster.held.keys().copied());
+        pipeline.forget_shards(&held.complement());
     }
     out.status.shards_held.store(out.cluster.held.len() as u64, Relaxed);
     status_devices(out, pipeline);
@@ -697,7 +686,7 @@ fn reset(
         dropped,
         "the store refused a batch: a shard's lease moved on while it was decided (this instance was paused or cut off); starting over from the store for the shards still this instance's"
     );
-    pipeline.forget_shards(&vec![true; usize::from(out.cluster.shards)]);
+    pipeline.forget_shards(&ShardMask::all(out.cluster.shards));
     out.cluster.held.clear();
     out.cluster.reply(Reply::Reset);
     out.status.shards_held.store(0, Relaxed);
@@ -789,8 +778,7 @@ async fn settle(
     status.frames_accepted.fetch_add(committed.accepted, Relaxed);
     status.frames_rejected.fetch_add(e.rejected, Relaxed);
     status.batches.fetch_add(1, Relaxed);
-    status.devices_online.store(pipeline.health().online_count() as u64, Relaxed);
-    status.incidents_open.store(pipeline.open_incidents() as u64, Relaxed);
+    status_devices(out, pipeline);
     status.cases_filed.fetch_add(e.filed, Relaxed);
     status.samples_future.fetch_add(e.future, Relaxed);
     status.alerts.fetch_add(e.queued_alerts, Relaxed);

@@ -271,7 +271,6 @@ impl Sessions {
     /// Sessions running.
     pub fn keys(&self) -> Vec<SessionKey> {
         let mut keys: Vec<SessionKey> = self.running.keys().map(|(_, k)| *k).collect();
-        keys.dedup();
         keys.sort_unstable();
         keys.dedup();
         keys
