@@ -89,13 +89,20 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         None
     };
     let registry = store.registry()?;
-    let counters = store.counters()?;
+    // A store several instances share (PostgreSQL): each device's hot state is read when its
+    // shard is claimed (after the claim, so after the previous owner's last commit), not here
+    // as well. A store only this process writes (SQLite) is read once, here.
+    let exclusive = store.exclusive();
+    let counters = if exclusive { store.counters()? } else { Vec::new() };
+    let downlink_counters = if exclusive { store.downlink_counters()? } else { Vec::new() };
     let mut pipeline = Pipeline::new(registry, counters, Vec::new(), config.health.policy())
-        .with_downlinks(config.downlink.policy(), store.downlink_counters()?, Vec::new())
+        .with_downlinks(config.downlink.policy(), downlink_counters, Vec::new())
         .with_rate_limit(config.health.max_frames_per_minute)
         .with_shards(store.fix_shards(config.cluster.shards)?);
     // Row by row: a million rows' strings held at once would stay behind as heap holes.
-    store.each_health(&mut |eui, h| pipeline.restore_health(eui, h))?;
+    if exclusive {
+        store.each_health(&mut |eui, h| pipeline.restore_health(eui, h))?;
+    }
     let mut unassigned_devices = 0;
     let mut grids_geojson = None;
     if !config.geo.grids.is_empty() {
@@ -240,7 +247,13 @@ fn with_cases(
     let mut pipeline = pipeline.with_case_layer(crate::rules::Rules::new(&rules), cases);
     store.each_site(&mut |eui, site, attrs| pipeline.add_site(eui, site, attrs))?;
     pipeline.seal_sites();
-    store.each_rule_state(&mut |eui, rule, state| pipeline.restore_rule_state(eui, rule, state))?;
+    // Shared store: read per shard when it is claimed (see `start`). The open incidents are
+    // read here either way: they also give the open clusters of incidents their ids.
+    if store.exclusive() {
+        store.each_rule_state(&mut |eui, rule, state| {
+            pipeline.restore_rule_state(eui, rule, state);
+        })?;
+    }
     Ok((pipeline, tables))
 }
 
