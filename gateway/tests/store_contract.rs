@@ -687,14 +687,24 @@ impl CutAfterCommit {
                 let flag = flag.clone();
                 let c_shut = c_write.try_clone().unwrap();
                 let u_shut = u_write.try_clone().unwrap();
+                // Set before the COMMIT goes upstream, so no answer read after it passes.
+                let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let swallow = cut.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 65_536];
                     while let Ok(n) = c_read.read(&mut buf) {
-                        if n == 0 || u_write.write_all(&buf[..n]).is_err() {
+                        if n == 0 {
                             break;
                         }
                         let commit = buf[..n].windows(7).any(|w| w == b"COMMIT\0");
-                        if commit && flag.swap(false, Ordering::SeqCst) {
+                        let cutting = commit && flag.swap(false, Ordering::SeqCst);
+                        if cutting {
+                            cut.store(true, Ordering::SeqCst);
+                        }
+                        if u_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if cutting {
                             // The server commits; its answer never reaches the client.
                             let _ = c_shut.shutdown(std::net::Shutdown::Both);
                             std::thread::sleep(std::time::Duration::from_millis(300));
@@ -706,7 +716,10 @@ impl CutAfterCommit {
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 65_536];
                     while let Ok(n) = u_read.read(&mut buf) {
-                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                        if n == 0
+                            || swallow.load(Ordering::SeqCst)
+                            || c_write.write_all(&buf[..n]).is_err()
+                        {
                             break;
                         }
                     }
