@@ -112,11 +112,13 @@ pub struct Device<S: Sensing, C: CounterStore, const U: usize, const T: usize> {
     /// The lane of the frame in flight.
     in_flight_lane: Lane,
     /// The counter of the frame in flight, and whether it is to be kept until the gateway
-    /// confirms it (an urgent frame on a sharded topic, not already held).
+    /// confirms it (a frame on a sharded topic, not already held).
     in_flight_counter: u32,
     in_flight_confirm: bool,
     /// Urgent frames awaiting the gateway's `UplinkAck`.
-    confirm: crate::confirm::Confirmations,
+    confirm: crate::confirm::Urgent,
+    /// Other frames awaiting an `UplinkWindow` that holds them.
+    confirm_up: crate::confirm::Telemetry,
     /// Whether urgent frames wait for the gateway's confirmation (off for a transport that
     /// takes no downlink, such as the pooled load).
     confirmations: bool,
@@ -150,7 +152,8 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             in_flight_lane: Lane::Up,
             in_flight_counter: 0,
             in_flight_confirm: false,
-            confirm: crate::confirm::Confirmations::default(),
+            confirm: crate::confirm::Urgent::new(crate::confirm::URGENT_ACK_TIMEOUT_MS),
+            confirm_up: crate::confirm::Telemetry::new(crate::confirm::TELEMETRY_ACK_TIMEOUT_MS),
             confirmations: true,
             downlinks: CounterWindow::new(),
             health: None,
@@ -208,24 +211,34 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
 
     /// Whether anything waits to be sent or acknowledged.
     pub fn has_pending(&self) -> bool {
-        self.in_flight.is_some() || !self.outbox.is_empty() || self.confirm.has_resend()
+        self.in_flight.is_some()
+            || !self.outbox.is_empty()
+            || self.confirm.has_resend()
+            || self.confirm_up.has_resend()
     }
 
     /// Urgent frames sent and awaiting the gateway's confirmation, and the counts of
     /// confirmed, resent and given-up ones.
-    pub const fn confirmations(&self) -> &crate::confirm::Confirmations {
+    pub const fn confirmations(&self) -> &crate::confirm::Urgent {
         &self.confirm
     }
 
-    /// Whether urgent frames are kept until the gateway confirms them (default on; off for a
+    /// The other frames sent and awaiting the gateway's cumulative confirmation, and the
+    /// counts of confirmed, resent, given-up and expired ones.
+    pub const fn telemetry_confirmations(&self) -> &crate::confirm::Telemetry {
+        &self.confirm_up
+    }
+
+    /// Whether frames are kept until the gateway confirms them (default on; off for a
     /// transport that takes no downlink).
     pub fn set_confirmations(&mut self, on: bool) {
         self.confirmations = on;
     }
 
-    /// Connected again (to either broker): unconfirmed urgent frames go again.
+    /// Connected again (to either broker): unconfirmed frames go again.
     pub fn reconnected(&mut self) {
         self.confirm.reconnected();
+        self.confirm_up.reconnected();
     }
 
     /// Whether a frame awaits its PUBACK.
@@ -276,6 +289,7 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
     /// Heartbeats due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.confirm.tick(now);
+        self.confirm_up.tick(now);
         if now >= self.next_status {
             self.outbox.status(self.status(now));
             self.next_status = now.add_secs(self.config.heartbeat_interval_s);
@@ -288,7 +302,10 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             Some(at) => at.min(self.next_status),
             None => self.next_status,
         };
-        self.confirm.next_due().map_or(next, |due| due.min(next))
+        [self.confirm.next_due(), self.confirm_up.next_due()]
+            .into_iter()
+            .flatten()
+            .fold(next, Instant::min)
     }
 
     fn status(&self, now: Instant) -> Status {
@@ -328,9 +345,17 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
     fn prepare_transmit(&mut self) -> Result<bool, TransmitError<C::Error>> {
         if self.in_flight.is_none() {
             // An urgent frame whose confirmation is overdue goes first, byte-identical.
-            if let Some((counter, frame)) = self.confirm.next_resend() {
+            // Then new urgent messages, then the other frames whose confirmation is overdue.
+            let resend = match self.confirm.next_resend() {
+                Some(urgent) => Some((urgent, Lane::Urgent)),
+                None if self.outbox.urgent_len() == 0 => {
+                    self.confirm_up.next_resend().map(|up| (up, Lane::Up))
+                }
+                None => None,
+            };
+            if let Some(((counter, frame), lane)) = resend {
                 self.in_flight = Some(frame);
-                self.in_flight_lane = Lane::Urgent;
+                self.in_flight_lane = lane;
                 (self.in_flight_counter, self.in_flight_confirm) = (counter, false);
                 self.in_flight_sent = true;
                 self.stats.resends = self.stats.resends.saturating_add(1);
@@ -345,9 +370,7 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             self.in_flight_lane = lane_of(&msg);
             self.in_flight_counter = counter;
             // Only the gateway of the sharded topics confirms (SPEC §7.2).
-            self.in_flight_confirm = self.confirmations
-                && self.config.shards != 0
-                && self.in_flight_lane == Lane::Urgent;
+            self.in_flight_confirm = self.confirmations && self.config.shards != 0;
             self.in_flight_sent = false;
             self.stats.frames_sealed = self.stats.frames_sealed.saturating_add(1);
         } else if self.in_flight_sent {
@@ -371,7 +394,10 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
         if let Some(frame) = self.in_flight.take() {
             self.stats.frames_acked = self.stats.frames_acked.saturating_add(1);
             if core::mem::take(&mut self.in_flight_confirm) {
-                self.confirm.keep(self.in_flight_counter, frame);
+                match self.in_flight_lane {
+                    Lane::Urgent => self.confirm.keep(self.in_flight_counter, &frame),
+                    Lane::Up => self.confirm_up.keep(self.in_flight_counter, &frame),
+                }
             }
         }
     }
@@ -396,6 +422,12 @@ impl<S: Sensing, C: CounterStore, const U: usize, const T: usize> Device<S, C, U
             }
             Downlink::UplinkAck { counter } => {
                 self.confirm.confirmed(*counter);
+                None
+            }
+            Downlink::UplinkWindow { highest, seen } => {
+                // The window holds every lane's frames: a lost `UplinkAck` is made good too.
+                self.confirm_up.confirmed_window(*highest, *seen);
+                self.confirm.confirmed_window(*highest, *seen);
                 None
             }
             Downlink::StatusRequest => {

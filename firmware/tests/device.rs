@@ -525,6 +525,62 @@ fn an_urgent_frame_is_kept_until_the_gateway_confirms_it_and_resent_identical_un
 }
 
 #[test]
+fn other_frames_are_kept_until_a_window_holds_them_and_a_gap_goes_again_identical() {
+    let mut dev = boot(Drain::new());
+    dev.configure(&[Setting::Shards(4)]);
+    let mut sent = Vec::new();
+    for i in 0..4u64 {
+        let now = Instant::from_secs(i * 10);
+        dev.handle_timeout(now);
+        dev.handle_input(now, DrainInput { level_mm: 100 + 100 * i as u16 });
+        while let Some(t) = dev.poll_transmit_on().unwrap() {
+            assert!(t.topic.as_str().ends_with("/up"), "{}", t.topic.as_str());
+            let (h, _) = open::<Uplink>(t.frame, &KEY).unwrap();
+            sent.push((h.counter, t.frame.to_vec()));
+            dev.handle_puback();
+        }
+    }
+    assert!(sent.len() >= 4, "readings and a status: {}", sent.len());
+    assert_eq!(dev.telemetry_confirmations().len(), sent.len(), "kept after their PUBACK");
+    // The gateway stored all but the second (the broker that acknowledged it died).
+    let highest = sent.last().unwrap().0;
+    let lost = sent[1].0;
+    let seen = sent
+        .iter()
+        .filter(|(c, _)| *c != lost)
+        .fold(0u64, |bits, (c, _)| bits | 1 << (highest - c));
+    let window = seal(EUI, 0, &Downlink::UplinkWindow { highest, seen }, &KEY);
+    dev.handle_downlink(Instant::from_secs(40), &window).unwrap();
+    assert_eq!(dev.telemetry_confirmations().len(), 1, "only the gap is held");
+    let resent = |dev: &mut Dev<Drain>| {
+        let mut out = Vec::new();
+        while let Some(t) = dev.poll_transmit_on().unwrap() {
+            out.push((t.topic.as_str().to_owned(), t.frame.to_vec()));
+            dev.handle_puback();
+        }
+        out
+    };
+    // On the other broker: the identical bytes, on the up lane.
+    dev.reconnected();
+    let again = resent(&mut dev);
+    let shard = gridsense_protocol::topic::shard_of(EUI, 4);
+    assert_eq!(again, [(format!("gridsense/{shard:02x}/{EUI}/up"), sent[1].1.clone())]);
+    // Without a window: again 60 s after its PUBACK, not before.
+    dev.handle_timeout(Instant::from_secs(41));
+    dev.handle_timeout(Instant::from_secs(100));
+    assert!(resent(&mut dev).iter().all(|(_, f)| f != &sent[1].1), "not before the timeout");
+    dev.handle_timeout(Instant::from_secs(101));
+    assert!(resent(&mut dev).iter().any(|(_, f)| f == &sent[1].1), "after it");
+    // A window that holds it: forgotten.
+    let held = highest + 8;
+    let window = seal(EUI, 1, &Downlink::UplinkWindow { highest: held, seen: u64::MAX }, &KEY);
+    dev.handle_downlink(Instant::from_secs(102), &window).unwrap();
+    let c = dev.telemetry_confirmations();
+    assert!(c.is_empty(), "{c:?}");
+    assert_eq!((c.dropped, c.expired), (0, 0));
+}
+
+#[test]
 fn a_device_on_version_1s_topic_waits_for_no_confirmation() {
     let mut dev = boot(Drain::new());
     dev.handle_input(Instant::ZERO, DrainInput { level_mm: 4_500 });
@@ -535,5 +591,5 @@ fn a_device_on_version_1s_topic_waits_for_no_confirmation() {
     })
     .collect();
     assert!(topics.iter().all(|t| t == &format!("gridsense/{EUI}/up")), "{topics:?}");
-    assert!(dev.confirmations().is_empty());
+    assert!(dev.confirmations().is_empty() && dev.telemetry_confirmations().is_empty());
 }

@@ -109,6 +109,9 @@ pub struct Batch {
     pub downlink_counters: BTreeMap<Eui, u32>,
     /// Sealed downlinks to publish after the commit: topic and frame.
     pub downlinks: Vec<(String, Vec<u8>)>,
+    /// Sealed downlinks sent again because the last send was not acknowledged in time: they
+    /// go through every broker, not only the one the device was last heard on.
+    pub downlinks_everywhere: Vec<(String, Vec<u8>)>,
     /// Changes to operators' requests.
     pub request_updates: Vec<RequestUpdate>,
     /// Rule states changed: device, rule id, state (`None`: delete).
@@ -139,6 +142,7 @@ impl Batch {
             && self.accepted == 0
             && self.downlink_counters.is_empty()
             && self.downlinks.is_empty()
+            && self.downlinks_everywhere.is_empty()
             && self.request_updates.is_empty()
             && self.rule_states.is_empty()
             && self.cases.is_empty()

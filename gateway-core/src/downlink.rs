@@ -33,6 +33,12 @@ pub struct DownlinkConfig {
     pub ack_timeout_ms: i64,
     /// Give up on a configuration after this many sends.
     pub max_attempts: u32,
+    /// A device's `…/up` frames stored since its last `UplinkWindow` that make the next one
+    /// due (SPEC §7.2).
+    pub confirm_every_frames: u16,
+    /// Time since a device's last `UplinkWindow` after which its next stored `…/up` frame
+    /// makes one due, ms.
+    pub confirm_every_ms: i64,
 }
 
 impl Default for DownlinkConfig {
@@ -43,6 +49,8 @@ impl Default for DownlinkConfig {
             boot_uptime_s: 600,
             ack_timeout_ms: 600_000,
             max_attempts: 5,
+            confirm_every_frames: 8,
+            confirm_every_ms: 30_000,
         }
     }
 }
@@ -80,6 +88,8 @@ pub struct Outgoing {
     pub counter: u32,
     /// The message.
     pub message: Downlink,
+    /// A send again of one not acknowledged in time: through every broker.
+    pub everywhere: bool,
 }
 
 /// A change to persist for a request.
@@ -107,13 +117,16 @@ pub enum RequestUpdate {
     },
 }
 
-/// Downlink state of every device: its next counter and last time sync (16 bytes, indexed by
+/// Downlink state of every device: its next counter, last time sync and move, and what its
+/// next `UplinkWindow` waits for (40 bytes, indexed by
 /// [`DeviceId`]), and the few operator requests waiting.
 #[derive(Debug, Clone, Default)]
 pub struct Downlinks {
     config: DownlinkConfig,
     slots: Vec<Slot>,
     pending: HashMap<Eui, Pending>,
+    /// Devices with `…/up` frames in the batch being built, for [`Downlinks::windows`].
+    stored: Vec<Device>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -123,9 +136,25 @@ struct Slot {
     last_sync_ms: i64,
     /// When the device was last told the deployment's shards (`i64::MIN`: never).
     last_move_ms: i64,
+    /// When it was last sent an `UplinkWindow` (`i64::MIN`: never).
+    last_window_ms: i64,
+    /// Its `…/up` frames stored since then.
+    unconfirmed: u16,
+    /// In [`Downlinks::stored`] already.
+    queued: bool,
+    /// A copy came: its window is due whatever the count.
+    copy: bool,
 }
 
-const NEVER: Slot = Slot { next_counter: 0, last_sync_ms: i64::MIN, last_move_ms: i64::MIN };
+const NEVER: Slot = Slot {
+    next_counter: 0,
+    last_sync_ms: i64::MIN,
+    last_move_ms: i64::MIN,
+    last_window_ms: i64::MIN,
+    unconfirmed: 0,
+    queued: false,
+    copy: false,
+};
 
 /// The outcome's stable name.
 pub const fn outcome_name(o: AckOutcome) -> &'static str {
@@ -207,7 +236,7 @@ impl Downlinks {
             }
             Request::StatusRequest => Downlink::StatusRequest,
         };
-        out.push(Outgoing { eui, counter, message });
+        out.push(Outgoing { eui, counter, message, everywhere: p.attempts > 0 });
         let attempts = p.attempts + 1;
         updates.push(RequestUpdate::Sent { id: p.id, counter, at_ms: now_ms, attempts });
         if p.request == Request::StatusRequest {
@@ -244,7 +273,8 @@ impl Downlinks {
                     let secs = u64::try_from(now_ms.max(0) / 1000).unwrap_or(0);
                     if let Some(now) = DeviceTime::from_unix_secs(secs) {
                         let counter = self.next(id);
-                        out.push(Outgoing { eui, counter, message: Downlink::TimeSync { now } });
+                        let message = Downlink::TimeSync { now };
+                        out.push(Outgoing { eui, counter, message, everywhere: false });
                         if let Some(slot) = self.slot_mut(id) {
                             slot.last_sync_ms = now_ms;
                         }
@@ -278,7 +308,56 @@ impl Downlinks {
             eui: device.eui,
             counter: next,
             message: Downlink::UplinkAck { counter },
+            everywhere: false,
         });
+    }
+
+    /// A `…/up` frame of `device` on a sharded topic goes into the batch being built (`copy`:
+    /// it was a copy, dropped — the device missed a window): [`Downlinks::windows`] decides at
+    /// the batch's end whether its window is due.
+    pub fn stored_up(&mut self, device: Device, copy: bool) {
+        let Some(slot) = self.slot_mut(device.id) else { return };
+        slot.unconfirmed = slot.unconfirmed.saturating_add(u16::from(!copy));
+        slot.copy |= copy;
+        if !core::mem::replace(&mut slot.queued, true) {
+            self.stored.push(device);
+        }
+    }
+
+    /// The batch is complete: every device of [`Downlinks::stored_up`] whose window is due
+    /// (`confirm_every_frames` stored since its last, or `confirm_every_ms` passed, or a copy
+    /// came) is sent `window_of` its counter window as the batch stores it — with the batch,
+    /// so only once it is durable (SPEC §7.2).
+    pub fn windows(
+        &mut self,
+        now_ms: i64,
+        window_of: impl Fn(DeviceId) -> Option<gridsense_protocol::CounterWindow>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let (every, every_ms) = (self.config.confirm_every_frames, self.config.confirm_every_ms);
+        for device in core::mem::take(&mut self.stored) {
+            let Some(slot) = self.slots.get_mut(device.id.index()) else { continue };
+            slot.queued = false;
+            let due = slot.copy
+                || slot.unconfirmed >= every
+                || slot.last_window_ms == i64::MIN
+                || now_ms.saturating_sub(slot.last_window_ms) >= every_ms;
+            let Some(highest) = window_of(device.id)
+                .filter(|_| due)
+                .and_then(|w| w.highest().map(|h| (h, w.seen_bits() | 1)))
+            else {
+                continue;
+            };
+            (slot.last_window_ms, slot.unconfirmed, slot.copy) = (now_ms, 0, false);
+            let counter = self.next(device.id);
+            let (highest, seen) = highest;
+            out.push(Outgoing {
+                eui: device.eui,
+                counter,
+                message: Downlink::UplinkWindow { highest, seen },
+                everywhere: false,
+            });
+        }
     }
 
     /// A frame arrived on version 1's topic: the device is told the deployment's shards (a
@@ -296,11 +375,13 @@ impl Downlinks {
         if slot.last_move_ms != i64::MIN && now_ms.saturating_sub(slot.last_move_ms) < timeout {
             return;
         }
+        let everywhere = slot.last_move_ms != i64::MIN;
         slot.last_move_ms = now_ms;
         let counter = self.next(device.id);
         let mut settings = heapless::Vec::new();
         let _ = settings.push(Setting::Shards(shards));
-        out.push(Outgoing { eui: device.eui, counter, message: Downlink::Config { settings } });
+        let message = Downlink::Config { settings };
+        out.push(Outgoing { eui: device.eui, counter, message, everywhere });
     }
 
     /// Gives up on configurations whose last send timed out `max_attempts` times.

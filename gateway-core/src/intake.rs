@@ -266,6 +266,11 @@ impl Intake {
         }
     }
 
+    /// A device's counter window as accepted so far.
+    pub fn window_of(&self, id: DeviceId) -> Option<CounterWindow> {
+        self.slots.get(id.index()).map(|s| s.window)
+    }
+
     /// Records an accepted frame's counter (before the next frame is checked, so a copy in
     /// the same batch is a duplicate); returns the device's window to persist with the batch.
     pub fn commit(&mut self, accepted: &Accepted) -> CounterWindow {

@@ -743,7 +743,12 @@ impl Pipeline {
                 let frame = seal(o.eui, o.counter, &o.message, key);
                 let topic =
                     gridsense_protocol::topic::topic(o.eui, Direction::Downlink).to_string();
-                batch.downlinks.push((topic, frame.to_vec()));
+                let to = if o.everywhere {
+                    &mut batch.downlinks_everywhere
+                } else {
+                    &mut batch.downlinks
+                };
+                to.push((topic, frame.to_vec()));
                 let next = self.intake.id_of(o.eui).map_or(0, |id| self.downlinks.next_counter(id));
                 batch.downlink_counters.insert(o.eui, next);
             }
@@ -787,18 +792,21 @@ impl Pipeline {
         let mut accepted = match self.intake.check(topic, payload) {
             Ok(accepted) => accepted,
             Err(reject) => {
-                // A copy of an urgent frame: the device did not get its confirmation (or it
-                // is on its way); it gets one more, with the batch that drops the copy.
+                // A copy on a sharded topic: the device did not get its confirmation (or it
+                // is on its way); it gets one more, with the batch that drops the copy — an
+                // urgent frame its `UplinkAck`, another its window.
                 if let Reject::Duplicate(eui, counter) = reject
-                    && matches!(
-                        gridsense_protocol::topic::parse_route(topic),
-                        Ok(gridsense_protocol::topic::Route::Uplink { lane: Lane::Urgent, .. })
-                    )
+                    && let Ok(gridsense_protocol::topic::Route::Uplink { lane, .. }) =
+                        gridsense_protocol::topic::parse_route(topic)
                     && let Some(device) = self.intake.device(eui)
                 {
-                    let mut outgoing = Vec::new();
-                    self.downlinks.confirm(device, counter, &mut outgoing);
-                    self.seal_downlinks(outgoing, batch);
+                    if lane == Lane::Urgent {
+                        let mut outgoing = Vec::new();
+                        self.downlinks.confirm(device, counter, &mut outgoing);
+                        self.seal_downlinks(outgoing, batch);
+                    } else {
+                        self.downlinks.stored_up(device, true);
+                    }
                 }
                 return self.reject(now_ms, topic, payload, &reject, batch);
             }
@@ -867,6 +875,9 @@ impl Pipeline {
         } else if lane_of(&accepted.message) == Lane::Urgent {
             // Confirmed end to end once durable: the device keeps it until then.
             self.downlinks.confirm(device, header.counter, &mut outgoing);
+        } else {
+            // Confirmed cumulatively, by a window at the batch's end ([`Pipeline::finish`]).
+            self.downlinks.stored_up(device, false);
         }
         self.seal_downlinks(outgoing, batch);
         // 7. Rules, incidents, cases.
@@ -965,6 +976,11 @@ impl Pipeline {
     /// every [`HEALTH_FLUSH_MS`]: between flushes only `last_seen` and counts move, and after a
     /// crash the restored deadlines are at most that much early. Call before committing.
     pub fn finish(&mut self, batch: &mut Batch, now_ms: i64, force: bool) {
+        // The cumulative confirmations due, with the batch that makes them true.
+        let mut windows = Vec::new();
+        let intake = &self.intake;
+        self.downlinks.windows(now_ms, |id| intake.window_of(id), &mut windows);
+        self.seal_downlinks(windows, batch);
         let due = force || now_ms.saturating_sub(self.last_health_flush) >= HEALTH_FLUSH_MS;
         if !due {
             // Only the devices that changed state: their rows are committed with the event.
@@ -1452,5 +1468,62 @@ mod tests {
         p.handle(30, &topic(Eui(1), Direction::Uplink), &old, &mut legacy);
         assert!(acks(&legacy).is_empty(), "version 1 devices do not wait for it");
         assert_eq!(legacy.downlinks.len(), 1, "but are told the shards");
+    }
+
+    #[test]
+    fn other_frames_are_confirmed_by_a_window_at_the_batch_s_end_every_8_frames_or_30_s() {
+        use gridsense_protocol::{Downlink, open, topic::uplink_topic};
+        let (p, key) = pipeline_of(&[1]);
+        let mut p = p.with_shards(4);
+        let up = uplink_topic(Eui(1), 4, Lane::Up);
+        let windows = |batch: &Batch| -> Vec<(u32, u64)> {
+            batch
+                .downlinks
+                .iter()
+                .filter_map(|(_, f)| match open::<Downlink>(f, &key).ok()?.1 {
+                    Downlink::UplinkWindow { highest, seen } => Some((highest, seen)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let reading = |counter: u32| seal(Eui(1), counter, &examples::uplinks()[1], &key);
+        // The first frame: a window at once (none was ever sent), with its batch.
+        let mut batch = Batch::default();
+        p.handle(0, &up, &reading(10), &mut batch);
+        assert!(windows(&batch).is_empty(), "not before the batch is complete");
+        p.finish(&mut batch, 0, true);
+        assert_eq!(windows(&batch), [(10, 1)]);
+        // Seven more in one batch, counter 12 lost on the way: not due yet.
+        let mut batch = Batch::default();
+        for c in [11, 13, 14, 15, 16, 17, 18] {
+            p.handle(100, &up, &reading(c), &mut batch);
+        }
+        p.finish(&mut batch, 100, true);
+        assert!(windows(&batch).is_empty(), "7 since the last window");
+        // The eighth: one window for the batch, its gap showing.
+        let mut batch = Batch::default();
+        p.handle(200, &up, &reading(19), &mut batch);
+        p.handle(200, &up, &reading(20), &mut batch);
+        p.finish(&mut batch, 200, true);
+        let seen = [20u32, 19, 18, 17, 16, 15, 14, 13, 11, 10]
+            .iter()
+            .fold(0u64, |bits, c| bits | 1 << (20 - c));
+        assert_eq!(windows(&batch), [(20, seen)], "one per device and batch");
+        assert!(!Downlink::window_holds(20, seen, 12), "the lost frame shows as a gap");
+        // A copy of a stored frame: the device missed the window, it gets one more.
+        let mut batch = Batch::default();
+        assert_eq!(p.handle(300, &up, &reading(19), &mut batch), Outcome::Rejected("duplicate"));
+        p.finish(&mut batch, 300, true);
+        assert_eq!(windows(&batch), [(20, seen)]);
+        // One frame 30 s after the last window: due by time.
+        let mut batch = Batch::default();
+        p.handle(30_300, &up, &reading(12), &mut batch);
+        p.finish(&mut batch, 30_300, true);
+        assert_eq!(windows(&batch), [(20, seen | 1 << 8)], "the resent gap is held now");
+        // Version 1's topic is not confirmed.
+        let mut legacy = Batch::default();
+        p.handle(90_000, &topic(Eui(1), Direction::Uplink), &reading(21), &mut legacy);
+        p.finish(&mut legacy, 90_000, true);
+        assert!(windows(&legacy).is_empty());
     }
 }

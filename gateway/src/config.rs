@@ -207,6 +207,12 @@ pub struct DownlinkSettings {
     pub max_attempts: u32,
     /// How often the gateway looks for new operator requests in the store, ms.
     pub poll_ms: u64,
+    /// A device's frames on its `…/up` lane stored since its last cumulative confirmation
+    /// (`UplinkWindow`, SPEC §7.2) that make the next one due.
+    pub confirm_every_frames: u16,
+    /// Seconds since a device's last cumulative confirmation after which its next stored
+    /// frame makes one due. Devices resend what no window held after 60 s: keep it below.
+    pub confirm_every_s: u64,
 }
 
 impl Default for DownlinkSettings {
@@ -217,6 +223,8 @@ impl Default for DownlinkSettings {
             ack_timeout_s: 600,
             max_attempts: 5,
             poll_ms: 1_000,
+            confirm_every_frames: 8,
+            confirm_every_s: 30,
         }
     }
 }
@@ -230,6 +238,8 @@ impl DownlinkSettings {
             sync_every_ms: ms(self.sync_every_s),
             ack_timeout_ms: ms(self.ack_timeout_s),
             max_attempts: self.max_attempts,
+            confirm_every_frames: self.confirm_every_frames,
+            confirm_every_ms: ms(self.confirm_every_s),
             ..crate::downlink::DownlinkConfig::default()
         }
     }
@@ -780,6 +790,20 @@ impl Config {
         }
         if self.downlink.max_attempts == 0 || self.downlink.poll_ms == 0 {
             return Err(("downlink.max_attempts", "max_attempts and poll_ms must be > 0".into()));
+        }
+        // Devices keep 16 frames and resend after 60 s (firmware `confirm`): a window must
+        // come before either runs out.
+        if !(1..=8).contains(&self.downlink.confirm_every_frames) {
+            return Err((
+                "downlink.confirm_every_frames",
+                "must be 1 … 8: devices hold 16 unconfirmed frames".into(),
+            ));
+        }
+        if !(1..=50).contains(&self.downlink.confirm_every_s) {
+            return Err((
+                "downlink.confirm_every_s",
+                "must be 1 … 50: devices resend what no window held after 60 s".into(),
+            ));
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
             return Err((

@@ -74,7 +74,7 @@ pub fn uplinks() -> [Uplink; 11] {
 }
 
 /// One downlink of every kind, in variant order.
-pub fn downlinks() -> [Downlink; 4] {
+pub fn downlinks() -> [Downlink; 5] {
     let mut settings = Vec::new();
     for s in [
         Setting::ReportIntervalS(300),
@@ -90,5 +90,6 @@ pub fn downlinks() -> [Downlink; 4] {
         Downlink::TimeSync { now: at(2) },
         Downlink::UplinkAck { counter: 1_029 },
         Downlink::StatusRequest,
+        Downlink::UplinkWindow { highest: 1_037, seen: 0xff7f },
     ]
 }

@@ -516,7 +516,7 @@ mod tests {
             decode_body::<Uplink>(&[0x80, 0x01]),
             Err(FrameError::UnknownMessage { index: 128 })
         );
-        assert_eq!(decode_body::<Downlink>(&[4]), Err(FrameError::UnknownMessage { index: 4 }));
+        assert_eq!(decode_body::<Downlink>(&[5]), Err(FrameError::UnknownMessage { index: 5 }));
         assert_eq!(decode_body::<Uplink>(&[0]), Err(FrameError::BodyTruncated));
         assert_eq!(decode_body::<Downlink>(&[3, 0]), Err(FrameError::TrailingBytes { count: 1 }));
         // SwitchState index 5 does not exist.

@@ -493,11 +493,30 @@ pub enum Downlink {
     },
     /// 3: send a [`Status`] now.
     StatusRequest,
+    /// 4: of the 64 uplink counters up to `highest`, the gateway has stored durably those whose
+    /// bit is set in `seen` (bit `i`: counter `highest - i`) — the cumulative confirmation of
+    /// telemetry, a selective acknowledgement of the gateway's counter window.
+    UplinkWindow {
+        /// The highest uplink counter accepted.
+        highest: u32,
+        /// Bit `i` set: counter `highest - i` is stored. Bit 0 (`highest` itself) is always set.
+        seen: u64,
+    },
+}
+
+impl Downlink {
+    /// Whether an [`Downlink::UplinkWindow`] with `highest` and `seen` confirms uplink `counter`.
+    pub const fn window_holds(highest: u32, seen: u64, counter: u32) -> bool {
+        match highest.checked_sub(counter) {
+            Some(back) if back < 64 => seen & (1u64 << back) != 0,
+            _ => false,
+        }
+    }
 }
 
 impl Message for Downlink {
     const DIRECTION: Direction = Direction::Downlink;
-    const KNOWN_VARIANTS: u32 = 4;
+    const KNOWN_VARIANTS: u32 = 5;
 
     fn kind_name(&self) -> &'static str {
         match self {
@@ -505,6 +524,7 @@ impl Message for Downlink {
             Downlink::TimeSync { .. } => "time_sync",
             Downlink::UplinkAck { .. } => "uplink_ack",
             Downlink::StatusRequest => "status_request",
+            Downlink::UplinkWindow { .. } => "uplink_window",
         }
     }
 }

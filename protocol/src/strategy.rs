@@ -232,5 +232,7 @@ pub fn downlink() -> impl Strategy<Value = Downlink> {
         device_time().prop_map(|now| Downlink::TimeSync { now }),
         any::<u32>().prop_map(|counter| Downlink::UplinkAck { counter }),
         Just(Downlink::StatusRequest),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(highest, seen)| Downlink::UplinkWindow { highest, seen }),
     ]
 }

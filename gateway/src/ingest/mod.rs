@@ -509,7 +509,15 @@ async fn pipeline_task(
             continue;
         }
         batcher.seal();
-        let downlinks_sealed = std::mem::take(&mut batch.downlinks);
+        let downlinks_sealed: Vec<(String, Vec<u8>, bool)> = std::mem::take(&mut batch.downlinks)
+            .into_iter()
+            .map(|(t, f)| (t, f, false))
+            .chain(
+                std::mem::take(&mut batch.downlinks_everywhere)
+                    .into_iter()
+                    .map(|(t, f)| (t, f, true)),
+            )
+            .collect();
         if !batch.is_empty() || !downlinks_sealed.is_empty() {
             let Some(s) = w.store.take() else { break };
             batch.fence = out.cluster.fence();
@@ -713,7 +721,8 @@ struct Effects {
     decided: Vec<i64>,
     /// Only when a live view listens: it allocates per changed row.
     changes: Option<Changes>,
-    downlinks: Vec<(String, Vec<u8>)>,
+    /// Topic, frame, and whether it goes through every broker.
+    downlinks: Vec<(String, Vec<u8>, bool)>,
 }
 
 impl Effects {
@@ -721,7 +730,7 @@ impl Effects {
         batch: &Batch,
         status: &Status,
         rejected: u64,
-        downlinks: Vec<(String, Vec<u8>)>,
+        downlinks: Vec<(String, Vec<u8>, bool)>,
     ) -> Self {
         if let Ok(mut r) = status.rejects.lock() {
             for (reason, n) in &batch.rejects {
@@ -798,8 +807,8 @@ async fn settle(
         status.outbox_wake[1].notify_one();
     }
     // Committed with their counters: now they may go out.
-    for (topic, frame) in e.downlinks {
-        out.sessions.downlink(topic, frame).await;
+    for (topic, frame, everywhere) in e.downlinks {
+        out.sessions.downlink(topic, frame, everywhere).await;
     }
     acknowledge(batcher, out).await;
     Ok(committed)

@@ -235,10 +235,24 @@ impl Sessions {
 
     /// Sends a sealed downlink through the device's shard's `up` session on the broker the
     /// device was last heard on (the first broker when it was not heard yet, or that broker's
-    /// session is down to none).
-    pub async fn downlink(&self, topic: String, frame: Vec<u8>) {
+    /// session is down to none) — or, `everywhere`, a send again of one not acknowledged in
+    /// time, through that session on every broker (the device may have moved to the other).
+    pub async fn downlink(&self, topic: String, frame: Vec<u8>, everywhere: bool) {
         let Ok((eui, _)) = parse_topic(&topic) else { return };
         let key = self.up_session(eui);
+        if everywhere && self.templates.len() > 1 {
+            let mut sent = false;
+            for ((_, k), r) in &self.running {
+                if *k == key {
+                    sent |=
+                        r.outbound.send(Outbound::Downlink(topic.clone(), frame.clone())).is_ok();
+                }
+            }
+            if !sent {
+                tracing::warn!(%eui, "downlink not sent: its shard is no longer held here");
+            }
+            return;
+        }
         let last = self.heard.lock().ok().and_then(|h| h.get(&eui).copied()).unwrap_or(0);
         let r = self
             .running
