@@ -307,7 +307,12 @@ async fn outcome(c: &mut Cluster, subscriber: &Subscriber) -> Outcome {
         .unwrap();
     let case_devices: BTreeSet<String> = cases.iter().map(|c| c.device_id.clone()).collect();
     assert_eq!(stolen.len(), 5, "five covers stolen");
-    assert_eq!(case_devices, stolen, "one case per stolen cover");
+    if case_devices != stolen {
+        let kept = c.dir.path().to_owned();
+        let missing: Vec<_> = stolen.difference(&case_devices).collect();
+        std::mem::forget(std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap()));
+        panic!("no case for the stolen covers {missing:?}; logs kept in {}", kept.display());
+    }
     assert_eq!(cases.len(), stolen.len(), "no duplicate case");
     Outcome {
         sent,

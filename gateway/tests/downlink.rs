@@ -136,3 +136,72 @@ async fn downlink_counters_survive_a_restart() {
         );
     }
 }
+
+/// With two brokers a downlink goes through the one its device was last heard on; one not
+/// acknowledged in time goes again through both (the device may be on the other by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_not_acknowledged_in_time_goes_again_through_both_brokers() {
+    use gridsense_protocol::{
+        Downlink, open, seal,
+        topic::{Lane, uplink_topic},
+    };
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let (a, b) = (Mosquitto::start().unwrap(), Mosquitto::start().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::city(dir.path(), 121, Counts { covers: 0, drains: 1, beacons: 0 }).unwrap();
+    let mut config = common::config(dir.path(), a.addr());
+    config.mqtt.url = String::new();
+    config.mqtt.urls = vec![format!("mqtt://{}", a.addr()), format!("mqtt://{}", b.addr())];
+    config.downlink.ack_timeout_s = 1;
+    common::import(&config, dir.path());
+    let drain = inventory::load(&dir.path().join("devices.json")).unwrap().remove(0);
+    // What each broker carries to the device's downlink topic.
+    let recorder = |broker: std::net::SocketAddr, name: &str| {
+        let mut options = MqttOptions::new(name, broker.ip().to_string(), broker.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Downlink>::new()));
+        let (sink, key) = (seen.clone(), drain.key.clone());
+        tokio::spawn(async move {
+            client.subscribe("gridsense/+/down", QoS::AtLeastOnce).await.unwrap();
+            while let Ok(event) = eventloop.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event
+                    && let Ok((_, d)) = open::<Downlink>(&p.payload, &key)
+                {
+                    sink.lock().unwrap().push(d);
+                }
+            }
+        });
+        seen
+    };
+    let configs = |seen: &std::sync::Mutex<Vec<Downlink>>| {
+        seen.lock().unwrap().iter().filter(|d| matches!(d, Downlink::Config { .. })).count()
+    };
+    let (down_a, down_b) = (recorder(a.addr(), "down-a"), recorder(b.addr(), "down-b"));
+    let (gateway, stop) = common::start(&config, gridsense_gateway::app::wall_clock()).await;
+    let request = {
+        let mut store = app::open_store(&config).unwrap();
+        let settings = vec![parse_setting("report_interval_s=120").unwrap()];
+        store.add_request(drain.eui, &Request::Configure(settings), 0).unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let up = uplink_topic(drain.eui, 64, Lane::Up).to_string();
+    let reading = gridsense_protocol::examples::uplinks()[1].clone();
+    let frame = |counter| seal(drain.eui, counter, &reading, &drain.key).to_vec();
+    // Heard on A: the configuration goes through A only.
+    common::publish_on(a.addr(), vec![(up.clone(), frame(1))]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = (configs(&down_a), configs(&down_b));
+    // No acknowledgement within the timeout: at its next frame, again, through both.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    common::publish_on(a.addr(), vec![(up, frame(2))]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = (configs(&down_a), configs(&down_b));
+    stop.send(true).unwrap();
+    gateway.task.await.unwrap().unwrap();
+    let store = app::open_store(&config).unwrap();
+    assert_eq!(first, (1, 0), "first through the broker it was heard on");
+    assert_eq!(second, (2, 1), "again through both");
+    assert_eq!(store.request_outcome(request).unwrap(), None, "still waiting for its ack");
+}

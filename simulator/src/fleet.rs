@@ -346,7 +346,7 @@ pub fn plan(city_dir: &Path, scenario: &Scenario) -> Result<Plan> {
 }
 
 /// What one device's task reports at the end.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct DeviceReport {
     /// Device counters.
     pub device: DeviceStats,
@@ -354,6 +354,47 @@ pub struct DeviceReport {
     pub outbox: OutboxStats,
     /// Session counters.
     pub session: SessionStats,
+    /// End-to-end confirmations (both lanes).
+    pub confirm: ConfirmReport,
+}
+
+/// What became of the frames a device kept for the gateway's confirmation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfirmReport {
+    /// Confirmed by the gateway.
+    pub confirmed: u64,
+    /// Given up unconfirmed (no room, or too far behind the gateway's window).
+    pub given_up: u64,
+    /// Copies sent for want of a confirmation.
+    pub resent: u64,
+    /// Still awaiting confirmation at the end: the device and the counters.
+    pub held: Vec<(gridsense_protocol::Eui, u32)>,
+}
+
+impl ConfirmReport {
+    /// A device's, as it ends.
+    pub fn of<S: Sensing, C: CounterStore, const U: usize, const T: usize>(
+        device: &Device<S, C, U, T>,
+    ) -> Self {
+        let (u, t) = (device.confirmations(), device.telemetry_confirmations());
+        ConfirmReport {
+            confirmed: u64::from(u.confirmed) + u64::from(t.confirmed),
+            given_up: u64::from(u.dropped)
+                + u64::from(u.expired)
+                + u64::from(t.dropped)
+                + u64::from(t.expired),
+            resent: u64::from(u.resent) + u64::from(t.resent),
+            held: u.counters().chain(t.counters()).map(|c| (device.eui(), c)).collect(),
+        }
+    }
+
+    /// Adds another's.
+    pub fn add(&mut self, other: ConfirmReport) {
+        self.confirmed += other.confirmed;
+        self.given_up += other.given_up;
+        self.resent += other.resent;
+        self.held.extend(other.held);
+    }
 }
 
 fn identity(planned: &Planned) -> Identity {
@@ -432,7 +473,12 @@ where
         config,
     )
     .await;
-    let report = DeviceReport { device: device.stats(), outbox: device.outbox_stats(), session };
+    let report = DeviceReport {
+        device: device.stats(),
+        outbox: device.outbox_stats(),
+        session,
+        confirm: ConfirmReport::of(&device),
+    };
     Ok((report, device.into_store()))
 }
 
@@ -694,6 +740,7 @@ pub async fn run(
         summary.connects += u64::from(report.session.connects);
         summary.connection_failures += u64::from(report.session.failures);
         summary.downlinks += u64::from(report.session.downlinks);
+        summary.confirm.add(report.confirm);
     }
     while actor_set.join_next().await.is_some() {}
     if let Some(bar) = progress {

@@ -102,7 +102,7 @@ impl AnySlot {
             AnySlot::Drain(s) => (s.device.stats(), s.device.outbox_stats()),
             AnySlot::Beacon(s) => (s.device.stats(), s.device.outbox_stats()),
         };
-        DeviceReport { device, outbox, session: Default::default() }
+        DeviceReport { device, outbox, ..Default::default() }
     }
 }
 

@@ -113,6 +113,8 @@ pub struct Summary {
     pub broker_acked: u64,
     /// Resident memory while the devices ran (just before shutdown), KiB.
     pub running_rss_kib: u64,
+    /// What became of the frames the devices kept for the gateway's end-to-end confirmation.
+    pub confirm: crate::fleet::ConfirmReport,
 }
 
 /// The process's peak resident set size in KiB, from `/proc/self/status` (0 if unavailable).
@@ -172,6 +174,17 @@ impl Summary {
             "connections {}, failures {}, resends {}, downlinks {}, misbehaving messages {}",
             self.connects, self.connection_failures, self.resends, self.downlinks, self.mischief
         );
+        let c = &self.confirm;
+        if c.confirmed + c.given_up + c.resent > 0 || !c.held.is_empty() {
+            let _ = writeln!(
+                out,
+                "confirmed end to end {}, resent for want of it {}, given up {}, still awaiting it {}",
+                c.confirmed,
+                c.resent,
+                c.given_up,
+                c.held.len()
+            );
+        }
         if self.broker_acked > 0 {
             let _ = writeln!(
                 out,

@@ -8,11 +8,13 @@
 //! - [`VictoriaMetrics`]: Debian's `victoria-metrics`, the InfluxDB 2 write API in tests.
 //! - [`Subscriber`]: records every uplink frame.
 //! - [`Chromium`]: Debian's headless `chromium`, driven over the DevTools Protocol.
+//! - [`Link`]: a TCP link a test can hold and cut (a host that freezes, then dies).
 
 pub mod alarms;
 pub mod broker;
 pub mod browser;
 pub mod fixtures;
+pub mod link;
 pub mod pki;
 pub mod postgres;
 pub mod subscriber;
@@ -20,6 +22,7 @@ pub mod victoria;
 
 pub use broker::{Mosquitto, free_port};
 pub use browser::Chromium;
+pub use link::Link;
 pub use pki::TestPki;
 pub use subscriber::{Received, Subscriber};
 pub use victoria::VictoriaMetrics;

@@ -93,11 +93,13 @@ impl Postgres {
     }
 
     fn start_with(durable: bool) -> Result<Self> {
-        let bin = bin_dir()?;
+        Self::start_with_options(durable, String::new())
+    }
+
+    /// A private folder the server's user owns.
+    fn private_dir() -> Result<tempfile::TempDir> {
         let dir = tempfile::Builder::new().prefix("gridsense-pg").tempdir()?;
-        let data = dir.path().join("data");
-        let pwfile = dir.path().join("pwfile");
-        std::fs::write(&pwfile, PASSWORD)?;
+        std::fs::write(dir.path().join("pwfile"), PASSWORD)?;
         if is_root() {
             // The server runs as `postgres`: it owns the folder (and may enter its parent).
             checked(
@@ -109,6 +111,14 @@ impl Postgres {
                 std::os::unix::fs::PermissionsExt::from_mode(0o700),
             )?;
         }
+        Ok(dir)
+    }
+
+    fn start_with_options(durable: bool, extra: String) -> Result<Self> {
+        let bin = bin_dir()?;
+        let dir = Self::private_dir()?;
+        let data = dir.path().join("data");
+        let pwfile = dir.path().join("pwfile");
         let data_s = data.to_str().context("temp path not UTF-8")?;
         checked(
             "initdb",
@@ -131,9 +141,96 @@ impl Postgres {
             .output(),
         )?;
         let port = free_port()?;
-        let mut pg = Postgres { bin, dir, data, port, durable, extra: String::new() };
+        let mut pg = Postgres { bin, dir, data, port, durable, extra };
         pg.start_server()?;
         Ok(pg)
+    }
+
+    /// A primary (`fsync` on) and a streaming standby that it commits to synchronously
+    /// (`synchronous_standby_names`, `synchronous_commit = on`): a commit returns only once
+    /// the standby has flushed it, so what the primary acknowledged survives its loss. Returns
+    /// once the primary reports the standby `sync`.
+    pub fn start_replicated() -> Result<(Postgres, Postgres)> {
+        let primary = Self::start_with_options(
+            true,
+            " -c wal_level=replica -c max_wal_senders=4 -c wal_keep_size=128MB -c synchronous_standby_names=standby1 -c synchronous_commit=on".into(),
+        )?;
+        let dir = Self::private_dir()?;
+        let data = dir.path().join("data");
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} password={PASSWORD} application_name=standby1",
+            primary.port
+        );
+        checked(
+            "pg_basebackup",
+            server_command(
+                &primary.bin.join("pg_basebackup"),
+                &["-D", data.to_str().context("path")?, "-d", &conninfo, "-X", "stream"],
+            )
+            .args(["-c", "fast", "-R", "--no-sync"])
+            .output(),
+        )?;
+        // `-R` wrote standby.signal and a primary_conninfo; this one names the standby.
+        let auto = data.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!("primary_conninfo = '{conninfo}'\n"));
+        std::fs::write(&auto, text)?;
+        let port = free_port()?;
+        let mut standby = Postgres {
+            bin: primary.bin.clone(),
+            dir,
+            data,
+            port,
+            durable: true,
+            extra: " -c hot_standby=on".into(),
+        };
+        standby.start_server()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let state = primary
+                .psql("postgres", "SELECT sync_state FROM pg_stat_replication")
+                .unwrap_or_default();
+            if state == "sync" {
+                return Ok((primary, standby));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the standby did not become synchronous in 30 s ({state:?}): {}",
+                    standby.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9` of the postmaster: the server dies at once, its backends after it.
+    pub fn kill9(&self) -> Result<()> {
+        let Some(&main) = self.server_pids().first() else { bail!("no server running") };
+        checked("kill -9", Command::new("kill").args(["-9", &main.to_string()]).output())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&self.addr(), Duration::from_millis(100)).is_ok() {
+            if Instant::now() > deadline {
+                bail!("the server still listens 10 s after kill -9");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`), returning once it accepts writes.
+    pub fn promote(&self) -> Result<()> {
+        let data = self.data.to_str().context("path")?;
+        checked(
+            "pg_ctl promote",
+            server_command(&self.bin.join("pg_ctl"), &["-D", data, "-w", "-t", "30", "promote"])
+                .output(),
+        )?;
+        Ok(())
+    }
+
+    /// Whether the server is in recovery (a standby).
+    pub fn in_recovery(&self) -> Result<bool> {
+        Ok(self.psql("postgres", "SELECT pg_is_in_recovery()")? == "t")
     }
 
     fn start_server(&mut self) -> Result<()> {

@@ -256,3 +256,52 @@ pub fn shipped_mosquitto(
     )
     .unwrap()
 }
+
+/// The devices' own books of a simulated run, checked against the store: every frame a broker
+/// acknowledged and a device kept for the gateway's end-to-end confirmation was confirmed, or
+/// is still awaiting its confirmation at the end and then must be in the device's stored
+/// counter window; what was given up unconfirmed counts as lost.
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+#[derive(Debug)]
+pub struct Books {
+    /// Frames a broker acknowledged (and the device kept).
+    pub sent: u64,
+    /// Of them, stored: confirmed, or held at the end and in the stored window.
+    pub stored: u64,
+    /// Held at the end, and of them in the stored window.
+    pub held: u64,
+    pub held_stored: u64,
+    /// A few held frames the store does not have, for the failure message.
+    pub missing: Vec<(Eui, u32)>,
+}
+
+#[allow(dead_code)] // Not every test binary that includes this module uses it.
+impl Books {
+    /// Reads the store's counter windows and checks the summary's books against them.
+    pub fn check(summary: &Summary, store: &dyn gridsense_gateway::store::IngestStore) -> Books {
+        let windows: HashMap<_, _> = store.counters().unwrap().into_iter().collect();
+        let stored_window = |(eui, counter): &(Eui, u32)| {
+            windows.get(eui).is_some_and(|w| {
+                w.highest().is_some_and(|h| {
+                    gridsense_protocol::Downlink::window_holds(h, w.seen_bits() | 1, *counter)
+                })
+            })
+        };
+        let c = &summary.confirm;
+        let missing: Vec<_> = c.held.iter().filter(|f| !stored_window(f)).copied().collect();
+        let held = c.held.len() as u64;
+        let held_stored = held - missing.len() as u64;
+        Books {
+            sent: c.confirmed + c.given_up + held,
+            stored: c.confirmed + held_stored,
+            held,
+            held_stored,
+            missing: missing.into_iter().take(10).collect(),
+        }
+    }
+
+    /// Acknowledged by a broker and not stored.
+    pub fn lost(&self) -> u64 {
+        self.sent - self.stored
+    }
+}
