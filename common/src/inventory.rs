@@ -65,6 +65,11 @@ pub struct DeviceRecord {
     /// Beacons: the responsibility grid the worker patrols (15 digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_code: Option<String>,
+    /// The brokers the device is provisioned with, in the order it tries them: one or two
+    /// `mqtt://HOST:PORT` (or all `mqtts://`) URLs; it fails over to the second when a
+    /// connection attempt to the first fails (none: whatever the simulator is told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<Vec<String>>,
 }
 
 /// A device record, checked and parsed.
@@ -171,9 +176,46 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Device>, InventoryError> {
                 return Err(bad("lon", format!("{} is not a longitude", record.lon)));
             }
             check_kind_fields(&record).map_err(|(field, message)| bad(field, message))?;
+            if let Some(brokers) = &record.brokers {
+                check_brokers(brokers).map_err(|m| bad("brokers", m))?;
+            }
             Ok(Device { record, eui, key })
         })
         .collect()
+}
+
+/// One or two `mqtt://HOST:PORT` URLs, or two `mqtts://`: never one of each (a device's TLS
+/// setting is one), never the same twice.
+pub fn check_brokers(brokers: &[String]) -> Result<(), String> {
+    if brokers.is_empty() || brokers.len() > 2 {
+        return Err(format!("one or two broker URLs, not {}", brokers.len()));
+    }
+    let mut schemes = Vec::new();
+    for url in brokers {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(format!("{url:?} is not mqtt://HOST:PORT or mqtts://HOST:PORT"));
+        };
+        if scheme != "mqtt" && scheme != "mqtts" {
+            return Err(format!("{url:?}: the scheme is mqtt or mqtts"));
+        }
+        let port = rest.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+        match port {
+            Some((host, Ok(p))) if !host.is_empty() && p > 0 && !host.contains(['/', '@']) => {}
+            _ => return Err(format!("{url:?} is not {scheme}://HOST:PORT")),
+        }
+        schemes.push(scheme);
+    }
+    if let [a, b] = schemes.as_slice()
+        && a != b
+    {
+        return Err("both brokers plain (mqtt://) or both TLS (mqtts://)".into());
+    }
+    if let [a, b] = brokers
+        && a == b
+    {
+        return Err(format!("{a:?} twice: two brokers are two"));
+    }
+    Ok(())
 }
 
 fn digits(s: &str, n: usize) -> bool {
@@ -268,6 +310,23 @@ mod tests {
             let err = parse("d.json", &GOOD.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains("device [0]") && err.contains(field), "{err}");
         }
+        for (brokers, says) in [
+            (r#"[]"#, "one or two"),
+            (r#"["mqtt://a:1883", "mqtt://b:1883", "mqtt://c:1883"]"#, "one or two"),
+            (r#"["tcp://a:1883"]"#, "scheme"),
+            (r#"["mqtt://a"]"#, "HOST:PORT"),
+            (r#"["mqtt://a:0"]"#, "HOST:PORT"),
+            (r#"["mqtt://a:1883", "mqtts://b:8883"]"#, "both TLS"),
+            (r#"["mqtt://a:1883", "mqtt://a:1883"]"#, "twice"),
+        ] {
+            let text = GOOD
+                .replace("\"minor_class\"", &format!("\"brokers\": {brokers}, \"minor_class\""));
+            let err = parse("d.json", &text).unwrap_err().to_string();
+            assert!(err.contains("`brokers`") && err.contains(says), "{brokers}: {err}");
+        }
+        let two = r#""brokers": ["mqtts://mqtt-a.example:8883", "mqtts://mqtt-b.example:8883"], "minor_class""#;
+        let devices = parse("d.json", &GOOD.replace("\"minor_class\"", two)).unwrap();
+        assert_eq!(devices[0].record.brokers.as_ref().map(Vec::len), Some(2));
         let twice = format!("[{0},{0}]", GOOD.trim().trim_start_matches('[').trim_end_matches(']'));
         let err = parse("d.json", &twice).unwrap_err().to_string();
         assert!(err.contains("device [1]") && err.contains("more than once"), "{err}");

@@ -226,6 +226,7 @@ fn base_record(kind: Kind, eui: u64, rng: &mut Rng, (lat, lon): (f64, f64)) -> D
         alarm_mm: None,
         catchment: None,
         grid_code: None,
+        brokers: None,
     }
 }
 

@@ -40,6 +40,10 @@ pub enum Command {
         /// Patrol beacons (one per grid by default).
         #[arg(long, default_value_t = city::GRID_COUNT)]
         beacons: usize,
+        /// The broker every device is provisioned with (`brokers` in devices.json); twice for
+        /// two: a device tries them in this order.
+        #[arg(long, num_args = 1)]
+        broker: Vec<String>,
     },
     /// Run the district's devices against a broker.
     Run(RunArgs),
@@ -64,8 +68,8 @@ pub enum TransportArg {
 pub struct RunArgs {
     /// Broker, `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for TLS (with `--ca-file`). Give it
     /// twice for two brokers: devices start on the first and fail over to the other when a
-    /// connection attempt fails.
-    #[arg(long, required = true, num_args = 1)]
+    /// connection attempt fails. None: the `brokers` the devices carry in devices.json.
+    #[arg(long, num_args = 1)]
     pub broker: Vec<String>,
     /// PEM file of the CA(s) the broker's certificate must chain to (`mqtts://` only).
     #[arg(long)]
@@ -136,11 +140,42 @@ pub fn broker_addr(url: &str) -> Result<SocketAddr> {
         .with_context(|| format!("--broker {url:?}: no address"))
 }
 
+/// The brokers the district's devices are provisioned with (`brokers` in devices.json): one
+/// fleet runs against one pair, so every device must carry the same.
+fn provisioned_brokers(city: &Path) -> Result<Vec<String>> {
+    let devices = crate::inventory::load(&city.join("devices.json"))?;
+    let mut first: Option<(&str, &Vec<String>)> = None;
+    for d in &devices {
+        let Some(brokers) = &d.record.brokers else {
+            bail!(
+                "no --broker, and device {} has no brokers in devices.json: give --broker, or write them with gridsim city --broker",
+                d.record.eui
+            );
+        };
+        match first {
+            None => first = Some((&d.record.eui, brokers)),
+            Some((eui, b)) if b != brokers => bail!(
+                "no --broker, and devices.json gives {eui} {b:?} but {} {brokers:?}: one run uses one pair, give --broker",
+                d.record.eui
+            ),
+            Some(_) => {}
+        }
+    }
+    first.map(|(_, b)| b.clone()).context("no --broker, and devices.json lists no device")
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::City { seed, out, covers, drains, beacons } => {
-            let city = city::generate(seed, city::Counts { covers, drains, beacons });
+        Command::City { seed, out, covers, drains, beacons, broker } => {
+            let mut city = city::generate(seed, city::Counts { covers, drains, beacons });
+            if !broker.is_empty() {
+                crate::inventory::check_brokers(&broker)
+                    .map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
+                for d in &mut city.devices {
+                    d.brokers = Some(broker.clone());
+                }
+            }
             city.write(&out)?;
             println!(
                 "gridsim city: {} grids, {} devices written to {}",
@@ -159,7 +194,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run(args) => {
+        Command::Run(mut args) => {
+            if args.broker.is_empty() {
+                args.broker = provisioned_brokers(&args.city)?;
+            }
             if args.broker.len() > 2 {
                 bail!("--broker: at most two brokers");
             }
@@ -210,5 +248,39 @@ pub async fn run(cli: Cli) -> Result<()> {
             print!("{}", summary.render());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_brokers_gridsim_city_writes_are_the_ones_gridsim_run_uses_without_broker() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let city = |broker: &[&str]| Command::City {
+            seed: 3,
+            out: dir.path().to_owned(),
+            covers: 3,
+            drains: 2,
+            beacons: 0,
+            broker: broker.iter().map(|b| (*b).to_owned()).collect(),
+        };
+        let go = |c| async { run(Cli { command: c }).await };
+        go(city(&[])).await.unwrap_or_else(|e| panic!("{e}"));
+        let none = provisioned_brokers(dir.path()).map(|_| ()).unwrap_err().to_string();
+        assert!(none.contains("has no brokers") && none.contains("--broker"), "{none}");
+        let pair = ["mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1884"];
+        go(city(&pair)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(provisioned_brokers(dir.path()).ok(), Some(pair.map(String::from).to_vec()));
+        let bad = go(city(&["mqtt://127.0.0.1:1883", "mqtts://127.0.0.1:8883"])).await;
+        assert!(bad.is_err_and(|e| e.to_string().contains("both TLS")));
+        // Devices provisioned differently cannot share one run.
+        let path = dir.path().join("devices.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let text = text.replacen("127.0.0.1:1884", "127.0.0.1:1885", 1);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        let mixed = provisioned_brokers(dir.path()).map(|_| ()).unwrap_err().to_string();
+        assert!(mixed.contains("one run uses one pair"), "{mixed}");
     }
 }
