@@ -34,12 +34,12 @@ pub struct Status {
     pub devices_registered: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
-    /// Every broker session this instance wants is connected with its subscription granted
-    /// (and it wants at least one).
+    /// On some broker every session this instance wants is connected with its subscription
+    /// granted (and it wants at least one): with two brokers, one may be down.
     pub connected: AtomicBool,
-    /// Broker sessions wanted (one per owned shard and lane, and the legacy one) and
+    /// Per broker: sessions wanted (one per owned shard and lane, and the legacy one) and
     /// connected with their subscription granted; `connected` follows from them.
-    pub sessions: std::sync::Mutex<(u64, u64)>,
+    pub sessions: std::sync::Mutex<Vec<(u64, u64)>>,
     /// Shards this instance holds.
     pub shards_held: AtomicU64,
     /// Shards claimed, handed over or lost since start (each one counted).
@@ -123,26 +123,41 @@ impl Status {
         }
     }
 
-    /// A session's subscription came up (`true`) or went down.
-    pub fn session_up(&self, up: bool) {
-        if let Ok(mut s) = self.sessions.lock() {
-            s.1 = if up { s.1 + 1 } else { s.1.saturating_sub(1) };
-            self.connected.store(s.0 > 0 && s.1 >= s.0, Relaxed);
+    /// A session's subscription on `broker` came up (`true`) or went down.
+    pub fn session_up(&self, broker: u8, up: bool) {
+        self.with_sessions(usize::from(broker), |s| {
+            s.1 = if up { s.1 + 1 } else { s.1.saturating_sub(1) }
+        });
+    }
+
+    /// Sets how many sessions are wanted on each broker (before new ones start, so that
+    /// `connected` waits for all of them).
+    pub fn want_sessions(&self, per_broker: &[u64]) {
+        for (b, n) in per_broker.iter().enumerate() {
+            self.with_sessions(b, |s| s.0 = *n);
         }
     }
 
-    /// Sets how many sessions are wanted (before new ones start, so that `connected` waits
-    /// for all of them).
-    pub fn want_sessions(&self, n: u64) {
-        if let Ok(mut s) = self.sessions.lock() {
-            s.0 = n;
-            self.connected.store(s.0 > 0 && s.1 >= s.0, Relaxed);
+    fn with_sessions(&self, broker: usize, change: impl FnOnce(&mut (u64, u64))) {
+        if let Ok(mut all) = self.sessions.lock() {
+            if all.len() <= broker {
+                all.resize(broker + 1, (0, 0));
+            }
+            if let Some(s) = all.get_mut(broker) {
+                change(s);
+            }
+            self.connected.store(all.iter().any(|s| s.0 > 0 && s.1 >= s.0), Relaxed);
         }
     }
 
-    /// Sessions wanted and up.
+    /// Sessions wanted and up, on all brokers together.
     pub fn session_counts(&self) -> (u64, u64) {
-        self.sessions.lock().map(|s| *s).unwrap_or_default()
+        self.broker_sessions().iter().fold((0, 0), |t, s| (t.0 + s.0, t.1 + s.1))
+    }
+
+    /// Sessions wanted and up, per broker (in `[mqtt] urls` order).
+    pub fn broker_sessions(&self) -> Vec<(u64, u64)> {
+        self.sessions.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Records a reconnection on which the broker had kept no session for this client id.

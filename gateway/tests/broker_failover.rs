@@ -39,8 +39,13 @@ async fn a_broker_killed_under_load_loses_no_alarm_and_the_devices_move_to_the_o
     config.health.max_frames_per_minute = 1_000_000;
     common::import(&config, dir.path());
     let (gateway, stop) = common::start(&config, app::wall_clock()).await;
-    let (wanted, up) = gateway.status.session_counts();
-    assert_eq!((wanted, up), (2 * 129, 2 * 129), "every session on both brokers");
+    // Ready once one broker has every session; then the other's come up too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gateway.status.session_counts() != (2 * 129, 2 * 129) {
+        let counts = gateway.status.broker_sessions();
+        assert!(tokio::time::Instant::now() < deadline, "sessions per broker: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (sub_a, sub_b) =
         (Subscriber::start(a.addr()).await.unwrap(), Subscriber::start(b.addr()).await.unwrap());
     let scenario = "description = \"two brokers\"\nseed = 6\n[device_config]\nshards = 64\nreport_interval_s = 2\ndrain_deadband_mm = 0\n\
@@ -59,6 +64,10 @@ async fn a_broker_killed_under_load_loses_no_alarm_and_the_devices_move_to_the_o
     link.cut();
     let held_to = sub_a.frames().len();
     let summary = sim.await.unwrap().unwrap();
+    // One broker whole: ready, with a warning naming the dead one.
+    let http = gateway.http.unwrap();
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    let (code, text) = (ready.status().as_u16(), ready.text().await.unwrap());
     sub_b.settle(Duration::from_millis(500), Duration::from_secs(5)).await;
     let keys = fixtures::keys(dir.path()).unwrap();
     // What A acknowledged while its link to the gateway was frozen: it never reached the
@@ -130,7 +139,7 @@ async fn a_broker_killed_under_load_loses_no_alarm_and_the_devices_move_to_the_o
     let duplicated = urgent_stored.saturating_sub(urgent_sent)
         + (cases.len() as u64).saturating_sub(stolen.len() as u64);
     gridsense_tests::evidence!(
-        "chaos: broker-kill9 sent={sent} stored={stored} lost={lost} duplicated={duplicated} (brokers=2, the gateway's link to one frozen at 6.5 s, that broker killed with kill -9 at 8.5 s under load and not restarted; {} frames it acknowledged meanwhile and never passed to the gateway, {held_resent} of them stored from the devices' copies through the other; {} frames confirmed end to end, {} still awaiting confirmation at the end of which {held_stored} in the stored window, {} given up; {} copies resent for want of a confirmation, {} dropped as duplicates; alarm frames a broker passed on {alarms_seen}, stored {alarms_stored}; urgent {urgent_sent}, stored {urgent_stored}; cases={} stolen={}; devices' connections {}, failed attempts {}; {} frames passed on by the brokers, {} stored in all)",
+        "chaos: broker-kill9 sent={sent} stored={stored} lost={lost} duplicated={duplicated} (brokers=2, the gateway's link to one frozen at 6.5 s, that broker killed with kill -9 at 8.5 s under load and not restarted; {} frames it acknowledged meanwhile and never passed to the gateway, {held_resent} of them stored from the devices' copies through the other; {} frames confirmed end to end, {} still awaiting confirmation at the end of which {held_stored} in the stored window, {} given up; {} copies resent for want of a confirmation, {} dropped as duplicates; /readyz {code} with one broker dead; alarm frames a broker passed on {alarms_seen}, stored {alarms_stored}; urgent {urgent_sent}, stored {urgent_stored}; cases={} stolen={}; devices' connections {}, failed attempts {}; {} frames passed on by the brokers, {} stored in all)",
         held_by_a.len(),
         c.confirmed,
         c.held.len(),
@@ -144,6 +153,8 @@ async fn a_broker_killed_under_load_loses_no_alarm_and_the_devices_move_to_the_o
         seen.len(),
         totals.accepted,
     );
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("broker 1 of 2") && text.contains("0 of 129 sessions up"), "{text}");
     assert_eq!(stolen.len(), 5, "five covers stolen");
     assert!(sent > 300 && c.confirmed > 0, "a load: {sent} frames, {} confirmed", c.confirmed);
     assert_eq!(c.given_up, 0, "nothing given up unconfirmed");

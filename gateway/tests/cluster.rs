@@ -1,5 +1,6 @@
-//! Several gateway instances on one PostgreSQL store and one Mosquitto, as real `gridsense run`
-//! processes, under the simulator's per-device fleet (steady telemetry, a storm, thefts):
+//! Several gateway instances on one PostgreSQL store and two Mosquittos (every instance holds
+//! its shards' sessions on both; the devices know both), as real `gridsense run` processes,
+//! under the simulator's per-device fleet (steady telemetry, a storm, thefts):
 //!
 //! - `gateway-failover`: `kill -9` one instance at random points (restarting it each time): its
 //!   shards are claimed by the others within the lease time, every frame the broker
@@ -111,7 +112,9 @@ fn metric(text: &str, name: &str) -> u64 {
 struct Cluster {
     dir: tempfile::TempDir,
     _pg: Postgres,
+    /// The devices start on the first; the second stands by.
     broker: Mosquitto,
+    standby: Mosquitto,
     config: Config,
     instances: Vec<Instance>,
 }
@@ -119,10 +122,13 @@ struct Cluster {
 impl Cluster {
     fn new(seed: u64, n: usize) -> Self {
         let pg = Postgres::start().unwrap();
-        let broker = Mosquitto::start().unwrap();
+        let (broker, standby) = (Mosquitto::start().unwrap(), Mosquitto::start().unwrap());
         let dir = tempfile::tempdir().unwrap();
         fixtures::city(dir.path(), seed, Counts { covers: 40, drains: 40, beacons: 0 }).unwrap();
         let mut config = common::config(dir.path(), broker.addr());
+        config.mqtt.url = String::new();
+        config.mqtt.urls =
+            vec![format!("mqtt://{}", broker.addr()), format!("mqtt://{}", standby.addr())];
         config.store.url = pg.database(None).unwrap();
         config.store.key_file = dir.path().join("store.key");
         config.store.batch_max = 50;
@@ -143,7 +149,7 @@ impl Cluster {
                 Instance { name, config: path, http, log, child: None }
             })
             .collect();
-        Cluster { dir, _pg: pg, broker, config, instances }
+        Cluster { dir, _pg: pg, broker, standby, config, instances }
     }
 
     fn path(&self) -> &Path {
@@ -215,7 +221,10 @@ impl Cluster {
             let mut all = true;
             for i in self.instances.iter().filter(|i| i.child.is_some()) {
                 let m = i.metrics().await;
-                all &= metric(&m, "gridsense_broker_connected") == 1;
+                let wanted = metric(&m, "gridsense_broker_sessions{state=\"wanted\"}");
+                let up = metric(&m, "gridsense_broker_sessions{state=\"up\"}");
+                // On both brokers.
+                all &= wanted > 0 && up == wanted;
             }
             if all {
                 return;
@@ -285,8 +294,8 @@ fn fleet(
     c: &Cluster,
     real: Duration,
 ) -> tokio::task::JoinHandle<anyhow::Result<gridsense_simulator::stats::Summary>> {
-    let (dir, addr) = (c.path().to_owned(), c.broker.addr());
-    tokio::spawn(async move { fixtures::run(&dir, SCENARIO, addr, 1.0, real).await })
+    let (dir, brokers) = (c.path().to_owned(), [c.broker.addr(), c.standby.addr()]);
+    tokio::spawn(async move { fixtures::run_two_brokers(&dir, SCENARIO, brokers, 1.0, real).await })
 }
 
 /// After the fleet: every distinct frame the subscriber saw must be stored once; every stolen
@@ -398,7 +407,7 @@ async fn gateway_failover_kill_9_loses_nothing_and_files_one_case_per_theft() {
     failovers.sort_unstable();
     let (p50, max) = (percentile(&failovers, 50), failovers.last().copied().unwrap_or(0));
     gridsense_tests::evidence!(
-        "chaos: gateway-failover sent={} stored={} lost={} duplicated={} (instances=3 brokers=1 kills={kills} failover_p50_ms={p50} failover_max_ms={max} lease_ms={LEASE_MS} cases={} stolen={}; duplicate frames dropped as such: {})",
+        "chaos: gateway-failover sent={} stored={} lost={} duplicated={} (instances=3 brokers=2 kills={kills} failover_p50_ms={p50} failover_max_ms={max} lease_ms={LEASE_MS} cases={} stolen={}; duplicate frames dropped as such: {})",
         o.sent,
         o.stored,
         o.sent.saturating_sub(o.stored),

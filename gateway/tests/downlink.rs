@@ -179,7 +179,7 @@ async fn a_configuration_not_acknowledged_in_time_goes_again_through_both_broker
         seen.lock().unwrap().iter().filter(|d| matches!(d, Downlink::Config { .. })).count()
     };
     let (down_a, down_b) = (recorder(a.addr(), "down-a"), recorder(b.addr(), "down-b"));
-    let (gateway, stop) = common::start(&config, gridsense_gateway::app::wall_clock()).await;
+    let (gateway, stop) = common::start(&config, app::wall_clock()).await;
     let request = {
         let mut store = app::open_store(&config).unwrap();
         let settings = vec![parse_setting("report_interval_s=120").unwrap()];

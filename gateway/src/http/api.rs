@@ -508,6 +508,17 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
     // Warnings: worth an operator's attention, but ingestion and delivery work.
     let mut warnings = Vec::new();
+    let brokers = state.status.broker_sessions();
+    if brokers.len() > 1 && state.status.connected.load(Relaxed) {
+        // Two brokers, one whole: devices fail over to it, so ingest goes on.
+        for (i, (wanted, up)) in brokers.iter().enumerate().filter(|(_, (w, u))| u < w) {
+            warnings.push(format!(
+                "broker {} of {} ([mqtt] urls): {up} of {wanted} sessions up; devices fail over to the other",
+                i + 1,
+                brokers.len()
+            ));
+        }
+    }
     let d = &state.status.delivery;
     if let Some(e) = d.catalogue_error.lock().ok().and_then(|e| e.clone()) {
         warnings.push(format!("the platform's services.json could not be read: {e}"));

@@ -363,7 +363,7 @@ pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
     // Connected (CONNACK seen, no error since), ever connected; subscribed (SUBACK granted,
     // counted in the status while it lasts, however the task ends).
     let (mut connected, mut ever) = (false, false);
-    let mut up = Up { status: status.clone(), up: false };
+    let mut up = Up { status: status.clone(), broker, up: false };
     loop {
         while let Some(publish) = overflow.pop_front() {
             match publishes.try_send(Tagged { broker, key, generation, publish }) {
@@ -528,13 +528,14 @@ pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
 /// the session's task ends, aborted included).
 struct Up {
     status: Arc<Status>,
+    broker: u8,
     up: bool,
 }
 
 impl Up {
     fn set(&mut self, up: bool) {
         if up != self.up {
-            self.status.session_up(up);
+            self.status.session_up(self.broker, up);
             self.up = up;
         }
     }

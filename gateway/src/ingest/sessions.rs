@@ -97,7 +97,18 @@ impl Sessions {
     }
 
     fn wanted(&self) {
-        self.status.want_sessions(self.running.len() as u64);
+        self.want(self.running.keys().copied());
+    }
+
+    /// Counts `sessions` as wanted, per broker.
+    fn want(&self, sessions: impl Iterator<Item = (u8, SessionKey)>) {
+        let mut per_broker = vec![0u64; self.templates.len()];
+        for (b, _) in sessions {
+            if let Some(n) = per_broker.get_mut(usize::from(b)) {
+                *n += 1;
+            }
+        }
+        self.status.want_sessions(&per_broker);
     }
 
     /// Starts these sessions (those not running). All count as wanted before any starts, so
@@ -109,7 +120,7 @@ impl Sessions {
             .flat_map(|k| (0..brokers).map(move |b| (b, *k)))
             .filter(|bk| !self.running.contains_key(bk))
             .collect();
-        self.status.want_sessions((self.running.len() + new.len()) as u64);
+        self.want(self.running.keys().copied().chain(new.iter().copied()));
         for (broker, key) in new {
             self.start_one(broker, key);
         }
