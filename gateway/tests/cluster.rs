@@ -406,8 +406,15 @@ async fn gateway_failover_kill_9_loses_nothing_and_files_one_case_per_theft() {
     let o = outcome(&mut c, &subscriber).await;
     failovers.sort_unstable();
     let (p50, max) = (percentile(&failovers, 50), failovers.last().copied().unwrap_or(0));
+    // What `cluster status` says of the rebalances the kills made.
+    let status = common::cli(&c.instances[0].config, &["cluster", "status"]);
+    let rebalances: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("rebalances: ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no rebalances in: {status}"));
+    assert!(rebalances >= kills as u64, "{kills} kills, {rebalances} rebalances: {status}");
     gridsense_tests::evidence!(
-        "chaos: gateway-failover sent={} stored={} lost={} duplicated={} (instances=3 brokers=2 kills={kills} failover_p50_ms={p50} failover_max_ms={max} lease_ms={LEASE_MS} cases={} stolen={}; duplicate frames dropped as such: {})",
+        "chaos: gateway-failover sent={} stored={} lost={} duplicated={} (instances=3 brokers=2 kills={kills} failover_p50_ms={p50} failover_max_ms={max} lease_ms={LEASE_MS} cases={} stolen={}; rebalances in `cluster status`: {rebalances}; duplicate frames dropped as such: {})",
         o.sent,
         o.stored,
         o.sent.saturating_sub(o.stored),

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use crate::cluster::View;
 
 /// The status as printed: the database's clock against this host's, the live instances with
-/// their shards, and the shards nobody holds (free, or lapsed with the last holder named).
+/// their shards, the shards nobody holds (free, or lapsed with the last holder named), and the
+/// rebalances so far (every claim raises a shard's epoch).
 pub fn render(view: &View, target: &str, local_now_ms: i64) -> String {
     let mut out = String::new();
     let skew = local_now_ms - view.db_now_ms;
@@ -51,6 +52,16 @@ pub fn render(view: &View, target: &str, local_now_ms: i64) -> String {
         unheld.len(),
         if unheld.is_empty() { String::new() } else { format!(": {}", unheld.join(", ")) }
     );
+    let claims: i64 = view.leases.iter().map(|l| l.epoch.max(0)).sum();
+    let moved: i64 = view.leases.iter().map(|l| (l.epoch - 1).max(0)).sum();
+    let most = view.leases.iter().max_by_key(|l| (l.epoch, std::cmp::Reverse(l.shard)));
+    let _ = writeln!(
+        out,
+        "rebalances: {moved} (shard claims since the store was made: {claims}{})",
+        most.filter(|l| l.epoch > 1)
+            .map(|l| format!("; most claimed: {:02x}, {} times", l.shard, l.epoch))
+            .unwrap_or_default()
+    );
     out
 }
 
@@ -64,7 +75,7 @@ mod tests {
         let lease = |shard, owner: Option<&str>, expires_in_ms| Lease {
             shard,
             owner: owner.map(str::to_owned),
-            epoch: 1,
+            epoch: if shard == 3 { 4 } else { 1 },
             expires_in_ms,
         };
         let view = View {
@@ -85,7 +96,8 @@ mod tests {
              instances seen within a lease: 2\n  \
              gw1: 2 shards, next lease expiry in 4.2 s: 00 02\n  \
              gw2: 1 shards, next lease expiry in 3.1 s: 01\n\
-             held by nobody: 2: 03 (lapsed 1.5 s ago, last gw3), 04\n"
+             held by nobody: 2: 03 (lapsed 1.5 s ago, last gw3), 04\n\
+             rebalances: 3 (shard claims since the store was made: 8; most claimed: 03, 4 times)\n"
         );
     }
 }

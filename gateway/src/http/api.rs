@@ -405,9 +405,12 @@ async fn cluster(State(state): State<ApiState>) -> Response {
         .collect();
     let s = &state.status;
     let (wanted, up) = s.session_counts();
+    // Every claim raises a shard's epoch: what is above the first is a rebalance.
+    let rebalances: i64 = view.leases.iter().map(|l| (l.epoch - 1).max(0)).sum();
     Json(serde_json::json!({
         "db_now_ms": view.db_now_ms,
         "shards": view.leases.len(),
+        "rebalances": rebalances,
         "instances": instances,
         "unheld": unheld,
         "this_instance": {
