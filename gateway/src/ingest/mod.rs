@@ -143,10 +143,15 @@ pub async fn run(
     let shards = config.cluster.shards;
     let window = session_window(config.mqtt.inflight, shards);
     // Every session's window: the sessions never find the channel full for long.
-    let sessions_max = (usize::from(shards) * 2 + 1) * targets.len().max(1);
-    let capacity = sessions_max * usize::from(window);
+    let brokers = targets.len().max(1);
+    let (up_sessions, urgent_sessions) =
+        ((usize::from(shards) + 1) * brokers, usize::from(shards) * brokers);
+    let capacity = up_sessions * usize::from(window);
+    let urgent_capacity = urgent_sessions * usize::from(window);
     let (tx, rx) = mpsc::channel::<Tagged>(capacity);
-    status.queue_capacity.store(capacity as u64, Relaxed);
+    let (urgent_tx, urgent_rx) = mpsc::channel::<Tagged>(urgent_capacity);
+    let rx = Inbox { urgent: urgent_rx, up: rx, urgent_open: true, up_open: true };
+    status.queue_capacity.store((capacity + urgent_capacity) as u64, Relaxed);
     status.devices_registered.store(pipeline.registered() as u64, Relaxed);
     let gate = Arc::new(leases::Gate::new(shards));
     let exclusive = leases.exclusive();
@@ -158,8 +163,14 @@ pub async fn run(
             reconnect_ms: (config.mqtt.reconnect_min_ms, config.mqtt.reconnect_max_ms),
         })
         .collect();
-    let sessions =
-        Sessions::new(templates, tx, status.clone(), gate.clone(), shards, shutdown.clone());
+    let sessions = Sessions::new(
+        templates,
+        (tx, urgent_tx),
+        status.clone(),
+        gate.clone(),
+        shards,
+        shutdown.clone(),
+    );
     let instance = config.cluster.instance();
     let _ = status.instance.set(instance.clone());
     let (news_tx, news_rx) = mpsc::channel::<News>(16);
@@ -295,8 +306,39 @@ struct Batching {
 /// How often embedded telemetry is pruned, ms.
 const PRUNE_EVERY_MS: u64 = 3_600_000;
 
+/// The pipeline's two inputs: the urgent lane's sessions feed one, every other session the
+/// other. The urgent one is always read first, so an alarm never waits behind the telemetry
+/// held at the gateway (ARCHITECTURE: alarms first).
+struct Inbox {
+    urgent: mpsc::Receiver<Tagged>,
+    up: mpsc::Receiver<Tagged>,
+    urgent_open: bool,
+    up_open: bool,
+}
+
+impl Inbox {
+    /// The next message, an urgent one first; `None` once every session has ended. Cancel
+    /// safe (it only awaits `recv`).
+    async fn recv(&mut self) -> Option<Tagged> {
+        loop {
+            tokio::select! {
+                biased;
+                m = self.urgent.recv(), if self.urgent_open => match m {
+                    Some(m) => return Some(m),
+                    None => self.urgent_open = false,
+                },
+                m = self.up.recv(), if self.up_open => match m {
+                    Some(m) => return Some(m),
+                    None => self.up_open = false,
+                },
+                else => return None,
+            }
+        }
+    }
+}
+
 async fn pipeline_task(
-    mut rx: mpsc::Receiver<Tagged>,
+    mut rx: Inbox,
     out: &mut Outputs,
     store: Box<dyn IngestStore>,
     mut pipeline: Pipeline,

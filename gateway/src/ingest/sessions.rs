@@ -1,9 +1,11 @@
 //! The instance's broker sessions: one per owned shard and lane, and the legacy one (version
 //! 1's topic) with shard 0 — on every broker (`mqtt.urls`: two independent brokers, the
 //! devices failing over between them). Each has its own client (client id and account
-//! [`SessionKey::name`]), session task ([`session::run`]) and acker ([`session::acker`]); all
-//! of them feed one channel to the pipeline task with each message tagged by its session and
-//! run, and the pipeline's acks go back to the session (and run) the message came in on.
+//! [`SessionKey::name`]), session task ([`session::run`]) and acker ([`session::acker`]). The
+//! urgent lane's sessions feed one channel to the pipeline task, every other session another,
+//! and the pipeline always reads the urgent one first (an alarm never waits behind the
+//! telemetry held at the gateway); each message is tagged by its session and run, and the
+//! pipeline's acks go back to the session (and run) the message came in on.
 //!
 //! Starting and stopping: a claimed shard's sessions start after its state is adopted; a
 //! shard handed over has its sessions closed gracefully (acks queued, then DISCONNECT) once
@@ -61,7 +63,10 @@ struct Running {
 pub struct Sessions {
     /// One per broker.
     templates: Vec<Template>,
+    /// Into the pipeline: every session but the urgent lane's, and the urgent lane's (read
+    /// first).
     tx: mpsc::Sender<Tagged>,
+    urgent_tx: mpsc::Sender<Tagged>,
     status: Arc<Status>,
     gate: Arc<Gate>,
     shutdown: watch::Receiver<bool>,
@@ -77,7 +82,7 @@ impl Sessions {
     /// No session yet; messages will go into `tx`.
     pub fn new(
         templates: Vec<Template>,
-        tx: mpsc::Sender<Tagged>,
+        (tx, urgent_tx): (mpsc::Sender<Tagged>, mpsc::Sender<Tagged>),
         status: Arc<Status>,
         gate: Arc<Gate>,
         shards: u16,
@@ -86,6 +91,7 @@ impl Sessions {
         Sessions {
             templates,
             tx,
+            urgent_tx,
             status,
             gate,
             shutdown,
@@ -151,7 +157,12 @@ impl Sessions {
             broker,
             key,
             generation,
-            publishes: self.tx.clone(),
+            publishes: match key {
+                SessionKey::Shard(_, gridsense_protocol::topic::Lane::Urgent) => {
+                    self.urgent_tx.clone()
+                }
+                _ => self.tx.clone(),
+            },
             status: self.status.clone(),
             policy: Reconnect::new(t.reconnect_ms.0, t.reconnect_ms.1),
             may_connect: Arc::new(move || gate.holds(shard)),

@@ -178,7 +178,12 @@ pub async fn publish_raw(broker: SocketAddr, frames: Vec<(Eui, Vec<u8>)>) {
 
 /// Publishes ready-made frames on the given topics (QoS 1) and waits for them to go out.
 pub async fn publish_on(broker: SocketAddr, frames: Vec<(String, Vec<u8>)>) {
-    let mut options = MqttOptions::new("fake-devices", broker.ip().to_string(), broker.port());
+    publish_as("fake-devices", broker, frames).await;
+}
+
+/// As [`publish_on`], as MQTT client `id` (two publishers at once need two ids).
+pub async fn publish_as(id: &str, broker: SocketAddr, frames: Vec<(String, Vec<u8>)>) {
+    let mut options = MqttOptions::new(id, broker.ip().to_string(), broker.port());
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut event_loop) = AsyncClient::new(options, 100);
     let driver = tokio::spawn(async move { while event_loop.poll().await.is_ok() {} });
