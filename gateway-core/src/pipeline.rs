@@ -23,7 +23,7 @@ use std::{
 };
 
 use gridsense_protocol::{
-    DeviceTime, Direction, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal,
+    DeviceTime, Direction, Downlink, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal,
     topic::{Lane, lane_of, parse_topic},
 };
 
@@ -743,10 +743,12 @@ impl Pipeline {
                 let frame = seal(o.eui, o.counter, &o.message, key);
                 let topic =
                     gridsense_protocol::topic::topic(o.eui, Direction::Downlink).to_string();
-                let to = if o.everywhere {
-                    &mut batch.downlinks_everywhere
-                } else {
-                    &mut batch.downlinks
+                let to = match o.message {
+                    Downlink::UplinkAck { .. } | Downlink::UplinkWindow { .. } => {
+                        &mut batch.confirmations
+                    }
+                    _ if o.everywhere => &mut batch.downlinks_everywhere,
+                    _ => &mut batch.downlinks,
                 };
                 to.push((topic, frame.to_vec()));
                 let next = self.intake.id_of(o.eui).map_or(0, |id| self.downlinks.next_counter(id));
@@ -1444,7 +1446,7 @@ mod tests {
         let frame = seal(Eui(1), 7, &alarm, &key);
         let acks = |batch: &Batch| -> Vec<u32> {
             batch
-                .downlinks
+                .confirmations
                 .iter()
                 .filter_map(|(_, f)| match open::<Downlink>(f, &key).ok()?.1 {
                     Downlink::UplinkAck { counter } => Some(counter),
@@ -1478,7 +1480,7 @@ mod tests {
         let up = uplink_topic(Eui(1), 4, Lane::Up);
         let windows = |batch: &Batch| -> Vec<(u32, u64)> {
             batch
-                .downlinks
+                .confirmations
                 .iter()
                 .filter_map(|(_, f)| match open::<Downlink>(f, &key).ok()?.1 {
                     Downlink::UplinkWindow { highest, seen } => Some((highest, seen)),

@@ -57,6 +57,7 @@ use std::{
 };
 
 use gridsense_protocol::topic::{Lane, Route, parse_route, shard_of, uplink_topic};
+use session::DownlinkRoute;
 use tokio::sync::{mpsc, watch};
 
 use self::{
@@ -551,15 +552,19 @@ async fn pipeline_task(
             continue;
         }
         batcher.seal();
-        let downlinks_sealed: Vec<(String, Vec<u8>, bool)> = std::mem::take(&mut batch.downlinks)
-            .into_iter()
-            .map(|(t, f)| (t, f, false))
-            .chain(
-                std::mem::take(&mut batch.downlinks_everywhere)
-                    .into_iter()
-                    .map(|(t, f)| (t, f, true)),
-            )
-            .collect();
+        let routed =
+            |list: Vec<(String, Vec<u8>)>, route| list.into_iter().map(move |(t, f)| (t, f, route));
+        let downlinks_sealed: Vec<(String, Vec<u8>, DownlinkRoute)> =
+            routed(std::mem::take(&mut batch.downlinks), DownlinkRoute::LastHeard)
+                .chain(routed(
+                    std::mem::take(&mut batch.downlinks_everywhere),
+                    DownlinkRoute::Everywhere,
+                ))
+                .chain(routed(
+                    std::mem::take(&mut batch.confirmations),
+                    DownlinkRoute::Confirmation,
+                ))
+                .collect();
         if !batch.is_empty() || !downlinks_sealed.is_empty() {
             let Some(s) = w.store.take() else { break };
             batch.fence = out.cluster.fence();
@@ -763,8 +768,8 @@ struct Effects {
     decided: Vec<i64>,
     /// Only when a live view listens: it allocates per changed row.
     changes: Option<Changes>,
-    /// Topic, frame, and whether it goes through every broker.
-    downlinks: Vec<(String, Vec<u8>, bool)>,
+    /// Topic, frame, and how it goes.
+    downlinks: Vec<(String, Vec<u8>, DownlinkRoute)>,
 }
 
 impl Effects {
@@ -772,7 +777,7 @@ impl Effects {
         batch: &Batch,
         status: &Status,
         rejected: u64,
-        downlinks: Vec<(String, Vec<u8>, bool)>,
+        downlinks: Vec<(String, Vec<u8>, DownlinkRoute)>,
     ) -> Self {
         if let Ok(mut r) = status.rejects.lock() {
             for (reason, n) in &batch.rejects {
@@ -849,8 +854,8 @@ async fn settle(
         status.outbox_wake[1].notify_one();
     }
     // Committed with their counters: now they may go out.
-    for (topic, frame, everywhere) in e.downlinks {
-        out.sessions.downlink(topic, frame, everywhere).await;
+    for (topic, frame, route) in e.downlinks {
+        out.sessions.downlink(topic, frame, route).await;
     }
     acknowledge(batcher, out).await;
     Ok(committed)

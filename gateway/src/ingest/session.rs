@@ -550,11 +550,23 @@ impl Drop for Up {
 /// What a session's client sends besides acks.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A sealed downlink to a device.
-    Downlink(String, Vec<u8>),
+    /// A sealed downlink to a device, at this QoS.
+    Downlink(String, Vec<u8>, QoS),
     /// A version 1 frame republished to its shard's topic (legacy session only); the original
     /// is acknowledged once the broker has the copy.
     Forward(String, Publish),
+}
+
+/// How a sealed downlink goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownlinkRoute {
+    /// Through the broker its device was last heard on, QoS 1.
+    LastHeard,
+    /// A send again of one not acknowledged in time: through every broker, QoS 1.
+    Everywhere,
+    /// A confirmation (`UplinkAck`, `UplinkWindow`): through the broker last heard on, QoS 0
+    /// (the next one makes a lost one good).
+    Confirmation,
 }
 
 /// Hands acknowledgements (in order), downlinks and forwarded frames to the client, waiting
@@ -580,8 +592,8 @@ pub async fn acker(
                 None => break,
             },
             out = outbound.recv(), if outbound_open => match out {
-                Some(Outbound::Downlink(topic, frame)) => {
-                    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, frame).await {
+                Some(Outbound::Downlink(topic, frame, qos)) => {
+                    if let Err(e) = client.publish(topic, qos, false, frame).await {
                         tracing::warn!("downlink not queued: {e}");
                     }
                 }

@@ -19,7 +19,10 @@ use std::{
 };
 
 use gridsense_protocol::{Eui, topic::parse_topic};
-use rumqttc::v5::{AsyncClient, mqttbytes::v5::Publish};
+use rumqttc::v5::{
+    AsyncClient,
+    mqttbytes::{QoS, v5::Publish},
+};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -28,7 +31,10 @@ use tokio::{
 use super::{
     Target,
     leases::Gate,
-    session::{self, Forwards, Link, Outbound, Reconnect, SessionKey, SessionOptions, Tagged},
+    session::{
+        self, DownlinkRoute, Forwards, Link, Outbound, Reconnect, SessionKey, SessionOptions,
+        Tagged,
+    },
 };
 use crate::status::Status;
 
@@ -255,19 +261,24 @@ impl Sessions {
         }
     }
 
-    /// Sends a sealed downlink through the device's shard's `up` session on the broker the
+    /// Sends a sealed downlink (as `route` says) through the device's shard's `up` session on the broker the
     /// device was last heard on (the first broker when it was not heard yet, or that broker's
     /// session is down to none) — or, `everywhere`, a send again of one not acknowledged in
     /// time, through that session on every broker (the device may have moved to the other).
-    pub async fn downlink(&self, topic: String, frame: Vec<u8>, everywhere: bool) {
+    pub async fn downlink(&self, topic: String, frame: Vec<u8>, route: DownlinkRoute) {
         let Ok((eui, _)) = parse_topic(&topic) else { return };
         let key = self.up_session(eui);
-        if everywhere && self.templates.len() > 1 {
+        // A confirmation is made good by the next one: at most once.
+        let qos = match route {
+            DownlinkRoute::Confirmation => QoS::AtMostOnce,
+            DownlinkRoute::LastHeard | DownlinkRoute::Everywhere => QoS::AtLeastOnce,
+        };
+        if route == DownlinkRoute::Everywhere && self.templates.len() > 1 {
             let mut sent = false;
             for ((_, k), r) in &self.running {
                 if *k == key {
-                    sent |=
-                        r.outbound.send(Outbound::Downlink(topic.clone(), frame.clone())).is_ok();
+                    let downlink = Outbound::Downlink(topic.clone(), frame.clone(), qos);
+                    sent |= r.outbound.send(downlink).is_ok();
                 }
             }
             if !sent {
@@ -282,7 +293,7 @@ impl Sessions {
             .or_else(|| self.running.iter().find(|((_, k), _)| *k == key).map(|(_, r)| r));
         match r {
             Some(r) => {
-                let _ = r.outbound.send(Outbound::Downlink(topic, frame));
+                let _ = r.outbound.send(Outbound::Downlink(topic, frame, qos));
             }
             None => tracing::warn!(%eui, "downlink not sent: its shard is no longer held here"),
         }
