@@ -97,7 +97,13 @@ async fn main() -> Result<()> {
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let started = Instant::now();
     let lids = devices.iter().filter(|d| d.record.kind == Kind::Cover);
-    let sent = alarms::publish_paced(&client, lids, alarm_rate, None).await?;
+    let sent = alarms::publish_paced(
+        &client,
+        lids,
+        (alarm_rate, gridsense_protocol::topic::DEFAULT_SHARDS),
+        None,
+    )
+    .await?;
     let publish_secs = started.elapsed().as_secs_f64();
     // Wait for every case to be on the board.
     let store = app::open_store(&config)?;

@@ -46,7 +46,18 @@ const WARMUP_S: u64 = 4;
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Step {
     offered: u64,
+    /// Load and alarm frames the broker acknowledged (PUBACK): only these count as published.
     published: u64,
+    /// Handed to the MQTT client but never acknowledged by the broker: never sent, not lost.
+    #[serde(default)]
+    unsent: u64,
+    /// Gateway durable ÷ bare subscriber, in the window.
+    #[serde(default)]
+    durable_ratio: f64,
+    /// Gateway CPU per frame ÷ broker CPU per frame, in the window:
+    /// (gateway_cpu_pct ÷ accepted_per_s) ÷ (broker_cpu_pct ÷ bare_per_s).
+    #[serde(default)]
+    cpu_ratio: f64,
     bare_per_s: f64,
     accepted_per_s: f64,
     stored: u64,
@@ -401,6 +412,8 @@ async fn step(
 ) -> Result<Step> {
     let gw_cpu = || gateway.pids().into_iter().map(cpu_s).sum::<f64>();
     let db_cpu = || db_pids().into_iter().map(cpu_s).sum::<f64>();
+    // A frame counts as published only once the broker acknowledged it.
+    let alarms_acked = Arc::new(AtomicU64::new(0));
     let alarms_client = {
         let mut options = MqttOptions::new(
             format!("alarms-{offered}"),
@@ -409,7 +422,14 @@ async fn step(
         );
         options.set_inflight(1_000);
         let (client, mut eventloop) = AsyncClient::new(options, 1_000);
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let acked = alarms_acked.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let Event::Incoming(Packet::PubAck(_)) = event {
+                    acked.fetch_add(1, Relaxed);
+                }
+            }
+        });
         client
     };
     let base = gateway.accepted()?;
@@ -426,7 +446,13 @@ async fn step(
     let (t0, bare0, acc0) = (Instant::now(), bare.load(Relaxed), gateway.accepted()?);
     let (gw0, br0, db0) = (gw_cpu(), cpu_s(broker.pid()), db_cpu());
     let window_end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    let sent = alarms::publish_paced(&alarms_client, covers, ALARM_RATE, Some(window_end)).await?;
+    let sent = alarms::publish_paced(
+        &alarms_client,
+        covers,
+        (ALARM_RATE, gridsense_protocol::topic::DEFAULT_SHARDS),
+        Some(window_end),
+    )
+    .await?;
     tokio::time::sleep_until(window_end).await;
     let window = t0.elapsed().as_secs_f64();
     let (bare1, acc1) = (bare.load(Relaxed), gateway.accepted()?);
@@ -434,7 +460,10 @@ async fn step(
     let rss = gateway.pids().into_iter().map(|p| mem_mib(p, "VmRSS:")).sum::<f64>();
 
     let summary = sim.await??;
-    let published = summary.frames() + sent.len() as u64;
+    // Let the last alarms' PUBACKs come in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handed = summary.frames() + sent.len() as u64;
+    let published = summary.broker_acked + alarms_acked.load(Relaxed);
     let (stored_total, catch_up) =
         wait_stored(|| gateway.accepted(), base + published, Duration::from_secs(120)).await?;
     let stored = stored_total - base;
@@ -461,16 +490,25 @@ async fn step(
     latencies.sort_unstable();
     decided.sort_unstable();
     let _ = alarms_client.disconnect().await;
+    let (bare_per_s, accepted_per_s) =
+        ((bare1 - bare0) as f64 / window, (acc1 - acc0) as f64 / window);
+    let (gateway_cpu_pct, broker_cpu_pct) =
+        (100.0 * (gw1 - gw0) / window, 100.0 * (br1 - br0) / window);
     Ok(Step {
         offered,
         published,
-        bare_per_s: (bare1 - bare0) as f64 / window,
-        accepted_per_s: (acc1 - acc0) as f64 / window,
+        unsent: handed.saturating_sub(published),
+        durable_ratio: accepted_per_s / bare_per_s.max(1.0),
+        cpu_ratio: (gateway_cpu_pct / accepted_per_s.max(1.0))
+            / (broker_cpu_pct / bare_per_s.max(1.0)).max(f64::MIN_POSITIVE),
+        bare_per_s,
+        accepted_per_s,
         stored,
-        lost: published as i64 - stored as i64,
+        // Counts, not sets: a frame stored whose PUBACK never came back offsets one lost.
+        lost: (published as i64 - stored as i64).max(0),
         catch_up_s: catch_up,
-        gateway_cpu_pct: 100.0 * (gw1 - gw0) / window,
-        broker_cpu_pct: 100.0 * (br1 - br0) / window,
+        gateway_cpu_pct,
+        broker_cpu_pct,
         db_cpu_pct: 100.0 * (db1 - db0).max(0.0) / window,
         gateway_rss_mib: rss,
         alarms: sent.len(),
@@ -708,16 +746,20 @@ fn report(
     let _ = writeln!(md, "![load plot](load.svg)\n");
     let _ = writeln!(
         md,
-        "| offered/s | bare subscriber/s | gateway durable/s | published | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | gateway RSS MiB | alarms → cases | p50 ms | p99 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered/s | **durable ÷ bare** | **gateway CPU/frame ÷ broker's** | **alarm → case p99 ms** | bare subscriber/s | gateway durable/s | published (PUBACK) | never sent | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | gateway RSS MiB | alarms → cases | p50 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in steps {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} | {} |",
+            "| {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} |",
             s.offered,
+            s.durable_ratio,
+            s.cpu_ratio,
+            s.latency_p99_ms,
             s.bare_per_s,
             s.accepted_per_s,
             s.published,
+            s.unsent,
             s.stored,
             s.lost,
             s.catch_up_s,
@@ -728,14 +770,13 @@ fn report(
             s.alarms,
             s.cases,
             s.latency_p50_ms,
-            s.latency_p99_ms,
             s.latency_max_ms,
             s.decided_p99_ms
         );
     }
     let _ = writeln!(
         md,
-        "\n\"gateway durable/s\" counts frames committed to the store (and then acknowledged) during the window; \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
+        "\nThe ratios come first: absolute rates differ up to ~2.5× between machines of this class from one session to the next, ratios measured in one run do not. \"gateway durable/s\" counts frames committed to the store (and then acknowledged) during the window; a frame counts as published only once the broker acknowledged it (PUBACK), and \"never sent\" are those handed to the MQTT client that the broker never acknowledged; \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped) — counts, not sets: a frame stored whose PUBACK never came back would offset one lost. \"gateway CPU/frame ÷ broker's\" is (gateway CPU % ÷ durable/s) ÷ (broker CPU % ÷ bare/s). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
     );
     if let Some(m) = million {
         let _ = writeln!(
@@ -788,7 +829,15 @@ async fn main() -> Result<()> {
             #[serde(default)]
             written: String,
         }
-        let saved: Saved = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        let mut saved: Saved = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        for s in &mut saved.steps {
+            // Reports written before the ratios were kept: derived from what they have.
+            if s.durable_ratio == 0.0 {
+                s.durable_ratio = s.accepted_per_s / s.bare_per_s.max(1.0);
+                s.cpu_ratio = (s.gateway_cpu_pct / s.accepted_per_s.max(1.0))
+                    / (s.broker_cpu_pct / s.bare_per_s.max(1.0)).max(f64::MIN_POSITIVE);
+            }
+        }
         std::fs::create_dir_all(&args.out)?;
         std::fs::write(args.out.join("load.svg"), svg(&saved.steps))?;
         let md = report(
@@ -861,11 +910,14 @@ async fn main() -> Result<()> {
         let s = step(*rate, step_plan, covers, &broker, &gateway, &bare, args.seconds, &db_pids)
             .await?;
         println!(
-            "offered {:>6}/s: bare {:>6.0}/s, gateway {:>6.0}/s durable ({:.2} of bare), lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
+            "offered {:>6}/s: durable ÷ bare {:.2}, gateway CPU/frame ÷ broker's {:.2}; bare {:>6.0}/s, gateway {:>6.0}/s durable; published (PUBACK) {}, never sent {}, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
             s.offered,
+            s.durable_ratio,
+            s.cpu_ratio,
             s.bare_per_s,
             s.accepted_per_s,
-            s.accepted_per_s / s.bare_per_s.max(1.0),
+            s.published,
+            s.unsent,
             s.lost,
             s.catch_up_s,
             s.gateway_cpu_pct,

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use gridsense_protocol::{
-    AlarmKind, AlarmRaised, DeviceTime, Direction, Uplink, seal, topic::topic,
+    AlarmKind, AlarmRaised, DeviceTime, Uplink, seal,
+    topic::{Lane, uplink_topic},
 };
 use gridsense_simulator::inventory::Device;
 use rumqttc::{AsyncClient, QoS};
@@ -20,13 +21,14 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Publishes one "cover removed" alarm (QoS 1) for each cover, `rate` per second, until the
-/// covers run out or `until` comes. Returns, per cover published (EUI as text), the wall-clock
-/// time it was published, Unix ms.
+/// Publishes one "cover removed" alarm (QoS 1) for each cover on its shard's urgent lane (a
+/// deployment of `shards`), as a device on the sharded topics sends it, `rate` per second,
+/// until the covers run out or `until` comes. Returns, per cover published (EUI as text), the
+/// wall-clock time it was published, Unix ms.
 pub async fn publish_paced<'a>(
     client: &AsyncClient,
     covers: impl IntoIterator<Item = &'a Device>,
-    rate: f64,
+    (rate, shards): (f64, u16),
     until: Option<tokio::time::Instant>,
 ) -> Result<HashMap<String, i64>> {
     let mut sent = HashMap::new();
@@ -41,7 +43,7 @@ pub async fn publish_paced<'a>(
         next += interval;
         let frame = seal(d.eui, 1_000_000, &cover_removed(at), &d.key);
         sent.insert(d.eui.to_string(), wall_ms());
-        let topic = topic(d.eui, Direction::Uplink).to_string();
+        let topic = uplink_topic(d.eui, shards, Lane::Urgent).to_string();
         client.publish(topic, QoS::AtLeastOnce, false, frame.to_vec()).await?;
     }
     Ok(sent)
