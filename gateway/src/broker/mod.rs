@@ -77,7 +77,10 @@ fn settings(
         name: name.into(),
         listen,
         tls: None,
-        next_connection_delay_ms: 1,
+        // No pause between accepts: with 1 ms, 5,000 devices connecting at once (`gridsense
+        // demo --devices 5000`) made 4,290 connections with 2,789 failed attempts and 4,130
+        // devices online after 30 s; with none, all 5,000 online (1,344 failed attempts).
+        next_connection_delay_ms: 0,
         connections: rumqttd::ConnectionSettings {
             connection_timeout_ms: 10_000,
             max_payload_size: MAX_MESSAGE_BYTES,
