@@ -118,7 +118,7 @@ pub enum RequestUpdate {
 }
 
 /// Downlink state of every device: its next counter, last time sync and move, and what its
-/// next `UplinkWindow` waits for (40 bytes, indexed by
+/// next `UplinkWindow` waits for (32 bytes, indexed by
 /// [`DeviceId`]), and the few operator requests waiting.
 #[derive(Debug, Clone, Default)]
 pub struct Downlinks {
