@@ -107,15 +107,8 @@ pub struct Batch {
     pub accepted: u64,
     /// Next downlink counter of the devices a downlink went to.
     pub downlink_counters: BTreeMap<Eui, u32>,
-    /// Sealed downlinks to publish after the commit: topic and frame.
-    pub downlinks: Vec<(String, Vec<u8>)>,
-    /// Sealed downlinks sent again because the last send was not acknowledged in time: they
-    /// go through every broker, not only the one the device was last heard on.
-    pub downlinks_everywhere: Vec<(String, Vec<u8>)>,
-    /// Sealed confirmations (`UplinkAck`, `UplinkWindow`), sent at most once (QoS 0): each is
-    /// made good by the next (a copy of the frame brings another), so a lost one costs a
-    /// device's resend, not a frame.
-    pub confirmations: Vec<(String, Vec<u8>)>,
+    /// Sealed downlinks to publish after the commit: topic, frame, and how it goes.
+    pub downlinks: Vec<(String, Vec<u8>, crate::downlink::Route)>,
     /// Changes to operators' requests.
     pub request_updates: Vec<RequestUpdate>,
     /// Rule states changed: device, rule id, state (`None`: delete).
@@ -146,8 +139,6 @@ impl Batch {
             && self.accepted == 0
             && self.downlink_counters.is_empty()
             && self.downlinks.is_empty()
-            && self.downlinks_everywhere.is_empty()
-            && self.confirmations.is_empty()
             && self.request_updates.is_empty()
             && self.rule_states.is_empty()
             && self.cases.is_empty()

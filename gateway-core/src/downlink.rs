@@ -88,8 +88,29 @@ pub struct Outgoing {
     pub counter: u32,
     /// The message.
     pub message: Downlink,
-    /// A send again of one not acknowledged in time: through every broker.
-    pub everywhere: bool,
+    /// How it goes out.
+    pub route: Route,
+}
+
+/// How a sealed downlink goes out (the shell's sessions carry it out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Through the broker its device was last heard on, QoS 1.
+    LastHeard,
+    /// A send again of one not acknowledged in time: through every broker (the device may
+    /// have moved to the other), QoS 1.
+    Everywhere,
+    /// A confirmation (`UplinkAck`, `UplinkWindow`): through the broker last heard on, QoS 0 —
+    /// each is made good by the next (a copy of the frame brings another), so a lost one costs
+    /// a device's resend, not a frame.
+    Confirmation,
+}
+
+impl Route {
+    /// A first send, or a send again of one not acknowledged in time.
+    const fn again(again: bool) -> Self {
+        if again { Route::Everywhere } else { Route::LastHeard }
+    }
 }
 
 /// A change to persist for a request.
@@ -236,7 +257,7 @@ impl Downlinks {
             }
             Request::StatusRequest => Downlink::StatusRequest,
         };
-        out.push(Outgoing { eui, counter, message, everywhere: p.attempts > 0 });
+        out.push(Outgoing { eui, counter, message, route: Route::again(p.attempts > 0) });
         let attempts = p.attempts + 1;
         updates.push(RequestUpdate::Sent { id: p.id, counter, at_ms: now_ms, attempts });
         if p.request == Request::StatusRequest {
@@ -274,7 +295,7 @@ impl Downlinks {
                     if let Some(now) = DeviceTime::from_unix_secs(secs) {
                         let counter = self.next(id);
                         let message = Downlink::TimeSync { now };
-                        out.push(Outgoing { eui, counter, message, everywhere: false });
+                        out.push(Outgoing { eui, counter, message, route: Route::LastHeard });
                         if let Some(slot) = self.slot_mut(id) {
                             slot.last_sync_ms = now_ms;
                         }
@@ -308,7 +329,7 @@ impl Downlinks {
             eui: device.eui,
             counter: next,
             message: Downlink::UplinkAck { counter },
-            everywhere: false,
+            route: Route::Confirmation,
         });
     }
 
@@ -355,7 +376,7 @@ impl Downlinks {
                 eui: device.eui,
                 counter,
                 message: Downlink::UplinkWindow { highest, seen },
-                everywhere: false,
+                route: Route::Confirmation,
             });
         }
     }
@@ -375,13 +396,13 @@ impl Downlinks {
         if slot.last_move_ms != i64::MIN && now_ms.saturating_sub(slot.last_move_ms) < timeout {
             return;
         }
-        let everywhere = slot.last_move_ms != i64::MIN;
+        let route = Route::again(slot.last_move_ms != i64::MIN);
         slot.last_move_ms = now_ms;
         let counter = self.next(device.id);
         let mut settings = heapless::Vec::new();
         let _ = settings.push(Setting::Shards(shards));
         let message = Downlink::Config { settings };
-        out.push(Outgoing { eui: device.eui, counter, message, everywhere });
+        out.push(Outgoing { eui: device.eui, counter, message, route });
     }
 
     /// Gives up on configurations whose last send timed out `max_attempts` times.
@@ -474,7 +495,7 @@ mod tests {
         let reading = Uplink::Sos(gridsense_protocol::Sos { at: DeviceTime(1), fix: None });
         d.on_frame(NOW, dev(3), &reading, &mut out, &mut up);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].counter, 40);
+        assert_eq!((out[0].counter, out[0].route), (40, Route::LastHeard));
         assert_eq!(up, [RequestUpdate::Sent { id: 7, counter: 40, at_ms: NOW, attempts: 1 }]);
         out.clear();
         up.clear();
@@ -482,6 +503,8 @@ mod tests {
         d.on_frame(NOW + MIN, dev(3), &reading, &mut out, &mut up);
         assert!(out.is_empty());
         d.on_frame(NOW + 11 * MIN, dev(3), &reading, &mut out, &mut up);
+        // Not acknowledged in time: the device may be on the other broker now.
+        assert_eq!(out.iter().map(|o| o.route).collect::<Vec<_>>(), [Route::Everywhere]);
         assert_eq!(
             up,
             [RequestUpdate::Sent { id: 7, counter: 41, at_ms: NOW + 11 * MIN, attempts: 2 }]

@@ -23,7 +23,7 @@ use std::{
 };
 
 use gridsense_protocol::{
-    DeviceTime, Direction, Downlink, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal,
+    DeviceTime, Direction, Eui, MAX_UPLINK_FRAME_LEN, Message, PositionFix, Uplink, seal,
     topic::{Lane, lane_of, parse_topic},
 };
 
@@ -743,14 +743,7 @@ impl Pipeline {
                 let frame = seal(o.eui, o.counter, &o.message, key);
                 let topic =
                     gridsense_protocol::topic::topic(o.eui, Direction::Downlink).to_string();
-                let to = match o.message {
-                    Downlink::UplinkAck { .. } | Downlink::UplinkWindow { .. } => {
-                        &mut batch.confirmations
-                    }
-                    _ if o.everywhere => &mut batch.downlinks_everywhere,
-                    _ => &mut batch.downlinks,
-                };
-                to.push((topic, frame.to_vec()));
+                batch.downlinks.push((topic, frame.to_vec(), o.route));
                 let next = self.intake.id_of(o.eui).map_or(0, |id| self.downlinks.next_counter(id));
                 batch.downlink_counters.insert(o.eui, next);
             }
@@ -1446,9 +1439,9 @@ mod tests {
         let frame = seal(Eui(1), 7, &alarm, &key);
         let acks = |batch: &Batch| -> Vec<u32> {
             batch
-                .confirmations
+                .downlinks
                 .iter()
-                .filter_map(|(_, f)| match open::<Downlink>(f, &key).ok()?.1 {
+                .filter_map(|(_, f, _)| match open::<Downlink>(f, &key).ok()?.1 {
                     Downlink::UplinkAck { counter } => Some(counter),
                     _ => None,
                 })
@@ -1480,10 +1473,13 @@ mod tests {
         let up = uplink_topic(Eui(1), 4, Lane::Up);
         let windows = |batch: &Batch| -> Vec<(u32, u64)> {
             batch
-                .confirmations
+                .downlinks
                 .iter()
-                .filter_map(|(_, f)| match open::<Downlink>(f, &key).ok()?.1 {
-                    Downlink::UplinkWindow { highest, seen } => Some((highest, seen)),
+                .filter_map(|(_, f, route)| match open::<Downlink>(f, &key).ok()?.1 {
+                    Downlink::UplinkWindow { highest, seen } => {
+                        assert_eq!(*route, crate::downlink::Route::Confirmation, "at most once");
+                        Some((highest, seen))
+                    }
                     _ => None,
                 })
                 .collect()

@@ -56,8 +56,8 @@ use std::{
     time::Duration,
 };
 
+use crate::downlink::Route as DownlinkRoute;
 use gridsense_protocol::topic::{Lane, Route, parse_route, shard_of, uplink_topic};
-use session::DownlinkRoute;
 use tokio::sync::{mpsc, watch};
 
 use self::{
@@ -552,19 +552,7 @@ async fn pipeline_task(
             continue;
         }
         batcher.seal();
-        let routed =
-            |list: Vec<(String, Vec<u8>)>, route| list.into_iter().map(move |(t, f)| (t, f, route));
-        let downlinks_sealed: Vec<(String, Vec<u8>, DownlinkRoute)> =
-            routed(std::mem::take(&mut batch.downlinks), DownlinkRoute::LastHeard)
-                .chain(routed(
-                    std::mem::take(&mut batch.downlinks_everywhere),
-                    DownlinkRoute::Everywhere,
-                ))
-                .chain(routed(
-                    std::mem::take(&mut batch.confirmations),
-                    DownlinkRoute::Confirmation,
-                ))
-                .collect();
+        let downlinks_sealed = std::mem::take(&mut batch.downlinks);
         if !batch.is_empty() || !downlinks_sealed.is_empty() {
             let Some(s) = w.store.take() else { break };
             batch.fence = out.cluster.fence();
@@ -614,15 +602,14 @@ async fn admit(t: Tagged, out: &Outputs) -> Option<Tagged> {
         out.status.left_for_next_owner.fetch_add(1, Relaxed);
         return None;
     }
+    let route = parse_route(std::str::from_utf8(&t.publish.topic).unwrap_or(""));
     if out.sessions.brokers() > 1
-        && let Ok(Route::Uplink { eui, .. } | Route::LegacyUplink(eui)) =
-            parse_route(std::str::from_utf8(&t.publish.topic).unwrap_or(""))
+        && let Ok(Route::Uplink { eui, .. } | Route::LegacyUplink(eui)) = route
     {
         out.sessions.heard(eui, t.broker);
     }
     if t.key == SessionKey::Legacy
-        && let Ok(Route::LegacyUplink(eui)) =
-            parse_route(std::str::from_utf8(&t.publish.topic).unwrap_or(""))
+        && let Ok(Route::LegacyUplink(eui)) = route
         && !out.cluster.holds(u16::from(shard_of(eui, out.cluster.shards)))
     {
         let to = uplink_topic(eui, out.cluster.shards, Lane::Up);

@@ -557,18 +557,6 @@ pub enum Outbound {
     Forward(String, Publish),
 }
 
-/// How a sealed downlink goes out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DownlinkRoute {
-    /// Through the broker its device was last heard on, QoS 1.
-    LastHeard,
-    /// A send again of one not acknowledged in time: through every broker, QoS 1.
-    Everywhere,
-    /// A confirmation (`UplinkAck`, `UplinkWindow`): through the broker last heard on, QoS 0
-    /// (the next one makes a lost one good).
-    Confirmation,
-}
-
 /// Hands acknowledgements (in order), downlinks and forwarded frames to the client, waiting
 /// for room in its request queue (the session task keeps draining it); when the pipeline has
 /// ended (or the session is handed over) and every ack is queued, asks for a DISCONNECT. The

@@ -31,12 +31,9 @@ use tokio::{
 use super::{
     Target,
     leases::Gate,
-    session::{
-        self, DownlinkRoute, Forwards, Link, Outbound, Reconnect, SessionKey, SessionOptions,
-        Tagged,
-    },
+    session::{self, Forwards, Link, Outbound, Reconnect, SessionKey, SessionOptions, Tagged},
 };
-use crate::status::Status;
+use crate::{downlink::Route as DownlinkRoute, status::Status};
 
 /// How to make a session: the broker, the gateway's base client id and account, the options.
 #[derive(Debug)]
@@ -263,8 +260,9 @@ impl Sessions {
 
     /// Sends a sealed downlink (as `route` says) through the device's shard's `up` session on the broker the
     /// device was last heard on (the first broker when it was not heard yet, or that broker's
-    /// session is down to none) — or, `everywhere`, a send again of one not acknowledged in
-    /// time, through that session on every broker (the device may have moved to the other).
+    /// session is down to none) — or, [`DownlinkRoute::Everywhere`], a send again of one not
+    /// acknowledged in time, through that session on every broker (the device may have moved
+    /// to the other).
     pub async fn downlink(&self, topic: String, frame: Vec<u8>, route: DownlinkRoute) {
         let Ok((eui, _)) = parse_topic(&topic) else { return };
         let key = self.up_session(eui);
