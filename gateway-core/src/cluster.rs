@@ -39,6 +39,30 @@ pub struct View {
     pub leases: Vec<Lease>,
 }
 
+impl View {
+    /// The leases `instance` holds and that have not lapsed.
+    pub fn held_by<'a>(&'a self, instance: &'a str) -> impl Iterator<Item = &'a Lease> + 'a {
+        self.leases
+            .iter()
+            .filter(move |l| l.owner.as_deref() == Some(instance) && l.expires_in_ms > 0)
+    }
+
+    /// The leases nobody holds: never claimed, released, or lapsed.
+    pub fn unheld(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.iter().filter(|l| l.owner.is_none() || l.expires_in_ms <= 0)
+    }
+
+    /// Shard claims since the store was made: every claim raises a shard's epoch.
+    pub fn claims(&self) -> i64 {
+        self.leases.iter().map(|l| l.epoch.max(0)).sum()
+    }
+
+    /// Rebalances: the claims past each shard's first (hand-overs, failovers, restarts).
+    pub fn rebalances(&self) -> i64 {
+        self.leases.iter().map(|l| (l.epoch - 1).max(0)).sum()
+    }
+}
+
 /// The lease settings (`[cluster]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -93,13 +117,8 @@ pub fn plan(me: &str, view: &View, local_now_ms: i64, policy: Policy) -> Plan {
     let mut held: Vec<(u16, i64)> = mine.iter().map(|l| (l.shard, l.epoch)).collect();
     held.sort_unstable();
     let release = held.split_off(held.len().min(share));
-    let mut free: Vec<u16> = view
-        .leases
-        .iter()
-        .filter(|l| l.owner.is_none() || l.expires_in_ms <= 0)
-        .filter(|l| l.owner.as_deref() != Some(me))
-        .map(|l| l.shard)
-        .collect();
+    let mut free: Vec<u16> =
+        view.unheld().filter(|l| l.owner.as_deref() != Some(me)).map(|l| l.shard).collect();
     // Home shards (shard mod N = rank) first, then the rest, each in shard order.
     free.sort_by_key(|s| (usize::from(*s) % n != rank, *s));
     free.truncate(share.saturating_sub(held.len()));

@@ -53,6 +53,13 @@ pub struct Cluster {
     pub renew_ms: u64,
 }
 
+impl Cluster {
+    /// `lease_ms` as the store's interval arithmetic takes it.
+    pub fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease_ms).unwrap_or(i64::MAX)
+    }
+}
+
 impl Default for Cluster {
     fn default() -> Self {
         Cluster {

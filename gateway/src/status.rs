@@ -54,6 +54,8 @@ pub struct Status {
     pub fenced: AtomicU64,
     /// This instance's name among the gateway instances (`[cluster] instance_id`).
     pub instance: std::sync::OnceLock<String>,
+    /// Its `[cluster] lease_ms` (what "live within a lease" means for the cluster view).
+    pub lease_ms: std::sync::OnceLock<i64>,
     /// Broker connections made.
     pub connects: AtomicU64,
     /// Messages received but not yet acknowledged.
@@ -148,6 +150,11 @@ impl Status {
             }
             self.connected.store(all.iter().any(|s| s.0 > 0 && s.1 >= s.0), Relaxed);
         }
+    }
+
+    /// `[cluster] lease_ms` as the ingest set it (its default before).
+    pub fn lease_ms(&self) -> i64 {
+        self.lease_ms.get().copied().unwrap_or_else(|| crate::config::Cluster::default().lease_ms())
     }
 
     /// Sessions wanted and up, on all brokers together.

@@ -18,11 +18,7 @@ pub fn render(view: &View, target: &str, local_now_ms: i64) -> String {
     );
     let _ = writeln!(out, "instances seen within a lease: {}", view.instances.len());
     for instance in &view.instances {
-        let held: Vec<&crate::cluster::Lease> = view
-            .leases
-            .iter()
-            .filter(|l| l.owner.as_deref() == Some(instance.as_str()) && l.expires_in_ms > 0)
-            .collect();
+        let held: Vec<&crate::cluster::Lease> = view.held_by(instance).collect();
         let soonest = held.iter().map(|l| l.expires_in_ms).min().unwrap_or(0);
         let shards: Vec<String> = held.iter().map(|l| format!("{:02x}", l.shard)).collect();
         let _ = writeln!(
@@ -34,9 +30,7 @@ pub fn render(view: &View, target: &str, local_now_ms: i64) -> String {
         );
     }
     let unheld: Vec<String> = view
-        .leases
-        .iter()
-        .filter(|l| l.owner.is_none() || l.expires_in_ms <= 0)
+        .unheld()
         .map(|l| match &l.owner {
             Some(o) => format!(
                 "{:02x} (lapsed {:.1} s ago, last {o})",
@@ -52,8 +46,7 @@ pub fn render(view: &View, target: &str, local_now_ms: i64) -> String {
         unheld.len(),
         if unheld.is_empty() { String::new() } else { format!(": {}", unheld.join(", ")) }
     );
-    let claims: i64 = view.leases.iter().map(|l| l.epoch.max(0)).sum();
-    let moved: i64 = view.leases.iter().map(|l| (l.epoch - 1).max(0)).sum();
+    let (claims, moved) = (view.claims(), view.rebalances());
     let most = view.leases.iter().max_by_key(|l| (l.epoch, std::cmp::Reverse(l.shard)));
     let _ = writeln!(
         out,

@@ -96,9 +96,10 @@ pub enum ClusterCommand {
         /// Configuration file naming the store.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Instances seen within this many ms count as live.
-        #[arg(long, default_value_t = 5_000)]
-        lease_ms: i64,
+        /// Instances seen within this many ms count as live (default: the configuration's
+        /// `[cluster] lease_ms`).
+        #[arg(long)]
+        lease_ms: Option<i64>,
     },
 }
 
@@ -599,6 +600,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
+            let lease_ms = lease_ms.unwrap_or_else(|| config.cluster.lease_ms());
             let view = store.cluster_view(None, lease_ms)?;
             print!("{}", cluster::render(&view, &target, crate::status::wall_clock()()));
             Ok(())

@@ -370,7 +370,7 @@ fn instant(name: &str, v: &str, cal: &crate::calendar::Calendar) -> Result<i64, 
 /// `GET /api/v1/cluster`: the gateway instances sharing the store, the shards each holds and
 /// when its next lease lapses, the shards nobody holds, and this instance's own figures.
 async fn cluster(State(state): State<ApiState>) -> Response {
-    let lease_ms = 5_000;
+    let lease_ms = state.status.lease_ms();
     let view = match blocking(&state, move |s| s.cluster_view(None, lease_ms)).await {
         Ok(v) => v,
         Err(r) => return r,
@@ -379,11 +379,7 @@ async fn cluster(State(state): State<ApiState>) -> Response {
         .instances
         .iter()
         .map(|name| {
-            let held: Vec<&crate::cluster::Lease> = view
-                .leases
-                .iter()
-                .filter(|l| l.owner.as_deref() == Some(name.as_str()) && l.expires_in_ms > 0)
-                .collect();
+            let held: Vec<&crate::cluster::Lease> = view.held_by(name).collect();
             serde_json::json!({
                 "instance": name,
                 "shards": held.iter().map(|l| l.shard).collect::<Vec<_>>(),
@@ -392,9 +388,7 @@ async fn cluster(State(state): State<ApiState>) -> Response {
         })
         .collect();
     let unheld: Vec<serde_json::Value> = view
-        .leases
-        .iter()
-        .filter(|l| l.owner.is_none() || l.expires_in_ms <= 0)
+        .unheld()
         .map(|l| {
             serde_json::json!({
                 "shard": l.shard,
@@ -405,8 +399,7 @@ async fn cluster(State(state): State<ApiState>) -> Response {
         .collect();
     let s = &state.status;
     let (wanted, up) = s.session_counts();
-    // Every claim raises a shard's epoch: what is above the first is a rebalance.
-    let rebalances: i64 = view.leases.iter().map(|l| (l.epoch - 1).max(0)).sum();
+    let rebalances = view.rebalances();
     Json(serde_json::json!({
         "db_now_ms": view.db_now_ms,
         "shards": view.leases.len(),

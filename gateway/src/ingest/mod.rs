@@ -174,6 +174,8 @@ pub async fn run(
     );
     let instance = config.cluster.instance();
     let _ = status.instance.set(instance.clone());
+    let lease_ms = config.cluster.lease_ms();
+    let _ = status.lease_ms.set(lease_ms);
     let (news_tx, news_rx) = mpsc::channel::<News>(16);
     // At most one reply per shard held, and a reset: never full.
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(usize::from(shards) + 8);
@@ -181,7 +183,7 @@ pub async fn run(
         leases,
         leases::Settings {
             instance: instance.clone(),
-            lease_ms: i64::try_from(config.cluster.lease_ms).unwrap_or(i64::MAX),
+            lease_ms,
             renew_ms: config.cluster.renew_ms,
         },
         gate,
