@@ -533,13 +533,9 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     app::open_store(&config)?.import(&devices, 0)?;
     println!("million: {n} devices imported in {:.1} s", started.elapsed().as_secs_f64());
     drop(devices);
-    let gateway = Gateway::start(
-        dir.path(),
-        broker.addr(),
-        &city_dir.join("grids.geojson"),
-        store_url,
-        "gw1",
-    )?;
+    let grids = city_dir.join("grids.geojson");
+    let start = || Gateway::start(dir.path(), broker.addr(), &grids, store_url, "gw1");
+    let gateway = start()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let registered = mem_mib(gateway.pid(), "VmRSS:");
     println!(
@@ -563,13 +559,7 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     );
     gateway.stop()?;
     let started = Instant::now();
-    let gateway = Gateway::start(
-        dir.path(),
-        broker.addr(),
-        &city_dir.join("grids.geojson"),
-        store_url,
-        "gw1",
-    )?;
+    let gateway = start()?;
     let restart_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = mem_mib(gateway.pid(), "VmRSS:");

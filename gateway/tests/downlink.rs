@@ -185,18 +185,28 @@ async fn a_configuration_not_acknowledged_in_time_goes_again_through_both_broker
         let settings = vec![parse_setting("report_interval_s=120").unwrap()];
         store.add_request(drain.eui, &Request::Configure(settings), 0).unwrap()
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
     let up = uplink_topic(drain.eui, 64, Lane::Up).to_string();
     let reading = gridsense_protocol::examples::uplinks()[1].clone();
     let frame = |counter| seal(drain.eui, counter, &reading, &drain.key).to_vec();
-    // Heard on A: the configuration goes through A only.
-    common::publish_on(a.addr(), vec![(up.clone(), frame(1))]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Heard on A (a frame every 300 ms until the gateway has read the request and answered
+    // one): the configuration goes through A only.
+    let mut counter = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while configs(&down_a) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no configuration through A");
+        counter += 1;
+        common::publish_as("the-drain", a.addr(), vec![(up.clone(), frame(counter))]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Past the ack timeout (1 s, on the gateway's wall clock) since it went out.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let first = (configs(&down_a), configs(&down_b));
     // No acknowledgement within the timeout: at its next frame, again, through both.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    common::publish_on(a.addr(), vec![(up, frame(2))]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::publish_as("the-drain", a.addr(), vec![(up, frame(counter + 1))]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while configs(&down_b) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let second = (configs(&down_a), configs(&down_b));
     stop.send(true).unwrap();
     gateway.task.await.unwrap().unwrap();

@@ -176,7 +176,10 @@ pub async fn publish_raw(broker: SocketAddr, frames: Vec<(Eui, Vec<u8>)>) {
     publish_on(broker, on_topics).await;
 }
 
-/// Publishes ready-made frames on the given topics (QoS 1) and waits for them to go out.
+/// Publishes ready-made frames on the given topics (QoS 1), waits until the broker has
+/// acknowledged every one (so each counts as sent), then 500 ms more: several tests stop the
+/// gateway right after and rely on it having taken them by then (they should wait for what
+/// they need instead; not all do yet).
 pub async fn publish_on(broker: SocketAddr, frames: Vec<(String, Vec<u8>)>) {
     publish_as("fake-devices", broker, frames).await;
 }
@@ -186,9 +189,27 @@ pub async fn publish_as(id: &str, broker: SocketAddr, frames: Vec<(String, Vec<u
     let mut options = MqttOptions::new(id, broker.ip().to_string(), broker.port());
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut event_loop) = AsyncClient::new(options, 100);
-    let driver = tokio::spawn(async move { while event_loop.poll().await.is_ok() {} });
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = acked.clone();
+    let driver = tokio::spawn(async move {
+        while let Ok(event) = event_loop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
+                count.fetch_add(1, Relaxed);
+            }
+        }
+    });
+    let n = frames.len();
     for (topic, frame) in frames {
         client.publish(topic, QoS::AtLeastOnce, false, frame).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked.load(Relaxed) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker acknowledged {} of {n} frames in 60 s",
+            acked.load(Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     driver.abort();
