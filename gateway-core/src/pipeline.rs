@@ -647,7 +647,11 @@ impl Pipeline {
             let battery = id.and_then(|id| self.health.battery_mv(id));
             layer.cases.on_change(change, &site, &place, frame, battery, &mut batch.cases);
         }
-        batch.rule_states.extend(layer.rules.take_dirty());
+        // A condition that changed goes with the rule states behind it, in the same commit;
+        // other changes wait for the next flush ([`Pipeline::finish`]).
+        if !changes.is_empty() {
+            batch.rule_states.extend(layer.rules.take_dirty());
+        }
     }
 
     /// Places every device in the grid layer (by its registered position); telemetry is then
@@ -969,7 +973,11 @@ impl Pipeline {
     /// however many frames it sent. A device's row goes with its transition (online, offline,
     /// battery, reboot) at once; every changed row goes when `force` is set (shutdown) or
     /// every [`HEALTH_FLUSH_MS`]: between flushes only `last_seen` and counts move, and after a
-    /// crash the restored deadlines are at most that much early. Call before committing.
+    /// crash the restored deadlines are at most that much early. Rule states follow the same
+    /// rule: a state whose condition changed goes with that change (and its case), the others
+    /// at the flush, so a crash loses at most that much of a rule's history (a duration
+    /// counted from a little later, a rate over a longer span), never a case. Call before
+    /// committing.
     pub fn finish(&mut self, batch: &mut Batch, now_ms: i64, force: bool) {
         // The cumulative confirmations due, with the batch that makes them true.
         let mut windows = Vec::new();
@@ -990,6 +998,11 @@ impl Pipeline {
             return;
         }
         self.last_health_flush = now_ms;
+        // Rule states that moved without changing a condition (a level's last sample, a
+        // count within its window): written once per flush, not with every frame.
+        if let Some(layer) = self.cases.as_mut() {
+            batch.rule_states.extend(layer.rules.take_dirty());
+        }
         // Recent frames held back for fast senders.
         self.recent.sweep(now_ms, force, &mut batch.recent);
         for id in self.dirty.drain() {
@@ -1284,6 +1297,53 @@ mod tests {
         p.handle(12_000, &up, &seal(Eui(1), 5, drain, &key), &mut batch);
         p.finish(&mut batch, 12_000, false);
         assert_eq!(batch.health[&Eui(1)].frames, 5);
+    }
+
+    #[test]
+    fn rule_states_go_once_per_flush_unless_their_condition_changes() {
+        use gridsense_protocol::{DeviceTime, DrainSample};
+        let (p, key) = pipeline();
+        let tables = Arc::new(crate::cases::CaseTables::default());
+        let cases = Cases::new(tables, 600_000).unwrap();
+        let site =
+            Site { kind: Kind::Drain, lat: 38.9, lon: 121.6, object_code: None, minor_class: None };
+        let attrs = crate::rules::Attributes {
+            warn_mm: Some(500.0),
+            alarm_mm: Some(800.0),
+            well_depth_mm: Some(1_000.0),
+        };
+        let rules = Rules::new(&crate::rules::RulesConfig::default());
+        let mut p = p.with_cases(rules, cases, vec![(Eui(1), site, attrs)], vec![]);
+        let up = topic(Eui(1), Direction::Uplink);
+        let reading = |at_s: u32, level_mm: u16| Uplink::DrainReading {
+            at: DeviceTime(at_s),
+            sample: DrainSample { level_mm, rate_mm_h: 0 },
+        };
+        let send = |p: &mut Pipeline, n: u32, level_mm: u16, now: i64| {
+            let mut batch = Batch::default();
+            let frame = seal(Eui(1), n, &reading(1_000_000 + n, level_mm), &key);
+            assert!(matches!(p.handle(now, &up, &frame, &mut batch), Outcome::Accepted(_)));
+            p.finish(&mut batch, now, false);
+            batch
+        };
+        // The first flush is due at once; then readings that move the rate and stuck rules'
+        // states but change no condition wait for the next one.
+        send(&mut p, 1, 100, 10_000);
+        let waiting: Vec<usize> = [(2, 110, 10_500), (3, 120, 11_000), (4, 130, 11_900)]
+            .into_iter()
+            .map(|(n, level, at)| send(&mut p, n, level, at).rule_states.len())
+            .collect();
+        assert_eq!(waiting, [0, 0, 0], "no rule state before {HEALTH_FLUSH_MS} ms");
+        let flushed = send(&mut p, 5, 140, 12_000);
+        assert!(!flushed.rule_states.is_empty(), "the states moved, and go at the flush");
+        // Over the alarm level: the condition changes, and its states go with its case.
+        let alarm = send(&mut p, 6, 900, 12_100);
+        assert!(!alarm.cases.outbox.is_empty(), "a case");
+        assert!(
+            alarm.rule_states.iter().any(|(_, rule, _)| rule.starts_with("drain_overflow")),
+            "{:?}",
+            alarm.rule_states
+        );
     }
 
     #[test]
