@@ -22,6 +22,7 @@ mod queries;
 mod registry;
 mod telemetry;
 mod tokens;
+pub mod turns;
 
 pub use board::CaseBoard;
 pub use case_lookup::CaseLookup;
@@ -385,6 +386,8 @@ pub struct Store {
     buffer_max: Option<u64>,
     /// Seals and opens device secrets.
     keys: keys::KeyRing,
+    /// This process's writers of the file take turns ([`turns`]).
+    turns: std::sync::Arc<turns::WriteTurns>,
 }
 
 /// SQLite's busy handler: another connection holds the write lock. Retried every
@@ -525,7 +528,8 @@ impl Store {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -16_384)?;
         let keys = keys::KeyRing::load_or_create(key_file)?;
-        let mut store = Store { conn, audit_max, buffer_max: None, keys };
+        let turns = turns::WriteTurns::of(path);
+        let mut store = Store { conn, audit_max, buffer_max: None, keys, turns };
         store.migrate()?;
         store.seal_secrets()?;
         Ok(store)
