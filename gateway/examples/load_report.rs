@@ -68,6 +68,9 @@ struct Step {
     /// PostgreSQL's processes together (`--store postgres`).
     #[serde(default)]
     db_cpu_pct: f64,
+    /// VictoriaMetrics, the telemetry sink (`--telemetry victoria`).
+    #[serde(default)]
+    sink_cpu_pct: f64,
     gateway_rss_mib: f64,
     alarms: usize,
     cases: usize,
@@ -103,6 +106,9 @@ struct Args {
     store: String,
     /// Gateway instances sharing the PostgreSQL store (1 unless `--store postgres`).
     instances: usize,
+    /// Where telemetry goes: `store` (the embedded table of the store) or `victoria` (the
+    /// InfluxDB 2 write API of a VictoriaMetrics started here, as in production).
+    telemetry: String,
 }
 
 fn parse_args() -> Result<Args> {
@@ -114,6 +120,7 @@ fn parse_args() -> Result<Args> {
         from_json: None,
         store: "sqlite".into(),
         instances: 1,
+        telemetry: "store".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -131,9 +138,11 @@ fn parse_args() -> Result<Args> {
             "--from-json" => args.from_json = Some(PathBuf::from(value)),
             "--store" if value == "sqlite" || value == "postgres" => args.store = value,
             "--store" => bail!("--store {value:?}: sqlite or postgres"),
+            "--telemetry" if value == "store" || value == "victoria" => args.telemetry = value,
+            "--telemetry" => bail!("--telemetry {value:?}: store or victoria"),
             "--instances" => args.instances = value.parse().context("--instances")?,
             other => bail!(
-                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --store, --instances)"
+                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --store, --instances, --telemetry)"
             ),
         }
     }
@@ -251,15 +260,19 @@ impl Gateway {
         grids: &Path,
         store_url: &str,
         instance: &str,
+        victoria: Option<&str>,
     ) -> Result<Self> {
         let http = free_port()?;
         let db = dir.join("gridsense.db");
-        let text = format!(
+        let mut text = format!(
             "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"gridsense-bench\"\n\n[store]\npath = \"{}\"\nurl = \"{store_url}\"\n\n\
              [geo]\ngrids = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nauth = \"off\"\n\n[cluster]\ninstance_id = \"{instance}\"\n",
             db.display(),
             grids.display()
         );
+        if let Some(url) = victoria {
+            let _ = write!(text, "\n[telemetry]\nsink = \"influxdb\"\nurl = \"{url}\"\n");
+        }
         let path = dir.join(format!("gateway-{instance}.toml"));
         std::fs::write(&path, &text)?;
         // Registered (migrated) before the gateway starts: no schema change races it.
@@ -404,14 +417,14 @@ async fn step(
     offered: u64,
     plan: Plan,
     covers: &[inventory::Device],
-    broker: &Mosquitto,
-    gateway: &Gateways,
-    bare: &AtomicU64,
+    (broker, gateway, bare): (&Mosquitto, &Gateways, &AtomicU64),
     seconds: u64,
     db_pids: &dyn Fn() -> Vec<u32>,
+    sink_pid: Option<u32>,
 ) -> Result<Step> {
     let gw_cpu = || gateway.pids().into_iter().map(cpu_s).sum::<f64>();
     let db_cpu = || db_pids().into_iter().map(cpu_s).sum::<f64>();
+    let sink_cpu = || sink_pid.map_or(0.0, cpu_s);
     // A frame counts as published only once the broker acknowledged it.
     let alarms_acked = Arc::new(AtomicU64::new(0));
     let alarms_client = {
@@ -444,7 +457,7 @@ async fn step(
     tokio::time::sleep(Duration::from_secs(WARMUP_S)).await;
 
     let (t0, bare0, acc0) = (Instant::now(), bare.load(Relaxed), gateway.accepted()?);
-    let (gw0, br0, db0) = (gw_cpu(), cpu_s(broker.pid()), db_cpu());
+    let (gw0, br0, db0, sink0) = (gw_cpu(), cpu_s(broker.pid()), db_cpu(), sink_cpu());
     let window_end = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let sent = alarms::publish_paced(
         &alarms_client,
@@ -456,7 +469,7 @@ async fn step(
     tokio::time::sleep_until(window_end).await;
     let window = t0.elapsed().as_secs_f64();
     let (bare1, acc1) = (bare.load(Relaxed), gateway.accepted()?);
-    let (gw1, br1, db1) = (gw_cpu(), cpu_s(broker.pid()), db_cpu());
+    let (gw1, br1, db1, sink1) = (gw_cpu(), cpu_s(broker.pid()), db_cpu(), sink_cpu());
     let rss = gateway.pids().into_iter().map(|p| mem_mib(p, "VmRSS:")).sum::<f64>();
 
     let summary = sim.await??;
@@ -510,6 +523,7 @@ async fn step(
         gateway_cpu_pct,
         broker_cpu_pct,
         db_cpu_pct: 100.0 * (db1 - db0).max(0.0) / window,
+        sink_cpu_pct: 100.0 * (sink1 - sink0).max(0.0) / window,
         gateway_rss_mib: rss,
         alarms: sent.len(),
         cases: latencies.len(),
@@ -534,7 +548,7 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     println!("million: {n} devices imported in {:.1} s", started.elapsed().as_secs_f64());
     drop(devices);
     let grids = city_dir.join("grids.geojson");
-    let start = || Gateway::start(dir.path(), broker.addr(), &grids, store_url, "gw1");
+    let start = || Gateway::start(dir.path(), broker.addr(), &grids, store_url, "gw1", None);
     let gateway = start()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let registered = mem_mib(gateway.pid(), "VmRSS:");
@@ -736,12 +750,12 @@ fn report(
     let _ = writeln!(md, "![load plot](load.svg)\n");
     let _ = writeln!(
         md,
-        "| offered/s | **durable ÷ bare** | **gateway CPU/frame ÷ broker's** | **alarm → case p99 ms** | bare subscriber/s | gateway durable/s | published (PUBACK) | never sent | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | gateway RSS MiB | alarms → cases | p50 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered/s | **durable ÷ bare** | **gateway CPU/frame ÷ broker's** | **alarm → case p99 ms** | bare subscriber/s | gateway durable/s | published (PUBACK) | never sent | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | telemetry sink CPU % | gateway RSS MiB | alarms → cases | p50 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in steps {
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} |",
+            "| {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} → {} | {} | {} | {} |",
             s.offered,
             s.durable_ratio,
             s.cpu_ratio,
@@ -756,6 +770,7 @@ fn report(
             s.gateway_cpu_pct,
             s.broker_cpu_pct,
             s.db_cpu_pct,
+            s.sink_cpu_pct,
             s.gateway_rss_mib,
             s.alarms,
             s.cases,
@@ -862,6 +877,15 @@ async fn main() -> Result<()> {
     };
     let db_pids =
         || pg.as_ref().map(gridsense_tests::postgres::Postgres::server_pids).unwrap_or_default();
+    // Telemetry to VictoriaMetrics' InfluxDB 2 write API, as in production; its CPU is
+    // measured apart.
+    let victoria = if args.telemetry == "victoria" {
+        Some(gridsense_tests::VictoriaMetrics::start()?)
+    } else {
+        None
+    };
+    let victoria_url = victoria.as_ref().map(gridsense_tests::VictoriaMetrics::url);
+    let sink_pid = victoria.as_ref().map(gridsense_tests::VictoriaMetrics::pid);
     let mut config = Config::default();
     config.store.path = dir.path().join("gridsense.db");
     config.store.url = store_url.clone();
@@ -879,6 +903,7 @@ async fn main() -> Result<()> {
             &grids,
             &store_url,
             &format!("gw{i}"),
+            victoria_url.as_deref(),
         )?);
     }
     let gateway = Gateways(list);
@@ -897,10 +922,18 @@ async fn main() -> Result<()> {
             env: plan.env.clone(),
         };
         let covers = cover_devices.get(i * alarms_per_step..).unwrap_or_default();
-        let s = step(*rate, step_plan, covers, &broker, &gateway, &bare, args.seconds, &db_pids)
-            .await?;
+        let s = step(
+            *rate,
+            step_plan,
+            covers,
+            (&broker, &gateway, &bare),
+            args.seconds,
+            &db_pids,
+            sink_pid,
+        )
+        .await?;
         println!(
-            "offered {:>6}/s: durable ÷ bare {:.2}, gateway CPU/frame ÷ broker's {:.2}; bare {:>6.0}/s, gateway {:>6.0}/s durable; published (PUBACK) {}, never sent {}, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
+            "offered {:>6}/s: durable ÷ bare {:.2}, gateway CPU/frame ÷ broker's {:.2}; bare {:>6.0}/s, gateway {:>6.0}/s durable; published (PUBACK) {}, never sent {}, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, sink CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
             s.offered,
             s.durable_ratio,
             s.cpu_ratio,
@@ -913,6 +946,7 @@ async fn main() -> Result<()> {
             s.gateway_cpu_pct,
             s.broker_cpu_pct,
             s.db_cpu_pct,
+            s.sink_cpu_pct,
             s.gateway_rss_mib,
             s.latency_p50_ms,
             s.latency_p99_ms,

@@ -37,6 +37,11 @@ impl VictoriaMetrics {
         format!("http://{}", self.addr)
     }
 
+    /// Its process id (0 once stopped), for measuring its CPU.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Starts it again (same port, same data) after [`Self::stop`].
     pub fn restart(&mut self) -> Result<()> {
         let binary = "/usr/bin/victoria-metrics";
