@@ -40,9 +40,14 @@
 //!   Every message is acknowledged once handled — accepted or rejected — so no message can
 //!   hold a session.
 //!
-//! The pipeline's channel is bounded by every session's in-flight window (the Receive Maximum,
-//! `mqtt.inflight` shared by the shards, at least 16 each); the acks, downlinks and forwards
-//! to a session are bounded by what the pipeline holds of that session's messages.
+//! Flow control: what the gateway holds unacknowledged is bounded by its own queues, not by
+//! the broker's good manners — the pipeline's channel (every session's window: the Receive
+//! Maximum it announces, `mqtt.inflight` shared by the shards, at least 16 each), the two
+//! batches the pipeline holds, and per session what one poll reads while the channel is full
+//! (a session stops reading then; see [`session::run`], and why the Receive Maximum alone does
+//! not bound it). Past capacity the rest waits at the broker, in the persistent sessions. The
+//! acks, downlinks and forwards to a session are bounded by what the pipeline holds of that
+//! session's messages.
 
 pub mod batcher;
 pub mod leases;

@@ -340,9 +340,11 @@ impl Forwards {
 /// the broker then drops it and redelivers everything unacknowledged (seen when a full disk
 /// held commits for a minute). When the pipeline's channel is full, messages wait in
 /// `overflow` while the task waits for room (then one poll, for the ping and the acks queued
-/// meanwhile); the Receive Maximum should bound `overflow` by the session's window, though
-/// under overload with many sessions it has held ~800 (`gridsense_queue_overflowed`; issue
-/// 17's flow control looks at why).
+/// meanwhile), so `overflow` holds at most what the polls made while the channel was full
+/// read: rumqttc reads up to 9 packets at a time (`gridsense_queue_overflowed`). The Receive
+/// Maximum alone does not bound it: Mosquitto 2.0.11 (Debian 12's) keeps to it only until acks
+/// flow — a probe announcing 16 and acking in groups of 8 had 4,680 outstanding (Mosquitto
+/// issue #2301) — so the bound is the gateway's own: this wait, and the pipeline's channel.
 pub async fn run(mut eventloop: EventLoop, client: AsyncClient, link: Link) {
     let Link {
         broker,
