@@ -1,10 +1,13 @@
 //! The load report: Mosquitto, the real `gridsense run` process and the simulator's pooled load
 //! at rising offered rates, with a bare subscriber on the same broker as the ceiling, and
-//! "cover removed" alarms from other devices during each step for alarm → case latency.
-//! Writes `report.md` (table), `load.svg` (plot) and `report.json` under OUT.
+//! "cover removed" alarms from other devices during each step for alarm → case latency — once
+//! per run (SQLite; PostgreSQL; SQLite with telemetry to VictoriaMetrics), each with its own
+//! broker, store and registry. Writes `report.md` (a table per run), `load.svg` (the ratios,
+//! a line per run) and `report.json` (`steps` for SQLite, `steps_postgres`,
+//! `steps_sqlite_victoria`) under OUT.
 //!
 //! `scripts/bench` builds and runs it; by hand:
-//! `cargo build --release -p gridsense-gateway --bins --examples && target/release/examples/load_report [--rates 5000,10000,...] [--seconds 15] [--out bench] [--million N]`
+//! `cargo build --release -p gridsense-gateway --bins --examples && target/release/examples/load_report [--rates 10000,20000,...] [--seconds 15] [--out bench] [--million N] [--runs sqlite,postgres,sqlite-victoria]`
 //!
 //! Each step runs its own slice of drains (1 frame/s each at speed 2, boots spread over a
 //! second) for a warm-up and a measuring window, then waits until the gateway has stored every
@@ -48,7 +51,8 @@ struct Step {
     offered: u64,
     /// Load and alarm frames the broker acknowledged (PUBACK): only these count as published.
     published: u64,
-    /// Handed to the MQTT client but never acknowledged by the broker: never sent, not lost.
+    /// Handed to the MQTT client and no PUBACK seen for them: not counted as published, so
+    /// never counted as lost.
     #[serde(default)]
     unsent: u64,
     /// Gateway durable ÷ bare subscriber, in the window.
@@ -95,6 +99,56 @@ struct Million {
     rss_restarted_mib: f64,
 }
 
+/// One run of every step: a store, and where telemetry goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Run {
+    /// `sqlite` or `postgres` (a durable PostgreSQL started here, fsync on).
+    store: String,
+    /// Telemetry to the InfluxDB 2 write API of a VictoriaMetrics started here (as in
+    /// production) instead of the store's own table.
+    victoria: bool,
+}
+
+impl Run {
+    fn parse(name: &str) -> Result<Self> {
+        let (store, victoria) = match name.strip_suffix("-victoria") {
+            Some(store) => (store, true),
+            None => (name, false),
+        };
+        if store != "sqlite" && store != "postgres" {
+            bail!("run {name:?}: sqlite, postgres, sqlite-victoria or postgres-victoria");
+        }
+        Ok(Run { store: store.to_owned(), victoria })
+    }
+
+    fn name(&self) -> String {
+        if self.victoria { format!("{}-victoria", self.store) } else { self.store.clone() }
+    }
+
+    /// Its steps' key in `report.json`: `steps` for SQLite with the store's own telemetry
+    /// (the first report's shape), `steps_postgres`, `steps_sqlite_victoria`, ….
+    fn key(&self) -> String {
+        match self.name().as_str() {
+            "sqlite" => "steps".to_owned(),
+            other => format!("steps_{}", other.replace('-', "_")),
+        }
+    }
+
+    fn title(&self) -> String {
+        let store = if self.store == "postgres" {
+            "PostgreSQL store (Debian's server on this machine, fsync on)"
+        } else {
+            "SQLite store"
+        };
+        let telemetry = if self.victoria {
+            "telemetry to VictoriaMetrics (its InfluxDB 2 write API, through the store's buffer)"
+        } else {
+            "telemetry in the store's own table"
+        };
+        format!("{store}, {telemetry}")
+    }
+}
+
 struct Args {
     rates: Vec<u64>,
     seconds: u64,
@@ -102,26 +156,27 @@ struct Args {
     million: usize,
     /// Redraw the report and plot from an earlier run's `report.json` instead of running.
     from_json: Option<PathBuf>,
-    /// `sqlite` (default) or `postgres` (a durable PostgreSQL started here, fsync on).
-    store: String,
-    /// Gateway instances sharing the PostgreSQL store (1 unless `--store postgres`).
+    /// The runs, in order (`--runs`; `--store` names one; `--telemetry victoria` sends each
+    /// run's telemetry to VictoriaMetrics).
+    runs: Vec<Run>,
+    /// Gateway instances sharing the PostgreSQL store (1 unless every run is PostgreSQL's).
     instances: usize,
-    /// Where telemetry goes: `store` (the embedded table of the store) or `victoria` (the
-    /// InfluxDB 2 write API of a VictoriaMetrics started here, as in production).
-    telemetry: String,
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
-        rates: vec![5_000, 10_000, 20_000, 30_000, 40_000, 50_000],
+        rates: vec![10_000, 20_000, 30_000, 40_000, 50_000, 60_000],
         seconds: 15,
         out: PathBuf::from("bench"),
         million: 0,
         from_json: None,
-        store: "sqlite".into(),
+        runs: ["sqlite", "postgres", "sqlite-victoria"]
+            .into_iter()
+            .map(Run::parse)
+            .collect::<Result<_>>()?,
         instances: 1,
-        telemetry: "store".into(),
     };
+    let mut victoria = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -136,17 +191,31 @@ fn parse_args() -> Result<Args> {
             "--out" => args.out = PathBuf::from(value),
             "--million" => args.million = value.parse().context("--million")?,
             "--from-json" => args.from_json = Some(PathBuf::from(value)),
-            "--store" if value == "sqlite" || value == "postgres" => args.store = value,
+            "--runs" => {
+                args.runs =
+                    value.split(',').map(|r| Run::parse(r.trim())).collect::<Result<_>>()?;
+            }
+            "--store" if value == "sqlite" || value == "postgres" => {
+                args.runs = vec![Run::parse(&value)?];
+            }
             "--store" => bail!("--store {value:?}: sqlite or postgres"),
-            "--telemetry" if value == "store" || value == "victoria" => args.telemetry = value,
+            "--telemetry" if value == "store" || value == "victoria" => {
+                victoria = value == "victoria";
+            }
             "--telemetry" => bail!("--telemetry {value:?}: store or victoria"),
             "--instances" => args.instances = value.parse().context("--instances")?,
             other => bail!(
-                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --store, --instances, --telemetry)"
+                "unknown option {other} (--rates, --seconds, --out, --million, --from-json, --runs, --store, --instances, --telemetry)"
             ),
         }
     }
-    if args.instances != 1 && args.store != "postgres" {
+    if victoria {
+        for r in &mut args.runs {
+            r.victoria = true;
+        }
+        args.runs.dedup();
+    }
+    if args.instances != 1 && args.runs.iter().any(|r| r.store != "postgres") {
         bail!(
             "--instances {}: several instances share a PostgreSQL store (--store postgres)",
             args.instances
@@ -593,11 +662,18 @@ async fn million(n: usize, broker: &Mosquitto, store_url: &str) -> Result<Millio
     })
 }
 
-fn svg(steps: &[Step]) -> String {
+/// The headline figures of every run, one panel each: durable ÷ bare, alarm → case p99 (log
+/// scale), gateway CPU per frame ÷ the broker's; the goals as dashed lines.
+fn svg(runs: &[(Run, Vec<Step>)]) -> String {
     const W: f64 = 360.0;
     const H: f64 = 240.0;
     const M: f64 = 48.0;
-    let x_max = steps.iter().map(|s| s.offered).max().unwrap_or(1) as f64 * 1.05;
+    const COLOURS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+    let all = || runs.iter().flat_map(|(_, steps)| steps.iter());
+    let x_max = all().map(|s| s.offered).max().unwrap_or(1) as f64 * 1.05;
+    let mut offered: Vec<u64> = all().map(|s| s.offered).collect();
+    offered.sort_unstable();
+    offered.dedup();
     let mut out = String::new();
     let _ = write!(
         out,
@@ -605,44 +681,38 @@ fn svg(steps: &[Step]) -> String {
         3.0 * (W + M) + M,
         H + 2.0 * M
     );
-    type Series<'a> = (&'a str, &'a str, Box<dyn Fn(&Step) -> f64>);
+    // (name, colour, points (offered, value)).
+    type Series = (String, &'static str, Vec<(u64, f64)>);
     // Title, y range, goal line, series.
-    type Panel<'a> = (&'a str, f64, Option<(f64, &'a str)>, Vec<Series<'a>>);
+    type Panel<'a> = (&'a str, f64, Option<(f64, &'a str)>, Vec<Series>);
+    let series = |f: &dyn Fn(&Step) -> f64| -> Vec<Series> {
+        runs.iter()
+            .enumerate()
+            .map(|(i, (run, steps))| {
+                let colour = COLOURS.get(i % COLOURS.len()).copied().unwrap_or("#333");
+                (run.name(), colour, steps.iter().map(|s| (s.offered, f(s))).collect())
+            })
+            .collect()
+    };
     let panels: [Panel<'_>; 3] = [
         (
-            "frames/s vs offered frames/s",
-            steps.iter().map(|s| s.bare_per_s.max(s.offered as f64)).fold(1.0, f64::max) * 1.1,
-            Some((30_000.0, "goal 30,000/s")),
-            vec![
-                ("bare subscriber", "#999", Box::new(|s: &Step| s.bare_per_s)),
-                ("gateway, durable", "#1f77b4", Box::new(|s: &Step| s.accepted_per_s)),
-            ],
+            "gateway durable ÷ bare subscriber",
+            all().map(|s| s.durable_ratio).fold(1.0, f64::max) * 1.1,
+            Some((0.9, "floor 0.9")),
+            series(&|s| s.durable_ratio),
         ),
         (
-            "alarm → case on the board, ms (log scale)",
+            "alarm → case on the board p99, ms (log scale)",
             // Log scale: decades from 1 ms to above the slowest p99.
-            10f64.powf(
-                steps.iter().map(|s| s.latency_p99_ms as f64).fold(100.0, f64::max).log10().ceil(),
-            ),
-            Some((50.0, "goal p99 50 ms")),
-            vec![
-                ("p50", "#2ca02c", Box::new(|s: &Step| s.latency_p50_ms as f64)),
-                ("p99", "#d62728", Box::new(|s: &Step| s.latency_p99_ms as f64)),
-            ],
+            10f64.powf(all().map(|s| s.latency_p99_ms as f64).fold(100.0, f64::max).log10().ceil()),
+            Some((50.0, "goal 50 ms")),
+            series(&|s| s.latency_p99_ms as f64),
         ),
         (
-            "gateway CPU % (of one core), RSS MiB",
-            steps
-                .iter()
-                .map(|s| s.gateway_cpu_pct.max(s.broker_cpu_pct).max(s.gateway_rss_mib))
-                .fold(100.0, f64::max)
-                * 1.1,
-            None,
-            vec![
-                ("gateway CPU %", "#ff7f0e", Box::new(|s: &Step| s.gateway_cpu_pct)),
-                ("broker CPU %", "#8c564b", Box::new(|s: &Step| s.broker_cpu_pct)),
-                ("gateway RSS MiB", "#9467bd", Box::new(|s: &Step| s.gateway_rss_mib)),
-            ],
+            "gateway CPU per frame ÷ the broker's",
+            all().map(|s| s.cpu_ratio).fold(1.0, f64::max) * 1.1,
+            Some((0.8, "floor 0.8")),
+            series(&|s| s.cpu_ratio),
         ),
     ];
     for (i, (title, y_max, goal, series)) in panels.iter().enumerate() {
@@ -658,13 +728,13 @@ fn svg(steps: &[Step]) -> String {
             M - 24.0
         );
         // x: the offered rates themselves; y: quarters, or decades on the log scale.
-        for s in steps {
+        for o in &offered {
             let _ = writeln!(
                 out,
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}k</text>",
-                px(s.offered as f64),
+                px(*o as f64),
                 M + H + 14.0,
-                s.offered / 1_000
+                o / 1_000
             );
         }
         let ticks: Vec<f64> = if log {
@@ -675,10 +745,10 @@ fn svg(steps: &[Step]) -> String {
         for yv in ticks {
             let _ = writeln!(
                 out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text><line x1=\"{x0}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><line x1=\"{x0}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
                 x0 - 4.0,
                 py(yv) + 4.0,
-                yv,
+                if yv < 10.0 { format!("{yv:.2}") } else { format!("{yv:.0}") },
                 x0 + W,
                 py(yv),
                 py(yv)
@@ -695,11 +765,9 @@ fn svg(steps: &[Step]) -> String {
                 py(*g) - 4.0
             );
         }
-        for (j, (name, colour, f)) in series.iter().enumerate() {
-            let points: Vec<String> = steps
-                .iter()
-                .map(|s| format!("{:.1},{:.1}", px(s.offered as f64), py(f(s))))
-                .collect();
+        for (j, (name, colour, values)) in series.iter().enumerate() {
+            let points: Vec<String> =
+                values.iter().map(|(o, v)| format!("{:.1},{:.1}", px(*o as f64), py(*v))).collect();
             let _ = writeln!(
                 out,
                 "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>",
@@ -728,29 +796,11 @@ fn svg(steps: &[Step]) -> String {
     out
 }
 
-fn report(
-    steps: &[Step],
-    million: Option<&Million>,
-    (seconds, command, written): (u64, &str, &str),
-) -> String {
-    let mut md = String::new();
-    let _ = writeln!(md, "# Load report\n");
+/// One run's table.
+fn step_table(md: &mut String, steps: &[Step]) {
     let _ = writeln!(
         md,
-        "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process ({} store, local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
-        written,
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        mosquitto_version(),
-        if command.contains("--store postgres") {
-            "PostgreSQL (Debian's server on this machine, fsync on)"
-        } else {
-            "SQLite"
-        }
-    );
-    let _ = writeln!(md, "![load plot](load.svg)\n");
-    let _ = writeln!(
-        md,
-        "| offered/s | **durable ÷ bare** | **gateway CPU/frame ÷ broker's** | **alarm → case p99 ms** | bare subscriber/s | gateway durable/s | published (PUBACK) | never sent | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | telemetry sink CPU % | gateway RSS MiB | alarms → cases | p50 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered/s | **durable ÷ bare** | **gateway CPU/frame ÷ broker's** | **alarm → case p99 ms** | bare subscriber/s | gateway durable/s | published (PUBACK) | no PUBACK | stored | lost | catch-up s | gateway CPU % | broker CPU % | database CPU % | telemetry sink CPU % | gateway RSS MiB | alarms → cases | p50 ms | max ms | decided p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in steps {
         let _ = writeln!(
@@ -779,9 +829,31 @@ fn report(
             s.decided_p99_ms
         );
     }
+}
+
+fn report(
+    runs: &[(Run, Vec<Step>)],
+    million: Option<&Million>,
+    (seconds, command, written): (u64, &str, &str),
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Load report\n");
     let _ = writeln!(
         md,
-        "\nThe ratios come first: absolute rates differ up to ~2.5× between machines of this class from one session to the next, ratios measured in one run do not. \"gateway durable/s\" counts frames committed to the store (and then acknowledged) during the window; a frame counts as published only once the broker acknowledged it (PUBACK), and \"never sent\" are those handed to the MQTT client that the broker never acknowledged; \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped) — counts, not sets: a frame stored whose PUBACK never came back would offset one lost. \"gateway CPU/frame ÷ broker's\" is (gateway CPU % ÷ durable/s) ÷ (broker CPU % ÷ bare/s). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
+        "Written by `{command}` on {} (UTC). Machine: {} cores, Mosquitto {}, the gateway as a separate `gridsense run` process (local platform), the load from the simulator's pooled transport (QoS 1), a bare QoS 1 subscriber on the same broker, all on this machine; each run with its own broker, store and registry. Each step: {WARMUP_S} s warm-up, {seconds} s measured, {ALARM_RATE:.0} \"cover removed\" alarms/s from other devices during the window.\n",
+        written,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        mosquitto_version(),
+    );
+    let _ = writeln!(md, "![load plot](load.svg)\n");
+    for (run, steps) in runs {
+        let _ = writeln!(md, "## {} (`{}`)\n", run.title(), run.key());
+        step_table(&mut md, steps);
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "\nThe ratios come first: absolute rates differ up to ~2.5× between machines of this class from one session to the next, ratios measured in one run do not. \"gateway durable/s\" counts frames committed to the store (and then acknowledged) during the window; a frame counts as published only once the broker acknowledged it (PUBACK), and \"no PUBACK\" are those handed to the MQTT client whose PUBACK was not seen (never sent, or its PUBACK still on the way when the load stopped); \"lost\" is published minus stored once the gateway has caught up (\"catch-up s\" after the load stopped) — counts, not sets: a frame stored whose PUBACK never came back would offset one lost. \"gateway CPU/frame ÷ broker's\" is (gateway CPU % ÷ durable/s) ÷ (broker CPU % ÷ bare/s). CPU % is of one core (200 % = both). Latency is publish → the case committed and delivered to the board; \"decided\" is publish → the rule fired in the batch being built."
     );
     if let Some(m) = million {
         let _ = writeln!(
@@ -823,37 +895,93 @@ fn mosquitto_version() -> String {
 async fn main() -> Result<()> {
     let args = parse_args()?;
     if let Some(json) = &args.from_json {
-        #[derive(serde::Deserialize)]
-        struct Saved {
-            steps: Vec<Step>,
-            million: Option<Million>,
-            #[serde(default)]
-            command: String,
-            #[serde(default)]
-            seconds: u64,
-            #[serde(default)]
-            written: String,
-        }
-        let mut saved: Saved = serde_json::from_str(&std::fs::read_to_string(json)?)?;
-        for s in &mut saved.steps {
-            // Reports written before the ratios were kept: derived from what they have.
-            if s.durable_ratio == 0.0 {
-                s.durable_ratio = s.accepted_per_s / s.bare_per_s.max(1.0);
-                s.cpu_ratio = (s.gateway_cpu_pct / s.accepted_per_s.max(1.0))
-                    / (s.broker_cpu_pct / s.bare_per_s.max(1.0)).max(f64::MIN_POSITIVE);
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+        let mut runs = Vec::new();
+        for run in ["sqlite", "postgres", "sqlite-victoria", "postgres-victoria"] {
+            let run = Run::parse(run)?;
+            if let Some(v) = saved.get(run.key()) {
+                let mut steps: Vec<Step> = serde_json::from_value(v.clone())?;
+                for s in &mut steps {
+                    // Reports written before the ratios were kept: derived from what they have.
+                    if s.durable_ratio == 0.0 {
+                        s.durable_ratio = s.accepted_per_s / s.bare_per_s.max(1.0);
+                        s.cpu_ratio = (s.gateway_cpu_pct / s.accepted_per_s.max(1.0))
+                            / (s.broker_cpu_pct / s.bare_per_s.max(1.0)).max(f64::MIN_POSITIVE);
+                    }
+                }
+                runs.push((run, steps));
             }
         }
+        let million: Option<Million> = saved
+            .get("million")
+            .filter(|m| !m.is_null())
+            .map(|m| serde_json::from_value(m.clone()))
+            .transpose()?;
+        let text = |k: &str| saved.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let seconds = saved.get("seconds").and_then(serde_json::Value::as_u64).unwrap_or(0);
         std::fs::create_dir_all(&args.out)?;
-        std::fs::write(args.out.join("load.svg"), svg(&saved.steps))?;
-        let md = report(
-            &saved.steps,
-            saved.million.as_ref(),
-            (saved.seconds, &saved.command, &saved.written),
-        );
+        std::fs::write(args.out.join("load.svg"), svg(&runs))?;
+        let md = report(&runs, million.as_ref(), (seconds, &text("command"), &text("written")));
         std::fs::write(args.out.join("report.md"), md)?;
         println!("redrawn from {}", json.display());
         return Ok(());
     }
+    let mut runs = Vec::new();
+    for run in &args.runs {
+        println!("run {}: {}", run.name(), run.title());
+        let steps = run_steps(&args, run).await?;
+        runs.push((run.clone(), steps));
+    }
+    let million = if args.million > 0 {
+        // On PostgreSQL only when every run was.
+        let (_pg, url) = store_for(args.runs.iter().all(|r| r.store == "postgres"))?;
+        let broker = Mosquitto::start()?;
+        Some(million(args.million, &broker, &url).await?)
+    } else {
+        None
+    };
+
+    std::fs::create_dir_all(&args.out)?;
+    let command =
+        format!("scripts/bench {}", std::env::args().skip(1).collect::<Vec<_>>().join(" "));
+    let written = chrono_like_now();
+    std::fs::write(args.out.join("load.svg"), svg(&runs))?;
+    std::fs::write(
+        args.out.join("report.md"),
+        report(&runs, million.as_ref(), (args.seconds, command.trim(), &written)),
+    )?;
+    let mut json = serde_json::json!({
+        "million": million,
+        "command": command.trim(),
+        "seconds": args.seconds,
+        "written": written,
+        "runs": runs.iter().map(|(r, _)| serde_json::json!({"key": r.key(), "name": r.name(), "title": r.title()})).collect::<Vec<_>>(),
+    });
+    if let Some(object) = json.as_object_mut() {
+        for (run, steps) in &runs {
+            object.insert(run.key(), serde_json::to_value(steps)?);
+        }
+    }
+    std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("report written to {}", args.out.join("report.md").display());
+    Ok(())
+}
+
+/// A durable PostgreSQL (fsync on, as in production; its processes' CPU is measured) and its
+/// URL when `postgres`; else none and the empty URL (SQLite).
+fn store_for(postgres: bool) -> Result<(Option<gridsense_tests::postgres::Postgres>, String)> {
+    if !postgres {
+        return Ok((None, String::new()));
+    }
+    let pg = gridsense_tests::postgres::Postgres::start_durable()?;
+    let url = pg.database(None)?;
+    Ok((Some(pg), url))
+}
+
+/// Every step of one run: its own broker, store (and VictoriaMetrics), registry and gateway
+/// instances.
+#[allow(clippy::too_many_lines)]
+async fn run_steps(args: &Args, run: &Run) -> Result<Vec<Step>> {
     let broker = Mosquitto::start()?;
     let dir = tempfile::tempdir()?;
     // One registry: covers for the alarms, and a slice of drains per step (1 frame/s each at
@@ -865,25 +993,13 @@ async fn main() -> Result<()> {
     city::generate(5, Counts { covers, drains: slices.iter().sum(), beacons: 0 })
         .write(&city_dir)?;
     let devices = inventory::load(&city_dir.join("devices.json"))?;
-    // PostgreSQL durable (fsync on), as in production; its processes' CPU is measured.
-    let pg = if args.store == "postgres" {
-        Some(gridsense_tests::postgres::Postgres::start_durable()?)
-    } else {
-        None
-    };
-    let store_url = match &pg {
-        Some(pg) => pg.database(None)?,
-        None => String::new(),
-    };
+    let (pg, store_url) = store_for(run.store == "postgres")?;
     let db_pids =
         || pg.as_ref().map(gridsense_tests::postgres::Postgres::server_pids).unwrap_or_default();
     // Telemetry to VictoriaMetrics' InfluxDB 2 write API, as in production; its CPU is
     // measured apart.
-    let victoria = if args.telemetry == "victoria" {
-        Some(gridsense_tests::VictoriaMetrics::start()?)
-    } else {
-        None
-    };
+    let victoria =
+        if run.victoria { Some(gridsense_tests::VictoriaMetrics::start()?) } else { None };
     let victoria_url = victoria.as_ref().map(gridsense_tests::VictoriaMetrics::url);
     let sink_pid = victoria.as_ref().map(gridsense_tests::VictoriaMetrics::pid);
     let mut config = Config::default();
@@ -894,8 +1010,9 @@ async fn main() -> Result<()> {
         devices.iter().filter(|d| d.record.kind == Kind::Cover).cloned().collect();
     let mut plan = fleet::plan(&city_dir, &scenario::load("load")?)?;
     plan.devices.retain(|d| d.record.record.kind == Kind::Drain);
+    let instances = if run.store == "postgres" { args.instances } else { 1 };
     let mut list = Vec::new();
-    for i in 1..=args.instances {
+    for i in 1..=instances {
         let grids = city_dir.join("grids.geojson");
         list.push(Gateway::start(
             dir.path(),
@@ -907,8 +1024,8 @@ async fn main() -> Result<()> {
         )?);
     }
     let gateway = Gateways(list);
-    if args.instances > 1 {
-        println!("{} instances, shards held: {}", args.instances, gateway.balanced()?);
+    if instances > 1 {
+        println!("{instances} instances, shards held: {}", gateway.balanced()?);
     }
     let bare = bare_subscriber(broker.addr());
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -933,7 +1050,7 @@ async fn main() -> Result<()> {
         )
         .await?;
         println!(
-            "offered {:>6}/s: durable ÷ bare {:.2}, gateway CPU/frame ÷ broker's {:.2}; bare {:>6.0}/s, gateway {:>6.0}/s durable; published (PUBACK) {}, never sent {}, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, sink CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
+            "offered {:>6}/s: durable ÷ bare {:.2}, gateway CPU/frame ÷ broker's {:.2}; bare {:>6.0}/s, gateway {:>6.0}/s durable; published (PUBACK) {}, no PUBACK {}, lost {}, catch-up {:.1} s, gateway CPU {:.0} %, broker CPU {:.0} %, database CPU {:.0} %, sink CPU {:.0} %, RSS {:.0} MiB, alarm → case p50 {} / p99 {} / max {} ms (decided p99 {} ms; {} of {})",
             s.offered,
             s.durable_ratio,
             s.cpu_ratio,
@@ -958,35 +1075,5 @@ async fn main() -> Result<()> {
         steps.push(s);
     }
     gateway.stop()?;
-    let million = if args.million > 0 {
-        let url = match &pg {
-            Some(pg) => pg.database(None)?,
-            None => String::new(),
-        };
-        Some(million(args.million, &broker, &url).await?)
-    } else {
-        None
-    };
-
-    std::fs::create_dir_all(&args.out)?;
-    let command =
-        format!("scripts/bench {}", std::env::args().skip(1).collect::<Vec<_>>().join(" "));
-    let written = chrono_like_now();
-    std::fs::write(args.out.join("load.svg"), svg(&steps))?;
-    std::fs::write(
-        args.out.join("report.md"),
-        report(&steps, million.as_ref(), (args.seconds, command.trim(), &written)),
-    )?;
-    std::fs::write(
-        args.out.join("report.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "steps": steps,
-            "million": million,
-            "command": command.trim(),
-            "seconds": args.seconds,
-            "written": written,
-        }))?,
-    )?;
-    println!("report written to {}", args.out.join("report.md").display());
-    Ok(())
+    Ok(steps)
 }
