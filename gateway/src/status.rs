@@ -62,6 +62,8 @@ pub struct Status {
     pub unacked: AtomicU64,
     /// Of those, waiting at their session for room in the pipeline's channel.
     pub overflowed: AtomicU64,
+    /// Downlinks dropped because their session's queue was full (each is made good later).
+    pub downlinks_dropped: AtomicU64,
     /// PUBLISH packets received from the broker since start.
     pub mqtt_received: AtomicU64,
     /// PUBACK packets written to the broker since start.

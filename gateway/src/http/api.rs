@@ -705,6 +705,12 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             &s.overflowed,
         ),
         (
+            "gridsense_downlinks_dropped_total",
+            "counter",
+            "Downlinks dropped because their session's queue was full (a configuration is sent again, a confirmation superseded, a time sync at a later status).",
+            &s.downlinks_dropped,
+        ),
+        (
             "gridsense_shard_rebalances_total",
             "counter",
             "Shards claimed or lost by this instance (hand-overs included).",

@@ -549,11 +549,12 @@ impl Drop for Up {
     }
 }
 
-/// What a session's client sends besides acks.
+/// A sealed downlink to a device: topic, frame, QoS.
+pub type Downlink = (String, Vec<u8>, QoS);
+
+/// What a session's client sends besides acks and downlinks.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A sealed downlink to a device, at this QoS.
-    Downlink(String, Vec<u8>, QoS),
     /// A version 1 frame republished to its shard's topic (legacy session only); the original
     /// is acknowledged once the broker has the copy.
     Forward(String, Publish),
@@ -566,10 +567,10 @@ pub enum Outbound {
 pub async fn acker(
     client: AsyncClient,
     mut acks: mpsc::UnboundedReceiver<Publish>,
-    mut outbound: mpsc::UnboundedReceiver<Outbound>,
+    (mut downlinks, mut outbound): (mpsc::Receiver<Downlink>, mpsc::UnboundedReceiver<Outbound>),
     forwards: Option<Arc<std::sync::Mutex<Forwards>>>,
 ) {
-    let mut outbound_open = true;
+    let (mut outbound_open, mut downlinks_open) = (true, true);
     loop {
         tokio::select! {
             biased;
@@ -581,12 +582,15 @@ pub async fn acker(
                 }
                 None => break,
             },
-            out = outbound.recv(), if outbound_open => match out {
-                Some(Outbound::Downlink(topic, frame, qos)) => {
+            d = downlinks.recv(), if downlinks_open => match d {
+                Some((topic, frame, qos)) => {
                     if let Err(e) = client.publish(topic, qos, false, frame).await {
                         tracing::warn!("downlink not queued: {e}");
                     }
                 }
+                None => downlinks_open = false,
+            },
+            out = outbound.recv(), if outbound_open => match out {
                 Some(Outbound::Forward(topic, original)) => {
                     let payload = original.payload.clone();
                     if let Some(f) = &forwards && let Ok(mut f) = f.lock() {

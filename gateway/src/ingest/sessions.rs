@@ -55,11 +55,21 @@ struct Running {
     /// length is bounded by the messages of this session the pipeline holds (which are
     /// bounded by the channel and the batch size).
     acks: mpsc::UnboundedSender<Publish>,
-    /// Downlinks and forwarded frames, likewise: at most two per frame of a committed batch.
+    /// Forwarded frames, likewise (each holds its original's ack).
     outbound: mpsc::UnboundedSender<Outbound>,
+    /// Downlinks, bounded ([`DOWNLINK_QUEUE`]): under overload rumqttc writes one queued
+    /// request per poll and the session polls only as fast as the pipeline takes messages, so
+    /// an unbounded queue here grew without end (2.2 GB at a million devices reporting faster
+    /// than they were stored). When full, a downlink is dropped and counted; each kind is made
+    /// good later: a configuration is sent again when its ack does not come, a confirmation by
+    /// the next one (or the one a copy earns), a time sync at a later status.
+    downlinks: mpsc::Sender<session::Downlink>,
     session: JoinHandle<()>,
     acker: JoinHandle<()>,
 }
+
+/// Downlinks queued per session, at most (see [`Running::downlinks`]).
+pub const DOWNLINK_QUEUE: usize = 256;
 
 /// The running sessions.
 #[derive(Debug)]
@@ -152,6 +162,7 @@ impl Sessions {
             AsyncClient::new(session::mqtt_options(&options), window * 2 + 16);
         let (acks, ack_rx) = mpsc::unbounded_channel::<Publish>();
         let (outbound, out_rx) = mpsc::unbounded_channel::<Outbound>();
+        let (downlinks, downlink_rx) = mpsc::channel(DOWNLINK_QUEUE);
         let forwards =
             (key == SessionKey::Legacy).then(|| Arc::new(Mutex::new(Forwards::default())));
         let gate = self.gate.clone();
@@ -173,8 +184,11 @@ impl Sessions {
             forwards: forwards.clone(),
         };
         let session = tokio::spawn(session::run(eventloop, client.clone(), link));
-        let acker = tokio::spawn(session::acker(client, ack_rx, out_rx, forwards));
-        self.running.insert((broker, key), Running { generation, acks, outbound, session, acker });
+        let acker = tokio::spawn(session::acker(client, ack_rx, (downlink_rx, out_rx), forwards));
+        self.running.insert(
+            (broker, key),
+            Running { generation, acks, outbound, downlinks, session, acker },
+        );
     }
 
     /// The running sessions of `key`, on every broker.
@@ -275,8 +289,7 @@ impl Sessions {
             let mut sent = false;
             for ((_, k), r) in &self.running {
                 if *k == key {
-                    let downlink = Outbound::Downlink(topic.clone(), frame.clone(), qos);
-                    sent |= r.outbound.send(downlink).is_ok();
+                    sent |= self.queue_downlink(r, (topic.clone(), frame.clone(), qos));
                 }
             }
             if !sent {
@@ -291,9 +304,22 @@ impl Sessions {
             .or_else(|| self.running.iter().find(|((_, k), _)| *k == key).map(|(_, r)| r));
         match r {
             Some(r) => {
-                let _ = r.outbound.send(Outbound::Downlink(topic, frame, qos));
+                self.queue_downlink(r, (topic, frame, qos));
             }
             None => tracing::warn!(%eui, "downlink not sent: its shard is no longer held here"),
+        }
+    }
+
+    /// Queues a downlink on a session; false when it went nowhere (full: dropped and counted,
+    /// see [`Running::downlinks`]; or the session ended).
+    fn queue_downlink(&self, r: &Running, downlink: session::Downlink) -> bool {
+        match r.downlinks.try_send(downlink) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.status.downlinks_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
