@@ -1,12 +1,9 @@
 //! The ingest shell's policy, as plain state (time passed in, ms on any monotonic origin), so
 //! it is tested in virtual time while the shell only waits, reads and commits:
 //!
-//! - [`Batcher`]: when a batch closes — at `batch_max` messages, or fewer when the store
-//!   commits slowly (at about [`TARGET_COMMIT_MS`] worth of messages at the pace of the
-//!   recent commits, at least [`MIN_BATCH`]: an alarm arriving behind a batch waits for about
-//!   two such commits), `batch_max_ms` after its first one, or at once when something
-//!   urgent is in it (a case, an update, an SOS: those are committed and delivered without
-//!   waiting for the batch to fill) — and which messages
+//! - [`Batcher`]: when a batch closes — at `batch_max` messages, `batch_max_ms` after its
+//!   first one, or at once when something urgent is in it (a case, an update, an SOS: those
+//!   are committed and delivered without waiting for the batch to fill) — and which messages
 //!   it holds for acknowledgement, in arrival order, until its commit is durable. A commit
 //!   that fails keeps them held: nothing of a batch is acknowledged before all of it is.
 //!   A closed batch is *sealed* while it commits, and the next one opens at once: the next
@@ -30,20 +27,6 @@ pub enum Close {
     /// `batch_max_ms` passed since its first message.
     Waited,
 }
-
-/// How long a batch's commit should take, ms: under load a batch closes at about this much
-/// of the store's recent pace. An alarm that arrives while a batch is being decided waits for
-/// the commit in flight and then that batch's before its own (SQLite has one writer, and
-/// batches commit in order), so this bounds its wait at saturation. Measured on SQLite with
-/// telemetry in the store (one run each, 10 s steps): with 1,000-message batches (~70 ms each)
-/// alarm → case p99 183–203 ms at 30–60k offered; with 12 ms, 75–108 ms but durable 20k
-/// offered fell to 0.81 of bare (every commit rewrites the shared pages: counters, stats);
-/// with 30 ms, 69 ms at 30k and 1.00 of bare at 20k.
-pub const TARGET_COMMIT_MS: f64 = 30.0;
-
-/// The fewest messages a batch closes at for being slow (below it a commit's fixed cost
-/// dominates).
-pub const MIN_BATCH: usize = 64;
 
 /// What to do after a message was handled into the open batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +52,6 @@ pub struct Batcher<T> {
     sealed: VecDeque<usize>,
     /// How many of `held` the open batch has (the last ones).
     open: usize,
-    /// The recent commits' pace, ms per message (a moving average); none before the first.
-    pace_ms: Option<f64>,
 }
 
 impl<T> Batcher<T> {
@@ -83,36 +64,7 @@ impl<T> Batcher<T> {
             held: VecDeque::with_capacity(max.max(1)),
             sealed: VecDeque::with_capacity(2),
             open: 0,
-            pace_ms: None,
         }
-    }
-
-    /// The most messages the open batch takes now: `batch_max`, or what the store commits in
-    /// [`TARGET_COMMIT_MS`] at its recent pace when that is fewer (at least [`MIN_BATCH`]).
-    pub fn cap(&self) -> usize {
-        let Some(pace) = self.pace_ms.filter(|p| *p > 0.0) else { return self.max };
-        let fits = TARGET_COMMIT_MS / pace;
-        // Finite and below `max` (checked), so the cast cannot truncate.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let fits =
-            if fits.is_finite() && fits < self.max as f64 { fits as usize } else { self.max };
-        fits.clamp(MIN_BATCH.min(self.max), self.max)
-    }
-
-    /// The oldest sealed batch's commit took `took_us`: the pace is updated from it (a commit
-    /// retried for a second or more — a full disk — counts as one second). Call before
-    /// [`Batcher::committed`].
-    pub fn commit_took(&mut self, took_us: u64) {
-        let Some(&n) = self.sealed.front() else { return };
-        if n == 0 {
-            return;
-        }
-        let took_ms = (took_us.min(1_000_000) as f64) / 1_000.0;
-        let sample = took_ms / n as f64;
-        self.pace_ms = Some(match self.pace_ms {
-            Some(p) => 0.7 * p + 0.3 * sample,
-            None => sample,
-        });
     }
 
     /// A message was handled into the batch at `now_ms` (`urgent`: the batch now holds
@@ -121,7 +73,7 @@ impl<T> Batcher<T> {
         let opened = *self.opened_ms.get_or_insert(now_ms);
         self.held.push_back(message);
         self.open += 1;
-        if self.open >= self.cap() {
+        if self.open >= self.max {
             Next::Commit(Close::Full)
         } else if urgent {
             Next::Commit(Close::Urgent)
@@ -268,44 +220,6 @@ mod tests {
         assert_eq!(b.handled(325, 'g', false), Next::Commit(Close::Waited));
         b.seal();
         assert_eq!(b.committed().count(), 2);
-    }
-
-    #[test]
-    fn a_slow_store_makes_batches_smaller_and_a_fast_one_lets_them_grow_back() {
-        let mut b = Batcher::new(1_000, 20);
-        assert_eq!(b.cap(), 1_000, "no pace yet");
-        let fill = |b: &mut Batcher<u32>, t: i64| {
-            let mut n = 0;
-            loop {
-                n += 1;
-                if let Next::Commit(why) = b.handled(t, n, false) {
-                    break (n, why);
-                }
-            }
-        };
-        assert_eq!(fill(&mut b, 0), (1_000, Close::Full));
-        b.seal();
-        // 1,000 messages in 70 ms (SQLite saturated): the next batch closes at 30 ms' worth.
-        b.commit_took(70_000);
-        assert_eq!(b.committed().count(), 1_000);
-        assert_eq!(b.cap(), 428);
-        assert_eq!(fill(&mut b, 100), (428, Close::Full));
-        b.seal();
-        // Slower still: never below the floor.
-        b.commit_took(1_000_000_000);
-        b.committed().for_each(drop);
-        assert_eq!(b.cap(), MIN_BATCH);
-        // Fast commits again (1 µs a message): back to batch_max, step by step.
-        let mut caps = Vec::new();
-        for _ in 0..20 {
-            let (n, _) = fill(&mut b, 200);
-            b.seal();
-            b.commit_took(u64::from(n));
-            b.committed().for_each(drop);
-            caps.push(b.cap());
-        }
-        assert!(caps.windows(2).all(|w| w[0] <= w[1]), "{caps:?}");
-        assert_eq!(caps.last(), Some(&1_000), "{caps:?}");
     }
 
     #[test]

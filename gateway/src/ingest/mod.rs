@@ -851,7 +851,6 @@ async fn settle(
     for (topic, frame, route) in e.downlinks {
         out.sessions.downlink(topic, frame, route).await;
     }
-    batcher.commit_took(committed.took_us);
     acknowledge(batcher, out).await;
     Ok(committed)
 }
