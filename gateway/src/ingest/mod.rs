@@ -46,8 +46,8 @@
 //! batches the pipeline holds, and per session what one poll reads while the channel is full
 //! (a session stops reading then; see [`session::run`], and why the Receive Maximum alone does
 //! not bound it). Past capacity the rest waits at the broker, in the persistent sessions. The
-//! acks, downlinks and forwards to a session are bounded by what the pipeline holds of that
-//! session's messages.
+//! acks and forwards to a session are bounded by what the pipeline holds of that session's
+//! messages; its downlinks by a queue of their own (dropped and counted when full).
 
 pub mod batcher;
 pub mod leases;
