@@ -14,7 +14,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -317,7 +317,7 @@ impl Sessions {
         match r.downlinks.try_send(downlink) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.status.downlinks_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.status.downlinks_dropped.fetch_add(1, Relaxed);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,

@@ -226,8 +226,7 @@ impl IngestStore for Store {
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         let tx = self.conn.transaction()?;
         {
             let mut counters = tx.prepare_cached(

@@ -113,8 +113,7 @@ impl Outbox for Store {
     }
 
     fn outbox_begin(&mut self, entry: &OutboxEntry, _now_ms: i64) -> Result<bool, StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         self.conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1", [entry.id])?;
         Ok(true)
     }
@@ -126,8 +125,7 @@ impl Outbox for Store {
         platform_id: Option<&str>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         let tx = self.conn.transaction()?;
         tx.execute(
             "UPDATE outbox SET state = 'done', done_ms = ?2 WHERE id = ?1",
@@ -160,8 +158,7 @@ impl Outbox for Store {
         next_ms: Option<i64>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         match next_ms {
             Some(next) => self.conn.execute(
                 "UPDATE outbox SET next_ms = ?2, last_error = ?3 WHERE id = ?1",
@@ -182,8 +179,7 @@ impl Outbox for Store {
         note: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         self.conn.execute(
             "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note) VALUES (?1, ?2, NULL, NULL, ?3, ?4)",
             params![case_id, now_ms, actor, note],
@@ -220,8 +216,7 @@ impl Outbox for Store {
         note: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let from: Option<String> = tx
             .query_row("SELECT state FROM cases WHERE id = ?1", [case_id], |r| r.get(0))
@@ -256,8 +251,7 @@ impl Outbox for Store {
     }
 
     fn set_platform_id(&mut self, case_id: i64, platform_id: &str) -> Result<(), StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         self.conn.execute(
             "UPDATE cases SET platform_id = ?2 WHERE id = ?1",
             params![case_id, platform_id],

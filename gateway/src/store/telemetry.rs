@@ -40,8 +40,7 @@ impl TelemetryBuffer for Store {
     }
 
     fn buffer_delete_through(&mut self, id: i64) -> Result<(), StoreError> {
-        let turns = self.turns.clone();
-        let _turn = turns.wait();
+        let _turn = self.turns.wait();
         self.conn.execute("DELETE FROM telemetry_buffer WHERE id <= ?1", params![id])?;
         Ok(())
     }

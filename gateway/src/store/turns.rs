@@ -26,7 +26,7 @@ pub struct WriteTurns {
 
 /// A writer's turn: held while it writes; the next in line goes when it is dropped.
 #[derive(Debug)]
-pub struct Turn<'a>(&'a WriteTurns);
+pub struct Turn(Arc<WriteTurns>);
 
 impl WriteTurns {
     /// The queue shared by every connection of this process to `path` (made on first use;
@@ -46,18 +46,18 @@ impl WriteTurns {
     }
 
     /// Waits for this writer's turn, after every writer that asked before it.
-    pub fn wait(&self) -> Turn<'_> {
+    pub fn wait(self: &Arc<Self>) -> Turn {
         let mut t = self.tickets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mine = t.0;
         t.0 = t.0.wrapping_add(1);
         while t.1 != mine {
             t = self.turn.wait(t).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        Turn(self)
+        Turn(self.clone())
     }
 }
 
-impl Drop for Turn<'_> {
+impl Drop for Turn {
     fn drop(&mut self) {
         let mut t = self.0.tickets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         t.1 = t.1.wrapping_add(1);
