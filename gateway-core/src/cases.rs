@@ -19,6 +19,7 @@
 //!   feedback → verified → closed, with parked and returned as side states; every transition
 //!   is a trace row with who and when.
 
+pub mod governance;
 pub mod lifecycle;
 
 use std::{
@@ -82,6 +83,28 @@ pub struct CaseTables {
     pub milestones: Milestones,
     /// Working-time calendar.
     pub calendar: CalendarConfig,
+    /// Departments and who handles what (`gridsense cases defaults departments`).
+    pub departments: governance::Departments,
+    /// How a new case's handling level is chosen.
+    pub levels: governance::LevelRules,
+    /// What supervision escalates.
+    pub escalation: governance::EscalationRules,
+    /// The assessment report's score weights.
+    pub assessment: crate::assessment::Weights,
+}
+
+/// The governance part of the tables, as `gridsense cases defaults departments` prints it
+/// (the same sections a tables file takes).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GovernanceTables<'a> {
+    /// Departments and responsibility.
+    pub departments: &'a governance::Departments,
+    /// Levels.
+    pub levels: &'a governance::LevelRules,
+    /// Escalation.
+    pub escalation: &'a governance::EscalationRules,
+    /// Score weights.
+    pub assessment: &'a crate::assessment::Weights,
 }
 
 impl Default for CaseTables {
@@ -155,6 +178,10 @@ impl Default for CaseTables {
                 feedback: Limit::WorkingDays(3),
             },
             calendar: CalendarConfig::default(),
+            departments: governance::Departments::default(),
+            levels: governance::LevelRules::default(),
+            escalation: governance::EscalationRules::default(),
+            assessment: crate::assessment::Weights::default(),
         }
     }
 }
@@ -225,7 +252,23 @@ impl CaseTables {
             }
         }
         Calendar::new(&self.calendar)?;
+        self.departments
+            .validate()
+            .and_then(|()| self.levels.validate())
+            .and_then(|()| self.escalation.validate())
+            .and_then(|()| self.assessment.validate())
+            .map_err(TablesError::Invalid)?;
         Ok(())
+    }
+
+    /// The governance sections.
+    pub fn governance(&self) -> GovernanceTables<'_> {
+        GovernanceTables {
+            departments: &self.departments,
+            levels: &self.levels,
+            escalation: &self.escalation,
+            assessment: &self.assessment,
+        }
     }
 }
 
@@ -542,8 +585,12 @@ pub struct CaseRow {
     pub onset_ms: i64,
     /// Detection, Unix ms.
     pub detected_ms: i64,
-    /// Handling limit.
+    /// Handling limit (the department's own for the class, else the class's).
     pub limit: Limit,
+    /// The department responsible.
+    pub department: String,
+    /// The handling level it is filed at.
+    pub level: governance::Level,
     /// Handling deadline if dispatched at detection (recomputed at dispatch), Unix ms.
     pub handling_due_ms: i64,
     /// 130: deploy by, Unix ms.
@@ -700,8 +747,8 @@ pub struct Cases {
     tables: Arc<CaseTables>,
     calendar: Calendar,
     open: HashMap<(Eui, String), OpenIncident>,
-    /// (grid, condition) → (cluster id, last member's detection).
-    clusters: HashMap<(String, String), (i64, i64)>,
+    /// (grid, condition) → (cluster id, last member's detection, members).
+    clusters: HashMap<(String, String), (i64, i64, u32)>,
     seq: Sequences,
     windows: Vec<MaintenanceWindow>,
     link_window_ms: i64,
@@ -820,9 +867,12 @@ impl Cases {
         self.seq = seq;
         for ((eui, condition), o) in open {
             if let (Some(grid), Some(cluster)) = (&o.grid_code, o.cluster_id) {
-                let e =
-                    self.clusters.entry((grid.clone(), condition.clone())).or_insert((cluster, 0));
+                let e = self
+                    .clusters
+                    .entry((grid.clone(), condition.clone()))
+                    .or_insert((cluster, 0, 0));
                 e.1 = e.1.max(o.detected_ms);
+                e.2 = e.2.saturating_add(1);
             }
             self.open.insert((eui, condition), o);
         }
@@ -868,6 +918,23 @@ impl Cases {
         Some((code, info))
     }
 
+    /// Who handles a new case of `class_code` at `place` and at which level: the responsible
+    /// department, its handling limit (its own for the class, else `class_limit`) and the
+    /// level for the class, severity and the incident's cluster size (`members`).
+    fn assign(
+        &self,
+        class_code: &str,
+        class_limit: Limit,
+        place: &Place,
+        severity: Severity,
+        members: u32,
+    ) -> (String, Limit, governance::Level) {
+        let t = &self.tables;
+        let department = t.departments.responsible(class_code, place.grid_code.as_deref());
+        let limit = t.departments.limit(department, class_code, class_limit);
+        (department.to_owned(), limit, t.levels.level(class_code, severity, members))
+    }
+
     /// Applies a condition change of a device. `frame` is the deciding frame's counter (none
     /// when a timer decided); `battery_mv` the device's last battery reading for the evidence.
     #[allow(clippy::too_many_arguments)]
@@ -897,14 +964,14 @@ impl Cases {
             let cluster_id = place.grid_code.as_ref().map(|g| {
                 let k = (g.clone(), change.condition.clone());
                 match self.clusters.get(&k) {
-                    Some((id, last)) if now.saturating_sub(*last) <= self.link_window_ms => {
-                        let id = *id;
-                        self.clusters.insert(k, (id, now));
+                    Some((id, last, n)) if now.saturating_sub(*last) <= self.link_window_ms => {
+                        let (id, n) = (*id, n.saturating_add(1));
+                        self.clusters.insert(k, (id, now, n));
                         id
                     }
                     _ => {
                         let id = next_id(&mut self.seq.cluster, self.sharded_ids, change.eui);
-                        self.clusters.insert(k, (id, now));
+                        self.clusters.insert(k, (id, now, 1));
                         id
                     }
                 }
@@ -961,7 +1028,10 @@ impl Cases {
                 from: None,
                 to: Some(CaseState::Collected),
                 actor: "gateway".into(),
-                note: format!("incident {id} {name}: {}", case.title),
+                note: format!(
+                    "incident {id} {name}: {} (department {}, level {})",
+                    case.title, case.department, case.level
+                ),
             });
             out.outbox.push(OutboxRow {
                 channel: "case",
@@ -1029,6 +1099,13 @@ impl Cases {
         battery_mv: Option<u16>,
     ) -> Option<CaseRow> {
         let (class_code, class) = self.class_of(condition, site)?;
+        let members = place
+            .grid_code
+            .as_ref()
+            .and_then(|g| self.clusters.get(&(g.clone(), change.condition.clone())))
+            .map_or(1, |c| c.2);
+        let (department, limit, level) =
+            self.assign(&class_code, class.limit, place, open.severity, members);
         let id = next_id(&mut self.seq.case, self.sharded_ids, change.eui);
         let detected = change.decided_ms;
         let c = &self.calendar;
@@ -1065,8 +1142,10 @@ impl Cases {
             urgency: urgency(open.severity),
             onset_ms: open.onset_ms,
             detected_ms: detected,
-            limit: class.limit,
-            handling_due_ms: c.deadline(detected, class.limit),
+            limit,
+            department,
+            level,
+            handling_due_ms: c.deadline(detected, limit),
             deploy_due_ms: c.deadline(detected, self.tables.milestones.deploy),
             feedback_due_ms: c.deadline(detected, self.tables.milestones.feedback),
         })
@@ -1098,6 +1177,8 @@ impl Cases {
             .get(&class_code)
             .cloned()
             .unwrap_or(ClassInfo { name: class_code.clone(), limit: Limit::Hours(24) });
+        let (department, limit, level) =
+            self.assign(&class_code, info.limit, place, Severity::Major, 1);
         let id = next_id(&mut self.seq.case, self.sharded_ids, eui);
         let c = &self.calendar;
         let case = CaseRow {
@@ -1123,8 +1204,10 @@ impl Cases {
             urgency: "normal",
             onset_ms: at_ms,
             detected_ms: now,
-            limit: info.limit,
-            handling_due_ms: c.deadline(now, info.limit),
+            limit,
+            department,
+            level,
+            handling_due_ms: c.deadline(now, limit),
             deploy_due_ms: c.deadline(now, self.tables.milestones.deploy),
             feedback_due_ms: c.deadline(now, self.tables.milestones.feedback),
         };

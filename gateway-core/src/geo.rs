@@ -20,6 +20,10 @@ pub struct GridCell {
     pub grid_code: Arc<str>,
     /// Grid name.
     pub grid_name: String,
+    /// Street name (empty where the layer gives none).
+    pub street_name: String,
+    /// Community name (empty where the layer gives none).
+    pub community_name: String,
     /// The place as people write it: district, street, community and grid names (those given).
     pub address: String,
     /// Community code (12 digits).
@@ -270,6 +274,8 @@ impl GridLayer {
             cells.push(GridCell {
                 grid_code: grid_code.into(),
                 grid_name,
+                street_name: name("street_name").unwrap_or("").to_owned(),
+                community_name: name("community_name").unwrap_or("").to_owned(),
                 address,
                 community_code,
                 street_code: street_code.into(),

@@ -9,7 +9,10 @@
 //!   one group commit writes.
 //! - [`registry`]: device kinds and dense device numbers; [`geo`]: the grid layer;
 //!   [`calendar`]: working time, the 130 milestones' clock.
+//! - [`cases::governance`]: departments, handling levels and escalation; [`assessment`]: the
+//!   half-monthly report's periods and figures.
 
+pub mod assessment;
 pub mod batch;
 pub mod calendar;
 pub mod cases;
