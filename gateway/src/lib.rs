@@ -27,8 +27,8 @@
 
 // The core's modules, under the names the gateway has always had.
 pub use gridsense_core::{
-    batch, calendar, cases, cluster, downlink, geo, health, intake, pipeline, registry, rules,
-    telemetry,
+    assessment, batch, calendar, cases, cluster, downlink, geo, health, intake, pipeline, registry,
+    rules, telemetry,
 };
 
 pub mod app;

@@ -16,8 +16,8 @@ use gridsense_gateway::{
     health::{DeviceHealth, EventKind, HealthEvent},
     registry::Kind,
     store::{
-        AuditRecord, Batch, CaseBoard, DeviceFilter, IngestStore, Leases, Maintenance, Outbox,
-        Point, Queries, RecentFrame, Registry, Store, StoreError, TelemetryBuffer, Tokens,
+        AuditRecord, Batch, CaseBoard, DeviceFilter, Governance, IngestStore, Leases, Maintenance,
+        Outbox, Point, Queries, RecentFrame, Registry, Store, StoreError, TelemetryBuffer, Tokens,
         postgres::PgStore,
     },
 };
@@ -26,11 +26,27 @@ use gridsense_tests::postgres::Postgres;
 
 /// What both backends implement.
 trait Contract:
-    IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries + Outbox + CaseBoard
+    IngestStore
+    + Registry
+    + Tokens
+    + Maintenance
+    + TelemetryBuffer
+    + Queries
+    + Outbox
+    + CaseBoard
+    + Governance
 {
 }
 impl<
-    T: IngestStore + Registry + Tokens + Maintenance + TelemetryBuffer + Queries + Outbox + CaseBoard,
+    T: IngestStore
+        + Registry
+        + Tokens
+        + Maintenance
+        + TelemetryBuffer
+        + Queries
+        + Outbox
+        + CaseBoard
+        + Governance,
 > Contract for T
 {
 }
@@ -404,8 +420,124 @@ fn the_outbox_delivers_retries_gives_up_and_requeues(b: &mut dyn Backend) {
     assert_eq!(s.outbox_due("alert", 600, 10).expect("due").len(), 1, "requeued");
 }
 
+/// Departments, returns, supervision and the report's facts: a case filed, dispatched,
+/// returned twice (re-routed in between) escalates once for its returns; the report reads its
+/// first filing and dispatch, its counts and levels; workers and check-ins round-trip.
+fn the_governance_loop(b: &mut dyn Backend) {
+    use gridsense_gateway::{
+        assessment::Worker,
+        calendar::{Calendar, Limit},
+        cases::{CaseRow, CaseState, CaseTables, PatrolRow, Place, governance::Level},
+    };
+    const HOUR: i64 = 3_600_000;
+    let mut s = b.fresh(None);
+    let tables = CaseTables::default();
+    let cal = Calendar::new(&tables.calendar).expect("calendar");
+    let t0 = 1_796_000_000_000; // 2026-11-30
+    let mut batch = Batch::default();
+    batch.cases.cases.push(CaseRow {
+        id: 7,
+        incident_id: None,
+        key: "k7".into(),
+        eui: Eui(0x77),
+        class_code: "C0111".into(),
+        class_name: "燃气井盖".into(),
+        title: "井盖移位".into(),
+        object_code: Some("2102020111000007".into()),
+        lat: 38.9,
+        lon: 121.6,
+        place: Place {
+            grid_code: Some("210202001001001".into()),
+            community_code: Some("210202001001".into()),
+            street_code: Some("210202001".into()),
+            district_code: Some("210202".into()),
+            ..Place::default()
+        },
+        description: "d".into(),
+        urgency: "high",
+        source: "IoT",
+        onset_ms: t0,
+        detected_ms: t0,
+        limit: Limit::Hours(6),
+        department: "PS".into(),
+        level: Level::Community,
+        handling_due_ms: t0 + 6 * HOUR,
+        deploy_due_ms: t0 + 24 * HOUR,
+        feedback_due_ms: t0 + 72 * HOUR,
+    });
+    batch.cases.patrols.push(PatrolRow {
+        eui: Eui(0xb1),
+        at_ms: t0 + HOUR,
+        day: "2026-11-30".into(),
+        checkpoint: 3,
+        grid_code: Some("210202001001001".into()),
+    });
+    s.commit(&batch).expect("commit");
+    let view = s.case(7).expect("case").expect("stored");
+    assert_eq!((view.department.as_deref(), view.level.as_str()), (Some("PS"), "community"));
+    let go = |s: &mut Box<dyn Contract>, to: CaseState, at: i64| {
+        s.transition(7, to, "operator:li", "", at, &cal).expect("store").expect("legal");
+    };
+    go(&mut s, CaseState::Filed, t0 + HOUR);
+    go(&mut s, CaseState::Dispatched, t0 + 2 * HOUR);
+    go(&mut s, CaseState::Returned, t0 + 3 * HOUR);
+    assert!(s.route(7, "RQ", "operator:li", "gas cover", t0 + 3 * HOUR).expect("route"));
+    assert!(!s.route(99, "RQ", "operator:li", "", t0).expect("route"), "no case 99");
+    go(&mut s, CaseState::Dispatched, t0 + 4 * HOUR);
+    // Within every deadline: no escalation yet.
+    assert_eq!(s.supervise(&tables, &cal, t0 + 4 * HOUR).expect("supervise"), vec![]);
+    go(&mut s, CaseState::Returned, t0 + 5 * HOUR);
+    let escalated = s.supervise(&tables, &cal, t0 + 5 * HOUR).expect("supervise");
+    assert_eq!(escalated.len(), 1, "{escalated:?}");
+    assert_eq!((escalated[0].from, escalated[0].to), (Level::Community, Level::Street));
+    assert_eq!(escalated[0].causes, vec!["returned"]);
+    assert!(s.supervise(&tables, &cal, t0 + 5 * HOUR).expect("again").is_empty(), "once");
+    let view = s.case(7).expect("case").expect("stored");
+    assert_eq!(
+        (view.department.as_deref(), view.level.as_str(), view.first_level.as_str(), view.returns),
+        (Some("RQ"), "street", "community", 2)
+    );
+    let trace: Vec<String> = s.trace(7).expect("trace").into_iter().map(|e| e.detail).collect();
+    assert!(trace.iter().any(|d| d.contains("routed PS → RQ")), "{trace:?}");
+    assert!(trace.iter().any(|d| d.contains("escalated community → street")), "{trace:?}");
+    assert_eq!(s.outbox(Some(7), None, 10).expect("outbox").len(), 1, "the platform hears");
+    let facts = s.report_cases(t0, t0 + 24 * HOUR).expect("facts");
+    assert_eq!(facts.len(), 1);
+    let f = &facts[0];
+    assert_eq!(
+        (f.filed_ms, f.first_dispatched_ms, f.dispatched_ms),
+        (Some(t0 + HOUR), Some(t0 + 2 * HOUR), Some(t0 + 4 * HOUR))
+    );
+    assert_eq!(
+        (f.returns, f.reworks, f.level, f.first_level),
+        (2, 0, Level::Street, Level::Community)
+    );
+    assert_eq!((f.state, f.object.as_str()), (CaseState::Returned, "2102020111000007"));
+    assert!(s.report_cases(t0 + 1, t0 + HOUR).expect("facts").is_empty(), "detected before");
+    let w = Worker {
+        id: "W1".into(),
+        name: "张三".into(),
+        grid_code: "210202001001001".into(),
+        beacon: "00000000000000B1".into(),
+        valid_from: "2026-11-01".into(),
+        valid_to: String::new(),
+    };
+    assert_eq!(s.put_workers(&[w.clone()]).expect("put"), 1);
+    assert_eq!(s.put_workers(&[Worker { name: "张三丰".into(), ..w }]).expect("put"), 1);
+    let ws = s.workers().expect("workers");
+    assert_eq!(
+        ws.iter().map(|w| (w.name.as_str(), w.beacon.as_str())).collect::<Vec<_>>(),
+        [("张三丰", "00000000000000b1")]
+    );
+    let checkins = s.report_checkins(t0, t0 + 24 * HOUR).expect("checkins");
+    assert_eq!(checkins.len(), 1);
+    assert_eq!(checkins[0].eui, "00000000000000b1");
+    assert!(s.report_devices().expect("devices").is_empty(), "none registered");
+}
+
 type Case = fn(&mut dyn Backend);
-const CASES: [(&str, Case); 8] = [
+const CASES: [(&str, Case); 9] = [
+    ("the_governance_loop", the_governance_loop),
     (
         "the_outbox_delivers_retries_gives_up_and_requeues",
         the_outbox_delivers_retries_gives_up_and_requeues,

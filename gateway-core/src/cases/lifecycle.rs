@@ -14,6 +14,8 @@ pub const FALLBACK_HANDLING_LIMIT: Limit = Limit::Hours(24);
 /// A time a case records when it reaches a state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Milestone {
+    /// Filed (立案: the case meets the filing condition).
+    Filed,
     /// Dispatched to the department (the 130 "1 day" step ends; the handling clock starts).
     Dispatched,
     /// Handled by the department.
@@ -28,6 +30,7 @@ impl CaseState {
     /// The milestone reaching this state stamps, if any.
     pub const fn milestone(self) -> Option<Milestone> {
         match self {
+            CaseState::Filed => Some(Milestone::Filed),
             CaseState::Dispatched => Some(Milestone::Dispatched),
             CaseState::Handled => Some(Milestone::Handled),
             CaseState::Feedback => Some(Milestone::Feedback),
@@ -49,6 +52,10 @@ pub struct Move {
     /// The new handling deadline: every dispatch (the first, and again after a return, a
     /// parking or a failed verification) restarts the handling clock at the move's time.
     pub handling_due_ms: Option<i64>,
+    /// A department returned the case (counted; two returns escalate it).
+    pub returned: bool,
+    /// Sent back to the department after its feedback failed verification (返工, counted).
+    pub reworked: bool,
 }
 
 /// Decides the move of a case in state `from`, held to `handling_limit` (its stored form,
@@ -65,7 +72,14 @@ pub fn step(
         let limit = handling_limit.parse().unwrap_or(FALLBACK_HANDLING_LIMIT);
         calendar.deadline(now_ms, limit)
     });
-    Ok(Move { from, to, stamp: to.milestone(), handling_due_ms })
+    Ok(Move {
+        from,
+        to,
+        stamp: to.milestone(),
+        handling_due_ms,
+        returned: to == CaseState::Returned,
+        reworked: from == CaseState::Feedback && to == CaseState::Dispatched,
+    })
 }
 
 /// The clock fields of a case, as stored.
@@ -173,6 +187,13 @@ mod tests {
             step(CaseState::Dispatched, CaseState::Handled, "4h", 21 * HOUR, &cal).expect("legal");
         assert_eq!(handled.handling_due_ms, None);
         assert_eq!(handled.stamp, Some(Milestone::Handled));
+        assert!(!handled.returned && !handled.reworked && !first.reworked);
+        let returned =
+            step(CaseState::Dispatched, CaseState::Returned, "4h", 0, &cal).expect("legal");
+        assert!(returned.returned);
+        let rework =
+            step(CaseState::Feedback, CaseState::Dispatched, "4h", 0, &cal).expect("legal");
+        assert!(rework.reworked && !rework.returned);
         let garbled =
             step(CaseState::Filed, CaseState::Dispatched, "soon", 0, &cal).expect("legal");
         assert_eq!(garbled.handling_due_ms, Some(24 * HOUR), "the fallback limit");

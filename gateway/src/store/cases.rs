@@ -84,20 +84,83 @@ pub(super) fn decide_move(
         .map_err(TransitionError::Lifecycle))
 }
 
-/// The one UPDATE that applies a move (state, its time, the milestone's stamp, the handling
-/// deadline a dispatch restarts), with parameters 1 id, 2 state, 3 time, 4 deadline or NULL,
-/// written with `sigil` (`?` for SQLite, `$` for PostgreSQL).
+/// The one UPDATE that applies a move (state, its time, the milestone's stamp — the first
+/// filing and the first dispatch are kept apart for the 130 figures —, the handling deadline a
+/// dispatch restarts, the return and rework counts), with parameters 1 id, 2 state, 3 time,
+/// 4 deadline or NULL, written with `sigil` (`?` for SQLite, `$` for PostgreSQL).
 pub(super) fn move_update(m: &lifecycle::Move, sigil: char) -> String {
-    let stamp = m.stamp.map(stamp_column).map_or(String::new(), |c| format!(", {c} = {sigil}3"));
+    let mut set = String::new();
+    match m.stamp {
+        Some(Milestone::Filed) => set.push_str(&format!(", filed_ms = COALESCE(filed_ms, {sigil}3)")),
+        Some(Milestone::Dispatched) => set.push_str(&format!(
+            ", dispatched_ms = {sigil}3, first_dispatched_ms = COALESCE(first_dispatched_ms, {sigil}3)"
+        )),
+        Some(other) => set.push_str(&format!(", {} = {sigil}3", stamp_column(other))),
+        None => {}
+    }
+    if m.returned {
+        set.push_str(", returns = returns + 1");
+    }
+    if m.reworked {
+        set.push_str(", reworks = reworks + 1");
+    }
     format!(
         "UPDATE cases SET state = {sigil}2, updated_ms = {sigil}3,
-            handling_due_ms = COALESCE({sigil}4, handling_due_ms){stamp} WHERE id = {sigil}1"
+            handling_due_ms = COALESCE({sigil}4, handling_due_ms){set} WHERE id = {sigil}1"
     )
 }
+
+/// The INSERT of a new case, parameters in [`CaseRow`]'s order (see both stores' writers),
+/// written with `sigil`.
+pub(super) fn case_insert(sigil: char) -> String {
+    let marks: Vec<String> = (1..=27).map(|n| format!("{sigil}{n}")).collect();
+    format!(
+        "INSERT INTO cases (id, incident_id, idempotency_key, eui, class_code, class_name, title,
+            object_code, lat, lon, address, unit_grid_code, grid_code, community_code, street_code,
+            district_code, description, urgency, onset_ms, detected_ms, handling_limit,
+            handling_due_ms, deploy_due_ms, feedback_due_ms, source, department, level, state,
+            updated_ms, first_level)
+         VALUES ({}, 'collected', {sigil}20, {sigil}27)",
+        marks.join(", ")
+    )
+}
+
+/// Schema for departments, levels, supervision and the assessment report (SQLite's migration
+/// 13, PostgreSQL's 5; `$ms` is the type of a time in ms): the case's department, level (now
+/// and when filed), return and rework counts, the causes it escalated for, its first filing
+/// and dispatch — older cases get them from their trace — and the registry's grid workers.
+macro_rules! governance_migration {
+    ($ms:literal) => {
+        concat!(
+            "ALTER TABLE cases ADD COLUMN department TEXT;
+            ALTER TABLE cases ADD COLUMN level TEXT NOT NULL DEFAULT 'community';
+            ALTER TABLE cases ADD COLUMN first_level TEXT NOT NULL DEFAULT 'community';
+            ALTER TABLE cases ADD COLUMN returns INTEGER NOT NULL DEFAULT 0;
+            ALTER TABLE cases ADD COLUMN reworks INTEGER NOT NULL DEFAULT 0;
+            ALTER TABLE cases ADD COLUMN escalated TEXT NOT NULL DEFAULT '';
+            ALTER TABLE cases ADD COLUMN filed_ms ", $ms, ";
+            ALTER TABLE cases ADD COLUMN first_dispatched_ms ", $ms, ";
+            UPDATE cases SET
+                filed_ms = (SELECT MIN(e.at_ms) FROM case_events e WHERE e.case_id = cases.id AND e.to_state = 'filed'),
+                first_dispatched_ms = (SELECT MIN(e.at_ms) FROM case_events e WHERE e.case_id = cases.id AND e.to_state = 'dispatched'),
+                returns = (SELECT COUNT(*) FROM case_events e WHERE e.case_id = cases.id AND e.to_state = 'returned'),
+                reworks = (SELECT COUNT(*) FROM case_events e WHERE e.case_id = cases.id
+                    AND e.from_state = 'feedback' AND e.to_state = 'dispatched');
+            CREATE INDEX cases_department ON cases (department);
+            CREATE INDEX cases_open ON cases (state, level);
+            CREATE TABLE workers (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL, grid_code TEXT NOT NULL, beacon TEXT NOT NULL DEFAULT '',
+                valid_from TEXT NOT NULL DEFAULT '', valid_to TEXT NOT NULL DEFAULT ''
+            );"
+        )
+    };
+}
+pub(super) use governance_migration;
 
 /// The column that records a milestone.
 pub(super) const fn stamp_column(m: Milestone) -> &'static str {
     match m {
+        Milestone::Filed => "filed_ms",
         Milestone::Dispatched => "dispatched_ms",
         Milestone::Handled => "handled_ms",
         Milestone::Feedback => "feedback_ms",
@@ -134,42 +197,37 @@ pub(super) fn write(
     if fx.is_empty() {
         return Ok(());
     }
+    let mut cases = tx.prepare_cached(&case_insert('?'))?;
     for c in &fx.cases {
-        tx.execute(
-            "INSERT INTO cases (id, incident_id, idempotency_key, eui, class_code, class_name, title,
-                object_code, lat, lon, address, unit_grid_code, grid_code, community_code, street_code,
-                district_code, description, urgency, onset_ms, detected_ms, handling_limit,
-                handling_due_ms, deploy_due_ms, feedback_due_ms, state, updated_ms, source)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                ?19, ?20, ?21, ?22, ?23, ?24, 'collected', ?20, ?25)",
-            params![
-                c.id,
-                c.incident_id,
-                c.key,
-                eui_i(c.eui),
-                c.class_code,
-                c.class_name,
-                c.title,
-                c.object_code,
-                c.lat,
-                c.lon,
-                c.place.address,
-                c.place.unit_grid_code,
-                c.place.grid_code,
-                c.place.community_code,
-                c.place.street_code,
-                c.place.district_code,
-                c.description,
-                c.urgency,
-                c.onset_ms,
-                c.detected_ms,
-                c.limit.to_string(),
-                c.handling_due_ms,
-                c.deploy_due_ms,
-                c.feedback_due_ms,
-                c.source
-            ],
-        )?;
+        cases.execute(params![
+            c.id,
+            c.incident_id,
+            c.key,
+            eui_i(c.eui),
+            c.class_code,
+            c.class_name,
+            c.title,
+            c.object_code,
+            c.lat,
+            c.lon,
+            c.place.address,
+            c.place.unit_grid_code,
+            c.place.grid_code,
+            c.place.community_code,
+            c.place.street_code,
+            c.place.district_code,
+            c.description,
+            c.urgency,
+            c.onset_ms,
+            c.detected_ms,
+            c.limit.to_string(),
+            c.handling_due_ms,
+            c.deploy_due_ms,
+            c.feedback_due_ms,
+            c.source,
+            c.department,
+            c.level.as_str()
+        ])?;
     }
     let mut incidents = tx.prepare_cached(
         "INSERT OR REPLACE INTO incidents (id, eui, condition, severity, state, onset_ms, detected_ms,
@@ -383,6 +441,16 @@ pub struct CaseView {
     pub platform_id: Option<String>,
     /// Delivered at.
     pub delivered_ms: Option<i64>,
+    /// The department responsible.
+    pub department: Option<String>,
+    /// Handling level now (`community`, `street`, `district`).
+    pub level: String,
+    /// The level it was filed at.
+    pub first_level: String,
+    /// Times a department returned it.
+    pub returns: i64,
+    /// Causes supervision escalated it for (comma-separated; empty: never).
+    pub escalated: String,
 }
 
 impl CaseView {
@@ -442,6 +510,11 @@ impl CaseView {
             platform: None,
             platform_id: None,
             delivered_ms: None,
+            department: Some("PS".into()),
+            level: "community".into(),
+            first_level: "community".into(),
+            returns: 0,
+            escalated: String::new(),
         }
     }
 }
@@ -451,7 +524,8 @@ pub(super) const CASE_COLUMNS: &str =
     object_code, lat, lon, crs, address, unit_grid_code, grid_code, community_code, street_code,
     district_code, description, source, urgency, onset_ms, detected_ms, handling_limit,
     handling_due_ms, deploy_due_ms, feedback_due_ms, state, updated_ms, dispatched_ms, handled_ms,
-    feedback_ms, closed_ms, platform, platform_id, delivered_ms";
+    feedback_ms, closed_ms, platform, platform_id, delivered_ms, department, level, first_level,
+    returns, escalated";
 
 pub(super) fn case_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CaseView> {
     Ok(CaseView {
@@ -490,6 +564,11 @@ pub(super) fn case_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CaseView> {
         platform: r.get(32)?,
         platform_id: r.get(33)?,
         delivered_ms: r.get(34)?,
+        department: r.get(35)?,
+        level: r.get(36)?,
+        first_level: r.get(37)?,
+        returns: r.get(38)?,
+        escalated: r.get(39)?,
     })
 }
 

@@ -16,7 +16,7 @@ use crate::config::Synchronous;
 /// The tables copied, in this order (every table of the store but the registry's change log,
 /// which the target's trigger writes itself, and the key's check value, which the target
 /// keeps for the same key). Of `store_meta`, the shards the source was made with go along.
-pub const TABLES: [&str; 26] = [
+pub const TABLES: [&str; 27] = [
     "devices",
     "counters",
     "health",
@@ -43,6 +43,7 @@ pub const TABLES: [&str; 26] = [
     "api_tokens",
     "callback_signatures",
     "recent_frames",
+    "workers",
 ];
 
 /// Rows per statement.

@@ -10,6 +10,7 @@
 mod board;
 mod case_lookup;
 mod cases;
+pub mod governance;
 mod ingest;
 pub mod keys;
 mod leases;
@@ -26,6 +27,7 @@ pub mod turns;
 
 pub use board::CaseBoard;
 pub use case_lookup::CaseLookup;
+pub use governance::{Escalated, Governance};
 pub use ingest::IngestStore;
 pub use leases::Leases;
 pub use maintenance::Maintenance;
@@ -293,6 +295,8 @@ const MIGRATIONS: &[&str] = &[
     // 12: facts about the store itself: the check value of the key that seals device secrets
     // (`keys`); the secrets of older stores are sealed at open.
     "CREATE TABLE store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
+    // 13: departments, handling levels, supervision, the report's milestones; grid workers.
+    cases::governance_migration!("INTEGER"),
 ];
 
 /// Hex digits per entry: counter (8), arrival in Unix ms (12), message kind (2), samples (2).
@@ -1022,8 +1026,8 @@ pub fn target(c: &crate::config::Store) -> String {
 
 /// What the HTTP side (API, dashboard, board, Open311, auth) needs: operators' views and case
 /// moves, and the tokens that let them in.
-pub trait Operator: CaseBoard + Queries + Tokens + Leases + Send {}
-impl<T: CaseBoard + Queries + Tokens + Leases + Send> Operator for T {}
+pub trait Operator: CaseBoard + Queries + Tokens + Leases + Governance + Send {}
+impl<T: CaseBoard + Queries + Tokens + Leases + Governance + Send> Operator for T {}
 
 /// A store that serves every consumer: what a backend opens.
 pub trait Backend: IngestStore + Outbox + TelemetryBuffer + Registry + Operator + Leases {}

@@ -55,6 +55,11 @@ fn case_row(r: &Row) -> CaseView {
         platform: r.get(32),
         platform_id: r.get(33),
         delivered_ms: r.get(34),
+        department: r.get(35),
+        level: r.get(36),
+        first_level: r.get(37),
+        returns: i64::from(r.get::<_, i32>(38)),
+        escalated: r.get(39),
     }
 }
 

@@ -13,6 +13,7 @@
 //! Schema: numbered migrations in `schema_version`, a newer schema refused.
 
 mod board;
+mod governance;
 mod ingest;
 mod leases;
 mod queries;
@@ -39,6 +40,8 @@ const MIGRATIONS: &[&str] = &[
         expires_at TIMESTAMPTZ NOT NULL DEFAULT 'epoch');
      CREATE TABLE cluster_instances (instance TEXT PRIMARY KEY,
         started_at TIMESTAMPTZ NOT NULL DEFAULT now(), seen_at TIMESTAMPTZ NOT NULL);",
+    // 5: departments, handling levels, supervision, the report's milestones; grid workers.
+    crate::store::cases::governance_migration!("BIGINT"),
 ];
 
 /// How long a connection attempt may take unless the URL says (`connect_timeout`).

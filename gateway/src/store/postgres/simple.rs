@@ -184,14 +184,10 @@ pub(super) fn write_case_effects(
     if fx.is_empty() {
         return Ok(());
     }
+    let insert = crate::store::cases::case_insert('$');
     for c in &fx.cases {
         wait(tx.execute(
-            "INSERT INTO cases (id, incident_id, idempotency_key, eui, class_code, class_name, title,
-                object_code, lat, lon, address, unit_grid_code, grid_code, community_code, street_code,
-                district_code, description, urgency, onset_ms, detected_ms, handling_limit,
-                handling_due_ms, deploy_due_ms, feedback_due_ms, state, updated_ms, source)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                $19, $20, $21, $22, $23, $24, 'collected', $20, $25)",
+            insert.as_str(),
             &[
                 &c.id,
                 &c.incident_id,
@@ -218,6 +214,8 @@ pub(super) fn write_case_effects(
                 &c.deploy_due_ms,
                 &c.feedback_due_ms,
                 &c.source,
+                &c.department,
+                &c.level.as_str(),
             ],
         ))?;
     }
