@@ -522,7 +522,7 @@ fn the_governance_loop(b: &mut dyn Backend) {
         valid_from: "2026-11-01".into(),
         valid_to: String::new(),
     };
-    assert_eq!(s.put_workers(&[w.clone()]).expect("put"), 1);
+    assert_eq!(s.put_workers(std::slice::from_ref(&w)).expect("put"), 1);
     assert_eq!(s.put_workers(&[Worker { name: "张三丰".into(), ..w }]).expect("put"), 1);
     let ws = s.workers().expect("workers");
     assert_eq!(
