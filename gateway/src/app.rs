@@ -321,6 +321,16 @@ fn start_delivery(
             }
         }));
     }
+    if c.supervise_s > 0 {
+        workers.push(tokio::spawn(supervise(
+            config.clone(),
+            Arc::new(tables.clone()),
+            clock.clone(),
+            status.clone(),
+            std::time::Duration::from_secs(c.supervise_s),
+            shutdown.clone(),
+        )));
+    }
     if let crate::delivery::Adapter::Open311(client) = adapter {
         workers.push(tokio::spawn(crate::delivery::watch_catalogue(
             client.clone(),
@@ -337,6 +347,51 @@ fn start_delivery(
         )));
     }
     Ok((delivery, workers))
+}
+
+/// Supervision (督办) every `every`: escalates what the tables' rules call for on its own
+/// store connection (a blocking thread), announces each escalation on the event stream and
+/// wakes the case delivery (the platform gets the new level). Several instances may run it:
+/// an escalation is applied once (the store guards it), the others find nothing to do.
+async fn supervise(
+    config: Config,
+    tables: Arc<crate::cases::CaseTables>,
+    clock: Clock,
+    status: Arc<Status>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), crate::store::StoreError> {
+    // The tables were checked when the gateway started.
+    let calendar = crate::calendar::Calendar::new(&tables.calendar).unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        let (config, tables, calendar, now) =
+            (config.clone(), tables.clone(), calendar.clone(), clock());
+        let done = tokio::task::spawn_blocking(move || {
+            open_store(&config)
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|mut s| s.supervise(&tables, &calendar, now).map_err(|e| e.to_string()))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match done {
+            Ok(done) if !done.is_empty() => {
+                tracing::info!(escalated = done.len(), "supervision");
+                status
+                    .escalations
+                    .fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let notice = serde_json::json!({ "sent_ms": now, "escalations": done });
+                let _ = status.events.0.send(notice.to_string());
+                status.outbox_wake[0].notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("supervision: {e}; again in {} s", every.as_secs()),
+        }
+    }
 }
 
 /// Serves the HTTP API on an already bound listener until shutdown; returns its address and

@@ -149,6 +149,9 @@ pub struct CasesSettings {
     /// URL the SOS alerts are posted to (JSON, signed like the webhook); empty: alerts are
     /// only recorded and logged.
     pub alert_url: String,
+    /// How often supervision (督办) looks for cases to escalate, s (0: never; `gridsense
+    /// cases supervise` does it once).
+    pub supervise_s: u64,
 }
 
 impl Default for CasesSettings {
@@ -170,6 +173,7 @@ impl Default for CasesSettings {
             concurrency: 4,
             services_refresh_s: 3_600,
             alert_url: String::new(),
+            supervise_s: 60,
         }
     }
 }

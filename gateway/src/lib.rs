@@ -39,5 +39,6 @@ pub mod delivery;
 pub mod http;
 pub mod ingest;
 pub mod platform;
+pub mod report;
 pub mod status;
 pub mod store;

@@ -86,6 +86,8 @@ pub struct Status {
     pub case_latency: Histogram,
     /// What each commit changed, for live views (server-sent events).
     pub events: Events,
+    /// Cases supervision escalated (督办) since start.
+    pub escalations: AtomicU64,
     /// Commit duration of the last batch, µs.
     pub last_commit_us: AtomicU64,
     /// Capacity of the channel from the session to the pipeline (the in-flight window).

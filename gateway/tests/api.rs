@@ -37,6 +37,18 @@ async fn bad(url: &str, parameter: &str) {
     assert!(v["error"]["message"].as_str().unwrap().contains(parameter), "{url}: {body}");
 }
 
+/// The street codes of a `gridsim city` folder's grid layer.
+fn fixtures_streets(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(dir.join("grids.geojson")).unwrap();
+    let layer: Value = serde_json::from_str(&text).unwrap();
+    layer["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["properties"]["street_code"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn status_now(at: DeviceTime, battery_mv: u16) -> Uplink {
     let Uplink::Status(s) = &examples::uplinks()[2] else { panic!("example 2 is a status") };
     Uplink::Status(Status { at, battery_mv, ..*s })
@@ -194,6 +206,38 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
     assert_eq!(cases.as_array().unwrap().len(), 1);
     bad(&format!("{base}/api/v1/cases?state=lost"), "state").await;
     bad(&format!("{base}/api/v1/cases/abc"), "id").await;
+    // The case went to the cover's owner (a water-supply cover: the water company) at the
+    // street level (a removed cover is critical: at least the street).
+    let case = &cases.as_array().unwrap()[0];
+    assert_eq!(case["class_code"], "C0101", "{case}");
+    assert_eq!(case["department"], "GS", "{case}");
+    assert_eq!((&case["level"], &case["first_level"]), (&"street".into(), &"street".into()));
+
+    // The assessment report of today: a row per street of the grid layer, the case counted.
+    let today = chrono::Utc::now()
+        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap())
+        .date_naive()
+        .to_string();
+    let report = json(&format!("{base}/api/v1/reports?from={today}&to={today}&by=street")).await;
+    let streets: std::collections::BTreeSet<String> = fixtures_streets(dir.path());
+    let rows: std::collections::BTreeSet<String> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(rows, streets, "one row per street, zeros included");
+    assert_eq!(report["totals"]["sensor"], 1, "{}", report["totals"]);
+    assert_eq!(report["period"]["from"], today.as_str());
+    let resp = reqwest::get(format!("{base}/api/v1/reports?from={today}&to={today}&format=html"))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(resp.text().await.unwrap().contains("网格化管理考核通报"));
+    bad(&format!("{base}/api/v1/reports?by=city"), "city").await;
+    bad(&format!("{base}/api/v1/reports?from={today}"), "from and to").await;
+    bad(&format!("{base}/api/v1/reports?from=2026-02-30&to=2026-03-01"), "from").await;
+    bad(&format!("{base}/api/v1/reports?format=pdf"), "pdf").await;
     let stats = json(&format!("{base}/api/v1/stats?from=2026-01-01")).await;
     assert_eq!(stats["collected"], 1);
     assert_eq!(stats["devices"], 33);

@@ -324,7 +324,34 @@ impl City {
         self.grids.iter().find(|g| g.contains(lat, lon))
     }
 
-    /// Writes `grids.geojson`, `devices.json` and `city.json` (seed and counts) into `dir`.
+    /// The grid workers: one per patrol beacon, on the beacon's grid (what `gridsense
+    /// provision import` reads from `workers.json`).
+    pub fn workers(&self) -> Vec<Value> {
+        const SURNAMES: [&str; 12] =
+            ["王", "李", "张", "刘", "陈", "杨", "赵", "黄", "周", "吴", "徐", "孙"];
+        const GIVEN: [&str; 10] = ["伟", "芳", "娜", "敏", "静", "磊", "洋", "艳", "勇", "军"];
+        self.devices
+            .iter()
+            .filter(|d| d.kind == Kind::Beacon)
+            .enumerate()
+            .map(|(i, d)| {
+                let name = format!(
+                    "{}{}",
+                    SURNAMES.get(i % SURNAMES.len()).unwrap_or(&"王"),
+                    GIVEN.get((i / SURNAMES.len()) % GIVEN.len()).unwrap_or(&"伟")
+                );
+                json!({
+                    "id": format!("W{:04}", i + 1),
+                    "name": name,
+                    "grid_code": d.grid_code.clone().unwrap_or_default(),
+                    "beacon": d.eui,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `grids.geojson`, `devices.json`, `workers.json` and `city.json` (seed and
+    /// counts) into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let write = |name: &str, value: &dyn erased::Json| -> Result<()> {
@@ -334,6 +361,7 @@ impl City {
         };
         write("grids.geojson", &self.grids_geojson())?;
         write("devices.json", &self.devices)?;
+        write("workers.json", &self.workers())?;
         let count = |k: Kind| self.devices.iter().filter(|d| d.kind == k).count();
         let meta = json!({
             "seed": self.seed,

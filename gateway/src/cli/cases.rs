@@ -65,6 +65,19 @@ pub enum CasesCommand {
         /// Why.
         #[arg(long, default_value = "")]
         note: String,
+        /// With `--to dispatched`: the department it goes to (default: the one responsible);
+        /// with `--to returned`: the department it is re-routed to (default: the tables'
+        /// fallback, the district's city-management bureau).
+        #[arg(long)]
+        department: Option<String>,
+        /// Configuration file naming the store.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Supervision (督办) now: escalate every open case whose 130 milestone or handling
+    /// deadline is red, or that was returned too often, one level (a running gateway does it
+    /// every `cases.supervise_s`).
+    Supervise {
         /// Configuration file naming the store.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -87,9 +100,10 @@ pub enum CasesCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print the built-in rules or case tables as TOML, to start a file from.
+    /// Print the built-in rules, case tables or departments (with levels, escalation and
+    /// the report's weights: the tables' governance sections) as TOML, to start a file from.
     Defaults {
-        /// `rules` or `tables`.
+        /// `rules`, `tables` or `departments`.
         what: String,
     },
 }
@@ -284,28 +298,62 @@ pub async fn cases(
             }
             Ok(out)
         }
-        CasesCommand::Move { id, to, actor, note, config } => {
+        CasesCommand::Move { id, to, actor, note, department, config } => {
             let config = load(config.as_deref())?;
-            let (_, cal) = calendar(&config)?;
+            let (tables, cal) = calendar(&config)?;
             let Some(to) = CaseState::parse(&to) else {
                 bail!("--to {to:?} is not a lifecycle state")
             };
             if actor.trim().is_empty() {
                 bail!("--actor must name who moves the case");
             }
-            let mut store = app::open_store(&config)?;
-            let moved = store.transition(
-                id,
-                to,
-                &format!("operator:{}", actor.trim()),
-                &note,
-                app::wall_clock()(),
-                &cal,
-            )?;
-            match moved {
-                Ok(s) => Ok(format!("gridsense cases move: case {id} is now {s}\n")),
-                Err(e) => bail!("{e}"),
+            if let Some(d) = &department {
+                if !tables.departments.list.contains_key(d) {
+                    bail!("--department {d:?} is not in the tables' departments");
+                }
+                if !matches!(to, CaseState::Dispatched | CaseState::Returned) {
+                    bail!("--department goes with --to dispatched or --to returned");
+                }
             }
+            let who = format!("operator:{}", actor.trim());
+            let mut store = app::open_store(&config)?;
+            let now = app::wall_clock()();
+            if to == CaseState::Dispatched
+                && let Some(d) = &department
+                && !store.route(id, d, &who, &note, now)?
+            {
+                bail!("no case {id}");
+            }
+            let moved = store.transition(id, to, &who, &note, now, &cal)?;
+            let s = match moved {
+                Ok(s) => s,
+                Err(e) => bail!("{e}"),
+            };
+            if to == CaseState::Returned {
+                let d = department.as_deref().unwrap_or(&tables.departments.fallback);
+                store.route(id, d, &who, "returned: not ours", now)?;
+                return Ok(format!(
+                    "gridsense cases move: case {id} is now {s}, re-routed to {d}\n"
+                ));
+            }
+            Ok(format!("gridsense cases move: case {id} is now {s}\n"))
+        }
+        CasesCommand::Supervise { config } => {
+            let config = load(config.as_deref())?;
+            let (tables, cal) = calendar(&config)?;
+            let done = app::open_store(&config)?.supervise(&tables, &cal, app::wall_clock()())?;
+            let mut out = format!("gridsense cases supervise: {} escalated\n", done.len());
+            for e in done {
+                let _ = writeln!(
+                    out,
+                    "  case {:<6} {} → {}  ({})",
+                    e.case_id,
+                    e.from,
+                    e.to,
+                    e.causes.join(", ")
+                );
+            }
+            Ok(out)
         }
         CasesCommand::Redeliver { id, dead, actor, config } => {
             let config = load(config.as_deref())?;
@@ -334,7 +382,10 @@ pub async fn cases(
         CasesCommand::Defaults { what } => match what.as_str() {
             "rules" => Ok(toml::to_string(&crate::rules::RulesConfig::default())?),
             "tables" => Ok(toml::to_string(&crate::cases::CaseTables::default())?),
-            other => bail!("{other:?}: choose rules or tables"),
+            "departments" => {
+                Ok(toml::to_string(&crate::cases::CaseTables::default().governance())?)
+            }
+            other => bail!("{other:?}: choose rules, tables or departments"),
         },
     }
 }
@@ -387,6 +438,60 @@ pub fn maintenance(
             Ok(out)
         }
     }
+}
+
+/// `gridsense report`: from the store (with the configuration's grid layer and tables) or
+/// through a running gateway's API.
+pub async fn report(
+    q: crate::report::ReportQuery,
+    api: Option<&str>,
+    load: impl FnOnce() -> Result<Config>,
+) -> Result<String> {
+    use crate::report::{Format, MakeError};
+    let format = Format::parse(q.format.as_deref().unwrap_or("table"))
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    if let Some(base) = api {
+        let mut params = Vec::new();
+        for (k, v) in [
+            ("from", &q.from),
+            ("to", &q.to),
+            ("period", &q.period),
+            ("by", &q.by),
+            ("format", &q.format),
+        ] {
+            if let Some(v) = v {
+                params.push(format!("{k}={v}"));
+            }
+        }
+        let url = format!("{}/api/v1/reports?{}", base.trim_end_matches('/'), params.join("&"));
+        let mut request = reqwest::Client::new().get(&url);
+        if let Ok(token) = std::env::var("GRIDSENSE_TOKEN") {
+            request = request.bearer_auth(token);
+        }
+        let resp = request.send().await.with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await.with_context(|| format!("GET {url}"))?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {text}");
+        }
+        return Ok(text);
+    }
+    let config = load()?;
+    let (tables, cal) = calendar(&config)?;
+    let now = app::wall_clock()();
+    let (period, by) = crate::report::period_of(&q, &cal, now).map_err(|e| match e {
+        MakeError::Bad(m) => anyhow::anyhow!("--{m}"),
+        other => anyhow::anyhow!(other),
+    })?;
+    let areas = if config.geo.grids.is_empty() {
+        Vec::new()
+    } else {
+        let text = std::fs::read_to_string(&config.geo.grids).context("geo.grids")?;
+        crate::report::areas_of(&serde_json::from_str(&text).context("geo.grids")?)
+    };
+    let store = app::open_store(&config)?;
+    let r = crate::report::make(&*store, &tables, &cal, areas, &period, by, now)?;
+    Ok(crate::report::render(&r, format))
 }
 
 async fn fetch(base: &str, path: &str) -> Result<serde_json::Value> {

@@ -86,6 +86,38 @@ pub enum Command {
     /// The gateway instances sharing a store, and who holds which shard.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The assessment report (通报): figures per street, community, grid, department or grid
+    /// worker for a period (default: the last complete half-month, +08:00).
+    Report(ReportArgs),
+}
+
+/// `gridsense report …`
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// First day, YYYY-MM-DD (with --to).
+    #[arg(long, requires = "to")]
+    pub from: Option<String>,
+    /// Last day, inclusive (through 24:00 of it), YYYY-MM-DD.
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
+    /// Without --from/--to: the last complete half-month, week or month.
+    #[arg(long, default_value = "half-month")]
+    pub period: String,
+    /// street, community, grid, department or worker.
+    #[arg(long, default_value = "street")]
+    pub by: String,
+    /// table, csv, json or html.
+    #[arg(long, default_value = "table")]
+    pub format: String,
+    /// Write it to this file instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A running gateway's base URL instead of the store (a token in GRIDSENSE_TOKEN).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Configuration file naming the store, the grid layer and the tables.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// `gridsense cluster …`
@@ -101,6 +133,18 @@ pub enum ClusterCommand {
         #[arg(long)]
         lease_ms: Option<i64>,
     },
+}
+
+impl ReportArgs {
+    fn clone_query(&self) -> crate::report::ReportQuery {
+        crate::report::ReportQuery {
+            from: self.from.clone(),
+            to: self.to.clone(),
+            period: Some(self.period.clone()),
+            by: Some(self.by.clone()),
+            format: Some(self.format.clone()),
+        }
+    }
 }
 
 /// `gridsense store …`
@@ -322,6 +366,18 @@ pub enum FrameCommand {
     },
 }
 
+/// Reads and checks a `workers.json` (an array of grid workers), naming the first bad entry.
+fn load_workers(path: &std::path::Path) -> Result<Vec<crate::assessment::Worker>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let workers: Vec<crate::assessment::Worker> = serde_path_to_error::deserialize(de)
+        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
+    for w in &workers {
+        w.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(workers)
+}
+
 fn load_config(path: Option<&std::path::Path>) -> Result<config::Config> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     Ok(config::load(path, &env)?)
@@ -397,6 +453,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 devices.len(),
                 config.store.path.display()
             );
+            let workers = city.join("workers.json");
+            if workers.exists() {
+                let n = store.put_workers(&load_workers(&workers)?)?;
+                println!("gridsense provision import: {n} grid workers");
+            }
             Ok(())
         }
         Command::Provision(ProvisionCommand::Retire { eui, config }) => {
@@ -666,6 +727,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Cases(cmd) => {
             print!("{}", cases::cases(cmd, load_config).await?);
+            Ok(())
+        }
+        Command::Report(args) => {
+            let text = cases::report(args.clone_query(), args.api.as_deref(), || {
+                load_config(args.config.as_deref())
+            })
+            .await?;
+            match &args.out {
+                Some(path) => {
+                    std::fs::write(path, &text).with_context(|| path.display().to_string())?;
+                    eprintln!("gridsense report: written to {}", path.display());
+                }
+                None => print!("{text}"),
+            }
             Ok(())
         }
         Command::Maintenance(cmd) => {

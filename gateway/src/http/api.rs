@@ -711,6 +711,12 @@ async fn metrics(State(state): State<ApiState>) -> Response {
             &s.downlinks_dropped,
         ),
         (
+            "gridsense_cases_escalated_total",
+            "counter",
+            "Cases supervision escalated a level (督办): a 130 milestone or the handling deadline red, or returned too often.",
+            &s.escalations,
+        ),
+        (
             "gridsense_shard_rebalances_total",
             "counter",
             "Shards claimed or lost by this instance (hand-overs included).",
@@ -906,6 +912,55 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 
+/// `GET /api/v1/reports?from=&to=&period=&by=&format=`: the assessment report (JSON by
+/// default; `csv`, `html`, `table`). `by=worker` needs an operator token where tokens are
+/// required: these figures set people's pay.
+async fn reports(
+    State(state): State<ApiState>,
+    role: Option<axum::Extension<crate::http::auth::CallerRole>>,
+    Query(q): Query<crate::report::ReportQuery>,
+) -> Response {
+    use crate::report::{Format, MakeError};
+    let format = match Format::parse(q.format.as_deref().unwrap_or("json")) {
+        Ok(f) => f,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_parameter", e),
+    };
+    let board = state.board.clone();
+    let now = board.now();
+    let (period, by) = match crate::report::period_of(&q, board.calendar(), now) {
+        Ok(p) => p,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_parameter", e.to_string()),
+    };
+    if by == crate::assessment::By::Worker
+        && role.is_some_and(|axum::Extension(r)| r.0 != "operator")
+    {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "by=worker needs an operator token: these figures set people's pay",
+        );
+    }
+    let areas = state.grids.as_deref().map(crate::report::areas_of).unwrap_or_default();
+    let (tables, cal) = (Arc::new(board.tables().clone()), board.calendar().clone());
+    let made = board
+        .with_store(move |s| {
+            match crate::report::make(&*s, &tables, &cal, areas, &period, by, now) {
+                Ok(r) => Ok(Ok(r)),
+                Err(MakeError::Store(e)) => Err(e),
+                Err(MakeError::Bad(m)) => Ok(Err(m)),
+            }
+        })
+        .await;
+    match made {
+        Ok(Ok(r)) => {
+            ([(header::CONTENT_TYPE, format.content_type())], crate::report::render(&r, format))
+                .into_response()
+        }
+        Ok(Err(m)) => api_error(StatusCode::BAD_REQUEST, "bad_parameter", m),
+        Err(e) => internal(e),
+    }
+}
+
 /// The routes.
 pub fn routes(state: ApiState) -> Router {
     Router::new()
@@ -917,6 +972,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/reports", get(reports))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)

@@ -62,6 +62,10 @@ pub const EVENTS_PATH: &str = "/api/v1/events";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller(pub String);
 
+/// The role of an authenticated request's token (`read` or `operator`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerRole(pub String);
+
 /// The token a request presents: a bearer token in `Authorization`, or on the event stream an
 /// `access_token` query parameter. `Err` when a token is in a URL where it must not be.
 fn presented(req: &Request) -> Result<Option<String>, &'static str> {
@@ -108,6 +112,7 @@ pub async fn check(State(guard): State<Guard>, mut req: Request, next: Next) -> 
             return api_error(StatusCode::FORBIDDEN, "forbidden", "this needs an operator token");
         }
         req.extensions_mut().insert(Caller(name));
+        req.extensions_mut().insert(CallerRole(role));
     }
     match tokio::time::timeout(guard.timeout, next.run(req)).await {
         Ok(response) => response,
