@@ -5,15 +5,18 @@
 //!
 //! Core (pure, `now` passed in): [`pipeline`] (intake check → counter → health → telemetry →
 //! messages, into a [`batch::Batch`]), [`health`], [`rules`], [`cases`] (incidents, codes,
-//! deadlines, the 130 milestones on the [`calendar`], the lifecycle), [`downlink`], [`geo`],
+//! deadlines, the 130 milestones on the [`calendar`], the lifecycle, departments, levels and
+//! escalation), [`assessment`] (the report's periods and figures), [`downlink`], [`geo`],
 //! [`telemetry`], [`registry`].
 //!
 //! Shell, one folder per edge; a module imports only from the core, [`config`], [`status`],
-//! [`platform`], [`store`] and its own folder — never from another edge's folder, nor from one
+//! [`platform`], [`store`], [`report`] and its own folder — never from another edge's folder, nor from one
 //! above it ([`app`], [`cli`]); `tests/layout.rs` checks it:
 //! - [`ingest`]: the MQTT 5 session ([`ingest::session`]), the batching/ack/retry policy
 //!   ([`ingest::batcher`], pure), the pipeline task and the acker.
 //! - [`store`]: the durable state behind one trait per consumer (SQLite, PostgreSQL).
+//! - [`report`]: the assessment report gathered from the store and rendered (table, CSV, JSON,
+//!   HTML), for the CLI and the API alike.
 //! - [`delivery`]: the outbox workers and platform adapters ([`delivery::open311`], webhook) and
 //!   the InfluxDB 2 writer ([`delivery::influx`]).
 //! - [`http`]: the HTTP/1 server (header timeout, connection cap), [`http::api`],

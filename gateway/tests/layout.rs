@@ -1,6 +1,6 @@
 //! The gateway's import rule, checked on its sources (`src/lib.rs` states it): the core
 //! (`gridsense-core`) at the bottom; then `config`, `platform`, `status`; then `store`; then
-//! the edges — `ingest`, `delivery`, `http`, `broker` — each importing only from the layers
+//! `report` (the assessment report gathered from the store and rendered); then the edges — `ingest`, `delivery`, `http`, `broker` — each importing only from the layers
 //! below and its own folder, never from another edge; `app` above them, `cli` at the top.
 
 // Test code: a panic is how a failure is reported.
@@ -13,6 +13,7 @@ use std::{
 
 /// The core's modules, re-exported under `crate::`.
 const CORE: &[&str] = &[
+    "assessment",
     "cluster",
     "batch",
     "calendar",
@@ -33,8 +34,14 @@ fn allowed(module: &str) -> Option<&'static [&'static str]> {
         "config" | "platform" => &[],
         "status" => &["config"],
         "store" => &["config", "status"],
-        "ingest" | "delivery" | "http" | "broker" => &["config", "status", "platform", "store"],
-        "app" => &["config", "status", "platform", "store", "ingest", "delivery", "http", "broker"],
+        "report" => &["config", "status", "store"],
+        "ingest" | "delivery" | "http" | "broker" => {
+            &["config", "status", "platform", "store", "report"]
+        }
+        "app" => &[
+            "config", "status", "platform", "store", "report", "ingest", "delivery", "http",
+            "broker",
+        ],
         // The top, and the crate root that declares everything.
         "cli" | "lib" | "main" => return None,
         _ => &[],
