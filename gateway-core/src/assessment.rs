@@ -714,7 +714,7 @@ fn tally(row: &mut Row, cases: &[&CaseFact], as_of: i64, ctx: &Context<'_>) {
     row.score = (row.filed > 0).then(|| {
         let r = |x: Option<f64>| x.unwrap_or(0.0);
         let s = w.closed_on_time * r(row.on_time_closure_rate)
-            + w.handled_on_time * r(rate(row.handled_on_time, row.due).or(Some(1.0)))
+            + w.handled_on_time * r(row.on_time_handling_rate.or(Some(1.0)))
             + w.dispatched_1d * r(rate(row.dispatched_1d, row.filed))
             + w.feedback_3d * r(rate(row.feedback_3d, row.filed))
             + w.rework * r(row.rework_rate);
