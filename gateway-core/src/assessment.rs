@@ -439,6 +439,20 @@ pub struct Area {
     pub street_name: String,
 }
 
+impl Area {
+    /// The area of a grid of the loaded grid layer.
+    pub fn of(cell: &crate::geo::GridCell) -> Area {
+        Area {
+            grid_code: cell.grid_code.to_string(),
+            grid_name: cell.grid_name.clone(),
+            community_code: cell.community_code.clone(),
+            community_name: cell.community_name.clone(),
+            street_code: cell.street_code.to_string(),
+            street_name: cell.street_name.clone(),
+        }
+    }
+}
+
 /// Everything that exists and gets a row, rows with zeros included.
 #[derive(Debug, Clone, Default)]
 pub struct Entities {

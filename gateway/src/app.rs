@@ -104,16 +104,15 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         store.each_health(&mut |eui, h| pipeline.restore_health(eui, h))?;
     }
     let mut unassigned_devices = 0;
-    let mut grids_geojson = None;
-    if !config.geo.grids.is_empty() {
-        let codes =
-            crate::geo::CodeLengths { grid: config.geo.grid_code_digits, ..Default::default() };
+    let mut grids_view = None;
+    if let Some(layer) = grid_layer(config)? {
         let path = std::path::Path::new(&config.geo.grids);
-        let layer = crate::geo::GridLayer::load(path, codes, config.geo.tolerance_m)
-            .context("geo.grids")?;
         let grids = layer.cells().len();
         let text = std::fs::read_to_string(path).context("geo.grids")?;
-        grids_geojson = Some(Arc::new(serde_json::from_str(&text).context("geo.grids")?));
+        grids_view = Some(crate::http::api::GridsView {
+            geojson: Arc::new(serde_json::from_str(&text).context("geo.grids")?),
+            areas: Arc::new(layer.cells().iter().map(crate::assessment::Area::of).collect()),
+        });
         let locations = store.locations()?;
         let layer = Arc::new(layer);
         let placements = pipeline.with_grids(layer.clone(), &locations);
@@ -192,7 +191,7 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
             listener,
             &status,
             sink.as_ref().map(|(s, _)| s.clone()),
-            Some((Arc::new(board), grids_geojson)),
+            Some((Arc::new(board), grids_view)),
             &config.http,
             shutdown.clone(),
         )?;
@@ -211,6 +210,16 @@ pub fn start(config: &Config, clock: Clock, shutdown: watch::Receiver<bool>) -> 
         }
     });
     Ok(Gateway { status, broker, device_listener, task, sink, http, http_task, delivery, workers })
+}
+
+/// The grid layer the configuration names (`geo.grids`), checked; none when unset.
+pub fn grid_layer(config: &Config) -> Result<Option<crate::geo::GridLayer>> {
+    if config.geo.grids.is_empty() {
+        return Ok(None);
+    }
+    let codes = crate::geo::CodeLengths { grid: config.geo.grid_code_digits, ..Default::default() };
+    let path = std::path::Path::new(&config.geo.grids);
+    Ok(Some(crate::geo::GridLayer::load(path, codes, config.geo.tolerance_m).context("geo.grids")?))
 }
 
 /// The rules and case tables the configuration names (built in when empty).
@@ -400,7 +409,7 @@ pub fn serve_http(
     listener: std::net::TcpListener,
     status: &Arc<Status>,
     sink: Option<Arc<SinkStatus>>,
-    board: Option<(Arc<crate::http::board::Board>, Option<Arc<serde_json::Value>>)>,
+    board: Option<(Arc<crate::http::board::Board>, Option<crate::http::api::GridsView>)>,
     http: &crate::config::Http,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {

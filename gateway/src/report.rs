@@ -101,29 +101,6 @@ pub fn period_of(
     Ok((period, by))
 }
 
-/// The grid layer's areas from its GeoJSON (properties `grid_code`, `grid_name`,
-/// `community_code`, `community_name`, `street_code`, `street_name`).
-pub fn areas_of(geojson: &serde_json::Value) -> Vec<Area> {
-    let text = |f: &serde_json::Value, k: &str| {
-        f.pointer(&format!("/properties/{k}")).and_then(|v| v.as_str()).unwrap_or("").to_owned()
-    };
-    geojson
-        .get("features")
-        .and_then(|f| f.as_array())
-        .into_iter()
-        .flatten()
-        .map(|f| Area {
-            grid_code: text(f, "grid_code"),
-            grid_name: text(f, "grid_name"),
-            community_code: text(f, "community_code"),
-            community_name: text(f, "community_name"),
-            street_code: text(f, "street_code"),
-            street_name: text(f, "street_name"),
-        })
-        .filter(|a| !a.grid_code.is_empty())
-        .collect()
-}
-
 /// Makes the report of `period` by `by` from the store.
 pub fn make(
     store: &dyn Governance,

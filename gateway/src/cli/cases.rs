@@ -483,12 +483,9 @@ pub async fn report(
         MakeError::Bad(m) => anyhow::anyhow!("--{m}"),
         other => anyhow::anyhow!(other),
     })?;
-    let areas = if config.geo.grids.is_empty() {
-        Vec::new()
-    } else {
-        let text = std::fs::read_to_string(&config.geo.grids).context("geo.grids")?;
-        crate::report::areas_of(&serde_json::from_str(&text).context("geo.grids")?)
-    };
+    let areas = app::grid_layer(&config)?
+        .map(|layer| layer.cells().iter().map(crate::assessment::Area::of).collect())
+        .unwrap_or_default();
     let store = app::open_store(&config)?;
     let r = crate::report::make(&*store, &tables, &cal, areas, &period, by, now)?;
     Ok(crate::report::render(&r, format))

@@ -38,8 +38,17 @@ pub struct ApiState {
     pub status: Arc<Status>,
     /// The external telemetry sink, if any.
     pub sink: Option<Arc<SinkStatus>>,
-    /// The grid layer as GeoJSON (as loaded), if any.
-    pub grids: Option<Arc<serde_json::Value>>,
+    /// The grid layer, if any.
+    pub grids: Option<GridsView>,
+}
+
+/// The grid layer as the API serves it, made once at start.
+#[derive(Debug, Clone)]
+pub struct GridsView {
+    /// The GeoJSON as loaded (`/api/v1/grids` adds live counts to it).
+    pub geojson: Arc<serde_json::Value>,
+    /// Its grids with their community and street (the report's rows).
+    pub areas: Arc<Vec<crate::assessment::Area>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -255,7 +264,7 @@ async fn map(State(state): State<ApiState>) -> Response {
 }
 
 async fn grids(State(state): State<ApiState>) -> Response {
-    let Some(layer) = state.grids.clone() else {
+    let Some(layer) = state.grids.as_ref().map(|g| g.geojson.clone()) else {
         return api_error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -940,8 +949,8 @@ async fn reports(
             "by=worker needs an operator token: these figures set people's pay",
         );
     }
-    let areas = state.grids.as_deref().map(crate::report::areas_of).unwrap_or_default();
-    let (tables, cal) = (Arc::new(board.tables().clone()), board.calendar().clone());
+    let areas = state.grids.as_ref().map(|g| g.areas.to_vec()).unwrap_or_default();
+    let (tables, cal) = (board.shared_tables(), board.calendar().clone());
     let made = board
         .with_store(move |s| {
             match crate::report::make(&*s, &tables, &cal, areas, &period, by, now) {

@@ -100,6 +100,11 @@ impl Board {
     pub fn tables(&self) -> &CaseTables {
         &self.tables
     }
+
+    /// The case tables, shared (for work on a blocking thread).
+    pub fn shared_tables(&self) -> Arc<CaseTables> {
+        self.tables.clone()
+    }
 }
 
 /// An error answer: Open311's array of `{code, description}` (also our API's shape).
