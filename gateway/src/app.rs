@@ -372,6 +372,8 @@ async fn supervise(
 ) -> Result<(), crate::store::StoreError> {
     // The tables were checked when the gateway started.
     let calendar = crate::calendar::Calendar::new(&tables.calendar).unwrap_or_default();
+    // One connection, kept between rounds; a failed round makes it again the next time.
+    let mut kept: Option<Box<dyn Backend>> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -379,14 +381,22 @@ async fn supervise(
         }
         let (config, tables, calendar, now) =
             (config.clone(), tables.clone(), calendar.clone(), clock());
-        let done = tokio::task::spawn_blocking(move || {
-            open_store(&config)
-                .map_err(|e| format!("{e:#}"))
-                .and_then(|mut s| s.supervise(&tables, &calendar, now).map_err(|e| e.to_string()))
+        let store = kept.take();
+        let round = tokio::task::spawn_blocking(move || {
+            let mut store = match store {
+                Some(s) => s,
+                None => open_store(&config).map_err(|e| format!("{e:#}"))?,
+            };
+            let done = store.supervise(&tables, &calendar, now).map_err(|e| e.to_string())?;
+            Ok::<_, String>((store, done))
         })
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r);
+        let done = round.map(|(store, done)| {
+            kept = Some(store);
+            done
+        });
         match done {
             Ok(done) if !done.is_empty() => {
                 tracing::info!(escalated = done.len(), "supervision");

@@ -57,16 +57,42 @@ pub trait Governance {
         now_ms: i64,
     ) -> Result<bool, StoreError>;
 
+    /// The unfinished cases, as supervision reads them.
+    fn unfinished(&self) -> Result<Vec<OpenRow>, StoreError>;
+
+    /// Applies one escalation of case `row` at `now_ms` in one transaction: its new level and
+    /// causes, a trace entry (actor `supervision`) and an outbox update for the platform.
+    /// `false`: the case changed meanwhile (another supervisor escalated it, or it finished),
+    /// and nothing was written.
+    fn escalate(&mut self, row: &OpenRow, e: &Escalation, now_ms: i64) -> Result<bool, StoreError>;
+
     /// Supervision (督办): every unfinished case whose escalation the tables' rules call for
-    /// at `now_ms` moves up a level, with a trace entry and an outbox update for the
-    /// platform, in one transaction per case; a case another supervisor escalated meanwhile
-    /// is left alone. Returns what it escalated.
+    /// at `now_ms` moves up a level ([`Governance::escalate`]); a case another supervisor
+    /// escalated meanwhile is left alone. Returns what it escalated.
     fn supervise(
         &mut self,
         tables: &CaseTables,
         calendar: &Calendar,
         now_ms: i64,
-    ) -> Result<Vec<Escalated>, StoreError>;
+    ) -> Result<Vec<Escalated>, StoreError> {
+        let mut done = Vec::new();
+        for row in self.unfinished()? {
+            let Some(e) = row.decide(tables, calendar, now_ms)? else { continue };
+            if self.escalate(&row, &e, now_ms)? {
+                done.push(Escalated { case_id: row.id, from: e.from, to: e.to, causes: e.causes });
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// The UPDATE of an escalation (parameters: 1 id, 2 level, 3 causes after, 4 time, 5 causes
+/// before — the guard), with `sigil`.
+pub(super) fn escalation_update(sigil: char) -> String {
+    format!(
+        "UPDATE cases SET level = {sigil}2, escalated = {sigil}3, updated_ms = {sigil}4
+         WHERE id = {sigil}1 AND escalated = {sigil}5 AND state NOT IN ('closed', 'voided')"
+    )
 }
 
 /// The columns [`case_fact`] reads, in order.
@@ -153,14 +179,23 @@ impl FactRow {
 }
 
 /// An unfinished case as stored, for supervision.
-pub(super) struct OpenRow {
+#[derive(Debug, Clone)]
+pub struct OpenRow {
+    /// Case id.
     pub id: i64,
+    /// Lifecycle state.
     pub state: String,
+    /// Handling limit, stored form.
     pub handling_limit: String,
+    /// Detected, deploy due, feedback due, handling due (Unix ms).
     pub times: [i64; 4],
+    /// Dispatched, handled, feedback, closed (Unix ms).
     pub stamps: [Option<i64>; 4],
+    /// Level now.
     pub level: String,
+    /// Times returned.
     pub returns: i64,
+    /// Causes escalated for so far.
     pub escalated: String,
 }
 
@@ -346,58 +381,47 @@ impl Governance for Store {
         Ok(true)
     }
 
-    fn supervise(
-        &mut self,
-        tables: &CaseTables,
-        calendar: &Calendar,
-        now_ms: i64,
-    ) -> Result<Vec<Escalated>, StoreError> {
-        let open: Vec<OpenRow> = {
-            let mut stmt = self.conn.prepare(&format!(
-                "SELECT {SUPERVISED_COLUMNS} FROM cases WHERE {SUPERVISED_WHERE}"
-            ))?;
-            let rows = stmt.query_map([], |r| {
-                Ok(OpenRow {
-                    id: r.get(0)?,
-                    state: r.get(1)?,
-                    handling_limit: r.get(2)?,
-                    times: [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?],
-                    stamps: [r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?],
-                    level: r.get(11)?,
-                    returns: r.get(12)?,
-                    escalated: r.get(13)?,
-                })
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let mut done = Vec::new();
-        for row in open {
-            let Some(e) = row.decide(tables, calendar, now_ms)? else { continue };
-            let _turn = self.turns.wait();
-            let tx =
-                self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let after = governance::escalated_after(&row.escalated, &e);
-            let n = tx.execute(
-                "UPDATE cases SET level = ?2, escalated = ?3, updated_ms = ?4
-                 WHERE id = ?1 AND escalated = ?5 AND state NOT IN ('closed', 'voided')",
-                params![row.id, e.to.as_str(), after, now_ms, row.escalated],
-            )?;
-            if n == 0 {
-                continue;
-            }
-            tx.execute(
-                "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note)
-                 VALUES (?1, ?2, NULL, NULL, 'supervision', ?3)",
-                params![row.id, now_ms, escalation_note(&e)],
-            )?;
-            tx.execute(
-                "INSERT INTO outbox (channel, subject, op, created_ms, next_ms) VALUES ('case', ?1, 'update', ?2, ?2)",
-                params![row.id, now_ms],
-            )?;
-            tx.commit()?;
-            done.push(Escalated { case_id: row.id, from: e.from, to: e.to, causes: e.causes });
+    fn unfinished(&self) -> Result<Vec<OpenRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {SUPERVISED_COLUMNS} FROM cases WHERE {SUPERVISED_WHERE}"))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(OpenRow {
+                id: r.get(0)?,
+                state: r.get(1)?,
+                handling_limit: r.get(2)?,
+                times: [r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?],
+                stamps: [r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?],
+                level: r.get(11)?,
+                returns: r.get(12)?,
+                escalated: r.get(13)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn escalate(&mut self, row: &OpenRow, e: &Escalation, now_ms: i64) -> Result<bool, StoreError> {
+        let _turn = self.turns.wait();
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let after = governance::escalated_after(&row.escalated, e);
+        let n = tx.execute(
+            &escalation_update('?'),
+            params![row.id, e.to.as_str(), after, now_ms, row.escalated],
+        )?;
+        if n == 0 {
+            return Ok(false);
         }
-        Ok(done)
+        tx.execute(
+            "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note)
+             VALUES (?1, ?2, NULL, NULL, 'supervision', ?3)",
+            params![row.id, now_ms, escalation_note(e)],
+        )?;
+        tx.execute(
+            "INSERT INTO outbox (channel, subject, op, created_ms, next_ms) VALUES ('case', ?1, 'update', ?2, ?2)",
+            params![row.id, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(true)
     }
 }
 

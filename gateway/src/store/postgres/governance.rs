@@ -6,13 +6,12 @@ use tokio_postgres::Row;
 use super::{PgStore, wait};
 use crate::{
     assessment::{CaseFact, CheckIn, DeviceFact, Worker},
-    calendar::Calendar,
-    cases::{CaseTables, governance},
+    cases::governance::{self, Escalation},
     store::{
         StoreError,
         governance::{
-            DEVICES_SQL, Escalated, FACT_COLUMNS, FactRow, Governance, OpenRow, SUPERVISED_COLUMNS,
-            SUPERVISED_WHERE, escalation_note, route_note, worker_upsert,
+            DEVICES_SQL, FACT_COLUMNS, FactRow, Governance, OpenRow, SUPERVISED_COLUMNS,
+            SUPERVISED_WHERE, escalation_note, escalation_update, route_note, worker_upsert,
         },
     },
 };
@@ -153,12 +152,7 @@ impl Governance for PgStore {
         })
     }
 
-    fn supervise(
-        &mut self,
-        tables: &CaseTables,
-        calendar: &Calendar,
-        now_ms: i64,
-    ) -> Result<Vec<Escalated>, StoreError> {
+    fn unfinished(&self) -> Result<Vec<OpenRow>, StoreError> {
         let mut open = Vec::new();
         self.each_row(
             &format!("SELECT {SUPERVISED_COLUMNS} FROM cases WHERE {SUPERVISED_WHERE}"),
@@ -177,36 +171,31 @@ impl Governance for PgStore {
                 Ok(())
             },
         )?;
-        let mut done = Vec::new();
-        for row in open {
-            let Some(e) = row.decide(tables, calendar, now_ms)? else { continue };
-            let after = governance::escalated_after(&row.escalated, &e);
-            let applied = self.with(|c| {
-                let tx = wait(c.transaction())?;
-                let n = wait(tx.execute(
-                    "UPDATE cases SET level = $2, escalated = $3, updated_ms = $4
-                     WHERE id = $1 AND escalated = $5 AND state NOT IN ('closed', 'voided')",
-                    &[&row.id, &e.to.as_str(), &after, &now_ms, &row.escalated],
-                ))?;
-                if n == 0 {
-                    return Ok(false);
-                }
-                wait(tx.execute(
-                    "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note)
-                     VALUES ($1, $2, NULL, NULL, 'supervision', $3)",
-                    &[&row.id, &now_ms, &escalation_note(&e)],
-                ))?;
-                wait(tx.execute(
-                    "INSERT INTO outbox (channel, subject, op, created_ms, next_ms) VALUES ('case', $1, 'update', $2, $2)",
-                    &[&row.id, &now_ms],
-                ))?;
-                wait(tx.commit())?;
-                Ok(true)
-            })?;
-            if applied {
-                done.push(Escalated { case_id: row.id, from: e.from, to: e.to, causes: e.causes });
+        Ok(open)
+    }
+
+    fn escalate(&mut self, row: &OpenRow, e: &Escalation, now_ms: i64) -> Result<bool, StoreError> {
+        let after = governance::escalated_after(&row.escalated, e);
+        self.with(|c| {
+            let tx = wait(c.transaction())?;
+            let n = wait(tx.execute(
+                escalation_update('$').as_str(),
+                &[&row.id, &e.to.as_str(), &after, &now_ms, &row.escalated],
+            ))?;
+            if n == 0 {
+                return Ok(false);
             }
-        }
-        Ok(done)
+            wait(tx.execute(
+                "INSERT INTO case_events (case_id, at_ms, from_state, to_state, actor, note)
+                 VALUES ($1, $2, NULL, NULL, 'supervision', $3)",
+                &[&row.id, &now_ms, &escalation_note(e)],
+            ))?;
+            wait(tx.execute(
+                "INSERT INTO outbox (channel, subject, op, created_ms, next_ms) VALUES ('case', $1, 'update', $2, $2)",
+                &[&row.id, &now_ms],
+            ))?;
+            wait(tx.commit())?;
+            Ok(true)
+        })
     }
 }
