@@ -632,18 +632,29 @@ pub struct Context<'a> {
 }
 
 /// The keys a case counts under for `by`.
-fn keys_of<'a>(c: &'a CaseFact, by: By, workers: &'a [(String, &'a Worker)]) -> Vec<&'a str> {
+fn keys_of<'a>(c: &'a CaseFact, by: By, beacons: &Beacons<'a>) -> Vec<&'a str> {
     match by {
         By::Street => c.street_code.as_deref().into_iter().collect(),
         By::Community => c.community_code.as_deref().into_iter().collect(),
         By::Grid => c.grid_code.as_deref().into_iter().collect(),
         By::Department => c.department.as_deref().into_iter().collect(),
-        By::Worker => workers
-            .iter()
-            .filter(|(beacon, _)| c.source == crate::cases::SOURCE_WORKER && *beacon == c.eui)
-            .map(|(_, w)| w.id.as_str())
-            .collect(),
+        By::Worker if c.source == crate::cases::SOURCE_WORKER => {
+            beacons.get(c.eui.as_str()).into_iter().flatten().map(|w| w.id.as_str()).collect()
+        }
+        By::Worker => Vec::new(),
     }
+}
+
+/// The workers by the beacon they carry (lowercase EUI hex), looked up once per case or
+/// check-in instead of a scan of every worker.
+type Beacons<'a> = HashMap<String, Vec<&'a Worker>>;
+
+fn beacons(workers: &[Worker]) -> Beacons<'_> {
+    let mut map: Beacons<'_> = HashMap::new();
+    for w in workers.iter().filter(|w| !w.beacon.is_empty()) {
+        map.entry(w.beacon.to_ascii_lowercase()).or_default().push(w);
+    }
+    map
 }
 
 /// Counts the cases into `row` as they stood at `as_of`.
@@ -779,10 +790,11 @@ fn rank(rows: &mut [Row]) {
 }
 
 /// The rows of one period: one per entity, counted and ranked.
-fn rows_of(
+fn rows_of<'a>(
     by: By,
-    entities: &Entities,
-    cases: &[CaseFact],
+    entities: &'a Entities,
+    beacons: &Beacons<'a>,
+    cases: &'a [CaseFact],
     as_of: i64,
     ctx: &Context<'_>,
 ) -> Vec<Row> {
@@ -806,15 +818,9 @@ fn rows_of(
             names.insert(w.id.clone(), w.name.clone());
         }
     }
-    let workers: Vec<(String, &Worker)> = entities
-        .workers
-        .iter()
-        .filter(|w| !w.beacon.is_empty())
-        .map(|w| (w.beacon.to_ascii_lowercase(), w))
-        .collect();
     let mut groups: BTreeMap<&str, Vec<&CaseFact>> = BTreeMap::new();
     for c in cases {
-        for k in keys_of(c, by, &workers) {
+        for k in keys_of(c, by, beacons) {
             groups.entry(k).or_default().push(c);
         }
     }
@@ -840,9 +846,10 @@ pub fn report(
     let as_of = ctx.now_ms.min(period.end_ms(offset) - 1);
     let previous = period.previous();
     let prev_as_of = ctx.now_ms.min(previous.end_ms(offset) - 1);
-    let mut rows = rows_of(by, entities, &inputs.cases, as_of, ctx);
+    let beacons = beacons(&entities.workers);
+    let mut rows = rows_of(by, entities, &beacons, &inputs.cases, as_of, ctx);
     rank(&mut rows);
-    let mut before = rows_of(by, entities, &inputs.previous, prev_as_of, ctx);
+    let mut before = rows_of(by, entities, &beacons, &inputs.previous, prev_as_of, ctx);
     rank(&mut before);
     let before: HashMap<&str, &Row> = before.iter().map(|r| (r.code.as_str(), r)).collect();
     for row in &mut rows {
@@ -891,11 +898,8 @@ pub fn report(
     for ci in inputs.checkins.iter().filter(|c| c.at_ms <= as_of) {
         if by == By::Worker {
             let day = ctx.calendar.local(ci.at_ms).date_naive();
-            for w in entities
-                .workers
-                .iter()
-                .filter(|w| w.beacon.eq_ignore_ascii_case(&ci.eui) && w.on_duty(day))
-            {
+            let carriers = beacons.get(ci.eui.to_ascii_lowercase().as_str());
+            for w in carriers.into_iter().flatten().filter(|w| w.on_duty(day)) {
                 if let Some(&i) = index.get(&w.id)
                     && let Some(row) = rows.get_mut(i)
                 {
