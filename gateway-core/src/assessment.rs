@@ -632,14 +632,17 @@ pub struct Context<'a> {
 }
 
 /// The keys a case counts under for `by`.
-fn keys_of<'a>(c: &'a CaseFact, by: By, beacons: &Beacons<'a>) -> Vec<&'a str> {
+fn keys_of<'a>(c: &'a CaseFact, by: By, beacons: &Beacons<'a>, cal: &Calendar) -> Vec<&'a str> {
     match by {
         By::Street => c.street_code.as_deref().into_iter().collect(),
         By::Community => c.community_code.as_deref().into_iter().collect(),
         By::Grid => c.grid_code.as_deref().into_iter().collect(),
         By::Department => c.department.as_deref().into_iter().collect(),
+        // A worker's report counts for whoever carried the beacon on the day it was made.
         By::Worker if c.source == crate::cases::SOURCE_WORKER => {
-            beacons.get(c.eui.as_str()).into_iter().flatten().map(|w| w.id.as_str()).collect()
+            let day = cal.local(c.detected_ms).date_naive();
+            let carriers = beacons.get(c.eui.as_str()).into_iter().flatten();
+            carriers.filter(|w| w.on_duty(day)).map(|w| w.id.as_str()).collect()
         }
         By::Worker => Vec::new(),
     }
@@ -820,7 +823,7 @@ fn rows_of<'a>(
     }
     let mut groups: BTreeMap<&str, Vec<&CaseFact>> = BTreeMap::new();
     for c in cases {
-        for k in keys_of(c, by, beacons) {
+        for k in keys_of(c, by, beacons, ctx.calendar) {
             groups.entry(k).or_default().push(c);
         }
     }

@@ -396,3 +396,37 @@ fn workers_are_assessed_on_their_reports_checkins_and_coverage() {
     // Days with a check-in in the own grid: the 2nd and the 4th of 15.
     assert_eq!(w.coverage, Some(0.1333));
 }
+
+#[test]
+fn a_beacon_handed_over_credits_each_report_to_the_worker_who_carried_it_that_day() {
+    let (cal, tables) = (cal(), CaseTables::default());
+    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let mut ents = entities();
+    ents.workers[0].valid_to = "2026-12-07".into();
+    ents.workers.push(Worker {
+        id: "W2".into(),
+        name: "李四".into(),
+        grid_code: "210202001001001".into(),
+        beacon: "00000000000000b1".into(),
+        valid_from: "2026-12-08".into(),
+        valid_to: String::new(),
+    });
+    let report_on = |id: i64, day: &str| {
+        let mut c = closed(case(id, "210202001001001", at(&format!("{day}T10:00"))), 2);
+        c.source = crate::cases::SOURCE_WORKER.into();
+        c.eui = "00000000000000b1".into();
+        c
+    };
+    let inputs = Inputs {
+        cases: vec![
+            report_on(1, "2026-12-03"),
+            report_on(2, "2026-12-10"),
+            report_on(3, "2026-12-11"),
+        ],
+        ..Inputs::default()
+    };
+    let r =
+        report(By::Worker, &period, &ents, &inputs, &ctx(&cal, &tables, at("2026-12-31T00:00")));
+    let reports: Vec<_> = r.rows.iter().map(|w| (w.code.as_str(), w.worker_reports)).collect();
+    assert_eq!(reports, [("W1", 1), ("W2", 2)], "tied at 100, in code order");
+}
