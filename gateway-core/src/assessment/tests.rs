@@ -152,6 +152,13 @@ fn closed(mut c: CaseFact, repair_h: i64) -> CaseFact {
     c
 }
 
+/// The report of 1–15 December 2026 by `by`, made at `now` on the default calendar.
+fn december(by: By, ents: &Entities, inputs: &Inputs, tables: &CaseTables, now: i64) -> Report {
+    let cal = cal();
+    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    report(by, &period, ents, inputs, &ctx(&cal, tables, now))
+}
+
 fn ctx<'a>(cal: &'a Calendar, tables: &'a CaseTables, now: i64) -> Context<'a> {
     Context {
         calendar: cal,
@@ -163,8 +170,7 @@ fn ctx<'a>(cal: &'a Calendar, tables: &'a CaseTables, now: i64) -> Context<'a> {
 
 #[test]
 fn figures_count_each_case_once_judged_at_the_period_end() {
-    let (cal, tables) = (cal(), CaseTables::default());
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let tables = CaseTables::default();
     let t0 = at("2026-12-02T09:00");
     let g1 = "210202001001001";
     let g2 = "210202002001001";
@@ -190,13 +196,7 @@ fn figures_count_each_case_once_judged_at_the_period_end() {
         ],
         checkins: vec![],
     };
-    let r = report(
-        By::Grid,
-        &period,
-        &entities(),
-        &inputs,
-        &ctx(&cal, &tables, at("2027-01-05T00:00")),
-    );
+    let r = december(By::Grid, &entities(), &inputs, &tables, at("2027-01-05T00:00"));
     assert_eq!(r.as_of, "2026-12-15T23:59:59+08:00");
     assert_eq!(r.rows.len(), 4, "every grid has a row, zeros included");
     let row = |code: &str| r.rows.iter().find(|x| x.code == code).expect("row").clone();
@@ -226,8 +226,7 @@ fn figures_count_each_case_once_judged_at_the_period_end() {
 
 #[test]
 fn ties_share_a_rank_and_rows_without_cases_come_last_unranked() {
-    let (cal, tables) = (cal(), CaseTables::default());
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let tables = CaseTables::default();
     let t0 = at("2026-12-03T10:00");
     let inputs = Inputs {
         cases: vec![
@@ -237,7 +236,7 @@ fn ties_share_a_rank_and_rows_without_cases_come_last_unranked() {
         ],
         ..Inputs::default()
     };
-    let r = report(By::Grid, &period, &entities(), &inputs, &ctx(&cal, &tables, t0 + 400 * HOUR));
+    let r = december(By::Grid, &entities(), &inputs, &tables, t0 + 400 * HOUR);
     let ranks: Vec<_> = r.rows.iter().map(|x| (x.code.as_str(), x.rank)).collect();
     assert_eq!(
         ranks,
@@ -249,15 +248,14 @@ fn ties_share_a_rank_and_rows_without_cases_come_last_unranked() {
         ]
     );
     // Streets add their grids up.
-    let r = report(By::Street, &period, &entities(), &inputs, &ctx(&cal, &tables, t0 + 400 * HOUR));
+    let r = december(By::Street, &entities(), &inputs, &tables, t0 + 400 * HOUR);
     assert_eq!(r.rows.len(), 3);
     assert_eq!(r.rows.iter().map(|x| x.filed).sum::<u64>(), 3);
 }
 
 #[test]
 fn weights_come_from_the_tables_and_bad_weights_are_named() {
-    let (cal, mut tables) = (cal(), CaseTables::default());
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let mut tables = CaseTables::default();
     let t0 = at("2026-12-03T10:00");
     let inputs =
         Inputs { cases: vec![closed(case(1, "210202001001001", t0), 9)], ..Inputs::default() };
@@ -268,7 +266,7 @@ fn weights_come_from_the_tables_and_bad_weights_are_named() {
         feedback_3d: 50.0,
         rework: 0.0,
     };
-    let r = report(By::Grid, &period, &entities(), &inputs, &ctx(&cal, &tables, t0 + 400 * HOUR));
+    let r = december(By::Grid, &entities(), &inputs, &tables, t0 + 400 * HOUR);
     assert_eq!(
         r.rows.first().and_then(|x| x.score),
         Some(100.0),
@@ -300,59 +298,33 @@ fn within_the_limit_follows_the_working_calendar() {
     c.handled_ms = Some(at("2026-12-07T10:45"));
     c.closed_ms = Some(at("2026-12-07T12:00"));
     c.feedback_ms = c.closed_ms;
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
     let inputs = Inputs { cases: vec![c.clone()], ..Inputs::default() };
-    let r = report(
-        By::Grid,
-        &period,
-        &entities(),
-        &inputs,
-        &ctx(&cal, &tables, at("2026-12-20T00:00")),
-    );
+    let r = december(By::Grid, &entities(), &inputs, &tables, at("2026-12-20T00:00"));
     assert_eq!(r.totals.handled_on_time, 1);
     c.handled_ms = Some(at("2026-12-07T11:30"));
     let inputs = Inputs { cases: vec![c], ..Inputs::default() };
-    let r = report(
-        By::Grid,
-        &period,
-        &entities(),
-        &inputs,
-        &ctx(&cal, &tables, at("2026-12-20T00:00")),
-    );
+    let r = december(By::Grid, &entities(), &inputs, &tables, at("2026-12-20T00:00"));
     assert_eq!(r.totals.handled_on_time, 0);
 }
 
 #[test]
 fn the_red_list_holds_open_cases_past_a_deadline_at_the_report_time() {
-    let (cal, tables) = (cal(), CaseTables::default());
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let tables = CaseTables::default();
     let t0 = at("2026-12-14T09:00");
     let mut stale = case(7, "210202001001001", t0);
     stale.filed_ms = Some(t0 + HOUR);
     stale.state = CaseState::Filed;
-    stale.deploy_due_ms = cal.deadline(t0, Limit::WorkingDays(1));
+    stale.deploy_due_ms = cal().deadline(t0, Limit::WorkingDays(1));
     stale.handling_due_ms = t0 + 4 * HOUR;
     let inputs = Inputs {
         cases: vec![stale, closed(case(8, "210202001001001", t0), 2)],
         ..Inputs::default()
     };
     // Mid-period (now = the 14th, 12:00): handling due at 13:00 — nothing red yet.
-    let r = report(
-        By::Department,
-        &period,
-        &entities(),
-        &inputs,
-        &ctx(&cal, &tables, at("2026-12-14T12:00")),
-    );
+    let r = december(By::Department, &entities(), &inputs, &tables, at("2026-12-14T12:00"));
     assert!(r.red_list.is_empty());
     assert_eq!(r.as_of, "2026-12-14T12:00:00+08:00", "a running period is judged now");
-    let r = report(
-        By::Department,
-        &period,
-        &entities(),
-        &inputs,
-        &ctx(&cal, &tables, at("2026-12-30T00:00")),
-    );
+    let r = december(By::Department, &entities(), &inputs, &tables, at("2026-12-30T00:00"));
     assert_eq!(r.red_list.len(), 1);
     let red = r.red_list.first().expect("one");
     assert_eq!((red.id, red.red.clone()), (7, vec!["deploy", "handling"]));
@@ -364,8 +336,7 @@ fn the_red_list_holds_open_cases_past_a_deadline_at_the_report_time() {
 
 #[test]
 fn workers_are_assessed_on_their_reports_checkins_and_coverage() {
-    let (cal, tables) = (cal(), CaseTables::default());
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let tables = CaseTables::default();
     let mut report_case = closed(case(9, "210202001001001", at("2026-12-02T10:00")), 2);
     report_case.source = crate::cases::SOURCE_WORKER.into();
     report_case.eui = "00000000000000b1".into();
@@ -384,13 +355,7 @@ fn workers_are_assessed_on_their_reports_checkins_and_coverage() {
         ],
         ..Inputs::default()
     };
-    let r = report(
-        By::Worker,
-        &period,
-        &entities(),
-        &inputs,
-        &ctx(&cal, &tables, at("2026-12-31T00:00")),
-    );
+    let r = december(By::Worker, &entities(), &inputs, &tables, at("2026-12-31T00:00"));
     let w = r.rows.first().expect("W1");
     assert_eq!((w.code.as_str(), w.worker_reports, w.closed, w.checkins), ("W1", 1, 1, 4));
     // Days with a check-in in the own grid: the 2nd and the 4th of 15.
@@ -399,8 +364,7 @@ fn workers_are_assessed_on_their_reports_checkins_and_coverage() {
 
 #[test]
 fn a_beacon_handed_over_credits_each_report_to_the_worker_who_carried_it_that_day() {
-    let (cal, tables) = (cal(), CaseTables::default());
-    let period = Period::range(d("2026-12-01"), d("2026-12-15")).expect("period");
+    let tables = CaseTables::default();
     let mut ents = entities();
     ents.workers[0].valid_to = "2026-12-07".into();
     ents.workers.push(Worker {
@@ -425,8 +389,7 @@ fn a_beacon_handed_over_credits_each_report_to_the_worker_who_carried_it_that_da
         ],
         ..Inputs::default()
     };
-    let r =
-        report(By::Worker, &period, &ents, &inputs, &ctx(&cal, &tables, at("2026-12-31T00:00")));
+    let r = december(By::Worker, &ents, &inputs, &tables, at("2026-12-31T00:00"));
     let reports: Vec<_> = r.rows.iter().map(|w| (w.code.as_str(), w.worker_reports)).collect();
     assert_eq!(reports, [("W1", 1), ("W2", 2)], "tied at 100, in code order");
 }

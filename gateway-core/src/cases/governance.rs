@@ -549,7 +549,7 @@ mod tests {
         assert_eq!((e.to, e.causes), (Level::District, vec![RETURNED]));
         // At the district it stays there, listed for supervision; a finished case never.
         let top = Supervised { level: Level::District, escalated: "", ..case };
-        let e = escalation(&rules, &top, &milestones, &cal, 25 * HOUR).expect("two red timers");
+        let e = escalation(&rules, &top, &milestones, &cal, 25 * HOUR).expect("handling red");
         assert_eq!((e.to, e.causes), (Level::District, vec!["handling"]));
         let done = Supervised { finished: true, ..top };
         assert_eq!(escalation(&rules, &done, &milestones, &cal, 100 * HOUR), None);
