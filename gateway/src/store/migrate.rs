@@ -206,7 +206,7 @@ pub fn sqlite_to_postgres(
         let tx = wait(c.transaction())?;
         for table in TABLES {
             let columns = wait(tx.query(
-                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                "SELECT column_name::text, data_type::text, is_identity::text FROM information_schema.columns
                  WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
                 &[&table],
             ))?;
@@ -241,8 +241,12 @@ pub fn sqlite_to_postgres(
             if pending > 0 {
                 flush(&mut cols)?;
             }
-            // Identity columns carry on after the copied ids.
-            if names.iter().any(|n| n == "id") {
+            // Identity columns carry on after the copied ids (an `id` that is not one, such as
+            // a worker's, has no sequence to move).
+            let identity = columns
+                .iter()
+                .any(|r| r.get::<_, String>(0) == "id" && r.get::<_, String>(2) == "YES");
+            if identity {
                 wait(tx.execute(
                     &format!(
                         "SELECT setval(s, m) FROM (SELECT pg_get_serial_sequence('{table}', 'id') AS s,
