@@ -45,9 +45,23 @@ fn a_version_11_store_opens_migrates_and_seals_its_secrets() {
     let key_file = dir.path().join("secrets/store.key");
 
     let store = Store::open_keyed(&db, Synchronous::Normal, 10_000, &key_file).expect("opens");
-    assert_eq!(store.schema_version().expect("version"), 12);
+    assert_eq!(store.schema_version().expect("version"), 13);
     let after: Vec<i64> = TABLES.iter().map(|t| count(&db, t)).collect();
     assert_eq!(after, before, "every row kept ({TABLES:?})");
+    // Version 13 gives the older cases their filing, first dispatch and returns from their
+    // trace: every case agrees with its own events.
+    let disagree: i64 = rusqlite::Connection::open(&db)
+        .expect("open")
+        .query_row(
+            "SELECT count(*) FROM cases c WHERE
+                c.filed_ms IS NOT (SELECT MIN(at_ms) FROM case_events e WHERE e.case_id = c.id AND e.to_state = 'filed')
+                OR c.first_dispatched_ms IS NOT (SELECT MIN(at_ms) FROM case_events e WHERE e.case_id = c.id AND e.to_state = 'dispatched')
+                OR c.returns != (SELECT count(*) FROM case_events e WHERE e.case_id = c.id AND e.to_state = 'returned')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("backfill");
+    assert_eq!(disagree, 0, "cases whose backfilled figures disagree with their trace");
     assert!(before.iter().all(|&n| n > 0), "the fixture has every kind of row: {before:?}");
 
     // The gateway reads the same keys and the broker the same passwords.
