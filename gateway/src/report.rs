@@ -119,6 +119,8 @@ pub fn make(
         devices: store.report_devices()?,
         checkins: store.report_checkins(period.start_ms(offset), period.end_ms(offset))?,
     };
+    // Without a grid layer where the report is made, the areas devices were placed in.
+    let areas = if areas.is_empty() { store.report_areas()? } else { areas };
     let entities = Entities {
         areas,
         departments: tables

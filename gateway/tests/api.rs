@@ -228,6 +228,9 @@ async fn every_endpoint_answers_and_bad_parameters_are_named() {
         .collect();
     assert_eq!(rows, streets, "one row per street, zeros included");
     assert_eq!(report["totals"]["sensor"], 1, "{}", report["totals"]);
+    let placed: u64 =
+        report["rows"].as_array().unwrap().iter().map(|r| r["devices"].as_u64().unwrap()).sum();
+    assert_eq!(placed, 33, "every device counts in its street: {}", report["totals"]);
     assert_eq!(report["period"]["from"], today.as_str());
     let resp = reqwest::get(format!("{base}/api/v1/reports?from={today}&to={today}&format=html"))
         .await

@@ -533,6 +533,26 @@ fn the_governance_loop(b: &mut dyn Backend) {
     assert_eq!(checkins.len(), 1);
     assert_eq!(checkins[0].eui, "00000000000000b1");
     assert!(s.report_devices().expect("devices").is_empty(), "none registered");
+    assert!(s.report_areas().expect("areas").is_empty(), "none placed");
+    // Devices count in the grid the layer placed them in; without a layer configured, the
+    // report's areas are those the devices were placed in.
+    let devices = inventory(2, 7);
+    s.import(&devices, 0).expect("import");
+    s.write_placements(
+        &mut devices.iter().map(|d| (d.eui, "210202001001001", "210202001001", "210202001", None)),
+    )
+    .expect("placements");
+    let placed = s.report_devices().expect("devices");
+    assert_eq!(placed.len(), 2);
+    assert!(placed.iter().all(|d| d.grid_code.as_deref() == Some("210202001001001")), "{placed:?}");
+    let areas = s.report_areas().expect("areas");
+    assert_eq!(
+        areas
+            .iter()
+            .map(|a| (&*a.grid_code, &*a.community_code, &*a.street_code))
+            .collect::<Vec<_>>(),
+        [("210202001001001", "210202001001", "210202001")]
+    );
 }
 
 type Case = fn(&mut dyn Backend);

@@ -7,7 +7,7 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError};
 use crate::{
-    assessment::{CaseFact, CheckIn, DeviceFact, Worker},
+    assessment::{Area, CaseFact, CheckIn, DeviceFact, Worker},
     calendar::Calendar,
     cases::{
         CaseState, CaseTables,
@@ -34,8 +34,13 @@ pub trait Governance {
     /// Cases detected in `[from_ms, to_ms)`, as the report reads them.
     fn report_cases(&self, from_ms: i64, to_ms: i64) -> Result<Vec<CaseFact>, StoreError>;
 
-    /// The active devices with their grid, online and low-battery flags.
+    /// The active devices with their grid (where the grid layer placed them, else the
+    /// registry's), online and low-battery flags.
     fn report_devices(&self) -> Result<Vec<DeviceFact>, StoreError>;
+
+    /// The areas devices were placed in (codes only): the report's rows when no grid layer is
+    /// configured where it is made.
+    fn report_areas(&self) -> Result<Vec<Area>, StoreError>;
 
     /// Patrol check-ins in `[from_ms, to_ms)`.
     fn report_checkins(&self, from_ms: i64, to_ms: i64) -> Result<Vec<CheckIn>, StoreError>;
@@ -110,9 +115,26 @@ pub(super) const SUPERVISED_COLUMNS: &str = "id, state, handling_limit, detected
 pub(super) const SUPERVISED_WHERE: &str = "state NOT IN ('closed', 'voided') ORDER BY id";
 
 /// The devices the report counts.
-pub(super) const DEVICES_SQL: &str = "SELECT d.grid_code,
+pub(super) const DEVICES_SQL: &str = "SELECT COALESCE(p.grid_code, d.grid_code),
     CASE WHEN h.online THEN 1 ELSE 0 END, CASE WHEN h.low_battery THEN 1 ELSE 0 END
-    FROM devices d LEFT JOIN health h ON h.eui = d.eui WHERE d.status = 'active'";
+    FROM devices d LEFT JOIN placements p ON p.eui = d.eui LEFT JOIN health h ON h.eui = d.eui
+    WHERE d.status = 'active'";
+
+/// The placed areas.
+pub(super) const AREAS_SQL: &str = "SELECT DISTINCT grid_code, COALESCE(community_code, ''),
+    COALESCE(street_code, '') FROM placements WHERE grid_code IS NOT NULL ORDER BY 1";
+
+/// An area known by its codes only.
+pub(super) fn coded_area(grid_code: String, community_code: String, street_code: String) -> Area {
+    Area {
+        grid_code,
+        community_code,
+        street_code,
+        grid_name: String::new(),
+        community_name: String::new(),
+        street_name: String::new(),
+    }
+}
 
 /// A case's fact from its stored values (both backends read the columns into these).
 pub(super) struct FactRow {
@@ -310,6 +332,12 @@ impl Governance for Store {
                 low_battery: r.get::<_, i64>(2)? != 0,
             })
         })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn report_areas(&self) -> Result<Vec<Area>, StoreError> {
+        let mut stmt = self.conn.prepare(AREAS_SQL)?;
+        let rows = stmt.query_map([], |r| Ok(coded_area(r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

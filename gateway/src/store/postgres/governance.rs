@@ -5,13 +5,14 @@ use tokio_postgres::Row;
 
 use super::{PgStore, wait};
 use crate::{
-    assessment::{CaseFact, CheckIn, DeviceFact, Worker},
+    assessment::{Area, CaseFact, CheckIn, DeviceFact, Worker},
     cases::governance::{self, Escalation},
     store::{
         StoreError,
         governance::{
-            DEVICES_SQL, FACT_COLUMNS, FactRow, Governance, OpenRow, SUPERVISED_COLUMNS,
-            SUPERVISED_WHERE, escalation_note, escalation_update, route_note, worker_upsert,
+            AREAS_SQL, DEVICES_SQL, FACT_COLUMNS, FactRow, Governance, OpenRow, SUPERVISED_COLUMNS,
+            SUPERVISED_WHERE, coded_area, escalation_note, escalation_update, route_note,
+            worker_upsert,
         },
     },
 };
@@ -62,6 +63,15 @@ impl Governance for PgStore {
                 online: r.get::<_, i32>(1) != 0,
                 low_battery: r.get::<_, i32>(2) != 0,
             });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn report_areas(&self) -> Result<Vec<Area>, StoreError> {
+        let mut out = Vec::new();
+        self.each_row(AREAS_SQL, &[], &mut |r| {
+            out.push(coded_area(r.get(0), r.get(1), r.get(2)));
             Ok(())
         })?;
         Ok(out)
