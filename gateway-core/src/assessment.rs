@@ -30,7 +30,7 @@ use chrono::{Datelike, Days, Duration, FixedOffset, Months, NaiveDate, TimeZone}
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    calendar::{Calendar, Colour},
+    calendar::Calendar,
     cases::{
         CaseState, Milestones,
         governance::Level,
@@ -763,11 +763,7 @@ fn red(c: &CaseFact, as_of: i64, ctx: &Context<'_>) -> Vec<&'static str> {
     clocks.handled_ms = cut(clocks.handled_ms);
     clocks.feedback_ms = cut(clocks.feedback_ms);
     clocks.closed_ms = cut(clocks.closed_ms);
-    lifecycle::timers(&clocks, ctx.milestones, ctx.calendar, as_of)
-        .into_iter()
-        .filter(|t| t.colour == Colour::Red && t.done.is_none())
-        .map(|t| t.step)
-        .collect()
+    lifecycle::overdue(&clocks, ctx.milestones, ctx.calendar, as_of)
 }
 
 /// Ranks rows by score, best first; ties share a rank (1, 1, 3); rows without a score last,

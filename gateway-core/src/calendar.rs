@@ -340,6 +340,40 @@ impl Calendar {
         total
     }
 
+    /// Whether any working time lies between two instants (it stops at the first found, so
+    /// a deadline long past is answered as fast as one just past).
+    pub fn works_between(&self, from_ms: i64, to_ms: i64) -> bool {
+        if to_ms <= from_ms {
+            return false;
+        }
+        let mut day = self.local(from_ms).date_naive();
+        let last = self.local(to_ms).date_naive();
+        while day <= last {
+            if self.is_workday(day)
+                && self
+                    .periods
+                    .iter()
+                    .any(|(a, b)| self.at(day, *b).min(to_ms) > self.at(day, *a).max(from_ms))
+            {
+                return true;
+            }
+            let Some(next) = day.succ_opt() else { break };
+            day = next;
+        }
+        false
+    }
+
+    /// Whether a step that started at `start_ms` and is due at `deadline_ms` is past its limit
+    /// at `now_ms` — the same verdict as [`Calendar::used`] over 1, without measuring all the
+    /// working time since the start.
+    pub fn past(&self, start_ms: i64, deadline_ms: i64, limit: Limit, now_ms: i64) -> bool {
+        let due = deadline_ms.max(start_ms);
+        match limit {
+            Limit::Hours(_) | Limit::Days(_) => now_ms > due,
+            Limit::WorkingHours(_) | Limit::WorkingDays(_) => self.works_between(due, now_ms),
+        }
+    }
+
     /// The share of a step's limit used at `now`: elapsed time over allowed time, measured on
     /// the working calendar for working limits.
     pub fn used(&self, start_ms: i64, deadline_ms: i64, limit: Limit, now_ms: i64) -> f64 {

@@ -21,7 +21,7 @@ use super::{
     lifecycle::{self, Clocks},
 };
 use crate::{
-    calendar::{Calendar, Colour, Limit},
+    calendar::{Calendar, Limit},
     rules::Severity,
 };
 
@@ -419,12 +419,9 @@ pub fn escalation(
         return None;
     }
     let done = |c: &str| case.escalated.split(',').any(|d| d == c);
-    let mut causes: Vec<Cause> = lifecycle::timers(&case.clocks, milestones, cal, now)
+    let mut causes: Vec<Cause> = lifecycle::overdue(&case.clocks, milestones, cal, now)
         .into_iter()
-        .filter(|t| t.colour == Colour::Red && t.done.is_none())
-        .filter(|t| rules.on_red.iter().any(|r| r == t.step))
-        .map(|t| t.step)
-        .filter(|s| !done(s))
+        .filter(|s| rules.on_red.iter().any(|r| r == s) && !done(s))
         .collect();
     if rules.returns > 0 && case.returns >= rules.returns && !done(RETURNED) {
         causes.push(RETURNED);

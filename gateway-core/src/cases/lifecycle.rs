@@ -124,11 +124,15 @@ pub struct Timer {
     pub colour: Colour,
 }
 
-/// A case's step timers at `now`: dispatch and feedback run from detection; handling from the
-/// last dispatch (from detection while undispatched); closing ends every clock still running.
-pub fn timers(c: &Clocks<'_>, milestones: &Milestones, cal: &Calendar, now: i64) -> Vec<Timer> {
+/// A case's three steps: name, limit, clock start, deadline and when done. Dispatch and
+/// feedback run from detection; handling from the last dispatch (from detection while
+/// undispatched); closing ends every clock still running.
+fn steps(
+    c: &Clocks<'_>,
+    milestones: &Milestones,
+) -> [(&'static str, Limit, i64, i64, Option<i64>); 3] {
     let handling_limit: Limit = c.handling_limit.parse().unwrap_or(FALLBACK_HANDLING_LIMIT);
-    let steps = [
+    [
         ("deploy", milestones.deploy, c.detected_ms, c.deploy_due_ms, c.dispatched_ms),
         (
             "feedback",
@@ -144,8 +148,12 @@ pub fn timers(c: &Clocks<'_>, milestones: &Milestones, cal: &Calendar, now: i64)
             c.handling_due_ms,
             c.handled_ms.or(c.closed_ms),
         ),
-    ];
-    steps
+    ]
+}
+
+/// A case's step timers at `now`, with their colours.
+pub fn timers(c: &Clocks<'_>, milestones: &Milestones, cal: &Calendar, now: i64) -> Vec<Timer> {
+    steps(c, milestones)
         .into_iter()
         .map(|(step, limit, start, due, done)| {
             let used = cal.used(start, due, limit, done.unwrap_or(now));
@@ -159,6 +167,24 @@ pub fn timers(c: &Clocks<'_>, milestones: &Milestones, cal: &Calendar, now: i64)
                 colour: Colour::of(used),
             }
         })
+        .collect()
+}
+
+/// The steps still running and past their limit at `now` — the timers [`timers`] shows red
+/// and not done — without making the timers (supervision and the report ask this of every
+/// open case).
+pub fn overdue(
+    c: &Clocks<'_>,
+    milestones: &Milestones,
+    cal: &Calendar,
+    now: i64,
+) -> Vec<&'static str> {
+    steps(c, milestones)
+        .into_iter()
+        .filter(|(_, limit, start, due, done)| {
+            done.is_none() && cal.past(*start, *due, *limit, now)
+        })
+        .map(|(step, ..)| step)
         .collect()
 }
 
@@ -205,6 +231,37 @@ mod tests {
             .expect_err("filed cannot close");
         assert_eq!((e.from, e.to), (CaseState::Filed, CaseState::Closed));
         assert!(step(CaseState::Closed, CaseState::Dispatched, "4h", 0, &calendar()).is_err());
+    }
+
+    #[test]
+    fn overdue_names_exactly_the_red_timers_not_done() {
+        // Working limits across a weekend and calendar ones, at every half hour of ten days.
+        let cal = calendar();
+        let milestones =
+            Milestones { deploy: Limit::WorkingDays(1), feedback: Limit::WorkingHours(20) };
+        let friday = 1_796_346_000_000;
+        assert_eq!(cal.iso(friday), "2026-12-04T09:00:00+08:00");
+        let clocks = Clocks {
+            detected_ms: friday,
+            handling_limit: "4wh",
+            deploy_due_ms: cal.deadline(friday, Limit::WorkingDays(1)),
+            feedback_due_ms: cal.deadline(friday, Limit::WorkingHours(20)),
+            handling_due_ms: cal.deadline(friday + 2 * HOUR, Limit::WorkingHours(4)),
+            dispatched_ms: Some(friday + 2 * HOUR),
+            ..Clocks::default()
+        };
+        let hourly = Clocks { handling_limit: "6h", handling_due_ms: friday + 8 * HOUR, ..clocks };
+        for c in [clocks, hourly] {
+            for k in 0..480 {
+                let now = friday + k * HOUR / 2;
+                let red: Vec<&str> = timers(&c, &milestones, &cal, now)
+                    .into_iter()
+                    .filter(|t| t.colour == Colour::Red && t.done.is_none())
+                    .map(|t| t.step)
+                    .collect();
+                assert_eq!(overdue(&c, &milestones, &cal, now), red, "at {}", cal.iso(now));
+            }
+        }
     }
 
     #[test]
