@@ -603,7 +603,13 @@ pub struct Report {
     pub totals: Row,
     /// Overdue cases.
     pub red_list: Vec<RedCase>,
+    /// Overdue cases in all ([`RED_LIST_MAX`] of them, the longest overdue, are listed).
+    pub red_total: u64,
 }
+
+/// The most overdue cases a report lists (a page that prints, a JSON that loads); every one
+/// counts in the rows' and totals' `overdue`.
+pub const RED_LIST_MAX: usize = 500;
 
 fn shown(p: &Period) -> ShownPeriod {
     ShownPeriod { from: p.from.to_string(), to: p.to.to_string(), kind: p.kind }
@@ -961,6 +967,8 @@ pub fn report(
         })
         .collect();
     red_list.sort_by(|a, b| b.overdue_h.total_cmp(&a.overdue_h).then(a.id.cmp(&b.id)));
+    let red_total = red_list.len() as u64;
+    red_list.truncate(RED_LIST_MAX);
     Report {
         period: shown(period),
         previous: shown(&previous),
@@ -969,6 +977,7 @@ pub fn report(
         rows,
         totals,
         red_list,
+        red_total,
     }
 }
 

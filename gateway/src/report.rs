@@ -240,7 +240,12 @@ fn table(r: &Report) -> String {
             num(row.score_change)
         );
     }
-    let _ = writeln!(out, "red list (overdue): {} case(s)", r.red_list.len());
+    let _ = writeln!(
+        out,
+        "red list (overdue): {} case(s){}",
+        r.red_total,
+        if r.red_total > 20 { ", the 20 longest overdue:" } else { "" }
+    );
     for c in r.red_list.iter().take(20) {
         let _ = writeln!(
             out,
@@ -368,7 +373,16 @@ tr { page-break-inside: avoid; } tr.total td { font-weight: bold; background: #f
         );
     }
     out.push_str("</tbody></table>");
-    let _ = write!(out, "<h2>超期案件红榜 overdue ({})</h2>", r.red_list.len());
+    let _ = write!(
+        out,
+        "<h2>超期案件红榜 overdue ({}{})</h2>",
+        r.red_total,
+        if r.red_total > r.red_list.len() as u64 {
+            format!("，列出超期最久的 {} 件", r.red_list.len())
+        } else {
+            String::new()
+        }
+    );
     out.push_str(
         "<table><thead><tr><th>案件</th><th>类别</th><th>责任部门</th><th>层级</th><th>网格</th><th>状态</th><th>超时环节</th><th>超期(h)</th></tr></thead><tbody>",
     );
@@ -418,6 +432,7 @@ mod tests {
             }],
             totals: Row { code: "total".into(), name: "合计".into(), ..Row::default() },
             red_list: vec![],
+            red_total: 0,
         };
         let text = csv(&report);
         let lines: Vec<&str> = text.lines().collect();

@@ -325,7 +325,7 @@ fn the_red_list_holds_open_cases_past_a_deadline_at_the_report_time() {
     assert!(r.red_list.is_empty());
     assert_eq!(r.as_of, "2026-12-14T12:00:00+08:00", "a running period is judged now");
     let r = december(By::Department, &entities(), &inputs, &tables, at("2026-12-30T00:00"));
-    assert_eq!(r.red_list.len(), 1);
+    assert_eq!((r.red_list.len(), r.red_total), (1, 1));
     let red = r.red_list.first().expect("one");
     assert_eq!((red.id, red.red.clone()), (7, vec!["deploy", "handling"]));
     assert!(red.overdue_h > 30.0, "{}", red.overdue_h);
@@ -392,4 +392,28 @@ fn a_beacon_handed_over_credits_each_report_to_the_worker_who_carried_it_that_da
     let r = december(By::Worker, &ents, &inputs, &tables, at("2026-12-31T00:00"));
     let reports: Vec<_> = r.rows.iter().map(|w| (w.code.as_str(), w.worker_reports)).collect();
     assert_eq!(reports, [("W1", 1), ("W2", 2)], "tied at 100, in code order");
+}
+
+#[test]
+fn the_red_list_names_the_longest_overdue_and_counts_them_all() {
+    let tables = CaseTables::default();
+    let stale = |id: i64| {
+        let mut c = case(id, "210202001001001", at("2026-12-02T09:00") + id * 60_000);
+        c.filed_ms = Some(c.detected_ms);
+        c.state = CaseState::Filed;
+        c
+    };
+    let n = RED_LIST_MAX as i64 + 1;
+    let inputs = Inputs { cases: (1..=n).map(stale).collect(), ..Inputs::default() };
+    let r = december(By::Grid, &entities(), &inputs, &tables, at("2026-12-31T00:00"));
+    assert_eq!(
+        (r.red_list.len(), r.red_total, r.totals.overdue),
+        (RED_LIST_MAX, n as u64, n as u64)
+    );
+    assert_eq!(
+        r.red_list.first().map(|c| c.id),
+        Some(1),
+        "the earliest detected is the longest overdue"
+    );
+    assert!(r.red_list.iter().all(|c| c.id != n), "the least overdue one is left out");
 }
